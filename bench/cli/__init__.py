@@ -1,0 +1,88 @@
+"""The `medsynbench` command line.
+
+Each command lives in its own module under `bench.cli` and registers itself through `register(sub, groups)`, so a
+step's command sits next to nothing but its own arguments. Exit codes: 0 success, 2 bad input, 1 our fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from bench import __version__
+from bench.errors import BadInput
+
+# Order is the order of `medsynbench --help`.
+COMMAND_MODULES = [
+    "tasks",
+    "data",
+    "data_phantom",
+    "data_import",
+    "generate",
+    "run",
+    "evaluate",
+    "audit",
+    "privacy",
+    "submit",
+    "leaderboard",
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsynbench",
+        description="Benchmark what synthetic medical images are worth downstream.",
+    )
+    parser.add_argument("--version", action="version", version=f"medsynbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    data = sub.add_parser("data", help="write, build, validate and import datasets")
+    lb = sub.add_parser("leaderboard", help="build and publish leaderboards")
+    groups = {
+        "data": data.add_subparsers(dest="data_command", metavar="DATA_COMMAND"),
+        "leaderboard": lb.add_subparsers(dest="leaderboard_command", metavar="LEADERBOARD_COMMAND"),
+    }
+    data.set_defaults(func=lambda a: _help(data))
+    lb.set_defaults(func=lambda a: _help(lb))
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"bench.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bench.cli.{name}":
+                continue
+            raise
+        mod.register(sub, groups)
+    return parser
+
+
+def _help(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - a fault of ours: show everything
+        traceback.print_exc()
+        print("internal error (exit 1): please report it with the traceback above", file=sys.stderr)
+        return 1
+    return int(rc or 0)

@@ -1,0 +1,87 @@
+"""Sources turn a dataset as users have it (a DICOM export, HAM10000, a folder + CSV) into a real manifest.
+
+A source is a function `(task, root, options) -> DataFrame` registered by name. It returns one row per image with
+`case_id`, `patient_id`, `image` (absolute path), `label`, `site` and the subgroup source columns (`sex`, `age`);
+`build_manifest` adds `origin`, `generator`, `split` and derived subgroup columns. Sources pseudonymize identifiers
+with `pseudonym` so that no hospital identifier reaches the manifest or anything downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.errors import BadInput
+from bench.tasks import Task
+
+SourceFn = Callable[[Task, Path, dict[str, Any]], pd.DataFrame]
+SOURCES: dict[str, SourceFn] = {}
+# Modules that register sources on import; a missing one simply offers nothing.
+_SOURCE_MODULES = ["bench.sources.dicom", "bench.sources.ham10000", "bench.sources.folder"]
+
+
+def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
+    def deco(fn: SourceFn) -> SourceFn:
+        SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _SOURCE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def get_source(name: str) -> SourceFn:
+    _load_all()
+    if name not in SOURCES:
+        raise BadInput(f"source {name!r} is not registered (known: {', '.join(sorted(SOURCES)) or 'none'})")
+    return SOURCES[name]
+
+
+def pseudonym(value: Any, salt: str) -> str:
+    """A stable, non-reversible id: 16 hex characters of SHA-256(salt | value)."""
+    return hashlib.sha256(f"{salt}|{value}".encode()).hexdigest()[:16]
+
+
+def build_manifest(task: Task, root: str | Path, options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Read a dataset through the task's source and return a complete real manifest (absolute image paths)."""
+    from bench.splits import assign_splits
+
+    root = Path(root)
+    if not root.exists():
+        raise BadInput(f"{root}: data root does not exist")
+    opts = dict(task.source.options)
+    opts.update(options or {})
+    df = get_source(task.source.kind)(task, root, opts)
+    df = df.copy()
+    df["origin"] = "real"
+    df["generator"] = None
+    for col in ("sex", "age"):
+        if col not in df.columns:
+            df[col] = None
+    df = task.add_subgroup_columns(df)
+    df = assign_splits(df, task)
+    front = ["case_id", "patient_id", "image", "label", "site", "split", "origin", "generator"]
+    return df[front + [c for c in df.columns if c not in front]].sort_values("case_id").reset_index(drop=True)
+
+
+def default_root(task: Task) -> Path:
+    """The data root a task uses when none is given: its source's `root` option, else a clear error."""
+    root = task.source.options.get("root")
+    if not root:
+        raise BadInput(f"task {task.name!r}: no --root given and the task's source has no default root")
+    p = Path(root).expanduser()
+    if not p.is_absolute() and task.folder is not None:
+        p = task.folder / p
+    return p

@@ -1,0 +1,269 @@
+"""Task definitions: versioned YAML files parsed into validated objects.
+
+A task names everything that decides its numbers (classes, sites, splits, image handling, metrics, protocol), so a
+result is only comparable with results of the same task name *and* version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.errors import BadInput
+
+TASK_FILE = "task.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Intensity(_Strict):
+    """How raw pixel values become [0, 1]. `ct_window` works on Hounsfield units; `minmax` on anything;
+    `uint8` divides 8-bit images by 255."""
+
+    kind: Literal["ct_window", "minmax", "uint8"] = "uint8"
+    center: float | None = None
+    width: float | None = None
+
+    @model_validator(mode="after")
+    def _window_needs_center_width(self) -> Intensity:
+        if self.kind == "ct_window" and (self.center is None or self.width is None or self.width <= 0):
+            raise ValueError("ct_window needs center and a positive width (in HU)")
+        return self
+
+
+class ImageSpec(_Strict):
+    size: int = Field(64, ge=8, le=2048, description="square side in pixels after resizing")
+    channels: Literal[1, 3] = 1
+    presets: dict[str, int] = Field(default_factory=dict, description="named sizes, e.g. cpu: 64, gpu: 224")
+    intensity: Intensity = Intensity()
+
+    def size_for(self, preset: str | None) -> int:
+        if preset and preset in self.presets:
+            return self.presets[preset]
+        return self.size
+
+
+class BinaryView(_Strict):
+    name: str
+    positive: list[str] = Field(min_length=1)
+
+
+class Labels(_Strict):
+    classes: list[str] = Field(min_length=2)
+    binary_view: BinaryView | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Labels:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be unique")
+        if self.binary_view:
+            unknown = sorted(set(self.binary_view.positive) - set(self.classes))
+            if unknown:
+                raise ValueError(f"binary_view.positive names unknown classes {unknown}")
+        return self
+
+
+class Sites(_Strict):
+    train: list[str] = Field(min_length=1)
+    external: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Sites:
+        both = sorted(set(self.train) & set(self.external))
+        if both:
+            raise ValueError(f"sites {both} are listed as both train and external")
+        return self
+
+
+class Splits(_Strict):
+    unit: str = Field("patient", description="the manifest column that is never split across train/val/test")
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Splits:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class Subgroups(_Strict):
+    columns: list[str] = Field(default_factory=lambda: ["sex", "age_group"])
+    age_bins: list[float] = Field(default_factory=lambda: [40, 60], description="inner edges, ascending")
+    exclude_from_gaps: dict[str, list[str]] = Field(default_factory=lambda: {"sex": ["unknown"]})
+    intersections: list[list[str]] = Field(default_factory=list)
+
+    @field_validator("age_bins")
+    @classmethod
+    def _ascending(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("age_bins must be strictly ascending")
+        return v
+
+    def age_labels(self) -> list[str]:
+        edges = [_fmt(b) for b in self.age_bins]
+        if not edges:
+            return ["all"]
+        labels = [f"<{edges[0]}"]
+        labels += [f"{a}-{b}" for a, b in zip(edges, edges[1:], strict=False)]
+        labels.append(f">={edges[-1]}")
+        return labels
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+class Metrics(_Strict):
+    primary: str = "auroc_macro"
+    target_specificity: float = Field(0.9, gt=0, lt=1)
+    min_patients: int = Field(10, ge=1, description="groups with fewer patients are `insufficient`")
+    min_positives: int = Field(5, ge=1, description="groups with fewer positive patients are `insufficient`")
+    bootstrap: int = Field(1000, ge=10)
+    ece_bins: int = Field(15, ge=2)
+
+
+class Protocol(_Strict):
+    regimes: list[str] = Field(default_factory=lambda: ["real"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    backbone: str = "resnet18"
+    ratios: list[float] = Field(default_factory=list, description="synthetic ratios for augment:R sweeps")
+
+
+class Source(_Strict):
+    kind: str = Field(description="registered source name, e.g. dicom, phantom, ham10000, folder")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Task(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field(pattern=r"^\d+(\.\d+){0,2}$")
+    modality: str
+    description: str = ""
+    image: ImageSpec = ImageSpec()
+    labels: Labels
+    sites: Sites
+    splits: Splits = Splits()
+    subgroups: Subgroups = Subgroups()
+    metrics: Metrics = Metrics()
+    protocol: Protocol = Protocol()
+    source: Source
+    # Where the task was loaded from; not part of the YAML.
+    path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.labels.classes)
+
+    @property
+    def all_sites(self) -> list[str]:
+        return list(self.sites.train) + list(self.sites.external)
+
+    @property
+    def folder(self) -> Path | None:
+        return self.path.parent if self.path else None
+
+    def spec(self) -> dict[str, Any]:
+        """The task as plain data (what a result record pins)."""
+        return self.model_dump(mode="json", exclude={"path"})
+
+    def age_group(self, age: pd.Series) -> pd.Series:
+        """Bin ages with the task's edges; missing or unparsable ages become `unknown`."""
+        a = pd.to_numeric(age, errors="coerce")
+        labels = self.subgroups.age_labels()
+        if not self.subgroups.age_bins:
+            out = pd.Series(np.where(a.isna(), "unknown", "all"), index=age.index)
+        else:
+            idx = np.searchsorted(np.asarray(self.subgroups.age_bins, dtype=float), a.to_numpy(float), side="right")
+            out = pd.Series(np.asarray(labels, dtype=object)[np.clip(idx, 0, len(labels) - 1)], index=age.index)
+            out[a.isna()] = "unknown"
+        return out.astype(object)
+
+    def add_subgroup_columns(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Derive `age_group` (and keep raw columns) so every subgroup column of the task exists."""
+        out = df.copy()
+        if "age_group" in self.subgroups.columns and "age_group" not in out.columns and "age" in out.columns:
+            out["age_group"] = self.age_group(out["age"])
+        for col in self.subgroups.columns:
+            if col in out.columns:
+                out[col] = out[col].astype(object).where(out[col].notna(), "unknown").astype(str)
+        return out
+
+
+def _roots() -> list[Path]:
+    roots = []
+    if env := os.environ.get("MEDSYNBENCH_TASKS"):
+        roots += [Path(p) for p in env.split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent
+    roots += [here.parent / "tasks", here / "_tasks"]
+    return [r for r in roots if r.is_dir()]
+
+
+def task_dirs() -> dict[str, Path]:
+    """Built-in (and MEDSYNBENCH_TASKS) task folders by name; the first root wins."""
+    found: dict[str, Path] = {}
+    for root in _roots():
+        for d in sorted(root.iterdir()):
+            if (d / TASK_FILE).is_file() and d.name not in found:
+                found[d.name] = d
+    return found
+
+
+def resolve_task_path(ref: str | Path) -> Path:
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.is_dir() and (p / TASK_FILE).is_file():
+        return p / TASK_FILE
+    dirs = task_dirs()
+    if str(ref) in dirs:
+        return dirs[str(ref)] / TASK_FILE
+    known = ", ".join(sorted(dirs)) or "none"
+    raise BadInput(f"task {str(ref)!r}: not a task.yaml, a task folder, or a known task name (known: {known})")
+
+
+def load_task(ref: str | Path | Task) -> Task:
+    """Load a task by name, folder or file. Exit-2 errors name the file and the field."""
+    if isinstance(ref, Task):
+        return ref
+    path = resolve_task_path(ref)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: a task file must be a mapping of fields, got {type(raw).__name__}")
+    if "version" in raw and not isinstance(raw["version"], str):
+        raw["version"] = str(raw["version"])
+    try:
+        task = Task.model_validate(raw)
+    except ValidationError as e:
+        raise BadInput(f"{path}: invalid task", problems=_pydantic_problems(e)) from e
+    return task.model_copy(update={"path": path.resolve()})
+
+
+def _pydantic_problems(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            out.append(f"field {field!r}: unknown key")
+        elif err["type"] == "missing":
+            out.append(f"field {field!r}: required field is missing")
+        else:
+            out.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
+    return out
+
+
+def list_tasks() -> list[Task]:
+    return [load_task(d / TASK_FILE) for d in task_dirs().values()]
