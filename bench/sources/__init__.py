@@ -33,6 +33,21 @@ def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
     return deco
 
 
+# Sources that can supply a data root themselves (e.g. a built-in phantom) when a task names none.
+DefaultRootFn = Callable[[Task], "Path | None"]
+DEFAULT_ROOTS: dict[str, DefaultRootFn] = {}
+
+
+def register_default_root(name: str) -> Callable[[DefaultRootFn], DefaultRootFn]:
+    """Register a provider `(task) -> Path | None` used by `default_root` for source `name`."""
+
+    def deco(fn: DefaultRootFn) -> DefaultRootFn:
+        DEFAULT_ROOTS[name] = fn
+        return fn
+
+    return deco
+
+
 def _load_all() -> None:
     for mod in _SOURCE_MODULES:
         try:
@@ -77,9 +92,15 @@ def build_manifest(task: Task, root: str | Path, options: dict[str, Any] | None 
 
 
 def default_root(task: Task) -> Path:
-    """The data root a task uses when none is given: its source's `root` option, else a clear error."""
+    """The data root a task uses when none is given: its source's `root` option, else what the source's
+    registered default-root provider offers (e.g. the built-in phantom), else a clear error."""
     root = task.source.options.get("root")
     if not root:
+        _load_all()
+        provider = DEFAULT_ROOTS.get(task.source.kind)
+        found = provider(task) if provider else None
+        if found is not None:
+            return Path(found)
         raise BadInput(f"task {task.name!r}: no --root given and the task's source has no default root")
     p = Path(root).expanduser()
     if not p.is_absolute() and task.folder is not None:

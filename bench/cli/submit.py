@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import argparse
+import getpass
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="validate a run, re-score it from its predictions, add its records to a leaderboard",
+        description="Checks the run against the leaderboard (task and version, required regimes and seeds, "
+        "prediction coverage and probabilities, pinned manifest hashes), re-scores every generator from its "
+        "predictions and writes records/<id>.json and predictions/<id>.parquet. Any problem: exit 2, all "
+        "problems listed, the leaderboard unchanged.",
+    )
+    p.add_argument("run", type=Path, help="run folder, or a .zip / .tar.gz bundle of one")
+    p.add_argument("--leaderboard", required=True, type=Path, help="leaderboard folder (holds leaderboard.yaml)")
+    p.add_argument("--submitter", help="name shown on the leaderboard (default: the current user)")
+    p.add_argument("--contact", help="e-mail or URL for questions about the submission")
+    p.add_argument(
+        "--generator", action="append", default=None, metavar="NAME",
+        help="submit only this generator of the run (repeatable; default: every generator)",
+    )
+    p.add_argument("--max-archive-bytes", type=int, help="unpacked size limit of a bundle (default: the leaderboard's)")
+    p.add_argument("--dry-run", action="store_true", help="check and score, write nothing")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from bench.errors import BadInput
+    from bench.leaderboard.submit import submit
+
+    if args.max_archive_bytes is not None and args.max_archive_bytes <= 0:
+        raise BadInput(f"--max-archive-bytes {args.max_archive_bytes}: must be positive")
+    submitter = args.submitter or _user()
+    records = submit(
+        args.run,
+        args.leaderboard,
+        submitter=submitter,
+        contact=args.contact,
+        generators=args.generator,
+        dry_run=args.dry_run,
+        max_archive_bytes=args.max_archive_bytes,
+    )
+    verb = "would add" if args.dry_run else "added"
+    for r in records:
+        m = r["metrics"]
+        head = m["regimes"][m["headline_regime"]]
+        name = "real-only" if r["kind"] == "reference" else r["generator"]["name"]
+        where = f"records/{r['id']}.json" if not args.dry_run else "(dry run)"
+        print(
+            f"{verb} {where}: {name}, {r['evaluation']['primary_metric']} ({m['headline_regime']}, "
+            f"{r['evaluation']['split']}) = {head['value']:.3f} [{head['ci_low']:.3f}, {head['ci_high']:.3f}]"
+        )
+    return 0
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "anonymous"

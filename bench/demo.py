@@ -1,0 +1,157 @@
+"""`medsynbench demo`: the whole benchmark on the built-in phantom, through the same commands a user runs.
+
+Every stage calls the public command line, so the demo exercises exactly what the README documents and each stage
+leaves its files behind for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.errors import BadInput
+
+TASK = "mediastinal-neoplasm"
+GENERATORS = ("copycat", "pca-gmm", "ddpm")
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    name: str
+    patients: int
+    slices: int
+    phantom_size: int
+    train_preset: str
+    protocol: str
+    ddpm_config: str
+    n_boot: int
+    extra_run_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+PRESETS = {
+    "smoke": DemoPreset("smoke", 150, 2, 64, "smoke", "demo", "tiny", 200),
+    "cpu": DemoPreset("cpu", 400, 3, 96, "cpu", "demo", "tiny", 500),
+    "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", "default", "full", 1000),
+}
+
+
+def default_preset() -> str:
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - no torch means no GPU
+        return "cpu"
+
+
+def _configs_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "configs", here / "_configs"):
+        if d.is_dir():
+            return d
+    raise FileNotFoundError("configs/ folder not found next to the package")
+
+
+def run_demo(out: Path, preset: str | None = None, fresh: bool = False, console: Console | None = None) -> dict:
+    from bench.cli import main as cli
+
+    console = console or Console()
+    p = PRESETS[preset or default_preset()]
+    out = Path(out).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    real = data / "manifest.parquet"
+    run = out / "run"
+    board = out / "leaderboard"
+    stages: list[tuple[str, list[str]]] = []
+
+    def step(title: str, args: list[str]) -> None:
+        stages.append((title, args))
+
+    step("Phantom chest CT export (DICOM + labels.csv)",
+         ["data", "phantom", "--out", str(data / "phantom"), "--patients", str(p.patients),
+          "--slices", str(p.slices), "--size", str(p.phantom_size), "--seed", "0"])
+    step("Real manifest", ["data", "manifest", "--task", TASK, "--root", str(data / "phantom"), "--out", str(real)])
+    step("Validate the manifest", ["data", "validate", str(real), "--task", TASK])
+    for g in GENERATORS:
+        args = ["generate", "--task", TASK, "--generator", g, "--real", str(real), "--out",
+                str(out / "synthetic" / g), "--preset", p.train_preset, "--seed", "0"]
+        if g == "ddpm":
+            args += ["--config", p.ddpm_config]
+        step(f"Reference generator {g}", args)
+    run_args = ["run", "--task", TASK, "--real", str(real), "--out", str(run), "--preset", p.train_preset,
+                "--protocol", str(_configs_dir() / "protocols" / f"{p.protocol}.yaml"), "--wandb", "offline"]
+    for g in GENERATORS:
+        run_args += ["--synthetic", f"{g}={out / 'synthetic' / g / 'manifest.parquet'}"]
+    step("Protocol matrix (regimes x generators x seeds)", run_args + list(p.extra_run_args))
+    step("Evaluation with patient-clustered intervals",
+         ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)])
+    for g in GENERATORS:
+        step(f"Privacy audit of {g}",
+             ["privacy", "--task", TASK, "--synthetic", str(out / "synthetic" / g / "manifest.parquet"),
+              "--train", str(out / "synthetic" / g / "train_manifest.parquet"), "--holdout", str(real),
+              "--run", str(run), "--out", str(run / "privacy" / g)])
+    step("Submit to the demo leaderboard", ["submit", str(run), "--leaderboard", str(board), "--submitter", "demo"])
+    step("Build the leaderboard", ["leaderboard", "build", str(board)])
+
+    _init_leaderboard(board, p)
+    t0 = time.perf_counter()
+    timings = {}
+    for i, (title, args) in enumerate(stages, 1):
+        console.rule(f"[bold]{i}/{len(stages)} {title}")
+        console.print(f"[dim]$ medsynbench {' '.join(args)}[/dim]")
+        ts = time.perf_counter()
+        rc = cli(args)
+        timings[title] = round(time.perf_counter() - ts, 1)
+        if rc != 0:
+            raise RuntimeError(f"demo stage {title!r} failed with exit code {rc}")
+    total = time.perf_counter() - t0
+    summary = {
+        "preset": p.name,
+        "seconds": round(total, 1),
+        "stages": timings,
+        "report": str(run / "evaluation" / "report.html"),
+        "leaderboard": str(board / "index.html"),
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.rule("[bold green]Leaderboard")
+    readme = board / "README.md"
+    if readme.exists():
+        console.print(readme.read_text())
+    console.print(f"report:      {summary['report']}")
+    console.print(f"leaderboard: {summary['leaderboard']}")
+    console.print(f"wall time:   {total:.0f} s (preset {p.name})")
+    return summary
+
+
+def _init_leaderboard(board: Path, p: DemoPreset) -> None:
+    """A leaderboard of the demo's own, pinned to the task but not to the shipped manifests (its phantom differs)."""
+    import yaml
+
+    from bench.tasks import load_task
+
+    task = load_task(TASK)
+    board.mkdir(parents=True, exist_ok=True)
+    cfg = board / "leaderboard.yaml"
+    if not cfg.exists():
+        protocol = yaml.safe_load((_configs_dir() / "protocols" / f"{p.protocol}.yaml").read_text())
+        if not isinstance(protocol, dict):
+            raise BadInput(f"protocol {p.protocol}: not a mapping")
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "task": {"name": task.name, "version": task.version},
+                    "primary_metric": task.metrics.primary,
+                    "required": {"regimes": protocol.get("regimes", []), "seeds": protocol.get("seeds", [])},
+                    "pinned_manifests": {},
+                },
+                sort_keys=False,
+            )
+        )

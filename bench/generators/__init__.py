@@ -1,0 +1,129 @@
+"""Reference generators by string name, and the import of a user's own generator output.
+
+A generator learns from real training images (uint8 `[N, C, S, S]`, class indices) and samples new images per
+class. `generate(...)` (in `bench.generators.pipeline`) wraps any registered generator into the command-line
+contract: PNG images + a synthetic manifest + the exact training manifest + a generator card, written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bench.errors import BadInput
+
+
+class Generator:
+    """Base class. Subclasses set `name`, `version`, `presets` and implement `fit` and `sample`.
+
+    `config` is a preset name from `presets` or a mapping that overrides preset values (`preset` key picks the
+    base). The resolved configuration is what the card records.
+    """
+
+    name: str = ""
+    version: str = "1.0"
+    presets: dict[str, dict[str, Any]] = {"tiny": {}, "full": {}}
+    default_preset: str = "tiny"
+
+    def __init__(self, config: str | dict[str, Any] | None = None, seed: int = 0, device: str | None = None):
+        self.config = self.resolve_config(config)
+        self.seed = int(seed)
+        self.device = device or ("cuda" if _cuda() else "cpu")
+
+    @classmethod
+    def resolve_config(cls, config: str | dict[str, Any] | None) -> dict[str, Any]:
+        if config is None:
+            config = cls.default_preset
+        if isinstance(config, str):
+            if config not in cls.presets:
+                raise BadInput(
+                    f"--config {config!r}: unknown preset for generator {cls.name!r} (known: {', '.join(cls.presets)})"
+                )
+            return {"preset": config, **cls.presets[config]}
+        preset = str(config.get("preset", cls.default_preset))
+        if preset not in cls.presets:
+            raise BadInput(f"config 'preset' {preset!r}: unknown for generator {cls.name!r}")
+        base = dict(cls.presets[preset])
+        unknown = sorted(set(config) - set(base) - {"preset"})
+        if unknown:
+            raise BadInput(f"config: unknown key(s) {unknown} for generator {cls.name!r} (known: {sorted(base)})")
+        return {"preset": preset, **base, **{k: v for k, v in config.items() if k != "preset"}}
+
+    def default_size(self, task_size: int) -> int:
+        """Image side the generator works at when neither --size nor --preset is given."""
+        return int(task_size)
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        raise NotImplementedError
+
+    def sample(self, labels: np.ndarray) -> np.ndarray:
+        """uint8 `[len(labels), C, S, S]`, one image per requested class index, deterministic for the seed."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Generator]] = {}
+_BUILTIN_MODULES = ("copycat", "pca_gmm", "ddpm")
+
+
+def register_generator(name: str) -> Callable[[type[Generator]], type[Generator]]:
+    """Class decorator: the generator becomes available to `medsynbench generate --generator NAME`."""
+
+    def deco(cls: type[Generator]) -> type[Generator]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(f"bench.generators.{mod}")
+
+
+def list_generators() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_generator(name: str) -> type[Generator]:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise BadInput(f"--generator {name!r}: unknown generator (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch build with CUDA: CPU it is
+        return False
+
+
+def generate(*args: Any, **kwargs: Any):
+    """See `bench.generators.pipeline.generate`."""
+    from bench.generators.pipeline import generate as _generate
+
+    return _generate(*args, **kwargs)
+
+
+def import_synthetic(*args: Any, **kwargs: Any):
+    """See `bench.generators.importer.import_synthetic`."""
+    from bench.generators.importer import import_synthetic as _import
+
+    return _import(*args, **kwargs)
+
+
+__all__ = [
+    "Generator",
+    "register_generator",
+    "list_generators",
+    "get_generator",
+    "generate",
+    "import_synthetic",
+]

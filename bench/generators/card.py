@@ -1,0 +1,163 @@
+"""The generator card: what a synthetic set was made from, in a form the privacy audit can check.
+
+A card is YAML (or JSON). Reference generators write it; users bring their own for `import-synthetic`. Patient ids
+appear only as SHA-256 hex digests of the id string (`hash_id`), so a card can be published; the audit hashes the
+task's test and external patients the same way to find overlap.
+
+```yaml
+schema_version: 1
+name: pca-gmm               # generator name (required)
+version: "1.0"              # generator version (required)
+seed: 0
+task: {name: tiny, version: "1.0"}
+samples_per_class: {blank: 20, disc: 20, bar: 20}
+n_samples: 60
+image: {size: 32, channels: 1, format: png}
+only: {sex: M}              # subgroup the generator was restricted to, or null
+training:                   # required
+  manifest_sha256: <64 hex> # bench.manifest.manifest_hash of the training manifest
+  manifest: train_manifest.parquet
+  sites: [s1, s2, s3]       # required, at least one
+  patients: [<64 hex>, ...] # SHA-256 of each training patient id
+  n_images: 43
+  n_patients: 22
+config: {preset: tiny, ...}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bench.errors import BadInput
+from bench.io import write_text
+
+CARD_FILE = "card.yaml"
+SCHEMA_VERSION = 1
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+def hash_id(value: Any) -> str:
+    """SHA-256 hex of an identifier's string form: the only form in which patient ids leave the machine."""
+    return hashlib.sha256(str(value).encode("utf-8")).hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskRef(_Strict):
+    name: str
+    version: str
+
+
+class ImageInfo(_Strict):
+    size: int | None = None
+    height: int | None = None
+    width: int | None = None
+    channels: int | None = None
+    format: str | None = None
+
+
+class Training(_Strict):
+    manifest_sha256: str | None = Field(None, pattern=HEX64)
+    manifest: str | None = None
+    sites: list[str] = Field(min_length=1)
+    patients: list[str] = Field(default_factory=list)
+    n_images: int | None = Field(None, ge=0)
+    n_patients: int | None = Field(None, ge=0)
+    splits: list[str] = Field(default_factory=lambda: ["train"])
+
+
+class GeneratorCard(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    description: str = ""
+    link: str | None = None
+    license: str | None = None
+    citation: str | None = None
+    created: str | None = None
+    seed: int | None = None
+    task: TaskRef | None = None
+    samples_per_class: dict[str, int] = Field(default_factory=dict)
+    n_samples: int | None = None
+    image: ImageInfo | None = None
+    only: dict[str, str] | None = None
+    training: Training
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def card_path_for(manifest: str | Path) -> list[Path]:
+    """Where a synthetic manifest's card is looked for, in order: `<stem>.card.yaml`, then `card.yaml`, beside it."""
+    m = Path(manifest)
+    return [m.with_name(m.stem + ".card.yaml"), m.with_name(CARD_FILE)]
+
+
+def find_card(manifest: str | Path, card: str | Path | None = None) -> Path:
+    if card is not None:
+        p = Path(card)
+        if not p.is_file():
+            raise BadInput(f"--card {p}: file not found")
+        return p
+    for p in card_path_for(manifest):
+        if p.is_file():
+            return p
+    looked = ", ".join(str(p) for p in card_path_for(manifest))
+    raise BadInput(
+        f"{manifest}: synthetic manifest without a generator card (looked for {looked}); pass --card CARD.yaml"
+    )
+
+
+def read_card(path: str | Path) -> GeneratorCard:
+    """Parse and validate a card; exit-2 errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: generator card not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: generator card is not valid {path.suffix[1:].upper() or 'YAML'}: {e}") from e
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: a generator card must be a mapping of fields, got {type(raw).__name__}")
+    if "version" in raw and not isinstance(raw["version"], str):
+        raw["version"] = str(raw["version"])
+    try:
+        card = GeneratorCard.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"field {field!r}: unknown key")
+            elif err["type"] == "missing":
+                problems.append(f"field {field!r}: required field is missing")
+            else:
+                problems.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
+        raise BadInput(f"{path}: invalid generator card", problems) from e
+    bad = [i for i, p in enumerate(card.training.patients) if not _is_hex64(p)]
+    if bad:
+        raise BadInput(
+            f"{path}: field 'training.patients': entries {bad[:10]} are not SHA-256 hex digests; cards carry "
+            "hashed patient ids only (bench.generators.card.hash_id)"
+        )
+    return card
+
+
+def _is_hex64(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def write_card(path: str | Path, card: GeneratorCard) -> Path:
+    text = yaml.safe_dump(card.to_dict(), sort_keys=False, allow_unicode=True)
+    return write_text(path, text)

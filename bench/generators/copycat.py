@@ -1,0 +1,57 @@
+"""`copycat`: training images handed back with a light perturbation.
+
+The memorization control: it has the utility of the real data and none of the privacy. A privacy audit that does
+not flag it is broken.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.generators import Generator, register_generator
+
+
+@register_generator("copycat")
+class Copycat(Generator):
+    version = "1.0"
+    # noise_std in gray levels (0-255); max_shift in pixels along each axis.
+    presets = {"tiny": {"noise_std": 2.0, "max_shift": 1}, "full": {"noise_std": 2.0, "max_shift": 1}}
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        self._by_class = {c: images[labels == c] for c in range(num_classes)}
+
+    def sample(self, labels: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        labels = np.asarray(labels, dtype=int)
+        first = next(v for v in self._by_class.values() if len(v))
+        out = np.empty((len(labels),) + first.shape[1:], dtype=np.uint8)
+        for c in np.unique(labels):
+            pool = self._by_class.get(int(c))
+            if pool is None or len(pool) == 0:
+                raise ValueError(f"copycat: no training images of class index {c}")
+            where = np.flatnonzero(labels == c)
+            # Every training image is used once before any is used twice.
+            reps = -(-len(where) // len(pool))
+            order = np.concatenate([rng.permutation(len(pool)) for _ in range(reps)])[: len(where)]
+            for k, i in zip(where, order, strict=True):
+                out[k] = self._perturb(pool[i], rng)
+        return out
+
+    def _perturb(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        s = int(self.config["max_shift"])
+        x = img.astype(np.float32)
+        if s > 0:
+            dy, dx = rng.integers(-s, s + 1, 2)
+            x = _shift(x, int(dy), int(dx))
+        x = x + rng.normal(0.0, float(self.config["noise_std"]), x.shape)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate `[C, H, W]` by whole pixels, repeating the edge rather than wrapping around."""
+    h, w = x.shape[-2:]
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
+    p = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    return p[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w]

@@ -1,0 +1,195 @@
+"""`import-synthetic`: a folder of a user's generated images + a labels CSV + a generator card -> a synthetic
+manifest under the same contract the reference generators write.
+
+Requirements on the images (checked before anything is written; every problem is listed with its file and CSV
+row): each file exists and decodes (PNG, JPEG, NPZ or DICOM); all images share one height x width and one channel
+count, the first image setting the reference; the channel count equals the task's (1 = grayscale, 3 = RGB). Sizes
+need not match the task's size: images are resized when they are read into the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import BadInput
+from bench.generators.card import GeneratorCard, read_card, write_card
+from bench.manifest import Manifest, validate_manifest, write_manifest
+from bench.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_COLUMNS = ("sex", "age", "case_id")
+
+
+def image_shape(path: str | Path) -> tuple[int, int, int]:
+    """(height, width, channels) of one image file, read the way the image cache will read it.
+
+    Raises ValueError with a short reason (no path) if the file cannot be used.
+    """
+    from bench.imaging import Unreadable, _read_raw
+
+    try:
+        raw = _read_raw(Path(path))
+    except Unreadable as e:
+        raise ValueError(str(e)) from e
+    a = raw.array
+    if a.ndim == 2:
+        return int(a.shape[0]), int(a.shape[1]), 1
+    return int(a.shape[0]), int(a.shape[1]), int(a.shape[2])
+
+
+def check_image_set(paths: list[Path], labels: list[str], channels: int) -> list[str]:
+    """Problems with a set of images that must share one size and the task's channel count.
+
+    `labels` names each image in messages (e.g. "row 3: images/a.png").
+    """
+    problems: list[str] = []
+    ref: tuple[int, int, int] | None = None
+    ref_name = ""
+    for p, name in zip(paths, labels, strict=True):
+        try:
+            h, w, c = image_shape(p)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if c != channels:
+            kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+            problems.append(f"{name}: {c} channel(s), the task needs {channels} ({kind})")
+            continue
+        if ref is None:
+            ref, ref_name = (h, w, c), name
+        elif (h, w) != ref[:2]:
+            problems.append(f"{name}: {h}x{w} pixels, but the first image ({ref_name}) is {ref[0]}x{ref[1]}")
+    return problems
+
+
+def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
+    from bench.io import read_table
+
+    df = read_table(path)
+    missing = [c for c in ("image", "label") if c not in df.columns]
+    if missing:
+        raise BadInput(f"{path}: required column(s) {missing} missing (has {list(df.columns)})")
+    if df.empty:
+        raise BadInput(f"{path}: no rows")
+    problems: list[str] = []
+    for col in ("image", "label"):
+        bad = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")]
+        for i in bad[:20]:
+            problems.append(f"row {_csv_row(i)}: empty {col!r}")
+    lab = df["label"].astype(str).str.strip()
+    bad = df.index[df["label"].notna() & ~lab.isin(task.classes)]
+    for i in bad[:50]:
+        problems.append(f"row {_csv_row(i)}: label {df.at[i, 'label']!r} is not one of the task's classes {task.classes}")
+    if len(bad) > 50:
+        problems.append(f"... {len(bad) - 50} more rows with unknown labels")
+    if "case_id" in df.columns:
+        ids = df["case_id"].astype(str)
+        for cid, idx in df.groupby(ids).groups.items():
+            if len(idx) > 1:
+                problems.append(f"rows {[_csv_row(i) for i in idx][:10]}: duplicate case_id {cid!r}")
+    for i, rel in df["image"].items():
+        if pd.isna(rel):
+            continue
+        p = Path(str(rel))
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            problems.append(f"row {_csv_row(i)}: image {str(rel)!r} not found under {root}")
+    if problems:
+        raise BadInput(f"{path}: {len(problems)} problem(s) in the labels CSV", problems)
+    df["label"] = lab
+    return df
+
+
+def _csv_row(i: int) -> int:
+    """The 1-based data row number as a spreadsheet shows it (header is row 1)."""
+    return int(i) + 2
+
+
+def import_synthetic(
+    task: Task | str | Path,
+    root: str | Path,
+    labels: str | Path,
+    card: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Validate a user's synthetic images and write the synthetic manifest `out` plus `<out stem>.card.yaml`."""
+    task = load_task(task)
+    root, labels, out = Path(root), Path(labels), Path(out)
+    if not Path(card).is_file():
+        raise BadInput(f"--card {card}: generator card not found; a synthetic set is only auditable with its card")
+    c = read_card(card)
+    if not root.is_dir():
+        raise BadInput(f"--root {root}: not a folder")
+    if out.suffix not in (".parquet", ".csv"):
+        raise BadInput(f"--out {out}: use a .parquet or .csv file name")
+    card_out = out.with_name(out.stem + ".card.yaml")
+    if not overwrite:
+        for p in (out, card_out):
+            if p.exists():
+                raise BadInput(f"{p}: already exists (pass --overwrite to replace it)")
+    df = read_labels(labels, task, root)
+    paths = [p if p.is_absolute() else root / p for p in (Path(str(r)) for r in df["image"])]
+    names = [f"row {_csv_row(i)} ({r})" for i, r in zip(df.index, df["image"], strict=True)]
+    problems = check_image_set(paths, names, task.image.channels)
+    if problems:
+        raise BadInput(f"{labels}: {len(problems)} image problem(s) under {root}", problems)
+    h, w, _ = image_shape(paths[0])
+
+    gen = c.name
+    if "case_id" in df.columns:
+        ids = df["case_id"].astype(str).tolist()
+    else:
+        width = max(6, len(str(len(df))))
+        ids = [f"syn-{gen}-{i:0{width}d}" for i in range(len(df))]
+    syn = pd.DataFrame(
+        {
+            "case_id": ids,
+            # Each synthetic image is its own unit of resampling: there is no patient behind it.
+            "patient_id": ids,
+            "image": [str(p.resolve()) for p in paths],
+            "label": df["label"].tolist(),
+            "site": "synthetic",
+        }
+    )
+    if "sex" in df.columns:
+        syn["sex"] = df["sex"].to_numpy()
+    if "age" in df.columns:
+        age = pd.to_numeric(df["age"], errors="coerce")
+        bad = df.index[df["age"].notna() & age.isna()]
+        if len(bad):
+            raise BadInput(f"{labels}: column 'age': not a number in rows {[_csv_row(i) for i in bad[:20]]}")
+        syn["age"] = age.to_numpy()
+    syn["origin"], syn["generator"], syn["split"] = "synthetic", gen, "train"
+    syn = task.add_subgroup_columns(syn)
+    m = Manifest(syn, "/")
+    problems = validate_manifest(m, task, check_images=False)
+    if problems:
+        raise BadInput(f"{labels}: the synthetic manifest has {len(problems)} problem(s)", problems)
+
+    counts = syn["label"].value_counts()
+    raw = c.to_dict()
+    raw.update(
+        samples_per_class={k: int(counts.get(k, 0)) for k in task.classes},
+        n_samples=len(syn),
+        image={"height": h, "width": w, "size": h if h == w else None, "channels": task.image.channels},
+        task=raw.get("task") or {"name": task.name, "version": task.version},
+    )
+    updated = GeneratorCard.model_validate(raw)
+    if c.samples_per_class and c.samples_per_class != updated.samples_per_class:
+        log.warning("card %s: samples_per_class %s replaced by the counts found %s", card, c.samples_per_class,
+                    updated.samples_per_class)
+    # Card first: a manifest is never left without its card; if the manifest write fails the card is removed.
+    write_card(card_out, updated)
+    try:
+        write_manifest(syn, out)
+    except BaseException:
+        card_out.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,74 @@
+"""`medsynbench leaderboard push`: the ranked leaderboard as a Weights & Biases Table.
+
+Offline by default: the run is written under `DIR/wandb/offline-run-*` and `wandb sync` uploads it later, so a
+push never needs network access or an API key unless `--mode online` is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BadInput
+from bench.leaderboard.build import board_rows
+from bench.leaderboard.config import load_config
+from bench.leaderboard.record import read_records
+
+MODES = ("offline", "online")
+
+
+def table_columns() -> list[str]:
+    cols = ["rank", "rank_low", "rank_high", "tie_group", "generator", "kind", "version", "submitter", "record_id",
+            "headline_regime"]
+    for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
+        cols += [k, f"{k}_ci_low", f"{k}_ci_high"]
+    return [*cols, "worst_group", "gap_groups", "contamination", "pareto"]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for r in rows:
+        vals: list[Any] = [r["rank"], r["rank_low"], r["rank_high"], r["tie_group"], r["name"], r["kind"],
+                           r.get("version") or "", r["submitter"], r["id"], r["headline_regime"]]
+        for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
+            e = r.get(k) or {}
+            vals += [e.get("value"), e.get("ci_low"), e.get("ci_high")]
+        vals += [(r.get("worst") or {}).get("group") or "", (r.get("gap") or {}).get("group") or "",
+                 r.get("contamination") or "", bool(r["pareto"])]
+        out.append(vals)
+    return out
+
+
+def push(board: str | Path, project: str, *, mode: str = "offline", directory: str | Path = ".",
+         entity: str | None = None) -> Path:
+    """Log the leaderboard as a wandb.Table; returns the local run directory."""
+    if mode not in MODES:
+        raise BadInput(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if not project or "/" in project:
+        raise BadInput(f"--wandb-project {project!r}: give a project name (no '/')")
+    cfg = load_config(board)
+    records = read_records(cfg.records_dir)
+    if not records:
+        raise BadInput(f"{cfg.records_dir}: no records to push")
+    rows, facts = board_rows(cfg, records)
+    import wandb
+
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        dir=str(directory),
+        job_type="leaderboard",
+        name=f"leaderboard-{cfg.task.name}-{cfg.task.version}",
+        config={"task": cfg.task.name, "task_version": cfg.task.version, "primary_metric": facts["primary_metric"],
+                "split": facts["split"], "n_records": len(rows), "n_boot": facts["n_boot"]},
+        reinit="create_new",
+    )
+    try:
+        run.log({"leaderboard": wandb.Table(columns=table_columns(), data=table_rows(rows))})
+        run_dir = Path(run.dir).parent
+    finally:
+        run.finish()
+    return run_dir

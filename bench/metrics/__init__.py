@@ -1,0 +1,51 @@
+"""Evaluation: metric functions, patient-clustered bootstrap, DeLong, fairness, tidy tables and comparisons.
+
+Public interface: `evaluate_predictions` (tidy metric table), `compare_to_baseline` (paired comparisons with the
+real-only baseline), `summarize` (headline numbers), the metric registry (`REGISTRY`, `get_metric`) and the metric
+functions themselves (`auroc`, `auroc_macro`, `balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
+"""
+
+from bench.metrics.compare import COMPARISON_COLUMNS, compare_to_baseline, summarize
+from bench.metrics.core import (
+    REGISTRY,
+    Metric,
+    auroc,
+    auroc_class,
+    auroc_macro,
+    balanced_accuracy,
+    brier,
+    choose_threshold,
+    ece,
+    get_metric,
+    metric_names,
+    sensitivity,
+    specificity,
+)
+from bench.metrics.delong import delong_test
+from bench.metrics.evaluate import TABLE_COLUMNS, evaluate_predictions, positive_classes, prepare_predictions
+from bench.metrics.validate import validate_predictions
+
+__all__ = [
+    "COMPARISON_COLUMNS",
+    "REGISTRY",
+    "TABLE_COLUMNS",
+    "Metric",
+    "auroc",
+    "auroc_class",
+    "auroc_macro",
+    "balanced_accuracy",
+    "brier",
+    "choose_threshold",
+    "compare_to_baseline",
+    "delong_test",
+    "ece",
+    "evaluate_predictions",
+    "get_metric",
+    "metric_names",
+    "positive_classes",
+    "prepare_predictions",
+    "sensitivity",
+    "specificity",
+    "summarize",
+    "validate_predictions",
+]

@@ -1,0 +1,145 @@
+"""Patient-clustered, stratified bootstrap.
+
+A replicate is a vector of patient multiplicities: within every stratum (site x patient label) as many patients as
+the stratum holds are drawn with replacement, and each case inherits its patient's multiplicity as a weight. All
+metrics, groups, training seeds and run keys of one evaluation share the same replicates, so worst-group statistics,
+gaps and paired differences are computed replicate by replicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.metrics.core import AurocKernel
+
+ALPHA = 0.05
+
+
+def patient_strata(patients: pd.DataFrame, by: Sequence[str]) -> np.ndarray:
+    """Integer stratum code per patient row from the columns `by` (e.g. site and patient label)."""
+    if not by:
+        return np.zeros(len(patients), dtype=np.int64)
+    return patients.groupby(list(by), sort=True, dropna=False).ngroup().to_numpy(np.int64)
+
+
+def patient_weights(strata: Any, n_boot: int, seed: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """(replicates, patients) multiplicities for replicates `start:stop` of an `n_boot`-replicate bootstrap.
+
+    Each replicate resamples every stratum to its own size. Replicate r is drawn from its own stream seeded with
+    (seed, r), so a chunk of replicates is identical whether drawn alone or with the rest.
+    """
+    strata = np.asarray(strata, dtype=np.int64)
+    stop = n_boot if stop is None else min(stop, n_boot)
+    n = len(strata)
+    order = np.argsort(strata, kind="stable")
+    sizes = np.bincount(strata) if n else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    out = np.zeros((max(stop - start, 0), n), dtype=np.float64)
+    if n == 0:
+        return out
+    # per patient position in `order`: draw an offset within its stratum
+    stratum_of_slot = np.repeat(np.arange(len(sizes)), sizes)
+    for i, r in enumerate(range(start, stop)):
+        rng = np.random.default_rng([seed, r])
+        offs = np.floor(rng.random(n) * sizes[stratum_of_slot]).astype(np.int64)
+        picks = order[starts[stratum_of_slot] + offs]
+        out[i] = np.bincount(picks, minlength=n)
+    return out
+
+
+def chunks(n_boot: int, size: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, n_boot, size):
+        yield a, min(a + size, n_boot)
+
+
+def percentile_interval(reps: np.ndarray, alpha: float = ALPHA) -> tuple[float, float, int]:
+    """(low, high, replicates used) of the percentile interval, ignoring replicates where the value is undefined."""
+    r = np.asarray(reps, dtype=float)
+    r = r[~np.isnan(r)]
+    if len(r) == 0:
+        return float("nan"), float("nan"), 0
+    lo, hi = np.quantile(r, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi), int(len(r))
+
+
+def bootstrap_p_value(diff_reps: np.ndarray) -> float:
+    """Two-sided p-value of 'no difference' from paired bootstrap differences.
+
+    p = 2 * min(share of replicates <= 0, share >= 0), each share counted as (k + 1) / (B + 1) so that p is never
+    zero with a finite number of replicates; capped at 1.
+    """
+    d = np.asarray(diff_reps, dtype=float)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return float("nan")
+    b = len(d)
+    lo = (np.sum(d <= 0) + 1) / (b + 1)
+    hi = (np.sum(d >= 0) + 1) / (b + 1)
+    return float(min(1.0, 2 * min(lo, hi)))
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values (NaN entries stay NaN and do not count in the family)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = len(idx)
+    if m == 0:
+        return out
+    order = idx[np.argsort(p[idx], kind="stable")]
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def bootstrap_group_auroc(
+    y: Any,
+    score: Any,
+    patient_id: Any,
+    group: Any,
+    *,
+    strata: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 250,
+) -> pd.DataFrame:
+    """Patient-clustered bootstrap AUROC per group: value, 95% percentile interval, n.
+
+    `strata` (per case; e.g. site) is combined with the patient's label (any positive case) for stratification.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=float)
+    pid_codes, pid_uniques = pd.factorize(pd.Series(patient_id), sort=True)
+    group = pd.Series(group).astype(str).to_numpy()
+    pat = pd.DataFrame({"p": pid_codes, "y": y, "s": strata if strata is not None else 0})
+    pat = pat.groupby("p").agg(y=("y", "max"), s=("s", "first"))
+    st = patient_strata(pat, ["s", "y"])
+    groups = sorted(set(group))
+    kernels = {}
+    for g in groups:
+        m = group == g
+        kernels[g] = (np.flatnonzero(m), AurocKernel(y[m], score[m]))
+    reps = {g: np.empty(n_boot) for g in groups}
+    for a, b in chunks(n_boot, chunk):
+        Wp = patient_weights(st, n_boot, seed, a, b)
+        Wc = Wp[:, pid_codes]
+        for g, (idx, kern) in kernels.items():
+            reps[g][a:b] = kern(Wc[:, idx])
+    rows = []
+    for g, (idx, kern) in kernels.items():
+        lo, hi, _ = percentile_interval(reps[g])
+        rows.append(
+            dict(
+                group=g,
+                value=float(kern(np.ones((1, len(idx))))[0]),
+                ci_low=lo,
+                ci_high=hi,
+                n_cases=len(idx),
+                n_patients=len(np.unique(pid_codes[idx])),
+            )
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,306 @@
+"""Paired comparisons against the real-only baseline, and the headline summary.
+
+Every (generator, regime) is compared with the baseline of the same backbone (generator `none`, regime `real`) on
+the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
+
+- run keys `generator`, `regime`, `backbone`; `baseline_generator`, `baseline_regime`;
+- `metric`, `scope` (overall | site), `split` (test | external), `group_by`, `group`;
+- `value` (candidate), `baseline_value`, `diff` = value - baseline_value with its 95% paired bootstrap interval
+  `ci_low`/`ci_high` (the same patient replicates for both, training seeds averaged inside each replicate);
+- `p_boot`: two-sided paired bootstrap p-value; `p_delong`: DeLong's test on the binary-view AUROC (metric `auroc`
+  only; scores averaged over training seeds per case; cases treated as independent); `p_boot_holm`,
+  `p_delong_holm`: Holm-adjusted across the family of candidates compared on the same metric, scope, split and
+  group;
+- `ratio` = value / baseline_value with `ratio_ci_low`/`ratio_ci_high` (higher-is-better metrics only). For the
+  primary metric on external data and regime `synthetic` this is the utility ratio (synthetic-only / real-only);
+- `n_cases`, `n_patients`, `n_pos`, `n_seeds`, `baseline_n_seeds`, `status` (ok | insufficient | undefined),
+  `reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.metrics import core
+from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval
+from bench.metrics.delong import delong_test
+from bench.metrics.evaluate import (
+    BASELINE,
+    EVAL_SPLITS,
+    RUN_KEY,
+    Cell,
+    Engine,
+    _group_info,
+    _mean_sd,
+    prepare_predictions,
+)
+from bench.tasks import Task
+
+COMPARISON_COLUMNS = [
+    "generator",
+    "regime",
+    "backbone",
+    "baseline_generator",
+    "baseline_regime",
+    "metric",
+    "scope",
+    "split",
+    "group_by",
+    "group",
+    "value",
+    "baseline_value",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p_boot",
+    "p_boot_holm",
+    "p_delong",
+    "p_delong_holm",
+    "ratio",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "n_cases",
+    "n_patients",
+    "n_pos",
+    "n_seeds",
+    "baseline_n_seeds",
+    "status",
+    "reason",
+]
+
+
+def comparison_metrics(task: Task) -> list[str]:
+    names = [task.metrics.primary, "auroc", "balanced_accuracy", "sensitivity", "specificity", "ece", "brier"]
+    return list(dict.fromkeys(names))
+
+
+def compare_to_baseline(
+    preds: pd.DataFrame,
+    task: Task,
+    *,
+    n_boot: int | None = None,
+    seed: int = 0,
+    metrics: Sequence[str] | None = None,
+    min_patients: int | None = None,
+    min_positives: int | None = None,
+    source: str = "predictions",
+) -> pd.DataFrame:
+    """Each (generator, regime, backbone) against the real-only baseline; see the module docstring for columns."""
+    df = prepare_predictions(preds, task, source=source)
+    n_boot = int(task.metrics.bootstrap if n_boot is None else n_boot)
+    min_patients = int(task.metrics.min_patients if min_patients is None else min_patients)
+    min_positives = int(task.metrics.min_positives if min_positives is None else min_positives)
+    names = list(metrics or comparison_metrics(task))
+    for m in names:
+        core.get_metric(m, task.classes)  # unknown names fail early, before any work
+    engine = Engine(df, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
+    keys = df[RUN_KEY].drop_duplicates().sort_values(RUN_KEY).itertuples(index=False, name=None)
+    rows: list[dict[str, Any]] = []
+    for gen, reg, bb in keys:
+        if gen == BASELINE["generator"] and reg == BASELINE["regime"]:
+            continue
+        key = dict(generator=gen, regime=reg, backbone=bb)
+        base_df = df[(df["generator"] == BASELINE["generator"]) & (df["regime"] == BASELINE["regime"]) & (df["backbone"] == bb)]
+        cand_df = df[(df["generator"] == gen) & (df["regime"] == reg) & (df["backbone"] == bb)]
+        if base_df.empty:
+            rows.append(
+                _empty(key, names[0], f"no real-only baseline (generator {BASELINE['generator']!r}, regime "
+                       f"{BASELINE['regime']!r}) with backbone {bb!r}")
+            )
+            continue
+        rows += _compare_one(engine, cand_df, base_df, key, names, min_patients, min_positives)
+    out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    if out.empty:
+        return out
+    fam = ["metric", "scope", "split", "group"]
+    out["p_boot_holm"] = out.groupby(fam, sort=False)["p_boot"].transform(lambda p: holm(p.to_numpy()))
+    out["p_delong_holm"] = out.groupby(fam, sort=False)["p_delong"].transform(lambda p: holm(p.to_numpy()))
+    return out.reset_index(drop=True)
+
+
+def _empty(key: dict, metric: str, reason: str) -> dict[str, Any]:
+    row = {c: np.nan for c in COMPARISON_COLUMNS}
+    row.update(key, baseline_generator=BASELINE["generator"], baseline_regime=BASELINE["regime"], metric=metric,
+               scope="overall", split="", group_by="", group="all", n_cases=0, n_patients=0, n_pos=0, n_seeds=0,
+               baseline_n_seeds=0, status="undefined", reason=reason)
+    return row
+
+
+def _compare_one(engine: Engine, cand_df: pd.DataFrame, base_df: pd.DataFrame, key: dict, names: list[str], min_patients: int, min_positives: int) -> list[dict]:
+    ev = lambda d: set(d.loc[d["split"].isin(EVAL_SPLITS), "case_id"])  # noqa: E731
+    common = ev(cand_df) & ev(base_df)
+    if not common:
+        return [_empty(key, names[0], "no test or external cases shared with the baseline")]
+    vc = engine.views(cand_df, common)
+    vb = engine.views(base_df, common)
+    cells = [c for c in sorted(set().union(*(v.cells for v in vc))) if c.scope == "overall" or (c.scope == "site" and c.split == "external")]
+    rc = engine.compute(vc, names, cells)
+    rb = engine.compute(vb, names, cells)
+    sc = _seed_mean_scores(vc)
+    sb = _seed_mean_scores(vb)
+    rows = []
+    for cell in cells:
+        info = _group_info(vc, cell)
+        small = []
+        if info.n_patients < min_patients:
+            small.append(f"{info.n_patients} patients < min_patients {min_patients}")
+        if info.n_pos_patients < min_positives:
+            small.append(f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}")
+        cell_cases = pd.Index(pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique())
+        for m in names:
+            metric = core.get_metric(m, engine.task.classes)
+            val, _ = _mean_sd(rc[(cell, m)].point)
+            bval, _ = _mean_sd(rb[(cell, m)].point)
+            d_reps = rc[(cell, m)].reps - rb[(cell, m)].reps
+            lo, hi, _ = percentile_interval(d_reps)
+            p_boot = bootstrap_p_value(d_reps) if np.isfinite(val) and np.isfinite(bval) else np.nan
+            ratio = rlo = rhi = np.nan
+            if metric.higher_is_better and np.isfinite(val) and np.isfinite(bval) and bval > 0:
+                ratio = val / bval
+                with np.errstate(all="ignore"):
+                    rlo, rhi, _ = percentile_interval(rc[(cell, m)].reps / rb[(cell, m)].reps)
+            p_delong = np.nan
+            if m == "auroc":
+                cases = cell_cases.intersection(sc.index).intersection(sb.index)
+                res = delong_test(sc.loc[cases, "_ybin"].to_numpy(bool), sc.loc[cases, "_sbin"], sb.loc[cases, "_sbin"])
+                p_delong = res.p_value
+            if not (np.isfinite(val) and np.isfinite(bval)):
+                status = "undefined"
+                reason = metric.undefined_reason(info.ybin if metric.target == "binary" else info.y) or next(
+                    (v.threshold_reason for v in vc + vb if v.threshold_reason), "metric undefined for these cases"
+                )
+                lo = hi = p_boot = np.nan
+            elif small:
+                status, reason = "insufficient", "; ".join(small)
+            else:
+                status, reason = "ok", ""
+            rows.append(
+                dict(
+                    **key,
+                    baseline_generator=BASELINE["generator"],
+                    baseline_regime=BASELINE["regime"],
+                    metric=m,
+                    scope=cell.scope,
+                    split=cell.split,
+                    group_by=cell.group_by,
+                    group=cell.group,
+                    value=val,
+                    baseline_value=bval,
+                    diff=val - bval,
+                    ci_low=lo,
+                    ci_high=hi,
+                    p_boot=p_boot,
+                    p_boot_holm=np.nan,
+                    p_delong=p_delong,
+                    p_delong_holm=np.nan,
+                    ratio=ratio,
+                    ratio_ci_low=rlo,
+                    ratio_ci_high=rhi,
+                    n_cases=info.n_cases,
+                    n_patients=info.n_patients,
+                    n_pos=info.n_pos,
+                    n_seeds=len(vc),
+                    baseline_n_seeds=len(vb),
+                    status=status,
+                    reason=reason,
+                )
+            )
+    return rows
+
+
+def _seed_mean_scores(views: list) -> pd.DataFrame:
+    f = pd.concat([v.frame[["case_id", "_ybin", "_sbin"]] for v in views])
+    return f.groupby("case_id").agg(_ybin=("_ybin", "first"), _sbin=("_sbin", "mean"))
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def _entry(row: pd.Series | None, extra: Sequence[str] = ()) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = {k: _num(row[k]) for k in ("value", "ci_low", "ci_high")}
+    out.update(n_cases=int(row["n_cases"]), n_patients=int(row["n_patients"]), status=str(row["status"]))
+    for k in extra:
+        out[k] = _num(row[k]) if isinstance(row[k], (int, float, np.floating, np.integer)) else str(row[k])
+    return out
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(f) else f
+
+
+def headline_split(table: pd.DataFrame) -> str:
+    return "external" if (table["split"] == "external").any() else "test"
+
+
+def auroc_metric(task: Task) -> str:
+    """The AUROC used for worst-group and gap headlines: the primary metric when it is an AUROC."""
+    return task.metrics.primary if task.metrics.primary.startswith("auroc") else "auroc_macro"
+
+
+def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task) -> dict[str, Any]:
+    """Headline numbers per (generator, regime, backbone), each {value, ci_low, ci_high, n_cases, n_patients, status}.
+
+    Keys of each run: `external_primary` (primary metric, external sites pooled), `test_primary` (internal test),
+    `worst_subgroup_auroc` and `largest_subgroup_gap` (over the task's subgroup columns on the headline split, with
+    `group_by` and `group`), `ece` (headline split), `fnr_gap` (largest over subgroup columns, headline split),
+    `diff_vs_real` (primary metric on the headline split minus the real-only baseline, with `p_boot_holm`) and
+    `utility_ratio` (primary metric on the headline split / real-only). Missing numbers are null.
+    """
+    primary = task.metrics.primary
+    split = headline_split(table) if len(table) else "test"
+    am = auroc_metric(task)
+    runs = []
+    for (gen, reg, bb), t in table.groupby(RUN_KEY, sort=True):
+        def one(metric: str, split_: str, scope: str = "overall", t=t) -> pd.Series | None:
+            r = t[(t["metric"] == metric) & (t["split"] == split_) & (t["scope"] == scope)]
+            return r.iloc[0] if len(r) else None
+
+        def extreme(metric: str, lowest: bool, t=t) -> pd.Series | None:
+            r = t[(t["metric"] == metric) & (t["split"] == split) & (t["scope"] == "subgroup") & (t["status"] == "ok")]
+            if r.empty:
+                return None
+            return r.loc[r["value"].idxmin() if lowest else r["value"].idxmax()]
+
+        run: dict[str, Any] = dict(generator=gen, regime=reg, backbone=bb)
+        run["external_primary"] = _entry(one(primary, "external"))
+        run["test_primary"] = _entry(one(primary, "test"))
+        run["worst_subgroup_auroc"] = _entry(extreme(f"{am}_worst", True), ("group_by", "group"))
+        run["largest_subgroup_gap"] = _entry(extreme(f"{am}_gap", False), ("group_by", "group"))
+        run["ece"] = _entry(one("ece", split))
+        run["fnr_gap"] = _entry(extreme("fnr_gap", False), ("group_by", "group"))
+        run["diff_vs_real"] = run["utility_ratio"] = None
+        if comparisons is not None and len(comparisons):
+            c = comparisons[
+                (comparisons["generator"] == gen) & (comparisons["regime"] == reg) & (comparisons["backbone"] == bb)
+                & (comparisons["metric"] == primary) & (comparisons["split"] == split) & (comparisons["scope"] == "overall")
+            ]
+            if len(c):
+                r = c.iloc[0]
+                run["diff_vs_real"] = {
+                    "value": _num(r["diff"]), "ci_low": _num(r["ci_low"]), "ci_high": _num(r["ci_high"]),
+                    "p_boot_holm": _num(r["p_boot_holm"]), "n_cases": int(r["n_cases"]),
+                    "n_patients": int(r["n_patients"]), "status": str(r["status"]),
+                }
+                run["utility_ratio"] = {
+                    "value": _num(r["ratio"]), "ci_low": _num(r["ratio_ci_low"]), "ci_high": _num(r["ratio_ci_high"]),
+                    "n_cases": int(r["n_cases"]), "n_patients": int(r["n_patients"]), "status": str(r["status"]),
+                }
+        runs.append(run)
+    return {
+        "task": task.name,
+        "task_version": task.version,
+        "primary_metric": primary,
+        "headline_split": split,
+        "auroc_metric": am,
+        "runs": runs,
+    }

@@ -1,0 +1,409 @@
+"""Training and prediction: the functional core every step that trains a network reuses.
+
+Images arrive as one uint8 array `[N, C, S, S]` (the decoded cache). It stays uint8 in memory, on the GPU when it
+fits, and batches are picked by index, converted to float and augmented on the device: no per-sample Python
+Dataset between the cache and the model. On CUDA the model runs in bf16 autocast with channels-last; on a CPU the run
+is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.errors import BadInput
+from bench.models import create_model
+
+log = logging.getLogger(__name__)
+
+# Fraction of free GPU memory the uint8 training and validation arrays may take before they stay in host memory.
+GPU_RESIDENT_FRACTION = 0.4
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {str(device)!r}: CUDA is not available on this machine")
+    return d
+
+
+def macro_auroc(y: np.ndarray, prob: np.ndarray) -> float:
+    """Mean one-vs-rest AUROC over the classes present with both positives and negatives; NaN if none.
+
+    Equals scikit-learn's `roc_auc_score(y, prob, multi_class="ovr", average="macro")` when every class is present.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    prob = np.asarray(prob, dtype=np.float64)
+    vals = []
+    for k in range(prob.shape[1]):
+        pos = y == k
+        if pos.any() and (~pos).any():
+            vals.append(roc_auc_score(pos, prob[:, k]))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# -- data on the device ------------------------------------------------------------------------------------------
+
+
+class _DeviceArray:
+    """A uint8 image array kept where batches are cheapest to draw from."""
+
+    def __init__(self, x: np.ndarray, device: torch.device, resident: bool):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        self.device = device
+        self.on_device = resident or device.type == "cpu"
+        if device.type == "cuda":
+            t = t.to(device) if resident else t.pin_memory()
+        self.data = t
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.on_device:
+            return self.data.index_select(0, idx.to(self.data.device))
+        return self.data.index_select(0, idx.cpu()).to(self.device, non_blocking=True)
+
+
+def _fits_on_gpu(device: torch.device, *arrays: np.ndarray) -> bool:
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(a.nbytes for a in arrays) < GPU_RESIDENT_FRACTION * free
+
+
+def _to_float(xb: torch.Tensor) -> torch.Tensor:
+    # Fixed normalization to [-1, 1]: the cache already holds task-normalized intensities in 0..255.
+    return xb.float().div_(127.5).sub_(1.0)
+
+
+def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips, a small affine (rotation, scale, shift) and intensity jitter, batched on device.
+
+    `strength` 0 disables augmentation; 1 means up to 15 degrees rotation, 10% scale and shift, 20% contrast and
+    0.1 brightness jitter. Draws come from `gen`, so a seed fixes them.
+    """
+    if strength <= 0:
+        return x
+    n = x.shape[0]
+    dev = x.device
+
+    def u(*shape: int) -> torch.Tensor:  # uniform in [-1, 1)
+        return torch.rand(*shape, generator=gen, device=dev) * 2 - 1
+
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    angle = u(n) * (math.pi / 12) * strength
+    scale = 1 + u(n) * 0.1 * strength
+    shift = u(n, 2) * 0.1 * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    ).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Border padding: zero padding would paint black frames, a cue absent from unaugmented test images.
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    contrast = 1 + u(n, 1, 1, 1) * 0.2 * strength
+    bright = u(n, 1, 1, 1) * 0.1 * strength
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * contrast + mean + bright
+
+
+# -- progress ----------------------------------------------------------------------------------------------------
+
+
+class _Bars:
+    """Epoch and step bars on a rich Progress (ours or a caller's), or nothing."""
+
+    def __init__(self, progress: Any, epochs: int, steps: int, label: str):
+        self.own = None
+        self.p = None
+        if progress is True:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.own = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                transient=True,
+            )
+            self.p = self.own
+        elif progress not in (None, False):
+            self.p = progress
+        if self.p is not None:
+            self.epoch_task = self.p.add_task(f"{label} epochs", total=epochs)
+            self.step_task = self.p.add_task(f"{label} steps", total=steps)
+
+    def __enter__(self) -> _Bars:
+        if self.own is not None:
+            self.own.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.p is not None:
+            self.p.remove_task(self.epoch_task)
+            self.p.remove_task(self.step_task)
+        if self.own is not None:
+            self.own.stop()
+
+    def step(self) -> None:
+        if self.p is not None:
+            self.p.advance(self.step_task)
+
+    def epoch(self, desc: str) -> None:
+        if self.p is not None:
+            self.p.advance(self.epoch_task)
+            self.p.update(self.step_task, completed=0, description=desc)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    out = list(perm.split(batch_size))
+    # BatchNorm cannot train on a single sample once the feature map is 1x1.
+    if len(out) > 1 and len(out[-1]) < 2:
+        out = out[:-1]
+    return out
+
+
+# -- fit / predict -----------------------------------------------------------------------------------------------
+
+
+def _check_xy(name: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 [N, C, S, S], got {x.dtype} {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{name}: labels must be class indices in [0, {num_classes})")
+
+
+def fit(
+    model_name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    aug_strength: float,
+    seed: int,
+    device: str | torch.device = "auto",
+    num_classes: int,
+    patience: int | None = None,
+    init: nn.Module | dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = False,
+    label: str = "train",
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train `model_name` and return the checkpoint with the best validation macro AUROC, plus its history.
+
+    `x_val`/`y_val` must be the validation split of the training sites: it alone selects the checkpoint and decides
+    early stopping (`patience` epochs without improvement). `init` starts from given weights (fine-tuning).
+    `on_epoch(record)` is called after every epoch with the history record; it may raise (e.g. optuna pruning).
+    `progress`: False, True (own bars) or a rich Progress to add bars to.
+    """
+    x_train, y_train = np.asarray(x_train), np.asarray(y_train, dtype=np.int64)
+    x_val, y_val = np.asarray(x_val), np.asarray(y_val, dtype=np.int64)
+    _check_xy("x_train", x_train, y_train, num_classes)
+    _check_xy("x_val", x_val, y_val, num_classes)
+    if len(x_train) < 2:
+        raise BadInput(f"training set has {len(x_train)} image(s); at least 2 are needed")
+    if epochs < 1 or batch_size < 2 or lr <= 0 or weight_decay < 0 or aug_strength < 0:
+        raise BadInput(
+            f"training settings out of range: epochs={epochs} (>=1), batch_size={batch_size} (>=2), lr={lr} (>0), "
+            f"weight_decay={weight_decay} (>=0), aug_strength={aug_strength} (>=0)"
+        )
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    with _deterministic(not cuda):
+        model = create_model(model_name, num_classes, int(x_train.shape[1]))
+        if init is not None:
+            state = init.state_dict() if isinstance(init, nn.Module) else init
+            model.load_state_dict(state)
+        model = model.to(dev)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        resident = _fits_on_gpu(dev, x_train, x_val)
+        xtr = _DeviceArray(x_train, dev, resident)
+        xva = _DeviceArray(x_val, dev, resident)
+        ytr = torch.from_numpy(y_train).to(dev)
+        order_gen = torch.Generator().manual_seed(seed)
+        aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+
+        batch_size = min(batch_size, len(xtr))
+        steps_per_epoch = len(_batches(len(xtr), batch_size, torch.Generator().manual_seed(0)))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        total = epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        history: list[dict[str, Any]] = []
+        best_key, best_state, best_epoch, stale = None, None, 0, 0
+        with _Bars(progress, epochs, steps_per_epoch, label) as bars:
+            for epoch in range(1, epochs + 1):
+                model.train()
+                t0 = time.perf_counter()
+                loss_sum, seen = 0.0, 0
+                for idx in _batches(len(xtr), batch_size, order_gen):
+                    xb = _to_float(xtr.batch(idx))
+                    if cuda:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    xb = augment(xb, aug_strength, aug_gen)
+                    yb = ytr.index_select(0, idx.to(dev))
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                        loss = F.cross_entropy(model(xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    loss_sum += float(loss.detach()) * len(idx)
+                    seen += len(idx)
+                    bars.step()
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                train_s = time.perf_counter() - t0
+                rec: dict[str, Any] = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "lr": opt.param_groups[0]["lr"],
+                    "train_seconds": train_s,
+                    "images_per_second": seen / train_s if train_s > 0 else float("nan"),
+                }
+                if len(xva):
+                    prob = _predict(model, xva, dev, max(batch_size, 256))
+                    rec["val_loss"] = float(
+                        F.nll_loss(torch.from_numpy(np.log(np.clip(prob, 1e-12, 1))), torch.from_numpy(y_val))
+                    )
+                    rec["val_auroc_macro"] = macro_auroc(y_val, prob)
+                    auc = rec["val_auroc_macro"]
+                    key = (0 if math.isnan(auc) else 1, -1.0 if math.isnan(auc) else auc, -rec["val_loss"])
+                else:
+                    rec["val_loss"] = rec["val_auroc_macro"] = float("nan")
+                    key = (0, 0.0, float(epoch))  # no validation data: the last epoch wins
+                improved = best_key is None or key > best_key
+                if improved:
+                    best_key, best_epoch, stale = key, epoch, 0
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                rec["best_epoch"] = best_epoch
+                history.append(rec)
+                bars.epoch(f"{label} epoch {epoch}/{epochs} val AUROC {rec['val_auroc_macro']:.3f}")
+                if on_epoch is not None:
+                    on_epoch(dict(rec))
+                if patience is not None and stale >= patience:
+                    break
+        model.load_state_dict(best_state)
+        for rec in history:
+            rec["selected"] = rec["epoch"] == best_epoch
+    return model, history
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: int) -> np.ndarray:
+    model.eval()
+    cuda = dev.type == "cuda"
+    out = []
+    for start in range(0, len(xs), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(xs)))
+        xb = _to_float(xs.batch(idx))
+        if cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(xb)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not out:
+        k = getattr(model, "bench_spec", {}).get("num_classes", 0)
+        return np.zeros((0, k))
+    p = np.concatenate(out).astype(np.float64)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def predict_proba(
+    model: nn.Module, x: np.ndarray, device: str | torch.device = "auto", batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities `[N, K]` (softmax; every row sums to 1) for uint8 images `[N, C, S, S]`."""
+    x = np.asarray(x)
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"predict_proba: expected uint8 [N, C, S, S], got {x.dtype} {tuple(x.shape)}")
+    dev = resolve_device(device)
+    model = model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return _predict(model, _DeviceArray(x, dev, _fits_on_gpu(dev, x)), dev, batch_size)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Weights + plain-data metadata, written atomically; loadable with `torch.load(weights_only=True)`."""
+    from bench.io import atomic_path
+
+    spec = getattr(model, "bench_spec", None)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": "medsynbench-checkpoint/1", "model": spec, "state_dict": state, "meta": _plain(meta)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-like data only, so the checkpoint loads under `weights_only=True`."""
+    import json
+
+    from bench.io import _json_default
+
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved by `save_checkpoint` (weights only; no code is unpickled) and return its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything unreadable is the file's fault
+        raise BadInput(f"{path}: not a readable checkpoint: {e}") from e
+    if not isinstance(payload, dict) or "state_dict" not in payload or not payload.get("model"):
+        raise BadInput(f"{path}: not a medsynbench checkpoint (no model spec / state_dict)")
+    spec = payload["model"]
+    model = create_model(spec["name"], spec["num_classes"], spec["in_chans"])
+    model.load_state_dict(payload["state_dict"])
+    return model.to(resolve_device(device)).eval(), payload.get("meta") or {}
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+
+from bench.cli import main
+from bench.phantom import write_phantom
+from bench.sources import build_manifest, pseudonym
+from bench.sources.dicom import parse_age
+from bench.tasks import load_task
+
+TASK = "mediastinal-neoplasm"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dicom") / "export"
+    write_phantom(out, patients=10, slices=3, size=40, seed=2, workers=1)
+    return out
+
+
+@pytest.fixture
+def copy(export, tmp_path) -> Path:
+    dst = tmp_path / "export"
+    shutil.copytree(export, dst)
+    return dst
+
+
+def _manifest(root: Path, out: Path, capsys) -> tuple[int, str]:
+    rc = main(["data", "manifest", "--task", TASK, "--root", str(root), "--out", str(out)])
+    return rc, capsys.readouterr().err
+
+
+def test_manifest_rows_match_headers_and_labels(export):
+    task = load_task(TASK)
+    df = build_manifest(task, export)
+    labels = pd.read_csv(export / "labels.csv").set_index("patient_id")
+    assert len(df) == 30 and df["case_id"].is_unique
+    assert df.groupby("patient_id").size().eq(3).all()
+    for r in df.itertuples():
+        ds = pydicom.dcmread(r.image, stop_before_pixels=True)
+        pid = str(ds.PatientID)
+        assert r.patient_id == pseudonym(pid, task.name)
+        lab = labels.loc[pid]
+        assert (r.label, r.site, r.sex, r.contrast) == (lab["label"], lab["site"], lab["sex"], lab["contrast"])
+        assert r.age == float(lab["age"])
+        assert Path(r.image).is_absolute()
+    # Slice index runs head to feet (DICOM z decreases) within each patient.
+    for _, g in df.groupby("patient_id"):
+        z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in g.sort_values("slice")["image"]]
+        assert sorted(g["slice"]) == [0, 1, 2] and z == sorted(z, reverse=True)
+
+
+def test_header_fallbacks_when_labels_has_only_id_and_label(copy):
+    full = pd.read_csv(copy / "labels.csv")
+    full[["patient_id", "label"]].to_csv(copy / "labels.csv", index=False)
+    (copy / "README.txt").write_text("exported by PACS\n")
+    (copy / "PA000000" / "notes").write_bytes(b"\x00\x01 not dicom")
+    df = build_manifest(load_task(TASK), copy)
+    assert len(df) == 30  # the stray files are skipped
+    per_patient = df.groupby("patient_id").first()
+    expect = full.assign(patient_id=full["patient_id"].map(lambda v: pseudonym(v, TASK))).set_index("patient_id")
+    for col in ("site", "sex", "contrast"):
+        assert per_patient[col].to_dict() == expect[col].to_dict()
+    assert per_patient["age"].to_dict() == expect["age"].astype(float).to_dict()
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda df: df.assign(label=df["label"].where(df.index != 3, "lymphoma")), ["row 5", "'lymphoma'"]),
+        (lambda df: pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "patient_id": "XX999"}])]),
+         ["row 12", "no DICOM images", "'XX999'"]),
+        (lambda df: df.drop(index=[2, 6]), ["without a row", "PatientID"]),
+        (lambda df: pd.concat([df, df.iloc[[1]]]), ["rows 3, 12", "more than once"]),
+        (lambda df: df.assign(contrast=df["contrast"].where(df.index != 0, "yes")), ["row 2", "contrast"]),
+        (lambda df: df.assign(age=df["age"].astype(str).where(df.index != 1, "old")), ["row 3", "age"]),
+    ],
+    ids=["unknown-class", "patient-without-images", "images-without-label", "duplicate", "bad-contrast", "bad-age"],
+)
+def test_bad_labels_exit_2_naming_the_rows(copy, tmp_path, capsys, mutate, expected):
+    df = pd.read_csv(copy / "labels.csv")
+    bad = mutate(df)
+    bad.to_csv(copy / "labels.csv", index=False)
+    out = tmp_path / "m.parquet"
+    rc, err = _manifest(copy, out, capsys)
+    assert rc == 2
+    assert "labels.csv" in err
+    for text in expected:
+        assert text in err, (text, err)
+    if "without a row" in expected:
+        for pid in df.loc[[2, 6], "patient_id"]:
+            assert repr(pid) in err
+    assert not out.exists() and not list(tmp_path.glob(".m.parquet*"))
+
+
+def test_missing_labels_file_and_empty_folder(tmp_path, copy, capsys):
+    (copy / "labels.csv").unlink()
+    rc, err = _manifest(copy, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and "labels.csv" in err and "not found" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "labels.csv").write_text("patient_id,label\nP1,normal\n")
+    rc, err = _manifest(empty, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and "no DICOM image files" in err
+
+
+def test_copied_file_is_reported(copy, tmp_path, capsys):
+    src = next(copy.rglob("IM000001.dcm"))
+    shutil.copy(src, src.with_name("IM000099.dcm"))
+    rc, err = _manifest(copy, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and "SOPInstanceUID" in err
+
+
+def test_manifest_then_validate(export, tmp_path, capsys):
+    out = tmp_path / "real.parquet"
+    rc, _ = _manifest(export, out, capsys)
+    assert rc == 0 and out.is_file()
+    assert main(["data", "validate", str(out), "--task", TASK]) == 0
+    m = pd.read_parquet(out)
+    assert set(m["split"]) <= {"train", "val", "test", "external"}
+    assert (m.loc[m["site"].isin(["hospital_d", "hospital_e"]), "split"] == "external").all()
+    assert {"sex", "age", "age_group", "contrast", "slice"} <= set(m.columns)
+
+
+@pytest.mark.parametrize(
+    "value, years", [("045Y", 45), ("006M", 0.5), ("052W", 0.9966), ("030D", 0.0821), ("61", 61), (72.5, 72.5),
+                     ("", None), (None, None)]
+)
+def test_parse_age(value, years):
+    got = parse_age(value)
+    assert got == (None if years is None else pytest.approx(years, abs=1e-2))
+
+
+@pytest.mark.parametrize("value", ["old", "-3", "200", "45Q"])
+def test_parse_age_rejects(value):
+    with pytest.raises(ValueError):
+        parse_age(value)
