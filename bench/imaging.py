@@ -160,10 +160,9 @@ def _sniff(path: Path) -> str:
         return "npz"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if path.suffix.lower() in (".dcm", ".dicom", ""):
-        # DICOM files written without the 128-byte preamble still start with a group 0x0002/0x0008 tag.
-        if head[:2] in (b"\x02\x00", b"\x08\x00"):
-            return "dicom"
+    # DICOM files written without the 128-byte preamble still start with a group 0x0002/0x0008 tag.
+    if path.suffix.lower() in (".dcm", ".dicom", "") and head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "dicom"
     raise Unreadable(f"not a {FORMATS} file")
 
 
@@ -318,8 +317,9 @@ def _read_numpy(path: Path, kind: str) -> _Raw:
         return _Raw(arr, hu=False, bits=8)
     if arr.dtype == np.uint16:
         return _Raw(arr, hu=False, bits=16)
+    is_float = np.issubdtype(arr.dtype, np.floating)
     arr = arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+    if is_float and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
         return _Raw(arr, hu=False, bits=0)  # bits=0: already in [0, 1]
     return _Raw(arr, hu=False, bits=None)
 
@@ -610,6 +610,7 @@ def build_cache(
     in use); with True they are left out of the cache and listed in `.skipped`.
     """
     spec = PreprocessSpec.from_task(task, size)
+    _check_ids(manifest)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(manifest, spec)
     final = root / key
@@ -708,6 +709,18 @@ def build_cache(
     cache = ImageCache(final)
     log.info("image cache written: %s (%d images, %d skipped)", final, len(cache), len(cache.skipped))
     return _check_skipped(cache, manifest, skip_corrupt)
+
+
+def _check_ids(manifest: Any) -> None:
+    where = manifest.path or manifest.root
+    df = manifest.df
+    missing = [c for c in ("case_id", "image") if c not in df.columns]
+    if missing:
+        raise BadInput(f"{where}: the manifest has no {' / '.join(missing)} column")
+    ids = df["case_id"].astype(str)
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        raise BadInput(f"{where}: duplicate case_id(s) {sorted(set(dup))[:10]} (rows {list(dup.index[:20])})")
 
 
 def _store(arr, ok, reasons, i: int, img: np.ndarray | None, why: str) -> None:

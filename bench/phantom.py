@@ -86,6 +86,7 @@ class SiteSpec:
     mrn_prefix: str
 
 
+# fmt: off
 SITES: tuple[SiteSpec, ...] = (
     SiteSpec("hospital_a", False, 0.25, "SIEMENS", "SOMATOM Definition AS", "I30f", 12.0, 0.8, 1.0, 0.0,
              380.0, 5.0, 0.70, -1024, (0.28, 0.18, 0.14, 0.14, 0.13, 0.13), 50, 16, 0.52, "HA"),
@@ -98,10 +99,12 @@ SITES: tuple[SiteSpec, ...] = (
     SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 26.0, 0.5, 0.6, -10.0,
              340.0, 2.0, 0.30, 0, (0.28, 0.15, 0.20, 0.12, 0.15, 0.10), 46, 18, 0.50, "HE"),
 )
+# fmt: on
 SITE_BY_NAME = {s.name: s for s in SITES}
 TRAIN_SITES = tuple(s.name for s in SITES if not s.external)
 EXTERNAL_SITES = tuple(s.name for s in SITES if s.external)
 
+# fmt: off
 _FAMILY = ("MILLER", "NGUYEN", "KOWALSKI", "OKAFOR", "HALVORSEN", "TANAKA", "FERREIRA", "LINDQVIST", "OSEI",
            "MORENO", "BRANDT", "CHOUDHURY", "VASQUEZ", "PETROVA", "OKONKWO", "BERGSTROM", "DUBOIS", "MARTELLI",
            "SORENSEN", "HAYASHI", "ABERNATHY", "QUINTERO", "WOJCIK", "DELACROIX")
@@ -109,6 +112,7 @@ _GIVEN_M = ("JONAS", "RAFAEL", "TOMASZ", "KWAME", "ERIK", "HIROSHI", "MATEO", "A
             "OMAR", "FINNEGAN")
 _GIVEN_F = ("ASTRID", "MARISOL", "AGNIESZKA", "ADAEZE", "INGRID", "YUKI", "BEATRIZ", "SOLVEIG", "CLEMENCE",
             "NADIA", "PRIYA", "ROSALIND")
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -159,8 +163,19 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
     name = f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}^{given[int(rng.integers(len(given)))]}"
     pid = f"{site.mrn_prefix}{int(rng.integers(100, 1000))}{index:06d}"  # unique: the index is part of it
     accession = f"A{int(rng.integers(10**8, 10**9))}"
-    return PatientPlan(index, pid, name, birth.strftime("%Y%m%d"), study.strftime("%Y%m%d"), accession, sex, age,
-                       site.name, label, contrast)
+    return PatientPlan(
+        index,
+        pid,
+        name,
+        birth.strftime("%Y%m%d"),
+        study.strftime("%Y%m%d"),
+        accession,
+        sex,
+        age,
+        site.name,
+        label,
+        contrast,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +234,7 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
     oy = rng.uniform(-8, 8)  # patient not exactly centred on the table
     ox = rng.uniform(-6, 6)
     X, Y = x - ox, y - oy
-    blood = (rng.uniform(200, 300) if ce else rng.uniform(35, 48))
+    blood = rng.uniform(200, 300) if ce else rng.uniform(35, 48)
     muscle = MUSCLE + (rng.uniform(5, 15) if ce else 0)
 
     hu = np.full(shape, AIR, dtype=np.float32)
@@ -233,7 +248,9 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
 
     # Lungs with vessels that run through adjacent slices.
     lung_ax, lung_ay, lung_y = 0.40 * cx_, 0.88 * cy_, cav_y + 6
-    lungs = (_ell(X, Y, -0.57 * cx_, lung_y, lung_ax, lung_ay) | _ell(X, Y, 0.57 * cx_, lung_y, lung_ax, lung_ay))
+    lungs = _ell(X, Y, -0.57 * cx_, lung_y, lung_ax, lung_ay) | _ell(
+        X, Y, 0.57 * cx_, lung_y, lung_ax, lung_ay
+    )
     lungs &= cavity
     lung_val = LUNG + rng.uniform(-30, 30)
     hu[np.broadcast_to(lungs, shape)] = lung_val
@@ -252,8 +269,8 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
     # Mediastinal structures (pulmonary trunk level).
     s = scale
     zz = z / 40.0  # structures drift a little from slice to slice
-    heart = _ell(X, Y, 22 * s, (28 - 20 * zz) * s, 48 * s * (1 + 0.4 * zz.clip(-1, 0) * -1), 36 * s)
-    heart &= np.broadcast_to(_ell(X, Y, 22 * s, 28 * s, 60 * s, 60 * s), shape) & (Y > -5 * s)
+    heart = _ell(X, Y, 22 * s, (28 - 20 * zz) * s, 48 * s, 36 * s)  # heart top, larger towards the feet
+    heart &= np.broadcast_to(_ell(X, Y, 22 * s, 28 * s, 60 * s, 60 * s) & (-5 * s < Y), shape)
     hu[heart] = blood * 0.97 if ce else 38.0
     vessels = [
         (-8 * s, -12 * s, 15 * s, blood),  # ascending aorta
@@ -315,8 +332,13 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
 def _draw_lesion(hu, label, rng, X, Y, z, s, cav_y, cy_, ce, spacing, shape, slices, site) -> np.ndarray:
     if label == "normal":
         return np.zeros(shape, dtype=bool)
-    radius = {"thymoma": (16, 32), "benign_cyst": (13, 28), "germ_cell_tumor": (22, 42),
-              "neurogenic_tumor": (14, 28), "thymic_carcinoma": (26, 46)}[label]
+    radius = {
+        "thymoma": (16, 32),
+        "benign_cyst": (13, 28),
+        "germ_cell_tumor": (22, 42),
+        "neurogenic_tumor": (14, 28),
+        "thymic_carcinoma": (26, 46),
+    }[label]
     r0 = rng.uniform(*radius) * (0.9 + 0.1 * s)
     zone = _LESION_ZONE.get(label) or ("anterior" if rng.random() < 0.6 else "middle")
     if zone == "anterior":
@@ -363,10 +385,18 @@ def _draw_lesion(hu, label, rng, X, Y, z, s, cav_y, cy_, ce, spacing, shape, sli
         base = rng.uniform(25, 42) + (rng.uniform(8, 20) if ce else 0)
         val = base + 12 * tex
         for _ in range(int(rng.integers(1, 4))):  # cystic / fluid components
-            fx, fy, fr = lx + rng.uniform(-0.5, 0.5) * r0, ly + rng.uniform(-0.5, 0.5) * r0, rng.uniform(0.2, 0.35) * r0
+            fx, fy, fr = (
+                lx + rng.uniform(-0.5, 0.5) * r0,
+                ly + rng.uniform(-0.5, 0.5) * r0,
+                rng.uniform(0.2, 0.35) * r0,
+            )
             val = np.where(_ell(X, Y, fx, fy, fr, fr * 0.8), rng.uniform(5, 20), val)
         for _ in range(int(rng.integers(1, 4))):  # fat
-            fx, fy, fr = lx + rng.uniform(-0.5, 0.5) * r0, ly + rng.uniform(-0.5, 0.5) * r0, rng.uniform(0.15, 0.3) * r0
+            fx, fy, fr = (
+                lx + rng.uniform(-0.5, 0.5) * r0,
+                ly + rng.uniform(-0.5, 0.5) * r0,
+                rng.uniform(0.15, 0.3) * r0,
+            )
             val = np.where(_ell(X, Y, fx, fy, fr, fr), rng.uniform(-110, -70), val)
         if rng.random() < 0.75:  # calcification
             for _ in range(int(rng.integers(1, 4))):
@@ -402,7 +432,9 @@ def series_dir(plan: PatientPlan) -> str:
     return f"PA{plan.index:06d}/ST000000/SE000000"
 
 
-def _write_series(out: Path, plan: PatientPlan, slices: int, size: int, seed: int, fast: bool = True) -> list[str]:
+def _write_series(
+    out: Path, plan: PatientPlan, slices: int, size: int, seed: int, fast: bool = True
+) -> list[str]:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
@@ -569,8 +601,16 @@ def _write_chunk(out: str, indices: list[int], slices: int, size: int, seed: int
     for i in indices:
         plan = plan_patient(seed, i)
         _write_series(Path(out), plan, slices, size, seed)
-        rows.append({"patient_id": plan.patient_id, "label": plan.label, "site": plan.site, "sex": plan.sex,
-                     "age": plan.age, "contrast": plan.contrast})
+        rows.append(
+            {
+                "patient_id": plan.patient_id,
+                "label": plan.label,
+                "site": plan.site,
+                "sex": plan.sex,
+                "age": plan.age,
+                "contrast": plan.contrast,
+            }
+        )
     return rows
 
 
@@ -618,8 +658,14 @@ def write_phantom(
                 rows += _write_chunk(str(tmp), ch, slices, size, seed)
         else:
             with cf.ProcessPoolExecutor(max_workers=workers) as ex:
-                for part in ex.map(_write_chunk, [str(tmp)] * len(chunks), chunks, [slices] * len(chunks),
-                                   [size] * len(chunks), [seed] * len(chunks)):
+                for part in ex.map(
+                    _write_chunk,
+                    [str(tmp)] * len(chunks),
+                    chunks,
+                    [slices] * len(chunks),
+                    [size] * len(chunks),
+                    [seed] * len(chunks),
+                ):
                     rows += part
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(LABEL_COLUMNS), lineterminator="\n")
@@ -636,8 +682,14 @@ def write_phantom(
     for r in rows:
         counts["label"][r["label"]] = counts["label"].get(r["label"], 0) + 1
         counts["site"][r["site"]] = counts["site"].get(r["site"], 0) + 1
-    return {"out": str(out), "patients": patients, "images": patients * slices, "seconds": seconds,
-            "workers": workers, **counts}
+    return {
+        "out": str(out),
+        "patients": patients,
+        "images": patients * slices,
+        "seconds": seconds,
+        "workers": workers,
+        **counts,
+    }
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -658,8 +710,11 @@ def phantom_phi_values(out_dir: str | Path) -> set[str]:
         for row in csv.DictReader(f):
             values.add(row["patient_id"])
     for p in sorted(out_dir.rglob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True,
-                             specific_tags=["PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"])
+        ds = pydicom.dcmread(
+            p,
+            stop_before_pixels=True,
+            specific_tags=["PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"],
+        )
         for key in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
             v = str(ds.get(key, "") or "")
             if v:

@@ -3,7 +3,9 @@
 Memorization. Every image is embedded with fixed features:
 
 - `pixel`: the image area-averaged to at most 16 x 16 pixels, each image's mean subtracted, L2-normalized (so the
-  distance is a function of the correlation between two images and ignores global brightness);
+  distance is a function of the correlation between two images and ignores global brightness). Distances are
+  taken up to a translation of the query by at most one pixel per axis (the minimum over the 9 shifts), because a
+  copy moved by a pixel is still a copy but on textured images sits as far from its source as a stranger;
 - `classifier`: the penultimate features of a classifier trained by the suite on the real training images (a run's
   `checkpoint.pt`, or a small one trained here), L2-normalized. No downloaded weights.
 
@@ -49,9 +51,10 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FEATURES = ("pixel", "classifier")
 PIXEL_SIZE = 16
+MAX_SHIFT = 1
 MARGIN = 2.0
 RULE = "flagged if memorization_rate >= 2 x nominal_rate and ci_low > nominal_rate (in any feature space)"
-NEAR_DUPLICATE = 0.05
+NEAR_DUPLICATE = 0.1
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MIN_HOLDOUT = 20
 AUDIT_BACKBONE = "resnet10t"
@@ -64,16 +67,22 @@ def short_hash(value: Any) -> str:
 # -- features ----------------------------------------------------------------------------------------------------
 
 
-def pixel_features(images: np.ndarray, size: int = PIXEL_SIZE, batch: int = 4096) -> np.ndarray:
-    """float32 `[N, C*s*s]`: area-downsampled to s = min(size, S), mean-centred, L2-normalized."""
+def pixel_features(images: np.ndarray, size: int = PIXEL_SIZE, shift: tuple[int, int] = (0, 0), batch: int = 4096) -> np.ndarray:
+    """float32 `[N, C*s*s]`: optionally translated by `shift` = (dy, dx) whole pixels (edges repeated), then
+    area-downsampled to s = min(size, S), mean-centred and L2-normalized."""
     import torch
     import torch.nn.functional as F
 
     n = len(images)
     s = min(int(size), int(images.shape[-1]))
+    dy, dx = (int(v) for v in shift)
+    pad = max(abs(dy), abs(dx))
     out = np.empty((n, images.shape[1] * s * s), dtype=np.float32)
     for k in range(0, n, batch):
         x = torch.from_numpy(np.ascontiguousarray(images[k : k + batch])).float()
+        if pad:
+            S = x.shape[-1]
+            x = F.pad(x, (pad, pad, pad, pad), mode="replicate")[:, :, pad - dy : pad - dy + S, pad - dx : pad - dx + S]
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="area")
         x = x.flatten(1)
@@ -82,6 +91,26 @@ def pixel_features(images: np.ndarray, size: int = PIXEL_SIZE, batch: int = 4096
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
         out[k : k + batch] = x.numpy()
     return out
+
+
+def shift_tolerant_nearest(
+    query_images: np.ndarray, ref_feats: np.ndarray, max_shift: int = MAX_SHIFT, device: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-space nearest neighbour up to a translation of the query by at most `max_shift` pixels per axis.
+
+    A copy moved by a pixel is still a copy, but on textured images (noise, CT grain) it is as far from its source
+    in plain pixel space as an unrelated image. Real holdout images are scored the same way, so the calibration
+    stays like for like.
+    """
+    best_d = np.full(len(query_images), np.inf)
+    best_i = np.zeros(len(query_images), dtype=np.int64)
+    r = range(-int(max_shift), int(max_shift) + 1)
+    for dy in r:
+        for dx in r:
+            d, i = nearest_neighbors(pixel_features(query_images, shift=(dy, dx)), ref_feats, device=device)
+            better = d < best_d
+            best_d[better], best_i[better] = d[better], i[better]
+    return best_d, best_i
 
 
 def classifier_features(model: Any, images: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
@@ -425,18 +454,17 @@ def contamination_problems(card: GeneratorCard, task: Task, train: pd.DataFrame,
 
 def find_duplicates(
     syn_images: np.ndarray,
-    syn_feats: np.ndarray,
     syn_ids: list[str],
     ev_images: np.ndarray,
-    ev_feats: np.ndarray,
     evaluation: pd.DataFrame,
     threshold: float,
     device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Synthetic images that are exact (identical pixels) or near (distance < threshold) copies of an eval image."""
-    if len(ev_feats) == 0:
+    """Synthetic images that are exact (identical pixels) or near (shift-tolerant pixel-feature distance below
+    `threshold`) copies of a validation, test or external image."""
+    if len(ev_images) == 0 or len(syn_images) == 0:
         return []
-    d, idx = nearest_neighbors(syn_feats, ev_feats, device=device)
+    d, idx = shift_tolerant_nearest(syn_images, pixel_features(ev_images), device=device)
     out = []
     for i in np.flatnonzero(d < threshold):
         j = int(idx[i])
@@ -447,12 +475,29 @@ def find_duplicates(
                 "real": short_hash(evaluation.at[j, "case_id"]),
                 "split": str(evaluation.at[j, "split"]),
                 "site": str(evaluation.at[j, "site"]),
-                "distance": float(d[i]),
+                "distance": 0.0 if exact else float(d[i]),
                 "kind": "exact" if exact else "near",
             }
         )
     out.sort(key=lambda r: r["distance"])
     return out
+
+
+def _audit_model(
+    checkpoint: str | Path | None, t: Task, x_tr: np.ndarray, train_df: pd.DataFrame, seed: int, dev: str, epochs: int
+) -> Any:
+    if checkpoint is None:
+        y = train_df["label"].map({c: i for i, c in enumerate(t.classes)}).to_numpy(np.int64)
+        return train_audit_classifier(x_tr, y, len(t.classes), seed=seed, device=dev, epochs=epochs)
+    from bench.train import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    spec = getattr(model, "bench_spec", {}) or {}
+    if spec.get("in_chans") not in (None, t.image.channels):
+        raise BadInput(f"--checkpoint {checkpoint}: the model takes {spec['in_chans']} channel(s), the task {t.image.channels}")
+    if spec.get("num_classes") not in (None, len(t.classes)):
+        raise BadInput(f"--checkpoint {checkpoint}: the model has {spec['num_classes']} classes, the task {len(t.classes)}")
+    return model
 
 
 # -- the audit ---------------------------------------------------------------------------------------------------
@@ -503,42 +548,36 @@ def audit(
     x_ev = load_pixels(ev_m, t, s, cache_dir) if len(ev_m) else np.zeros((0, t.image.channels, s, s), np.uint8)
 
     dev = device or "auto"
-    embedders: dict[str, Any] = {}
+    nn_dev = None if dev == "auto" else dev
+    # Each feature space: (embed the reference set, nearest-reference search for query images).
+    spaces: dict[str, Any] = {}
     if "pixel" in features:
-        embedders["pixel"] = pixel_features
+        spaces["pixel"] = (pixel_features, lambda x, ref: shift_tolerant_nearest(x, ref, device=nn_dev))
     if "classifier" in features:
-        if checkpoint is not None:
-            from bench.train import load_checkpoint
-
-            model, _ = load_checkpoint(checkpoint)
-            spec = getattr(model, "bench_spec", {})
-            if spec.get("in_chans") not in (None, t.image.channels):
-                raise BadInput(f"--checkpoint {checkpoint}: model takes {spec['in_chans']} channel(s), the task {t.image.channels}")
-            if spec.get("num_classes") not in (None, len(t.classes)):
-                raise BadInput(f"--checkpoint {checkpoint}: model has {spec['num_classes']} classes, the task {len(t.classes)}")
-        else:
-            y = inp.train.df["label"].map({c: i for i, c in enumerate(t.classes)}).to_numpy(np.int64)
-            model = train_audit_classifier(x_tr, y, len(t.classes), seed=seed, device=dev, epochs=classifier_epochs)
+        model = _audit_model(checkpoint, t, x_tr, inp.train.df, seed, dev, classifier_epochs)
         from bench.train import resolve_device
 
         cdev = str(resolve_device(dev))
-        embedders["classifier"] = lambda x, _m=model: classifier_features(_m, x, device=cdev)
 
-    nn_dev = None if dev == "auto" else dev
+        def emb(x, _m=model):
+            return classifier_features(_m, x, device=cdev)
+
+        spaces["classifier"] = (emb, lambda x, ref, _e=emb: nearest_neighbors(_e(x), ref, device=nn_dev))
+
     by_feature: dict[str, Any] = {}
     rows = []
-    nearest: dict[str, np.ndarray] = {}
+    nearest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     syn_ids = inp.synthetic.df["case_id"].astype(str).tolist()
     tr_ids = inp.train.df["case_id"].astype(str).tolist()
-    for name, emb in embedders.items():
-        f_tr = emb(x_tr)
+    for name, (embed_ref, search) in spaces.items():
+        f_tr = embed_ref(x_tr)
         parts = {}
         for role, x, m in (
             ("synthetic", x_syn, inp.synthetic),
             ("holdout_calibration", x_cal, inp.calibration),
             ("holdout_fresh", x_fr, inp.fresh),
         ):
-            d, idx = nearest_neighbors(emb(x), f_tr, device=nn_dev)
+            d, idx = search(x, f_tr)
             parts[role] = (d, idx, m)
         st = memorization_stats(
             parts["synthetic"][0],
@@ -571,11 +610,7 @@ def audit(
     head = by_feature[worst]
 
     problems = contamination_problems(inp.card, t, inp.train.df, inp.evaluation)
-    f_syn_px = pixel_features(x_syn)
-    dups = find_duplicates(
-        x_syn, f_syn_px, syn_ids, x_ev, pixel_features(x_ev) if len(x_ev) else np.zeros((0, 1), np.float32),
-        inp.evaluation, near_duplicate, nn_dev,
-    )
+    dups = find_duplicates(x_syn, syn_ids, x_ev, inp.evaluation, near_duplicate, nn_dev)
     if dups:
         kinds = pd.Series([d["kind"] for d in dups]).value_counts().to_dict()
         problems.append(f"{len(dups)} synthetic image(s) duplicate validation/test/external images {kinds}")

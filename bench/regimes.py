@@ -176,6 +176,11 @@ class _Sampler:
         }
 
 
+def _round_half_up(x: float) -> int:
+    # Python's round() rounds half to even (round(2.5) == 2); counts here should round the way people do.
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
 def _class_counts(df: pd.DataFrame, classes: list[str]) -> dict[str, int]:
     vc = df["label"].astype(str).value_counts()
     return {c: int(vc.get(c, 0)) for c in classes}
@@ -192,7 +197,7 @@ def _scarce(real: pd.DataFrame, frac: float, rng: np.random.Generator) -> tuple[
     per_label: dict[str, dict[str, int]] = {}
     for label, pids in plabels.groupby(plabels, sort=True):
         ids = np.asarray(sorted(map(str, pids.index)))
-        n = max(1, int(round(frac * len(ids)))) if len(ids) else 0
+        n = max(1, _round_half_up(frac * len(ids))) if len(ids) else 0
         chosen = rng.choice(ids, size=n, replace=False) if n < len(ids) else ids
         keep += list(chosen)
         per_label[str(label)] = {"kept": int(n), "of": int(len(ids))}
@@ -258,13 +263,13 @@ def compose(
         else:
             rows = pd.concat([syn.assign(stage="pretrain"), real.assign(stage="finetune")], ignore_index=True)
     elif reg.kind == "augment":
-        n = int(round(reg.ratio * len(real)))
+        n = _round_half_up(reg.ratio * len(real))
         target = _apportion(real_counts, n)
         rows = pd.concat([real, sampler.draw_counts(syn_counts(n, target))], ignore_index=True)
     elif reg.kind == "replace":
         # Per class, so the class balance is exactly the real one: drop round(F * n_c) real images of class c and
         # draw as many synthetic images of that class.
-        drop_n = {c: int(round(reg.ratio * real_counts[c])) for c in classes}
+        drop_n = {c: _round_half_up(reg.ratio * real_counts[c]) for c in classes}
         kept = []
         for c in classes:
             idx = np.flatnonzero(real["label"].astype(str).to_numpy() == c)

@@ -121,8 +121,11 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
-def fmt_interval(value: Any, lo: Any, hi: Any, n_cases: Any = None, n_patients: Any = None, status: str = "ok") -> str:
+def fmt_interval(
+    value: Any, lo: Any, hi: Any, n_cases: Any = None, n_patients: Any = None, status: str = "ok"
+) -> str:
     """'0.912 [0.880, 0.940] n=80/40' (cases/patients); '—' with the status when there is no value."""
+
     def f(x: Any) -> str:
         try:
             x = float(x)
@@ -227,6 +230,7 @@ def plot_roc(cases: pd.DataFrame, by: str, split: str, title: str) -> bytes | No
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return _png(fig)
 
 
@@ -264,12 +268,17 @@ def plot_reliability(cases: pd.DataFrame, classes: Sequence[str], n_bins: int, s
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(f"Reliability, {split} ({n_bins} equal-width bins; grey: cases per bin)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return _png(fig)
 
 
 def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     """Subgroup (and intersection) values with 95% intervals; hollow markers: insufficient groups."""
-    t = table[(table["metric"] == metric) & (table["split"] == split) & table["scope"].isin(["subgroup", "intersection"])]
+    t = table[
+        (table["metric"] == metric)
+        & (table["split"] == split)
+        & table["scope"].isin(["subgroup", "intersection"])
+    ]
     t = t[t["value"].notna()]
     if t.empty:
         return None
@@ -284,11 +293,16 @@ def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     for j, run in enumerate(runs):
         rt = t[t["_run"] == run]
         off = (j - (len(runs) - 1) / 2) * (width / max(len(runs), 1))
-        y = np.array([pos[(s, gb, g)] for s, gb, g in zip(rt["scope"], rt["group_by"], rt["group"], strict=True)]) + off
+        y = (
+            np.array(
+                [pos[(s, gb, g)] for s, gb, g in zip(rt["scope"], rt["group_by"], rt["group"], strict=True)]
+            )
+            + off
+        )
         err = np.vstack([rt["value"] - rt["ci_low"], rt["ci_high"] - rt["value"]]).clip(min=0)
         ok = (rt["status"] == "ok").to_numpy()
-        line = ax.errorbar(rt["value"], y, xerr=np.nan_to_num(err), fmt="none", lw=1, capsize=2)
-        color = line.lines[2][0].get_color() if line.lines[2] else None
+        color = f"C{j % 10}"
+        ax.errorbar(rt["value"], y, xerr=np.nan_to_num(err), fmt="none", lw=1, capsize=2, color=color)
         ax.scatter(rt["value"][ok], y[ok], color=color, s=18, label=run, zorder=3)
         ax.scatter(rt["value"][~ok], y[~ok], facecolors="white", edgecolors=color, s=18, zorder=3)
     ax.set_yticks(range(len(groups)))
@@ -323,16 +337,47 @@ def plot_utility(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     base = t[t["generator"] == "none"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for gen, g in t[t["generator"] != "none"].groupby("generator", sort=True):
+    for j, (gen, g) in enumerate(t[t["generator"] != "none"].groupby("generator", sort=True)):
         g = pd.concat([base, g]).sort_values("xp")
-        ax.errorbar(g["xp"], g["value"], yerr=np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]).clip(min=0),
-                    marker="o", capsize=3, lw=1.2, label=gen)
+        fin = np.isfinite(g["x"].astype(float)).to_numpy()
+        for part, style in (
+            (g[fin], "-"),
+            (g[~fin], "none"),
+        ):  # synthetic-only is not on the ratio axis: no line
+            if len(part):
+                ax.errorbar(
+                    part["xp"],
+                    part["value"],
+                    yerr=np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(
+                        min=0
+                    ),
+                    marker="o",
+                    capsize=3,
+                    lw=1.2,
+                    ls=style,
+                    color=f"C{j % 10}",
+                    label=gen if style == "-" or not fin.any() else None,
+                )
     if (t["generator"] != "none").sum() == 0:
-        ax.errorbar(base["xp"], base["value"], yerr=np.vstack([base["value"] - base["ci_low"], base["ci_high"] - base["value"]]).clip(min=0),
-                    marker="o", capsize=3, label="real only")
+        ax.errorbar(
+            base["xp"],
+            base["value"],
+            yerr=np.vstack([base["value"] - base["ci_low"], base["ci_high"] - base["value"]]).clip(min=0),
+            marker="o",
+            capsize=3,
+            label="real only",
+        )
     ticks = sorted(set(t["xp"]))
     ax.set_xticks(ticks)
-    ax.set_xticklabels(["synthetic only" if x == inf_x and np.isinf(t.loc[t["xp"] == x, "x"].astype(float)).any() else f"{x:g}" for x in ticks], fontsize=8)
+    ax.set_xticklabels(
+        [
+            "synthetic only"
+            if x == inf_x and np.isinf(t.loc[t["xp"] == x, "x"].astype(float)).any()
+            else f"{x:g}"
+            for x in ticks
+        ],
+        fontsize=8,
+    )
     ax.set_xlabel("synthetic images per real image (regime)")
     ax.set_ylabel(f"{metric}, {split}")
     ax.set_title(f"Utility against synthetic ratio ({split}; 95% intervals)", fontsize=10)
@@ -379,7 +424,9 @@ def build_report(
     """The evaluation (or, with `audit`, fairness-only) report."""
     primary = task.metrics.primary
     split = summary.get("headline_split", "test")
-    rep = Report(title or (f"Fairness audit: {task.name}" if audit else f"Evaluation: {task.name} {task.version}"))
+    rep = Report(
+        title or (f"Fairness audit: {task.name}" if audit else f"Evaluation: {task.name} {task.version}")
+    )
     rep.h("Settings")
     rep.p(_settings_text(task, settings))
     if settings.source:
@@ -388,84 +435,165 @@ def build_report(
         rep.h("Headline numbers")
         rows = []
         for r in summary.get("runs", []):
+
             def e(name: str, r=r) -> str:
                 x = r.get(name)
                 if not x:
                     return "—"
-                return fmt_interval(x["value"], x["ci_low"], x["ci_high"], x.get("n_cases"), x.get("n_patients"), x.get("status", "ok"))
+                return fmt_interval(
+                    x["value"],
+                    x["ci_low"],
+                    x["ci_high"],
+                    x.get("n_cases"),
+                    x.get("n_patients"),
+                    x.get("status", "ok"),
+                )
 
-            rows.append({
-                "generator": r["generator"], "regime": r["regime"], "backbone": r["backbone"],
-                f"{primary} external": e("external_primary"), f"{primary} test": e("test_primary"),
-                "worst subgroup": e("worst_subgroup_auroc") + (f" ({r['worst_subgroup_auroc']['group_by']}={r['worst_subgroup_auroc']['group']})" if r.get("worst_subgroup_auroc") else ""),
-                "largest gap": e("largest_subgroup_gap"), f"ECE {split}": e("ece"),
-                "diff vs real": e("diff_vs_real") + (f" p(Holm)={_fmt_p(r['diff_vs_real']['p_boot_holm'])}" if r.get("diff_vs_real") else ""),
-                "ratio to real": e("utility_ratio"),
-            })
+            rows.append(
+                {
+                    "generator": r["generator"],
+                    "regime": r["regime"],
+                    "backbone": r["backbone"],
+                    f"{primary} external": e("external_primary"),
+                    f"{primary} test": e("test_primary"),
+                    "worst subgroup": e("worst_subgroup_auroc")
+                    + (
+                        f" ({r['worst_subgroup_auroc']['group_by']}={r['worst_subgroup_auroc']['group']})"
+                        if r.get("worst_subgroup_auroc")
+                        else ""
+                    ),
+                    "largest gap": e("largest_subgroup_gap"),
+                    f"ECE {split}": e("ece"),
+                    "diff vs real": e("diff_vs_real")
+                    + (
+                        f" p(Holm)={_fmt_p(r['diff_vs_real']['p_boot_holm'])}"
+                        if r.get("diff_vs_real")
+                        else ""
+                    ),
+                    "ratio to real": e("utility_ratio"),
+                }
+            )
         rep.table(pd.DataFrame(rows))
-        rep.p(f"Worst subgroup and largest gap use `{summary.get('auroc_metric', primary)}` over the task's subgroup "
-              f"columns on the {split} split; diff vs real and ratio to real use `{primary}` on the {split} split "
-              f"against the real-only baseline (generator `none`, regime `real`) on the same cases.")
+        rep.p(
+            f"Worst subgroup and largest gap use `{summary.get('auroc_metric', primary)}` over the task's subgroup "
+            f"columns on the {split} split; diff vs real and ratio to real use `{primary}` on the {split} split "
+            f"against the real-only baseline (generator `none`, regime `real`) on the same cases."
+        )
         if comparisons is not None and len(comparisons):
             rep.h("Comparisons with the real-only baseline")
             c = comparisons[comparisons["scope"] == "overall"]
-            rep.table(pd.DataFrame({
-                "generator": c["generator"], "regime": c["regime"], "backbone": c["backbone"],
-                "metric": c["metric"], "split": c["split"],
-                "value": [fmt_interval(v, np.nan, np.nan) .split(" [")[0] for v in c["value"]],
-                "baseline": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]],
-                "difference [95% CI] n": [fmt_interval(d, lo, hi, n, p, s) for d, lo, hi, n, p, s in
-                                          zip(c["diff"], c["ci_low"], c["ci_high"], c["n_cases"], c["n_patients"], c["status"], strict=True)],
-                "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
-                "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
-                "ratio [95% CI]": [fmt_interval(r, lo, hi) for r, lo, hi in zip(c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True)],
-            }))
-            rep.p("Differences are candidate minus baseline from a paired patient bootstrap (both models scored on "
-                  "the same replicates); p-values are two-sided and Holm-adjusted across the candidates compared on "
-                  "the same metric and split. DeLong's test applies to the binary-view AUROC and treats cases as "
-                  "independent.")
+            rep.table(
+                pd.DataFrame(
+                    {
+                        "generator": c["generator"],
+                        "regime": c["regime"],
+                        "backbone": c["backbone"],
+                        "metric": c["metric"],
+                        "split": c["split"],
+                        "value": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["value"]],
+                        "baseline": [
+                            fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]
+                        ],
+                        "difference [95% CI] n": [
+                            fmt_interval(d, lo, hi, n, p, s)
+                            for d, lo, hi, n, p, s in zip(
+                                c["diff"],
+                                c["ci_low"],
+                                c["ci_high"],
+                                c["n_cases"],
+                                c["n_patients"],
+                                c["status"],
+                                strict=True,
+                            )
+                        ],
+                        "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
+                        "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
+                        "ratio [95% CI]": [
+                            fmt_interval(r, lo, hi)
+                            for r, lo, hi in zip(
+                                c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True
+                            )
+                        ],
+                    }
+                )
+            )
+            rep.p(
+                "Differences are candidate minus baseline from a paired patient bootstrap (both models scored on "
+                "the same replicates); p-values are two-sided and Holm-adjusted across the candidates compared on "
+                "the same metric and split. DeLong's test applies to the binary-view AUROC and treats cases as "
+                "independent."
+            )
         rep.h(f"{primary} by site")
         rep.table(_wide(table, primary, ["overall", "site"]))
     rep.h(f"{primary} by subgroup")
     rep.table(_wide(table, primary, ["subgroup", "intersection"]))
     rep.h("Fairness at the operating point")
-    fair_metrics = ["equalized_odds_difference", "fnr_gap", f"{primary}_worst", f"{primary}_gap", "sensitivity_worst", "ece_worst"]
+    fair_metrics = [
+        "equalized_odds_difference",
+        "fnr_gap",
+        f"{primary}_worst",
+        f"{primary}_gap",
+        "sensitivity_worst",
+        "ece_worst",
+    ]
     f = table[table["metric"].isin(fair_metrics) & table["scope"].isin(["subgroup", "intersection", "site"])]
     rep.table(_tidy_view(f))
-    rep.p("Equalized-odds difference: the larger of the between-group ranges of sensitivity and of the false-positive "
-          "rate; FNR gap: highest minus lowest false-negative rate (underdiagnosis), both at the threshold above, "
-          "over groups with status ok.")
-    insufficient = table[(table["status"] != "ok") & table["scope"].isin(["site", "subgroup", "intersection"])]
+    rep.p(
+        "Equalized-odds difference: the larger of the between-group ranges of sensitivity and of the false-positive "
+        "rate; FNR gap: highest minus lowest false-negative rate (underdiagnosis), both at the threshold above, "
+        "over groups with status ok."
+    )
+    insufficient = table[
+        (table["status"] != "ok") & table["scope"].isin(["site", "subgroup", "intersection"])
+    ]
     if len(insufficient):
         rep.h("Groups not ranked")
-        rep.table(insufficient[["split", "scope", "group_by", "group", "status", "reason"]].drop_duplicates(["split", "scope", "group_by", "group", "status"]).head(60))
+        rep.table(
+            insufficient[["split", "scope", "group_by", "group", "status", "reason"]]
+            .drop_duplicates(["split", "scope", "group_by", "group", "status"])
+            .head(60)
+        )
     if prepared is not None:
         cases = _case_level(prepared, task.classes)
         rep.h("Figures")
         for sp in EVAL_SPLITS:
             if sp == "external" or (cases["split"] == sp).any():
-                rep.figure(f"ROC by site, {sp} (binary view, seed-averaged scores)", plot_roc(cases, "site", sp, f"ROC by site, {sp}"))
+                rep.figure(
+                    f"ROC by site, {sp} (binary view, seed-averaged scores)",
+                    plot_roc(cases, "site", sp, f"ROC by site, {sp}"),
+                )
         sub_cols = sorted({gb for gb in table.loc[table["scope"] == "subgroup", "group_by"].unique()})
         for col in sub_cols:
             rep.figure(f"ROC by {col}, {split}", plot_roc(cases, col, split, f"ROC by {col}, {split}"))
-        rep.figure(f"Reliability, {split}", plot_reliability(cases, task.classes, task.metrics.ece_bins, split))
+        rep.figure(
+            f"Reliability, {split}", plot_reliability(cases, task.classes, task.metrics.ece_bins, split)
+        )
     rep.figure(f"{primary} by subgroup with 95% intervals, {split}", plot_forest(table, primary, split))
     if not audit:
         rep.figure(f"{primary} against synthetic ratio, {split}", plot_utility(table, primary, split))
-    rep.p("Full tables: `metrics.csv` / `metrics.parquet`" + ("" if audit else ", `comparisons.csv` / `comparisons.parquet`")
-          + "; headline numbers: `summary.json`.")
+    rep.p(
+        "Full tables: `metrics.csv` / `metrics.parquet`"
+        + ("" if audit else ", `comparisons.csv` / `comparisons.parquet`")
+        + "; headline numbers: `summary.json`."
+    )
     return rep
 
 
 def _tidy_view(t: pd.DataFrame) -> pd.DataFrame:
     if t.empty:
         return pd.DataFrame()
-    return pd.DataFrame({
-        "run": _run_label(t).to_numpy(), "split": t["split"].to_numpy(), "scope": t["scope"].to_numpy(),
-        "group_by": t["group_by"].to_numpy(), "metric": t["metric"].to_numpy(), "group": t["group"].to_numpy(),
-        "value [95% CI] n": [_fmt_row(r) for _, r in t.iterrows()],
-        "seed sd": [f"{x:.3f}" if pd.notna(x) else "—" for x in t["seed_sd"]],
-    })
+    return pd.DataFrame(
+        {
+            "run": _run_label(t).to_numpy(),
+            "split": t["split"].to_numpy(),
+            "scope": t["scope"].to_numpy(),
+            "group_by": t["group_by"].to_numpy(),
+            "metric": t["metric"].to_numpy(),
+            "group": t["group"].to_numpy(),
+            "value [95% CI] n": [_fmt_row(r) for _, r in t.iterrows()],
+            "seed sd": [f"{x:.3f}" if pd.notna(x) else "—" for x in t["seed_sd"]],
+        }
+    )
 
 
 def _wide(table: pd.DataFrame, metric: str, scopes: Sequence[str]) -> pd.DataFrame:
@@ -473,5 +601,11 @@ def _wide(table: pd.DataFrame, metric: str, scopes: Sequence[str]) -> pd.DataFra
     if t.empty:
         return pd.DataFrame()
     t = t.assign(_run=_run_label(t), _cell=[_fmt_row(r) for _, r in t.iterrows()])
-    w = t.pivot_table(index=["split", "scope", "group_by", "group"], columns="_run", values="_cell", aggfunc="first", sort=False)
+    w = t.pivot_table(
+        index=["split", "scope", "group_by", "group"],
+        columns="_run",
+        values="_cell",
+        aggfunc="first",
+        sort=False,
+    )
     return w.reset_index().rename_axis(columns=None)

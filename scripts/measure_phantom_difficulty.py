@@ -1,13 +1,14 @@
 """How hard is the built-in phantom? Train a real-only classifier on the training hospitals and report macro AUROC
 on the internal test split and on each external hospital.
 
-    .venv/bin/python scripts/measure_phantom_difficulty.py                   # default phantom, CNN, cpu preset
+    .venv/bin/python scripts/measure_phantom_difficulty.py                   # default phantom, `medsynbench run`, cpu preset
     .venv/bin/python scripts/measure_phantom_difficulty.py --classifier logreg   # quick linear proxy
     .venv/bin/python scripts/measure_phantom_difficulty.py --seeds 0 1 2 --json out.json
 
 The task asks for an internal-test macro AUROC between 0.80 and 0.97 (neither trivial nor hopeless) and for
-external hospitals that are measurably harder. The CNN path uses the suite's own engine (image cache +
-`bench.train.fit`/`predict_proba`) with the task's image handling, so the figures are those the benchmark sees.
+external hospitals that are measurably harder. The default path runs `medsynbench run --regimes real` with the
+training preset (cpu: resnet10t, 64 px), so the figures are the ones the benchmark itself reports; AUROC is given
+per image (slice) and per patient (mean slice probabilities).
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def _patient_level(df: pd.DataFrame, prob: np.ndarray, k: int) -> tuple[np.ndarr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, help="an existing phantom export (default: write one with the task's settings)")
+    ap.add_argument(
+        "--data", type=Path, help="an existing phantom export (default: write one with the task's settings)"
+    )
     ap.add_argument("--patients", type=int, help="override the task's phantom patient count")
-    ap.add_argument("--classifier", choices=["cnn", "logreg"], default="cnn")
-    ap.add_argument("--preset", default="cpu", help="task image size preset (default cpu)")
+    ap.add_argument("--classifier", choices=["run", "logreg"], default="run", help="run: `medsynbench run`")
+    ap.add_argument("--preset", default="cpu", help="training preset / image size preset (default cpu)")
     ap.add_argument("--backbone", help="default: the task's protocol backbone")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, help="override the preset's epochs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from bench.imaging import build_cache
-    from bench.manifest import Manifest
+    from bench.manifest import Manifest, write_manifest
     from bench.phantom import DEFAULTS, write_phantom
     from bench.sources import build_manifest
     from bench.tasks import load_task
@@ -78,55 +79,71 @@ def main(argv: list[str] | None = None) -> int:
         write_phantom(root, **params)
         print(f"phantom {params} written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     df = build_manifest(task, root)
-    cache = build_cache(Manifest(df, "/"), task, size=args.preset, cache_dir=Path(tmp.name) / "cache", progress=False)
-    x = cache.images[cache.rows(df["case_id"])]
+    work = Path(tmp.name)
+    manifest_path = work / "real.parquet"
+    write_manifest(df, manifest_path)
     classes = task.classes
-    df["y"] = df["label"].map({c: i for i, c in enumerate(classes)})
-    y = df["y"].to_numpy()
-    parts = {s: (df["split"] == s).to_numpy() for s in ("train", "val", "test", "external")}
+    index = {c: i for i, c in enumerate(classes)}
+    y = df["label"].map(index).to_numpy()
     results = []
+    run_seconds = None
+    if args.classifier == "run":
+        from bench.cli import main as cli
+
+        argv = ["run", "--task", TASK, "--real", str(manifest_path), "--out", str(work / "run")]
+        argv += ["--regimes", "real", "--seeds", ",".join(map(str, args.seeds)), "--preset", args.preset]
+        argv += ["--wandb", "disabled", "--quiet", "--cache-dir", str(work / "cache")]
+        if args.backbone:
+            argv += ["--backbone", args.backbone]
+        if args.epochs:
+            argv += ["--epochs", str(args.epochs)]
+        print("medsynbench " + " ".join(argv), file=sys.stderr)
+        t0 = time.perf_counter()
+        rc = cli(argv)
+        if rc != 0:
+            print(f"medsynbench run failed with exit code {rc}", file=sys.stderr)
+            return rc
+        run_seconds = round(time.perf_counter() - t0, 1)
     for seed in args.seeds:
         t0 = time.perf_counter()
         if args.classifier == "logreg":
             from sklearn.linear_model import LogisticRegression
 
-            flat = x.reshape(len(x), -1).astype(np.float32) / 255.0
-            clf = LogisticRegression(C=0.05, max_iter=2000, random_state=seed)
-            clf.fit(flat[parts["train"]], y[parts["train"]])
-            prob_all = clf.predict_proba(flat)
-        else:
-            from bench.train import fit, predict_proba
-
-            model, _ = fit(
-                args.backbone or task.protocol.backbone,
-                x[parts["train"]],
-                y[parts["train"]],
-                x[parts["val"]],
-                y[parts["val"]],
-                epochs=args.epochs,
-                lr=args.lr,
-                weight_decay=1e-4,
-                batch_size=args.batch_size,
-                aug_strength=0.5,
-                seed=seed,
-                device="cpu",
-                num_classes=len(classes),
+            cache = build_cache(
+                Manifest(df, "/"), task, size=args.preset, cache_dir=work / "cache", progress=False
             )
-            prob_all = predict_proba(model, x, device="cpu")
-        row = {"seed": seed, "classifier": args.classifier, "seconds": round(time.perf_counter() - t0, 1)}
-        scopes = {"internal_test": parts["test"]}
-        scopes.update({f"external:{s}": (df["site"] == s).to_numpy() for s in task.sites.external})
-        scopes["external_all"] = parts["external"]
+            x = cache.images[cache.rows(df["case_id"])].reshape(len(df), -1).astype(np.float32) / 255.0
+            train = (df["split"] == "train").to_numpy()
+            clf = LogisticRegression(C=0.05, max_iter=2000, random_state=seed)
+            clf.fit(x[train], y[train])
+            preds = df.assign(**{f"prob_{c}": clf.predict_proba(x)[:, i] for i, c in enumerate(classes)})
+        else:
+            found = sorted((work / "run").glob(f"none__real__*__seed{seed}/predictions.parquet"))
+            preds = pd.read_parquet(found[0]).rename(columns={"y_true": "label"})
+        preds["y"] = preds["label"].map(index).to_numpy()
+        prob = preds[[f"prob_{c}" for c in classes]].to_numpy()
+        yy = preds["y"].to_numpy()
+        secs = run_seconds if run_seconds is not None else round(time.perf_counter() - t0, 1)
+        row = {"seed": seed, "classifier": args.classifier, "seconds": secs}
+        scopes = {"internal_test": (preds["split"] == "test").to_numpy()}
+        scopes.update({f"external:{s}": (preds["site"] == s).to_numpy() for s in task.sites.external})
+        scopes["external_all"] = (preds["split"] == "external").to_numpy()
         for name, mask in scopes.items():
-            sub = df[mask]
-            row[f"{name}_auroc_image"] = round(_auroc(y[mask], prob_all[mask]), 4)
-            yp, pp = _patient_level(sub, prob_all[mask], len(classes))
+            sub = preds[mask]
+            row[f"{name}_auroc_image"] = round(_auroc(yy[mask], prob[mask]), 4)
+            yp, pp = _patient_level(sub, prob[mask], len(classes))
             row[f"{name}_auroc_patient"] = round(_auroc(yp, pp), 4)
             row[f"{name}_patients"] = int(sub["patient_id"].nunique())
         results.append(row)
         print(json.dumps(row), flush=True)
-    out = {"task": task.name, "task_version": task.version, "phantom": params, "preset": args.preset,
-           "image_size": int(x.shape[-1]), "results": results}
+    out = {
+        "task": task.name,
+        "task_version": task.version,
+        "phantom": params,
+        "preset": args.preset,
+        "image_size": task.image.size_for(args.preset),
+        "results": results,
+    }
     if len(results) > 1:
         keys = [k for k in results[0] if k.endswith(("_image", "_patient"))]
         out["mean"] = {k: round(float(np.mean([r[k] for r in results])), 4) for k in keys}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from fractions import Fraction
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")  # the machine is shared; keep BLAS to two threads
 
@@ -50,8 +51,13 @@ def bench_bootstrap(n: int, boot: int, skip_fairlearn: bool) -> None:
 
     t0 = time.perf_counter()
     mf = MetricFrame(
-        metrics=roc_auc_score, y_true=y, y_pred=s, sensitive_features=g.astype(str), n_boot=boot,
-        ci_quantiles=[0.025, 0.975], random_state=0,
+        metrics=roc_auc_score,
+        y_true=y,
+        y_pred=s,
+        sensitive_features=g.astype(str),
+        n_boot=boot,
+        ci_quantiles=[0.025, 0.975],
+        random_state=0,
     )
     t_ref = time.perf_counter() - t0
     ref = mf.by_group
@@ -61,6 +67,19 @@ def bench_bootstrap(n: int, boot: int, skip_fairlearn: bool) -> None:
     print(f"  fairlearn MetricFrame(n_boot={boot}) + roc_auc_score (rows resampled): {t_ref:.2f} s")
     print(f"  speed-up: {t_ref / t_ours:.1f}x (target >= 30x)")
     print(f"  point estimates identical: {identical} (max |difference| {diff:.2e})")
+    # Which of the two is the exact value? Count pairs with integers and round the rational once.
+    exact = {}
+    for k in ref.index:
+        m = g == int(k)
+        neg = np.sort(s[m][y[m] == 0])
+        sp = s[m][y[m] == 1]
+        twice = int(np.searchsorted(neg, sp, "left").sum() + np.searchsorted(neg, sp, "right").sum())
+        exact[k] = float(Fraction(twice, 2 * len(sp) * len(neg)))
+    print(
+        "  equal to the exact rational AUROC (correctly rounded): "
+        f"medsynbench {all(mine[str(k)] == exact[k] for k in ref.index)}, "
+        f"scikit-learn {all(ref[k] == exact[k] for k in ref.index)}"
+    )
     lo = mf.by_group_ci[0] if isinstance(mf.by_group_ci, list) else None
     if lo is not None:
         w_ref = float(np.mean(mf.by_group_ci[1].to_numpy() - mf.by_group_ci[0].to_numpy()))
@@ -77,7 +96,9 @@ def _direct(y, s1, s2):
         v10.append(K.mean(axis=1))
         v01.append(K.mean(axis=0))
     S10, S01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
-    var = (S10[0, 0] + S10[1, 1] - 2 * S10[0, 1]) / y.sum() + (S01[0, 0] + S01[1, 1] - 2 * S01[0, 1]) / (~y).sum()
+    var = (S10[0, 0] + S10[1, 1] - 2 * S10[0, 1]) / y.sum() + (S01[0, 0] + S01[1, 1] - 2 * S01[0, 1]) / (
+        ~y
+    ).sum()
     z = (aucs[0] - aucs[1]) / np.sqrt(var)
     return z, 2 * norm.sf(abs(z))
 
@@ -90,7 +111,9 @@ def bench_delong(n: int) -> None:
     t0 = time.perf_counter()
     res = delong_test(y, s1, s2)
     t = time.perf_counter() - t0
-    print(f"[delong] {n} predictions: {t:.2f} s (target < 2 s); AUROC {res.auc1:.4f} vs {res.auc2:.4f}, p={res.p_value:.3g}")
+    print(
+        f"[delong] {n} predictions: {t:.2f} s (target < 2 s); AUROC {res.auc1:.4f} vs {res.auc2:.4f}, p={res.p_value:.3g}"
+    )
     worst = 0.0
     for seed in range(20):
         r = np.random.default_rng(seed)

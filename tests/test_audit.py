@@ -38,10 +38,31 @@ def test_audit_foreign_file_without_task(tmp_path, preds, capsys):
     src = tmp_path / "paper.csv"
     _foreign(preds).to_csv(src, index=False)
     out = tmp_path / "audit"
-    rc = main(["audit", str(src), "--by", "sex,age_group", "--intersect", "--map", "y_true=label,prob_=p_",
-               "--positive", "disc,bar", "--n-boot", "30", "--out", str(out)])
+    rc = main(
+        [
+            "audit",
+            str(src),
+            "--by",
+            "sex,age_group",
+            "--intersect",
+            "--map",
+            "y_true=label,prob_=p_",
+            "--positive",
+            "disc,bar",
+            "--n-boot",
+            "30",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
-    assert {p.name for p in out.iterdir()} == {"metrics.parquet", "metrics.csv", "summary.json", "report.md", "report.html"}
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.parquet",
+        "metrics.csv",
+        "summary.json",
+        "report.md",
+        "report.html",
+    }
     m = pd.read_parquet(out / "metrics.parquet")
     assert set(m["group_by"]) >= {"sex", "age_group", "sex&age_group"}
     assert {"equalized_odds_difference", "fnr_gap"} <= set(m["metric"])
@@ -53,7 +74,25 @@ def test_audit_with_task_and_fixed_threshold(tmp_path, preds, task_file):
     src = tmp_path / "p.parquet"
     preds.to_parquet(src)
     out = tmp_path / "a"
-    assert main(["audit", str(src), "--task", str(task_file), "--by", "sex", "--threshold-from", "0.5", "--n-boot", "20", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(src),
+                "--task",
+                str(task_file),
+                "--by",
+                "sex",
+                "--threshold-from",
+                "0.5",
+                "--n-boot",
+                "20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = pd.read_parquet(out / "metrics.parquet")
     t = preds[preds["split"] == "test"]
     y = t["y_true"].isin(["disc", "bar"]).to_numpy()
@@ -87,13 +126,17 @@ def _break(kind: str, f: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["nan", "negative", "sum", "duplicate", "unknown_class", "unknown_prob_column", "missing_column"])
+@pytest.mark.parametrize(
+    "kind", ["nan", "negative", "sum", "duplicate", "unknown_class", "unknown_prob_column", "missing_column"]
+)
 def test_bad_predictions_exit_2_naming_rows_and_no_output(tmp_path, preds, task_file, capsys, kind):
     f, expect = _break(kind, preds)
     src = tmp_path / "bad.csv"
     f.to_csv(src, index=False)
     out = tmp_path / "out"
-    rc = main(["audit", str(src), "--task", str(task_file), "--by", "sex", "--n-boot", "10", "--out", str(out)])
+    rc = main(
+        ["audit", str(src), "--task", str(task_file), "--by", "sex", "--n-boot", "10", "--out", str(out)]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert str(src) in err

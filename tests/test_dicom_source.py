@@ -46,12 +46,20 @@ def test_manifest_rows_match_headers_and_labels(export):
         pid = str(ds.PatientID)
         assert r.patient_id == pseudonym(pid, task.name)
         lab = labels.loc[pid]
-        assert (r.label, r.site, r.sex, r.contrast) == (lab["label"], lab["site"], lab["sex"], lab["contrast"])
+        assert (r.label, r.site, r.sex, r.contrast) == (
+            lab["label"],
+            lab["site"],
+            lab["sex"],
+            lab["contrast"],
+        )
         assert r.age == float(lab["age"])
         assert Path(r.image).is_absolute()
     # Slice index runs head to feet (DICOM z decreases) within each patient.
     for _, g in df.groupby("patient_id"):
-        z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in g.sort_values("slice")["image"]]
+        z = [
+            float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+            for p in g.sort_values("slice")["image"]
+        ]
         assert sorted(g["slice"]) == [0, 1, 2] and z == sorted(z, reverse=True)
 
 
@@ -63,7 +71,9 @@ def test_header_fallbacks_when_labels_has_only_id_and_label(copy):
     df = build_manifest(load_task(TASK), copy)
     assert len(df) == 30  # the stray files are skipped
     per_patient = df.groupby("patient_id").first()
-    expect = full.assign(patient_id=full["patient_id"].map(lambda v: pseudonym(v, TASK))).set_index("patient_id")
+    expect = full.assign(patient_id=full["patient_id"].map(lambda v: pseudonym(v, TASK))).set_index(
+        "patient_id"
+    )
     for col in ("site", "sex", "contrast"):
         assert per_patient[col].to_dict() == expect[col].to_dict()
     assert per_patient["age"].to_dict() == expect["age"].astype(float).to_dict()
@@ -73,14 +83,23 @@ def test_header_fallbacks_when_labels_has_only_id_and_label(copy):
     "mutate, expected",
     [
         (lambda df: df.assign(label=df["label"].where(df.index != 3, "lymphoma")), ["row 5", "'lymphoma'"]),
-        (lambda df: pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "patient_id": "XX999"}])]),
-         ["row 12", "no DICOM images", "'XX999'"]),
+        (
+            lambda df: pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "patient_id": "XX999"}])]),
+            ["row 12", "no DICOM images", "'XX999'"],
+        ),
         (lambda df: df.drop(index=[2, 6]), ["without a row", "PatientID"]),
         (lambda df: pd.concat([df, df.iloc[[1]]]), ["rows 3, 12", "more than once"]),
         (lambda df: df.assign(contrast=df["contrast"].where(df.index != 0, "yes")), ["row 2", "contrast"]),
         (lambda df: df.assign(age=df["age"].astype(str).where(df.index != 1, "old")), ["row 3", "age"]),
     ],
-    ids=["unknown-class", "patient-without-images", "images-without-label", "duplicate", "bad-contrast", "bad-age"],
+    ids=[
+        "unknown-class",
+        "patient-without-images",
+        "images-without-label",
+        "duplicate",
+        "bad-contrast",
+        "bad-age",
+    ],
 )
 def test_bad_labels_exit_2_naming_the_rows(copy, tmp_path, capsys, mutate, expected):
     df = pd.read_csv(copy / "labels.csv")
@@ -128,8 +147,17 @@ def test_manifest_then_validate(export, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "value, years", [("045Y", 45), ("006M", 0.5), ("052W", 0.9966), ("030D", 0.0821), ("61", 61), (72.5, 72.5),
-                     ("", None), (None, None)]
+    "value, years",
+    [
+        ("045Y", 45),
+        ("006M", 0.5),
+        ("052W", 0.9966),
+        ("030D", 0.0821),
+        ("61", 61),
+        (72.5, 72.5),
+        ("", None),
+        (None, None),
+    ],
 )
 def test_parse_age(value, years):
     got = parse_age(value)

@@ -56,10 +56,14 @@ def test_columns_scopes_and_keys(table):
     assert set(ov["split"]) == {"test", "external"} and set(ov["group"]) == {"all"}
     assert set(table.loc[(table["scope"] == "site") & (table["split"] == "external"), "group"]) >= {"x1"}
     assert set(table.loc[table["scope"] == "intersection", "group_by"]) == {"sex&age_group"}
-    assert {"auroc_macro_worst", "auroc_macro_gap", "equalized_odds_difference", "fnr_gap"} <= set(table["metric"])
+    assert {"auroc_macro_worst", "auroc_macro_gap", "equalized_odds_difference", "fnr_gap"} <= set(
+        table["metric"]
+    )
     assert set(zip(table["generator"], table["regime"], strict=True)) == set(RUNS)
     assert (table["backbone"] == "resnet18").all()
-    assert not table.duplicated(["generator", "regime", "backbone", "metric", "scope", "split", "group_by", "group"]).any()
+    assert not table.duplicated(
+        ["generator", "regime", "backbone", "metric", "scope", "split", "group_by", "group"]
+    ).any()
 
 
 def test_values_average_seeds_and_match_sklearn(table, preds, task):
@@ -67,7 +71,12 @@ def test_values_average_seeds_and_match_sklearn(table, preds, task):
     for _, f in preds[(preds["generator"] == "none") & (preds["split"] == "test")].groupby("seed"):
         y, s = _binary(task, f)
         per_seed.append(roc_auc_score(y, s))
-    row = table[(table["generator"] == "none") & (table["metric"] == "auroc") & (table["scope"] == "overall") & (table["split"] == "test")].iloc[0]
+    row = table[
+        (table["generator"] == "none")
+        & (table["metric"] == "auroc")
+        & (table["scope"] == "overall")
+        & (table["split"] == "test")
+    ].iloc[0]
     assert row["value"] == pytest.approx(np.mean(per_seed), abs=1e-12)
     assert row["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
     assert row["ci_low"] < row["value"] < row["ci_high"]
@@ -83,12 +92,22 @@ def test_threshold_is_chosen_on_validation_and_applied_unchanged(table, preds, t
         t = choose_threshold(*_binary(task, v), task.metrics.target_specificity)
         y, s = _binary(task, f[f["split"] == "external"])
         sens.append(np.mean(s[y] >= t))
-    row = table[(table["generator"] == "none") & (table["metric"] == "sensitivity") & (table["scope"] == "overall") & (table["split"] == "external")]
+    row = table[
+        (table["generator"] == "none")
+        & (table["metric"] == "sensitivity")
+        & (table["scope"] == "overall")
+        & (table["split"] == "external")
+    ]
     assert row["value"].iloc[0] == pytest.approx(np.mean(sens), abs=1e-12)
 
 
 def test_worst_and_gap_agree_with_group_rows(table):
-    t = table[(table["generator"] == "copycat") & (table["regime"] == "augment:1") & (table["split"] == "test") & (table["group_by"] == "age_group")]
+    t = table[
+        (table["generator"] == "copycat")
+        & (table["regime"] == "augment:1")
+        & (table["split"] == "test")
+        & (table["group_by"] == "age_group")
+    ]
     groups = t[(t["metric"] == "auroc_macro") & (t["status"] == "ok")]
     assert len(groups) >= 2
     worst = t[t["metric"] == "auroc_macro_worst"].iloc[0]
@@ -104,10 +123,14 @@ def test_undefined_groups_do_not_raise(task, preds):
     ext = p["split"] == "external"
     p.loc[ext, "y_true"] = "blank"  # external site without positive cases
     table = evaluate_predictions(p, task, n_boot=20)
-    row = table[(table["metric"] == "auroc") & (table["scope"] == "overall") & (table["split"] == "external")].iloc[0]
+    row = table[
+        (table["metric"] == "auroc") & (table["scope"] == "overall") & (table["split"] == "external")
+    ].iloc[0]
     assert row["status"] == "undefined" and row["reason"] == "no positive cases (binary view)"
     assert np.isnan(row["value"]) and np.isnan(row["ci_low"])
-    spec = table[(table["metric"] == "specificity") & (table["scope"] == "overall") & (table["split"] == "external")].iloc[0]
+    spec = table[
+        (table["metric"] == "specificity") & (table["scope"] == "overall") & (table["split"] == "external")
+    ].iloc[0]
     assert spec["status"] != "undefined"
 
 
@@ -130,8 +153,16 @@ def test_same_seed_same_table_other_seed_other_intervals(task, preds, table):
 def test_comparisons(task, preds):
     comp = compare_to_baseline(preds, task, n_boot=200, seed=0)
     assert list(comp.columns) == COMPARISON_COLUMNS
-    assert set(zip(comp["generator"], comp["regime"], strict=True)) == {("copycat", "synthetic"), ("copycat", "augment:1")}
-    syn = comp[(comp["regime"] == "synthetic") & (comp["metric"] == "auroc_macro") & (comp["split"] == "external") & (comp["scope"] == "overall")].iloc[0]
+    assert set(zip(comp["generator"], comp["regime"], strict=True)) == {
+        ("copycat", "synthetic"),
+        ("copycat", "augment:1"),
+    }
+    syn = comp[
+        (comp["regime"] == "synthetic")
+        & (comp["metric"] == "auroc_macro")
+        & (comp["split"] == "external")
+        & (comp["scope"] == "overall")
+    ].iloc[0]
     assert syn["diff"] < 0 and syn["ci_high"] < 0 and syn["p_boot"] < 0.05
     assert syn["ratio"] == pytest.approx(syn["value"] / syn["baseline_value"])
     assert syn["p_boot_holm"] >= syn["p_boot"]
@@ -153,7 +184,15 @@ def test_summary_has_intervals_and_n(task, preds, table):
     s = summarize(table, comp, task)
     assert s["primary_metric"] == "auroc_macro" and s["headline_split"] == "external"
     run = next(r for r in s["runs"] if r["regime"] == "synthetic")
-    for k in ("external_primary", "test_primary", "worst_subgroup_auroc", "largest_subgroup_gap", "ece", "diff_vs_real", "utility_ratio"):
+    for k in (
+        "external_primary",
+        "test_primary",
+        "worst_subgroup_auroc",
+        "largest_subgroup_gap",
+        "ece",
+        "diff_vs_real",
+        "utility_ratio",
+    ):
         assert set(run[k]) >= {"value", "ci_low", "ci_high", "n_cases", "n_patients"}, k
     assert run["utility_ratio"]["value"] < 1
     json.dumps(s)
@@ -181,12 +220,23 @@ def test_evaluate_command_writes_everything(tmp_path, task, preds, capsys):
     assert main(["evaluate", str(run), "--n-boot", "50"]) == 0
     out = run / "evaluation"
     assert {p.name for p in out.iterdir()} == {
-        "metrics.parquet", "metrics.csv", "comparisons.parquet", "comparisons.csv", "summary.json", "report.md", "report.html"
+        "metrics.parquet",
+        "metrics.csv",
+        "comparisons.parquet",
+        "comparisons.csv",
+        "summary.json",
+        "report.md",
+        "report.html",
     }
     m = pd.read_parquet(out / "metrics.parquet")
-    assert list(m.columns) == TABLE_COLUMNS and list(pd.read_csv(out / "metrics.csv").columns) == TABLE_COLUMNS
+    assert (
+        list(m.columns) == TABLE_COLUMNS and list(pd.read_csv(out / "metrics.csv").columns) == TABLE_COLUMNS
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert "half__real__resnet18__seed0" not in summary["settings"]["runs"] and len(summary["settings"]["runs"]) == 6
+    assert (
+        "half__real__resnet18__seed0" not in summary["settings"]["runs"]
+        and len(summary["settings"]["runs"]) == 6
+    )
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "http://" not in html and "https://" not in html
     md = (out / "report.md").read_text()

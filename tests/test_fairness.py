@@ -17,7 +17,9 @@ from tests.conftest import TINY_TASK
 
 @pytest.fixture
 def setup():
-    task = Task.model_validate({**TINY_TASK, "metrics": {**TINY_TASK["metrics"], "min_patients": 1, "min_positives": 1}})
+    task = Task.model_validate(
+        {**TINY_TASK, "metrics": {**TINY_TASK["metrics"], "min_patients": 1, "min_positives": 1}}
+    )
     preds = simulate_predictions(task, runs={("none", "real"): 1.0}, seeds=[0], patients_per_site=60, seed=4)
     table = evaluate_predictions(preds, task, n_boot=20, seed=0)
     return task, preds, table
@@ -36,7 +38,9 @@ def test_subgroup_metrics_equal_metricframe(setup, col):
     task, preds, table = setup
     t, y, ybin, sbin = _test_rows(task, preds)
     val = preds[preds["split"] == "val"]
-    thr = choose_threshold(val["y_true"].isin(["disc", "bar"]), val[["prob_disc", "prob_bar"]].sum(axis=1), 0.8)
+    thr = choose_threshold(
+        val["y_true"].isin(["disc", "bar"]), val[["prob_disc", "prob_bar"]].sum(axis=1), 0.8
+    )
     P = t[[f"prob_{c}" for c in task.classes]].to_numpy()
     mf = MetricFrame(
         metrics={
@@ -61,7 +65,9 @@ def test_subgroup_metrics_equal_metricframe(setup, col):
         assert worst["value"].iloc[0] == pytest.approx(mf.group_min()[metric], abs=1e-12)
         assert worst["group"].iloc[0] == str(mf.by_group[metric].idxmin())
     eod = rows[rows["metric"] == "equalized_odds_difference"]["value"].iloc[0]
-    assert eod == pytest.approx(equalized_odds_difference(ybin, sbin >= thr, sensitive_features=t[col]), abs=1e-12)
+    assert eod == pytest.approx(
+        equalized_odds_difference(ybin, sbin >= thr, sensitive_features=t[col]), abs=1e-12
+    )
     fnr = MetricFrame(metrics=false_negative_rate, y_true=ybin, y_pred=sbin >= thr, sensitive_features=t[col])
     assert rows[rows["metric"] == "fnr_gap"]["value"].iloc[0] == pytest.approx(fnr.difference(), abs=1e-12)
 

@@ -188,6 +188,16 @@ def test_npz_rules(tmp_path):
     np.savez(tmp_path / "chw.npz", image=chw)
     np.testing.assert_array_equal(load_image(tmp_path / "chw.npz", spec(size=4, channels=3)), chw)
 
+    hwc = np.random.default_rng(4).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "hwc.npz", image=hwc)
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "hwc.npz", spec(size=6, channels=3)), np.moveaxis(hwc, -1, 0)
+    )
+    np.savez(
+        tmp_path / "mask.npz", image=np.array([[0, 1], [1, 3]], dtype=np.int64)
+    )  # ints are not [0, 1] floats
+    np.testing.assert_array_equal(load_image(tmp_path / "mask.npz", spec(size=2))[0], [[0, 85], [85, 255]])
+
     np.savez(tmp_path / "two.npz", a=f, b=f)
     with pytest.raises(BadInput, match=r"two\.npz.*'image'"):
         load_image(tmp_path / "two.npz", spec())
@@ -517,3 +527,40 @@ def test_cached_loader_batches_follow_rows_and_labels():
     orders = {tuple(epoch(a)[0]) for _ in range(4)}
     assert len(orders) > 1  # reshuffled each epoch
     assert len(CachedLoader(images, rows, batch_size=2, drop_last=True)) == 2
+
+
+def test_run_cli_on_corrupt_image_exits_2_and_leaves_no_cache(
+    tiny_manifest, tiny_task_path, tmp_path, capsys
+):
+    m = read_manifest(tiny_manifest)
+    culprit = m.df.loc[3, "image"]
+    (m.root / culprit).write_bytes(b"garbage")
+    cache = tmp_path / "cache"
+    args = [
+        "run",
+        "--task",
+        str(tiny_task_path),
+        "--real",
+        str(tiny_manifest),
+        "--out",
+        str(tmp_path / "run"),
+        "--regimes",
+        "real",
+        "--preset",
+        "smoke",
+        "--cache-dir",
+        str(cache),
+        "--quiet",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{culprit}: not a DICOM/PNG/JPEG/NPZ file" in err and "--skip-corrupt" in err
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_cache_refuses_duplicate_case_ids(tmp_path, tiny_task):
+    m = read_manifest(tiny_cache_manifest(tmp_path / "d"))
+    dup = Manifest(m.df.assign(case_id=["c0", "c1", "c1", "c3", "c4", "c5"]), m.root, m.path)
+    with pytest.raises(BadInput, match=r"duplicate case_id\(s\) \['c1'\] \(rows \[1, 2\]\)"):
+        build_cache(dup, tiny_task, size=8, cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

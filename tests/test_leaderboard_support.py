@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-
 from conftest import TINY_TASK
 
 REGIMES = ["real", "synthetic", "augment:1", "scarce:0.5", "scarce:0.5+synthetic"]
@@ -57,12 +56,24 @@ def cases(n_per_site: int = 14, seed: int = 0) -> pd.DataFrame:
             sex = "M" if p % 4 < 2 else "F"
             age = int(rng.integers(20, 85))
             for k in range(2):
-                rows.append(dict(case_id=f"CASE-{pid}-{k}", patient_id=pid, site=site, split=split, y_true=label,
-                                 sex=sex, age=age, age_group="<50" if age < 50 else ">=50"))
+                rows.append(
+                    dict(
+                        case_id=f"CASE-{pid}-{k}",
+                        patient_id=pid,
+                        site=site,
+                        split=split,
+                        y_true=label,
+                        sex=sex,
+                        age=age,
+                        age_group="<50" if age < 50 else ">=50",
+                    )
+                )
     return pd.DataFrame(rows)
 
 
-def predictions(cs: pd.DataFrame, quality: float, generator: str, regime: str, seed: int, noise_seed: int) -> pd.DataFrame:
+def predictions(
+    cs: pd.DataFrame, quality: float, generator: str, regime: str, seed: int, noise_seed: int
+) -> pd.DataFrame:
     rng = np.random.default_rng(noise_seed)
     y = cs["y_true"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     logits = rng.normal(0, 1, (len(cs), len(CLASSES)))
@@ -102,8 +113,13 @@ def make_run(
     (root / "task.yaml").write_text(yaml.safe_dump(task or TINY_TASK, sort_keys=False))
     cs = cases(n_per_site)
     real_sha = _sha("real-manifest")
-    manifests = {"real": {"path": "manifests/real.parquet" if with_manifest else "/elsewhere/real.parquet",
-                          "sha256": real_sha}, "synthetic": {}}
+    manifests = {
+        "real": {
+            "path": "manifests/real.parquet" if with_manifest else "/elsewhere/real.parquet",
+            "sha256": real_sha,
+        },
+        "synthetic": {},
+    }
     if with_manifest:
         from bench.manifest import manifest_hash
 
@@ -122,34 +138,69 @@ def make_run(
             plan.append(("none", r, real_quality if r == "real" else real_quality * 0.6))
         else:
             for g, q in generators.items():
-                bonus = {"synthetic": 0.0, "augment:1": real_quality * 0.6, "scarce:0.5+synthetic": real_quality * 0.4}
+                bonus = {
+                    "synthetic": 0.0,
+                    "augment:1": real_quality * 0.6,
+                    "scarce:0.5+synthetic": real_quality * 0.4,
+                }
                 plan.append((g, r, q + bonus.get(r, 0.0)))
     for g, r, q in plan:
         for s in seeds:
             d = root / f"{g}__{r.replace(':', '-')}__{BACKBONE}__seed{s}"
             d.mkdir(parents=True, exist_ok=True)
-            predictions(cs, q, g, r, s, noise_seed=1000 + noise_offset + k).to_parquet(d / "predictions.parquet", index=False)
-            (d / "config.json").write_text(json.dumps({"generator": g, "regime": r, "seed": s, "backbone": BACKBONE,
-                                                       "epochs": 3, "lr": 0.001, "tune": 0}))
+            predictions(cs, q, g, r, s, noise_seed=1000 + noise_offset + k).to_parquet(
+                d / "predictions.parquet", index=False
+            )
+            (d / "config.json").write_text(
+                json.dumps(
+                    {
+                        "generator": g,
+                        "regime": r,
+                        "seed": s,
+                        "backbone": BACKBONE,
+                        "epochs": 3,
+                        "lr": 0.001,
+                        "tune": 0,
+                    }
+                )
+            )
             (d / "DONE").write_text("")
             k += 1
     gens = {}
     for g in generators:
         manifests["synthetic"][g] = {"path": f"/elsewhere/{g}.parquet", "sha256": _sha(f"syn-{g}")}
-        card = {"name": g, "version": "0.1", "link": f"https://example.org/{g}",
-                "training": {"manifest_sha256": _sha("train"), "sites": TINY_TASK["sites"]["train"],
-                             "patients": [_sha(p) for p in sorted(set(cs["patient_id"]))[:3]]}}
+        card = {
+            "name": g,
+            "version": "0.1",
+            "link": f"https://example.org/{g}",
+            "training": {
+                "manifest_sha256": _sha("train"),
+                "sites": TINY_TASK["sites"]["train"],
+                "patients": [_sha(p) for p in sorted(set(cs["patient_id"]))[:3]],
+            },
+        }
         (root / "generators" / g).mkdir(parents=True, exist_ok=True)
         (root / "generators" / g / "card.json").write_text(json.dumps(card))
         gens[g] = {"card": f"generators/{g}/card.json"}
-        pv = {"generator": g, "memorization_rate": 0.02, "ci_low": 0.01, "ci_high": 0.04, "flagged": False,
-              "nominal_rate": 0.05, "percentile": 5.0, "contamination": {"status": "pass", "problems": []}}
+        pv = {
+            "generator": g,
+            "memorization_rate": 0.02,
+            "ci_low": 0.01,
+            "ci_high": 0.04,
+            "flagged": False,
+            "nominal_rate": 0.05,
+            "percentile": 5.0,
+            "contamination": {"status": "pass", "problems": []},
+        }
         pv.update((privacy or {}).get(g, {}))
         (root / "privacy" / g).mkdir(parents=True, exist_ok=True)
         (root / "privacy" / g / "privacy.json").write_text(json.dumps(pv))
-    matrix = {"protocol": {"regimes": regimes, "seeds": seeds, "backbone": BACKBONE}, "manifests": manifests,
-              "generators": gens,
-              "environment": {"packages": {"torch": "2.15.0"}, "git": "abc123", "device": "cpu"}}
+    matrix = {
+        "protocol": {"regimes": regimes, "seeds": seeds, "backbone": BACKBONE},
+        "manifests": manifests,
+        "generators": gens,
+        "environment": {"packages": {"torch": "2.15.0"}, "git": "abc123", "device": "cpu"},
+    }
     (root / "matrix.json").write_text(json.dumps(matrix))
     return root
 

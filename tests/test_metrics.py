@@ -42,14 +42,18 @@ def test_multiclass_metrics_match_sklearn(seed):
     P = _probs(rng, 400, 4)
     P[np.arange(400), y] += 0.3
     P /= P.sum(axis=1, keepdims=True)
-    assert auroc_macro(y, P) == pytest.approx(roc_auc_score(y, P, multi_class="ovr", average="macro"), abs=1e-12)
+    assert auroc_macro(y, P) == pytest.approx(
+        roc_auc_score(y, P, multi_class="ovr", average="macro"), abs=1e-12
+    )
     for k in range(4):
         m = get_metric(f"auroc_c{k}", classes=["c0", "c1", "c2", "c3"])
         assert m(y, P) == pytest.approx(roc_auc_score(y == k, P[:, k]), abs=1e-12)
     assert balanced_accuracy(y, P) == pytest.approx(balanced_accuracy_score(y, P.argmax(1)), abs=1e-12)
     assert brier(y, P) == pytest.approx(brier_score_loss(y, P, labels=[0, 1, 2, 3]), abs=1e-12)
     w = rng.random(400)
-    assert brier(y, P, w) == pytest.approx(brier_score_loss(y, P, sample_weight=w, labels=[0, 1, 2, 3]), abs=1e-12)
+    assert brier(y, P, w) == pytest.approx(
+        brier_score_loss(y, P, sample_weight=w, labels=[0, 1, 2, 3]), abs=1e-12
+    )
 
 
 def test_binary_brier_matches_sklearn_positive_class_form():
@@ -106,8 +110,13 @@ def test_undefined_cases_give_nan_and_reason_never_raise():
 
 def test_registry_directions_and_unknown_names():
     assert {n: m.higher_is_better for n, m in REGISTRY.items()} == {
-        "auroc": True, "auroc_macro": True, "balanced_accuracy": True, "sensitivity": True,
-        "specificity": True, "ece": False, "brier": False,
+        "auroc": True,
+        "auroc_macro": True,
+        "balanced_accuracy": True,
+        "sensitivity": True,
+        "specificity": True,
+        "ece": False,
+        "brier": False,
     }
     assert get_metric("auroc_disc", classes=["blank", "disc"]).higher_is_better
     with pytest.raises(KeyError, match="unknown metric"):

@@ -21,8 +21,8 @@ from bench.phantom import (
     SITES,
     TRAIN_SITES,
     _write_series,
-    plan_patient,
     phantom_phi_values,
+    plan_patient,
     render_patient,
     write_phantom,
 )
@@ -45,7 +45,9 @@ def _labels(out: Path) -> list[dict[str, str]]:
 
 def _tree_hashes(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -71,7 +73,9 @@ def test_files_read_back_with_plain_pydicom_with_intended_hu(small_phantom):
             assert np.abs(hu - intended[k]).max() <= 0.5 + 1e-4
             site = SITE_BY_NAME[plan.site]
             assert float(ds.RescaleIntercept) == site.intercept
-            assert [float(v) for v in ds.PixelSpacing] == pytest.approx([site.fov_mm / SMALL["size"]] * 2, rel=1e-5)
+            assert [float(v) for v in ds.PixelSpacing] == pytest.approx(
+                [site.fov_mm / SMALL["size"]] * 2, rel=1e-5
+            )
             assert float(ds.SliceThickness) == site.thickness_mm
             assert float(ds.ImagePositionPatient[2]) == pytest.approx(float(ds.SliceLocation))
             assert ds.InstanceNumber == k + 1
@@ -135,6 +139,7 @@ def test_lesion_attenuation_follows_radiology():
     assert sum((h[m] > 300).sum() > 0 for h, m, _ in germ) >= 3  # calcification
     carc = _lesion_stats("thymic_carcinoma")
     assert all((h[m] < 25).mean() > 0.05 for h, m, _ in carc)  # necrotic centre
+
     # Neurogenic tumours sit posteriorly (larger y = towards the back), thymic lesions anteriorly.
     def centroid_row(stats):
         return np.mean([np.nonzero(m)[1].mean() for _, m, _ in stats])
@@ -169,7 +174,9 @@ def test_subgroups_shift_prevalence_and_sites_differ():
     df = pd.DataFrame([plan_patient(0, i).__dict__ for i in range(3000)])
     young_men = df[(df["sex"] == "M") & (df["age"] < 40)]
     others = df.drop(young_men.index)
-    assert (young_men["label"] == "germ_cell_tumor").mean() > 3 * (others["label"] == "germ_cell_tumor").mean()
+    assert (young_men["label"] == "germ_cell_tumor").mean() > 3 * (
+        others["label"] == "germ_cell_tumor"
+    ).mean()
     old = df[df["age"] >= 50]
     young = df[df["age"] < 35]
     thymic = ["thymoma", "thymic_carcinoma"]
@@ -197,7 +204,9 @@ def test_deterministic_for_a_seed_and_worker_count(tmp_path):
 
 def test_cli_writes_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "export"
-    assert main(["data", "phantom", "--out", str(out), "--patients", "5", "--slices", "2", "--size", "40"]) == 0
+    assert (
+        main(["data", "phantom", "--out", str(out), "--patients", "5", "--slices", "2", "--size", "40"]) == 0
+    )
     assert "5 patients, 10 DICOM images" in capsys.readouterr().out
     labels = pd.read_csv(out / "labels.csv")
     assert list(labels.columns) == ["patient_id", "label", "site", "sex", "age", "contrast"]
@@ -219,8 +228,21 @@ def test_no_phi_in_manifest(small_phantom, tmp_path, capsys):
     assert {r["patient_id"] for r in labels} <= phi
     assert any("^" in v for v in phi) and any(len(v) == 8 and v.isdigit() for v in phi)  # names, birth dates
     out = tmp_path / "manifest.csv"
-    assert main(["data", "manifest", "--task", "mediastinal-neoplasm", "--root", str(small_phantom),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "manifest",
+                "--task",
+                "mediastinal-neoplasm",
+                "--root",
+                str(small_phantom),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text(encoding="utf-8")
     leaked = sorted(v for v in phi if v in text)
     assert not leaked

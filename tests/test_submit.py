@@ -28,7 +28,18 @@ def accepted(tmp_path_factory):
     t = tmp_path_factory.mktemp("accepted")
     run = make_run(t / "run")
     board = make_board(t / "board")
-    rc = main(["submit", str(run), "--leaderboard", str(board), "--submitter", "Team A", "--contact", "a@example.org"])
+    rc = main(
+        [
+            "submit",
+            str(run),
+            "--leaderboard",
+            str(board),
+            "--submitter",
+            "Team A",
+            "--contact",
+            "a@example.org",
+        ]
+    )
     assert rc == 0
     recs = {}
     for p in sorted((board / "records").glob("*.json")):
@@ -38,7 +49,9 @@ def accepted(tmp_path_factory):
 
 
 def _raw(run: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p) for p in sorted(run.glob("*/predictions.parquet"))], ignore_index=True)
+    return pd.concat(
+        [pd.read_parquet(p) for p in sorted(run.glob("*/predictions.parquet"))], ignore_index=True
+    )
 
 
 def test_one_record_per_generator_plus_reference(accepted):
@@ -54,12 +67,20 @@ def test_one_record_per_generator_plus_reference(accepted):
         assert r["task"] == {"name": "tiny", "version": "1.0", "spec_sha256": r["task"]["spec_sha256"]}
     assert len({r["id"] for r in recs.values()}) == 3
     # A generator record carries its own regimes and the real-only regimes it is compared with.
-    assert set(recs["good"]["metrics"]["regimes"]) == {"real", "synthetic", "augment:1", "scarce:0.5",
-                                                         "scarce:0.5+synthetic"}
+    assert set(recs["good"]["metrics"]["regimes"]) == {
+        "real",
+        "synthetic",
+        "augment:1",
+        "scarce:0.5",
+        "scarce:0.5+synthetic",
+    }
     assert recs["good"]["metrics"]["regimes"]["real"]["generator"] == "none"
     assert set(recs["none"]["metrics"]["regimes"]) == {"real", "scarce:0.5"}
     assert recs["good"]["privacy"]["contamination"] == {"status": "pass", "problems": []}
-    assert recs["good"]["manifests"]["generator_training"] == recs["good"]["generator"]["card"]["training"]["manifest_sha256"]
+    assert (
+        recs["good"]["manifests"]["generator_training"]
+        == recs["good"]["generator"]["card"]["training"]["manifest_sha256"]
+    )
     assert recs["good"]["environment"]["source"] == "run"
 
 
@@ -81,9 +102,13 @@ def test_metrics_are_rescored_from_predictions(accepted):
     assert good["headline_regime"] == "synthetic"
     assert good["regimes"]["synthetic"]["value"] == pytest.approx(auroc("good", "synthetic"), abs=1e-6)
     assert good["regimes"]["real"]["value"] == pytest.approx(auroc("none", "real"), abs=1e-6)
-    assert good["utility_ratio"]["value"] == pytest.approx(auroc("good", "synthetic") / auroc("none", "real"), abs=1e-5)
+    assert good["utility_ratio"]["value"] == pytest.approx(
+        auroc("good", "synthetic") / auroc("none", "real"), abs=1e-5
+    )
     assert good["gain_mixed"]["regime"] == "augment:1"
-    assert good["gain_mixed"]["value"] == pytest.approx(auroc("good", "augment:1") - auroc("none", "real"), abs=1e-5)
+    assert good["gain_mixed"]["value"] == pytest.approx(
+        auroc("good", "augment:1") - auroc("none", "real"), abs=1e-5
+    )
     assert good["scarcity_rescue"]["value"] == pytest.approx(
         auroc("good", "scarce:0.5+synthetic") - auroc("none", "scarce:0.5"), abs=1e-5
     )
@@ -91,7 +116,9 @@ def test_metrics_are_rescored_from_predictions(accepted):
     assert head["ci_low"] <= head["value"] <= head["ci_high"]
     assert head["n_cases"] == ext["case_id"].nunique() and head["n_patients"] == ext["patient_id"].nunique()
     assert head["n_seeds"] == 2
-    assert recs["none"]["metrics"]["regimes"]["real"]["value"] == pytest.approx(auroc("none", "real"), abs=1e-6)
+    assert recs["none"]["metrics"]["regimes"]["real"]["value"] == pytest.approx(
+        auroc("none", "real"), abs=1e-6
+    )
     assert recs["weak"]["metrics"]["regimes"]["synthetic"]["value"] < good["regimes"]["synthetic"]["value"]
 
 
@@ -129,7 +156,10 @@ def test_ids_in_privacy_problems_are_redacted(tmp_path):
     run = make_run(tmp_path / "run", {"good": 2.0})
     pid = "PAT-x1-0003"
     pv = json.loads((run / "privacy/good/privacy.json").read_text())
-    pv["contamination"] = {"status": "fail", "problems": [f"synthetic image 17 duplicates external case CASE-{pid}-0"]}
+    pv["contamination"] = {
+        "status": "fail",
+        "problems": [f"synthetic image 17 duplicates external case CASE-{pid}-0"],
+    }
     (run / "privacy/good/privacy.json").write_text(json.dumps(pv))
     board = make_board(tmp_path / "board")
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
@@ -207,36 +237,81 @@ def _unknown_class(df):
 
 REJECTIONS = {
     "task version": (lambda run: _task_version(run), {}, ["task tiny 2.0", "tiny 1.0"]),
-    "missing regime": (lambda run: shutil.rmtree(run / "good__synthetic__resnet18__seed1"), {},
-                       ["generator 'good'", "regime 'synthetic'", "seed(s) [1]"]),
-    "unfinished run": (lambda run: (run / "none__real__resnet18__seed0" / "DONE").unlink(), {},
-                       ["generator 'none'", "regime 'real'", "seed(s) [0]"]),
-    "nan probability": (lambda run: _edit_preds(run, "weak__synthetic__resnet18__seed0", _nan_prob), {},
-                        ["weak__synthetic__resnet18__seed0", "NaN"]),
-    "negative probability": (lambda run: _edit_preds(run, "good__augment-1__resnet18__seed1", _neg_prob), {},
-                             ["good__augment-1__resnet18__seed1", "negative"]),
-    "rows not summing to one": (lambda run: _edit_preds(run, "none__real__resnet18__seed1", _bad_sum), {},
-                                ["none__real__resnet18__seed1", "sum to 1"]),
-    "duplicate case": (lambda run: _edit_preds(run, "good__synthetic__resnet18__seed0", _dup_case), {},
-                       ["good__synthetic__resnet18__seed0", "duplicate case_id"]),
-    "missing external case": (lambda run: _edit_preds(run, "weak__augment-1__resnet18__seed0", _drop_external), {},
-                              ["weak__augment-1__resnet18__seed0", "2 test/external case(s) not predicted"]),
-    "unknown class": (lambda run: _edit_preds(run, "none__scarce-0.5__resnet18__seed0", _unknown_class), {},
-                      ["none__scarce-0.5__resnet18__seed0", "'triangle'"]),
-    "real manifest hash": (lambda run: None, {"pins": {"manifests": {"real": "a" * 64}}},
-                           ["real manifest sha256", "pinned"]),
-    "evaluation case set": (lambda run: None, {"pins": {"eval_cases_sha256": "b" * 64}}, ["eval_cases_sha256"]),
-    "task definition": (lambda run: None, {"task": {"name": "tiny", "version": "1.0", "spec_sha256": "c" * 64}},
-                        ["task definition differs"]),
-    "privacy audit missing": (lambda run: (run / "privacy/weak/privacy.json").unlink(), {},
-                              ["privacy/weak/privacy.json", "requires the privacy audit"]),
+    "missing regime": (
+        lambda run: shutil.rmtree(run / "good__synthetic__resnet18__seed1"),
+        {},
+        ["generator 'good'", "regime 'synthetic'", "seed(s) [1]"],
+    ),
+    "unfinished run": (
+        lambda run: (run / "none__real__resnet18__seed0" / "DONE").unlink(),
+        {},
+        ["generator 'none'", "regime 'real'", "seed(s) [0]"],
+    ),
+    "nan probability": (
+        lambda run: _edit_preds(run, "weak__synthetic__resnet18__seed0", _nan_prob),
+        {},
+        ["weak__synthetic__resnet18__seed0", "NaN"],
+    ),
+    "negative probability": (
+        lambda run: _edit_preds(run, "good__augment-1__resnet18__seed1", _neg_prob),
+        {},
+        ["good__augment-1__resnet18__seed1", "negative"],
+    ),
+    "rows not summing to one": (
+        lambda run: _edit_preds(run, "none__real__resnet18__seed1", _bad_sum),
+        {},
+        ["none__real__resnet18__seed1", "sum to 1"],
+    ),
+    "duplicate case": (
+        lambda run: _edit_preds(run, "good__synthetic__resnet18__seed0", _dup_case),
+        {},
+        ["good__synthetic__resnet18__seed0", "duplicate case_id"],
+    ),
+    "missing external case": (
+        lambda run: _edit_preds(run, "weak__augment-1__resnet18__seed0", _drop_external),
+        {},
+        ["weak__augment-1__resnet18__seed0", "2 test/external case(s) not predicted"],
+    ),
+    "unknown class": (
+        lambda run: _edit_preds(run, "none__scarce-0.5__resnet18__seed0", _unknown_class),
+        {},
+        ["none__scarce-0.5__resnet18__seed0", "'triangle'"],
+    ),
+    "real manifest hash": (
+        lambda run: None,
+        {"pins": {"manifests": {"real": "a" * 64}}},
+        ["real manifest sha256", "pinned"],
+    ),
+    "evaluation case set": (
+        lambda run: None,
+        {"pins": {"eval_cases_sha256": "b" * 64}},
+        ["eval_cases_sha256"],
+    ),
+    "task definition": (
+        lambda run: None,
+        {"task": {"name": "tiny", "version": "1.0", "spec_sha256": "c" * 64}},
+        ["task definition differs"],
+    ),
+    "privacy audit missing": (
+        lambda run: (run / "privacy/weak/privacy.json").unlink(),
+        {},
+        ["privacy/weak/privacy.json", "requires the privacy audit"],
+    ),
     "contamination status": (
-        lambda run: (run / "privacy/good/privacy.json").write_text(json.dumps({"memorization_rate": 0.1})), {},
-        ["privacy/good/privacy.json", "contamination.status"]),
-    "generator card missing": (lambda run: (run / "generators/good/card.json").unlink(), {},
-                               ["generators/good", "card missing"]),
-    "backbone": (lambda run: None, {"protocol": {"regimes": ["real"], "seeds": [0], "backbone": "vit"}},
-                 ["backbone 'vit'"]),
+        lambda run: (run / "privacy/good/privacy.json").write_text(json.dumps({"memorization_rate": 0.1})),
+        {},
+        ["privacy/good/privacy.json", "contamination.status"],
+    ),
+    "generator card missing": (
+        lambda run: (run / "generators/good/card.json").unlink(),
+        {},
+        ["generators/good", "card missing"],
+    ),
+    "backbone": (
+        lambda run: None,
+        {"protocol": {"regimes": ["real"], "seeds": [0], "backbone": "vit"}},
+        ["backbone 'vit'"],
+    ),
 }
 
 
@@ -291,8 +366,11 @@ def test_pins_that_match_are_accepted(tmp_path):
     raw = pd.concat([pd.read_parquet(p) for p in run.glob("*/predictions.parquet")])
     ev = sorted(set(raw.loc[raw["split"].isin(["test", "external"]), "case_id"]))
     real = json.loads((run / "matrix.json").read_text())["manifests"]["real"]["sha256"]
-    board = make_board(tmp_path / "board", task={"name": "tiny", "version": "1.0", "spec_sha256": task_spec_sha256(task)},
-                       pins={"manifests": {"real": real}, "eval_cases_sha256": eval_cases_sha256(ev)})
+    board = make_board(
+        tmp_path / "board",
+        task={"name": "tiny", "version": "1.0", "spec_sha256": task_spec_sha256(task)},
+        pins={"manifests": {"real": real}, "eval_cases_sha256": eval_cases_sha256(ev)},
+    )
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     assert len(list((board / "records").glob("*.json"))) == 2
 
@@ -327,14 +405,23 @@ def test_missing_leaderboard_and_run(tmp_path, capsys):
 def test_concurrent_submits_both_land(tmp_path):
     """Two processes submit different runs at the same moment: both records sets land, ids are unique, and the
     built page lists every record."""
-    runs = [make_run(tmp_path / f"run{i}", {f"gen{i}": 1.0 + i}, noise_offset=500 * i) for i in range(2)]
-    board = make_board(tmp_path / "board")
+    small = {"regimes": ["real", "synthetic"], "seeds": [0]}
+    runs = [
+        make_run(tmp_path / f"run{i}", {f"gen{i}": 1.0 + i}, noise_offset=500 * i, **small) for i in range(2)
+    ]
+    board = make_board(tmp_path / "board", protocol={**small, "backbone": "resnet18"})
     exe = [sys.executable, "-m", "bench"]
-    procs = [subprocess.Popen([*exe, "submit", str(r), "--leaderboard", str(board), "--submitter", f"team{i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, r in enumerate(runs)]
+    procs = [
+        subprocess.Popen(
+            [*exe, "submit", str(r), "--leaderboard", str(board), "--submitter", f"team{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, r in enumerate(runs)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     recs = [json.loads(p.read_text()) for p in (board / "records").glob("*.json")]
     assert len(recs) == 4 and len({r["id"] for r in recs}) == 4

@@ -15,15 +15,25 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("predictions", type=Path)
     p.add_argument("--by", required=True, help="comma-separated subgroup columns, e.g. sex,age_group")
     p.add_argument("--task", help="task name, folder or task.yaml (default: classes from the prob_ columns)")
-    p.add_argument("--threshold-from", default="val", metavar="val|NUMBER",
-                   help="choose the operating point on the val split (default) or fix it at a number")
-    p.add_argument("--map", dest="mapping", metavar="NAME=COLUMN,...",
-                   help="rename file columns to contract names, e.g. y_true=label,prob_=p_ (a trailing _ maps a prefix)")
+    p.add_argument(
+        "--threshold-from",
+        default="val",
+        metavar="val|NUMBER",
+        help="choose the operating point on the val split (default) or fix it at a number",
+    )
+    p.add_argument(
+        "--map",
+        dest="mapping",
+        metavar="NAME=COLUMN,...",
+        help="rename file columns to contract names, e.g. y_true=label,prob_=p_ (a trailing _ maps a prefix)",
+    )
     p.add_argument("--positive", help="comma-separated positive classes for the binary view (without --task)")
     p.add_argument("--intersect", action="store_true", help="also audit the intersection of all --by columns")
     p.add_argument("--age-bins", help="inner age edges for age_group, e.g. 40,60 (default: the task's)")
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
-    p.add_argument("--n-boot", type=int, help="bootstrap replicates (default: the task's, 1000 without --task)")
+    p.add_argument(
+        "--n-boot", type=int, help="bootstrap replicates (default: the task's, 1000 without --task)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-patients", type=int)
     p.add_argument("--min-positives", type=int)
@@ -46,9 +56,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise BadInput(f"--age-bins {args.age_bins!r}: expected numbers separated by commas") from None
     positive = [c.strip() for c in args.positive.split(",") if c.strip()] if args.positive else None
     summary = audit_predictions(
-        args.predictions, args.out, by=args.by.split(","), task=args.task, threshold_from=args.threshold_from,
-        mapping=args.mapping, positive=positive, intersect=args.intersect, n_boot=args.n_boot, seed=args.seed,
-        min_patients=args.min_patients, min_positives=args.min_positives, age_bins=age_bins,
+        args.predictions,
+        args.out,
+        by=args.by.split(","),
+        task=args.task,
+        threshold_from=args.threshold_from,
+        mapping=args.mapping,
+        positive=positive,
+        intersect=args.intersect,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        min_patients=args.min_patients,
+        min_positives=args.min_positives,
+        age_bins=age_bins,
     )
     print(f"wrote {args.out} ({len(summary['runs'])} model(s); headline split {summary['headline_split']})")
     return 0

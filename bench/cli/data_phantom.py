@@ -17,9 +17,18 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         ),
     )
     p.add_argument("--out", type=Path, required=True, help="folder to create")
-    p.add_argument("--patients", type=int, default=DEFAULTS["patients"], help="number of patients (default %(default)s)")
-    p.add_argument("--slices", type=int, default=DEFAULTS["slices"], help="adjacent slices per patient (default %(default)s)")
-    p.add_argument("--size", type=int, default=DEFAULTS["size"], help="image matrix in pixels (default %(default)s)")
+    p.add_argument(
+        "--patients", type=int, default=DEFAULTS["patients"], help="number of patients (default %(default)s)"
+    )
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=DEFAULTS["slices"],
+        help="adjacent slices per patient (default %(default)s)",
+    )
+    p.add_argument(
+        "--size", type=int, default=DEFAULTS["size"], help="image matrix in pixels (default %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -30,11 +30,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     out = args.out or args.run / "evaluation"
-    summary = evaluate_run(args.run, out, n_boot=args.n_boot, seed=args.seed, min_patients=args.min_patients,
-                           min_positives=args.min_positives)
-    print(f"wrote {out} ({len(summary['runs'])} run keys; primary {summary['primary_metric']} on {summary['headline_split']})")
+    summary = evaluate_run(
+        args.run,
+        out,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        min_patients=args.min_patients,
+        min_positives=args.min_positives,
+    )
+    print(
+        f"wrote {out} ({len(summary['runs'])} run keys; primary {summary['primary_metric']} on {summary['headline_split']})"
+    )
     for r in summary["runs"]:
         x = r.get("external_primary") or r.get("test_primary")
         if x:
-            print(f"  {r['generator']}/{r['regime']}/{r['backbone']}: {json.dumps({k: x[k] for k in ('value', 'ci_low', 'ci_high', 'n_patients')})}")
+            print(
+                f"  {r['generator']}/{r['regime']}/{r['backbone']}: {json.dumps({k: x[k] for k in ('value', 'ci_low', 'ci_high', 'n_patients')})}"
+            )
     return 0

@@ -14,9 +14,15 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("board", type=Path)
     p.add_argument("--wandb-project", required=True, help="W&B project name")
     p.add_argument("--wandb-entity", help="W&B entity (team or user)")
-    p.add_argument("--mode", choices=["offline", "online"], default="offline",
-                   help="offline (default): write a run directory that `wandb sync` uploads later")
-    p.add_argument("--dir", type=Path, default=Path("."), help="where the wandb/ run folder is written (default: .)")
+    p.add_argument(
+        "--mode",
+        choices=["offline", "online"],
+        default="offline",
+        help="offline (default): write a run directory that `wandb sync` uploads later",
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("."), help="where the wandb/ run folder is written (default: .)"
+    )
     p.set_defaults(func=cmd_push)
 
 
@@ -31,7 +37,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from bench.leaderboard.push import push
 
-    run_dir = push(args.board, args.wandb_project, mode=args.mode, directory=args.dir, entity=args.wandb_entity)
+    run_dir = push(
+        args.board, args.wandb_project, mode=args.mode, directory=args.dir, entity=args.wandb_entity
+    )
     hint = f" (upload later with: wandb sync {run_dir})" if args.mode == "offline" else ""
     print(f"logged the leaderboard table to {run_dir}{hint}")
     return 0

@@ -15,14 +15,21 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         "problems listed, the leaderboard unchanged.",
     )
     p.add_argument("run", type=Path, help="run folder, or a .zip / .tar.gz bundle of one")
-    p.add_argument("--leaderboard", required=True, type=Path, help="leaderboard folder (holds leaderboard.yaml)")
+    p.add_argument(
+        "--leaderboard", required=True, type=Path, help="leaderboard folder (holds leaderboard.yaml)"
+    )
     p.add_argument("--submitter", help="name shown on the leaderboard (default: the current user)")
     p.add_argument("--contact", help="e-mail or URL for questions about the submission")
     p.add_argument(
-        "--generator", action="append", default=None, metavar="NAME",
+        "--generator",
+        action="append",
+        default=None,
+        metavar="NAME",
         help="submit only this generator of the run (repeatable; default: every generator)",
     )
-    p.add_argument("--max-archive-bytes", type=int, help="unpacked size limit of a bundle (default: the leaderboard's)")
+    p.add_argument(
+        "--max-archive-bytes", type=int, help="unpacked size limit of a bundle (default: the leaderboard's)"
+    )
     p.add_argument("--dry-run", action="store_true", help="check and score, write nothing")
     p.set_defaults(func=cmd_submit)
 

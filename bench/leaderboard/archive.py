@@ -14,6 +14,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -101,7 +102,9 @@ def inspect_archive(path: Path, max_bytes: int) -> list[_Member]:
             with tarfile.open(path, "r:gz") as tf:
                 members = _tar_members(tf)
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
-        raise BadInput(f"{path}: not a readable {'zip' if name.endswith('.zip') else 'tar.gz'} archive: {e}") from e
+        raise BadInput(
+            f"{path}: not a readable {'zip' if name.endswith('.zip') else 'tar.gz'} archive: {e}"
+        ) from e
     problems = []
     if len(members) > MAX_MEMBERS:
         problems.append(f"{len(members)} members (more than {MAX_MEMBERS})")
@@ -148,6 +151,14 @@ def extract_archive(path: str | Path, dest: str | Path, max_bytes: int) -> list[
             raise BadInput(f"{path}: member {name!r} would land outside the unpack folder")
         return t
 
+    try:
+        _extract(path, dest, wanted, budget, written, target)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise BadInput(f"{path}: damaged archive, unpacking stopped: {e}") from e
+    return written
+
+
+def _extract(path: Path, dest: Path, wanted: set[str], budget: list[int], written: list[str], target) -> None:
     if path.name.lower().endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -171,7 +182,6 @@ def extract_archive(path: str | Path, dest: str | Path, max_bytes: int) -> list[
                 with src:
                     _copy_limited(src, t, m.size, budget, m.name, path)
                 written.append(m.name)
-    return written
 
 
 def find_run_root(folder: Path, marker: str = "matrix.json") -> Path:
@@ -199,6 +209,17 @@ def opened_run(path: str | Path, max_bytes: int) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="medsynbench-submit-"))
     try:
         extract_archive(path, tmp, max_bytes)
-        yield find_run_root(tmp)
+        try:
+            root = find_run_root(tmp)
+        except BadInput:
+            raise BadInput(f"{path}: no run folder in the bundle (a run folder holds matrix.json)") from None
+        try:
+            yield root
+        except BadInput as e:
+            # Name files as `bundle!member`: the unpacked copy is gone by the time anyone reads the message.
+            def fix(text: str) -> str:
+                return text.replace(str(root), f"{path}!").replace("!/", "!")
+
+            raise BadInput(fix(e.args[0] if e.args else ""), [fix(p) for p in e.problems]) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

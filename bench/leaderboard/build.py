@@ -44,7 +44,9 @@ def load_predictions(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> d
             problems.append(f"record {r['id']}: predictions file {p} is missing")
             continue
         if sha256_file(p) != r["predictions_sha256"]:
-            problems.append(f"record {r['id']}: {p} does not match the record's predictions_sha256 (file changed)")
+            problems.append(
+                f"record {r['id']}: {p} does not match the record's predictions_sha256 (file changed)"
+            )
             continue
         out[r["id"]] = pd.read_parquet(p)
     if problems:
@@ -74,26 +76,48 @@ def _est(d: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"value": d["value"], "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high")}
 
 
-def board_rows(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def board_rows(
+    cfg: LeaderboardConfig, records: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per record, ranked, plus facts about the board (metric, split, cases, notes)."""
     if not records:
-        return [], {"notes": ["no records yet"], "primary_metric": cfg.primary_metric or "", "split": "", "n_cases": 0,
-                    "n_patients": 0, "n_boot": 0, "higher_is_better": True}
-    bad = [f"record {r['id']}: task {r['task']['name']} {r['task']['version']}" for r in records
-           if (r["task"]["name"], r["task"]["version"]) != (cfg.task.name, cfg.task.version)]
+        return [], {
+            "notes": ["no records yet"],
+            "primary_metric": cfg.primary_metric or "",
+            "split": "",
+            "n_cases": 0,
+            "n_patients": 0,
+            "n_boot": 0,
+            "higher_is_better": True,
+        }
+    bad = [
+        f"record {r['id']}: task {r['task']['name']} {r['task']['version']}"
+        for r in records
+        if (r["task"]["name"], r["task"]["version"]) != (cfg.task.name, cfg.task.version)
+    ]
     if bad:
         raise BadInput(f"{cfg.records_dir}: records of another task or version", bad)
     primaries = {r["evaluation"]["primary_metric"] for r in records}
     splits = {r["evaluation"]["split"] for r in records}
     if len(primaries) > 1 or len(splits) > 1:
-        raise BadInput(f"{cfg.records_dir}: records scored with different primary metrics {sorted(primaries)} or "
-                       f"splits {sorted(splits)}; re-submit them so they compare")
+        raise BadInput(
+            f"{cfg.records_dir}: records scored with different primary metrics {sorted(primaries)} or "
+            f"splits {sorted(splits)}; re-submit them so they compare"
+        )
     primary, split = primaries.pop(), splits.pop()
     tables = load_predictions(cfg, records)
     classes = _classes_from(next(iter(tables.values())))
     headline = {r["id"]: r["metrics"]["headline_regime"] for r in records}
-    ranking, notes = rank_predictions(tables, headline, classes, primary, split=split, n_boot=cfg.bootstrap.n,
-                                      seed=cfg.bootstrap.seed, binary_positive=_binary_positive(cfg))
+    ranking, notes = rank_predictions(
+        tables,
+        headline,
+        classes,
+        primary,
+        split=split,
+        n_boot=cfg.bootstrap.n,
+        seed=cfg.bootstrap.seed,
+        binary_positive=_binary_positive(cfg),
+    )
     ranks = ranking.as_dict()
 
     pts = {}
@@ -111,31 +135,40 @@ def board_rows(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> tuple[l
         priv = r.get("privacy") or {}
         worst = m.get("worst_subgroup")
         gap = m.get("largest_gap")
-        rows.append({
-            "id": r["id"],
-            "name": display_name(r),
-            "kind": r["kind"],
-            "version": r["generator"].get("version"),
-            "link": r["generator"].get("link"),
-            "submitter": r["submitter"]["name"],
-            "created": r["created"],
-            **ranks[r["id"]],
-            "headline_regime": m["headline_regime"],
-            "utility": {"value": head["value"], "ci_low": head["ci_low"], "ci_high": head["ci_high"]},
-            "n_seeds": head["n_seeds"],
-            "ratio": _est(m.get("utility_ratio")),
-            "gain": _est(m.get("gain_mixed")) and {**_est(m["gain_mixed"]), "regime": m["gain_mixed"]["regime"]},
-            "rescue": _est(m.get("scarcity_rescue")) and {**_est(m["scarcity_rescue"]),
-                                                          "regime": m["scarcity_rescue"]["regime"]},
-            "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
-            "gap": _est(gap) and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
-            "ece": _est(m.get("calibration_error")),
-            "memorization": None if priv.get("memorization_rate") is None else {
-                "value": priv["memorization_rate"], "ci_low": priv.get("ci_low"), "ci_high": priv.get("ci_high"),
-                "flagged": priv.get("flagged")},
-            "contamination": (priv.get("contamination") or {}).get("status") if priv else None,
-            "pareto": r["id"] in front,
-        })
+        rows.append(
+            {
+                "id": r["id"],
+                "name": display_name(r),
+                "kind": r["kind"],
+                "version": r["generator"].get("version"),
+                "link": r["generator"].get("link"),
+                "submitter": r["submitter"]["name"],
+                "created": r["created"],
+                **ranks[r["id"]],
+                "headline_regime": m["headline_regime"],
+                "utility": {"value": head["value"], "ci_low": head["ci_low"], "ci_high": head["ci_high"]},
+                "n_seeds": head["n_seeds"],
+                "ratio": _est(m.get("utility_ratio")),
+                "gain": _est(m.get("gain_mixed"))
+                and {**_est(m["gain_mixed"]), "regime": m["gain_mixed"]["regime"]},
+                "rescue": _est(m.get("scarcity_rescue"))
+                and {**_est(m["scarcity_rescue"]), "regime": m["scarcity_rescue"]["regime"]},
+                "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
+                "gap": _est(gap)
+                and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
+                "ece": _est(m.get("calibration_error")),
+                "memorization": None
+                if priv.get("memorization_rate") is None
+                else {
+                    "value": priv["memorization_rate"],
+                    "ci_low": priv.get("ci_low"),
+                    "ci_high": priv.get("ci_high"),
+                    "flagged": priv.get("flagged"),
+                },
+                "contamination": (priv.get("contamination") or {}).get("status") if priv else None,
+                "pareto": r["id"] in front,
+            }
+        )
     rows.sort(key=lambda x: (x["rank"], -x["value"] if ranking_hib(records) else x["value"], x["id"]))
     facts = {
         "primary_metric": primary,

@@ -59,7 +59,9 @@ class LeaderboardConfig(_Strict):
     protocol: ProtocolPin = ProtocolPin()
     primary_metric: str | None = Field(None, description="null: the task's metrics.primary")
     pins: Pins = Pins()
-    id_salt: str = Field(min_length=8, description="salt of the hashed case and patient ids stored with records")
+    id_salt: str = Field(
+        min_length=8, description="salt of the hashed case and patient ids stored with records"
+    )
     bootstrap: Bootstrap = Bootstrap()
     require_privacy: bool = True
     max_archive_bytes: int = Field(DEFAULT_MAX_ARCHIVE_BYTES, gt=0)

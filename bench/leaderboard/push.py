@@ -18,8 +18,18 @@ MODES = ("offline", "online")
 
 
 def table_columns() -> list[str]:
-    cols = ["rank", "rank_low", "rank_high", "tie_group", "generator", "kind", "version", "submitter", "record_id",
-            "headline_regime"]
+    cols = [
+        "rank",
+        "rank_low",
+        "rank_high",
+        "tie_group",
+        "generator",
+        "kind",
+        "version",
+        "submitter",
+        "record_id",
+        "headline_regime",
+    ]
     for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
         cols += [k, f"{k}_ci_low", f"{k}_ci_high"]
     return [*cols, "worst_group", "gap_groups", "contamination", "pareto"]
@@ -28,19 +38,39 @@ def table_columns() -> list[str]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     for r in rows:
-        vals: list[Any] = [r["rank"], r["rank_low"], r["rank_high"], r["tie_group"], r["name"], r["kind"],
-                           r.get("version") or "", r["submitter"], r["id"], r["headline_regime"]]
+        vals: list[Any] = [
+            r["rank"],
+            r["rank_low"],
+            r["rank_high"],
+            r["tie_group"],
+            r["name"],
+            r["kind"],
+            r.get("version") or "",
+            r["submitter"],
+            r["id"],
+            r["headline_regime"],
+        ]
         for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
             e = r.get(k) or {}
             vals += [e.get("value"), e.get("ci_low"), e.get("ci_high")]
-        vals += [(r.get("worst") or {}).get("group") or "", (r.get("gap") or {}).get("group") or "",
-                 r.get("contamination") or "", bool(r["pareto"])]
+        vals += [
+            (r.get("worst") or {}).get("group") or "",
+            (r.get("gap") or {}).get("group") or "",
+            r.get("contamination") or "",
+            bool(r["pareto"]),
+        ]
         out.append(vals)
     return out
 
 
-def push(board: str | Path, project: str, *, mode: str = "offline", directory: str | Path = ".",
-         entity: str | None = None) -> Path:
+def push(
+    board: str | Path,
+    project: str,
+    *,
+    mode: str = "offline",
+    directory: str | Path = ".",
+    entity: str | None = None,
+) -> Path:
     """Log the leaderboard as a wandb.Table; returns the local run directory."""
     if mode not in MODES:
         raise BadInput(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -62,8 +92,14 @@ def push(board: str | Path, project: str, *, mode: str = "offline", directory: s
         dir=str(directory),
         job_type="leaderboard",
         name=f"leaderboard-{cfg.task.name}-{cfg.task.version}",
-        config={"task": cfg.task.name, "task_version": cfg.task.version, "primary_metric": facts["primary_metric"],
-                "split": facts["split"], "n_records": len(rows), "n_boot": facts["n_boot"]},
+        config={
+            "task": cfg.task.name,
+            "task_version": cfg.task.version,
+            "primary_metric": facts["primary_metric"],
+            "split": facts["split"],
+            "n_records": len(rows),
+            "n_boot": facts["n_boot"],
+        },
         reinit="create_new",
     )
     try:

@@ -67,7 +67,9 @@ def competition_ranks(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
     return 1 + better
 
 
-def tie_groups(rank: np.ndarray, low: np.ndarray, high: np.ndarray, value: np.ndarray, higher_is_better: bool) -> np.ndarray:
+def tie_groups(
+    rank: np.ndarray, low: np.ndarray, high: np.ndarray, value: np.ndarray, higher_is_better: bool
+) -> np.ndarray:
     order = np.lexsort((-value if higher_is_better else value, rank))
     group = np.zeros(len(rank), dtype=int)
     g, leader = 0, None
@@ -124,8 +126,17 @@ def rank_entries(
         low = np.ones(len(entries), dtype=int)
         high = np.full(len(entries), len(entries), dtype=int)
     group = tie_groups(rank, low, high, point, hib)
-    return Ranking([e.key for e in entries], point, rank, low, high, group, len(y), int(codes.max() + 1) if len(codes) else 0,
-                   int(ok.sum()))
+    return Ranking(
+        [e.key for e in entries],
+        point,
+        rank,
+        low,
+        high,
+        group,
+        len(y),
+        int(codes.max() + 1) if len(codes) else 0,
+        int(ok.sum()),
+    )
 
 
 def rank_predictions(
@@ -179,6 +190,14 @@ def rank_predictions(
         def score_fn(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return yb, P[:, idx].sum(axis=1)
 
-    ranking = rank_entries(entries, y, cases["patient_id"].to_numpy(), cases["site"].to_numpy(), metric,
-                           n_boot=n_boot, seed=seed, score_fn=score_fn)
+    ranking = rank_entries(
+        entries,
+        y,
+        cases["patient_id"].to_numpy(),
+        cases["site"].to_numpy(),
+        metric,
+        n_boot=n_boot,
+        seed=seed,
+        score_fn=score_fn,
+    )
     return ranking, notes

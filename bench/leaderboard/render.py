@@ -20,14 +20,22 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("rank", "Rank [95% CI]", "point rank; interval from a paired patient bootstrap"),
     ("tie_group", "Tie group", "records whose rank intervals overlap the group leader's"),
     ("name", "Generator", ""),
-    ("utility", "Utility", "primary metric on the evaluation split: synthetic-only for generators, real for the real-only reference"),
+    (
+        "utility",
+        "Utility",
+        "primary metric on the evaluation split: synthetic-only for generators, real for the real-only reference",
+    ),
     ("ratio", "Ratio to real-only", "synthetic-only / real-only of the same run"),
     ("gain", "Gain when mixed", "best augment:R regime minus real"),
     ("rescue", "Scarcity rescue", "scarce:F+synthetic minus scarce:F"),
     ("worst", "Worst-subgroup AUROC", "lowest subgroup AUROC among groups with enough patients"),
     ("gap", "Largest subgroup gap", "largest AUROC difference between groups of one subgroup column"),
     ("ece", "Calibration error", "top-label ECE"),
-    ("memorization", "Memorization rate", "share of synthetic images closer to a training image than the holdout calibration allows"),
+    (
+        "memorization",
+        "Memorization rate",
+        "share of synthetic images closer to a training image than the holdout calibration allows",
+    ),
     ("contamination", "Contamination", "generator card and duplicate checks against test and external data"),
     ("pareto", "Pareto", "on the utility / fairness / privacy front"),
 ]
@@ -98,7 +106,11 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
     lines += ["", "Columns:", ""]
     lines += [f"- **{h}**: {t}" for _, h, t in COLUMNS if t]
     front = [r["name"] for r in rows if r["pareto"]]
-    lines += ["", f"Pareto front (utility up, subgroup gap down, memorization down): {', '.join(front) or 'none'}.", ""]
+    lines += [
+        "",
+        f"Pareto front (utility up, subgroup gap down, memorization down): {', '.join(front) or 'none'}.",
+        "",
+    ]
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
     lines += ["", "Records: " + ", ".join(f"`records/{r['id']}.json`" for r in rows), ""]
@@ -219,13 +231,21 @@ def _json_script(obj: Any) -> str:
 def pareto_svg(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     """Utility (x) against largest subgroup gap (y); colour = memorization rate; the front ringed and labelled."""
     w, h, ml, mr, mt, mb = 680, 380, 64, 150, 24, 48
-    pts = [r for r in rows if r["kind"] == "generator" and r.get("gap") and r.get("utility", {}).get("value") is not None]
+    pts = [
+        r
+        for r in rows
+        if r["kind"] == "generator" and r.get("gap") and r.get("utility", {}).get("value") is not None
+    ]
     refs = [r for r in rows if r["kind"] == "reference" and r["utility"]["value"] is not None]
     e = html.escape
-    out = [f'<svg id="pareto" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-           f'role="img" aria-label="Pareto front of utility, fairness and privacy">']
+    out = [
+        f'<svg id="pareto" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'role="img" aria-label="Pareto front of utility, fairness and privacy">'
+    ]
     if not pts:
-        out.append(f'<text x="{ml}" y="{mt + 20}" font-size="13">No generator record with a subgroup gap yet.</text></svg>')
+        out.append(
+            f'<text x="{ml}" y="{mt + 20}" font-size="13">No generator record with a subgroup gap yet.</text></svg>'
+        )
         return "".join(out)
     xs = [r["utility"]["value"] for r in pts] + [r["utility"]["value"] for r in refs]
     ys = [r["gap"]["value"] for r in pts]
@@ -241,29 +261,43 @@ def pareto_svg(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     def sy(v: float) -> float:
         return h - mb - (v - y0) / (y1 - y0) * (h - mt - mb)
 
-    out.append(f'<rect x="{ml}" y="{mt}" width="{w - ml - mr}" height="{h - mt - mb}" fill="#fbfcfd" stroke="#d0d7de"/>')
+    out.append(
+        f'<rect x="{ml}" y="{mt}" width="{w - ml - mr}" height="{h - mt - mb}" fill="#fbfcfd" stroke="#d0d7de"/>'
+    )
     for i in range(5):
         vx = x0 + (x1 - x0) * i / 4
         vy = y0 + (y1 - y0) * i / 4
-        out.append(f'<text x="{sx(vx):.1f}" y="{h - mb + 16}" font-size="11" text-anchor="middle">{vx:.3f}</text>')
-        out.append(f'<text x="{ml - 6}" y="{sy(vy) + 4:.1f}" font-size="11" text-anchor="end">{vy:.3f}</text>')
+        out.append(
+            f'<text x="{sx(vx):.1f}" y="{h - mb + 16}" font-size="11" text-anchor="middle">{vx:.3f}</text>'
+        )
+        out.append(
+            f'<text x="{ml - 6}" y="{sy(vy) + 4:.1f}" font-size="11" text-anchor="end">{vy:.3f}</text>'
+        )
     metric = e(str(facts.get("primary_metric", "")))
-    out.append(f'<text x="{(ml + w - mr) / 2:.0f}" y="{h - 8}" font-size="12" text-anchor="middle">'
-               f'utility: {metric} ({e(str(facts.get("split", "")))}), synthetic-only</text>')
-    out.append(f'<text x="14" y="{(mt + h - mb) / 2:.0f}" font-size="12" text-anchor="middle" '
-               f'transform="rotate(-90 14 {(mt + h - mb) / 2:.0f})">largest subgroup gap (lower is fairer)</text>')
+    out.append(
+        f'<text x="{(ml + w - mr) / 2:.0f}" y="{h - 8}" font-size="12" text-anchor="middle">'
+        f"utility: {metric} ({e(str(facts.get('split', '')))}), synthetic-only</text>"
+    )
+    out.append(
+        f'<text x="14" y="{(mt + h - mb) / 2:.0f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(mt + h - mb) / 2:.0f})">largest subgroup gap (lower is fairer)</text>'
+    )
     for r in refs:
         x = sx(r["utility"]["value"])
-        out.append(f'<line x1="{x:.1f}" y1="{mt}" x2="{x:.1f}" y2="{h - mb}" stroke="#57606a" stroke-dasharray="4 3"/>'
-                   f'<text x="{x + 3:.1f}" y="{mt + 12}" font-size="10" fill="#57606a">real-only</text>')
+        out.append(
+            f'<line x1="{x:.1f}" y1="{mt}" x2="{x:.1f}" y2="{h - mb}" stroke="#57606a" stroke-dasharray="4 3"/>'
+            f'<text x="{x + 3:.1f}" y="{mt + 12}" font-size="10" fill="#57606a">real-only</text>'
+        )
     for r in sorted(pts, key=lambda r: r["pareto"]):
         mem = (r.get("memorization") or {}).get("value")
         hue = 120.0 * (1.0 - min((mem or 0.0) / 0.5, 1.0)) if mem is not None else 210.0
         x, y = sx(r["utility"]["value"]), sy(r["gap"]["value"])
         stroke = 'stroke="#1b1f24" stroke-width="2.5"' if r["pareto"] else 'stroke="#8c959f" stroke-width="1"'
-        tip = f'{r["name"]}: utility {_num(r["utility"]["value"])}, gap {_num(r["gap"]["value"])}, memorization {_num(mem)}'
-        out.append(f'<circle class="{"front" if r["pareto"] else "point"}" cx="{x:.1f}" cy="{y:.1f}" r="7" '
-                   f'fill="hsl({hue:.0f},70%,50%)" {stroke}><title>{e(tip)}</title></circle>')
+        tip = f"{r['name']}: utility {_num(r['utility']['value'])}, gap {_num(r['gap']['value'])}, memorization {_num(mem)}"
+        out.append(
+            f'<circle class="{"front" if r["pareto"] else "point"}" cx="{x:.1f}" cy="{y:.1f}" r="7" '
+            f'fill="hsl({hue:.0f},70%,50%)" {stroke}><title>{e(tip)}</title></circle>'
+        )
         weight = ' font-weight="600"' if r["pareto"] else ""
         out.append(f'<text x="{x + 10:.1f}" y="{y + 4:.1f}" font-size="11"{weight}>{e(r["name"])}</text>')
     lx = w - mr + 12
@@ -271,10 +305,14 @@ def pareto_svg(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     for i, v in enumerate((0.0, 0.1, 0.25, 0.5)):
         hue = 120.0 * (1.0 - min(v / 0.5, 1.0))
         yy = mt + 28 + i * 18
-        out.append(f'<circle cx="{lx + 6}" cy="{yy}" r="6" fill="hsl({hue:.0f},70%,50%)"/>'
-                   f'<text x="{lx + 18}" y="{yy + 4}" font-size="11">{v:g}{"+" if v == 0.5 else ""}</text>')
-    out.append(f'<circle cx="{lx + 6}" cy="{mt + 112}" r="6" fill="none" stroke="#1b1f24" stroke-width="2.5"/>'
-               f'<text x="{lx + 18}" y="{mt + 116}" font-size="11">Pareto front</text>')
+        out.append(
+            f'<circle cx="{lx + 6}" cy="{yy}" r="6" fill="hsl({hue:.0f},70%,50%)"/>'
+            f'<text x="{lx + 18}" y="{yy + 4}" font-size="11">{v:g}{"+" if v == 0.5 else ""}</text>'
+        )
+    out.append(
+        f'<circle cx="{lx + 6}" cy="{mt + 112}" r="6" fill="none" stroke="#1b1f24" stroke-width="2.5"/>'
+        f'<text x="{lx + 18}" y="{mt + 116}" font-size="11">Pareto front</text>'
+    )
     out.append("</svg>")
     return "".join(out)
 
@@ -298,7 +336,7 @@ def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[
 </head>
 <body data-rendered-rows="0" data-expected-rows="{len(rows)}">
 <h1>Leaderboard: {e(title)}</h1>
-<p class="meta">Task <code>{e(cfg.task.name)}</code> version {e(cfg.task.version)}. {e(_method_text(facts))}</p>
+<p class="meta">Task <code>{e(cfg.task.name)}</code> version {e(cfg.task.version)}. {e(_method_text(facts).replace("`", ""))}</p>
 {notes}
 <noscript><p>This table is drawn by the page's own script; README.md beside this file holds the same table.</p></noscript>
 <table id="board"><thead><tr>{head_cells}</tr></thead><tbody></tbody></table>

@@ -38,8 +38,13 @@ def _est(value: Any, lo: Any, hi: Any) -> dict[str, float | None]:
 def _comparison(comp: pd.DataFrame, gen: str, regime: str, metric: str, split: str) -> pd.Series | None:
     if comp is None or comp.empty:
         return None
-    r = comp[(comp["generator"] == gen) & (comp["regime"] == regime) & (comp["metric"] == metric)
-             & (comp["split"] == split) & (comp["scope"] == "overall")]
+    r = comp[
+        (comp["generator"] == gen)
+        & (comp["regime"] == regime)
+        & (comp["metric"] == metric)
+        & (comp["split"] == split)
+        & (comp["scope"] == "overall")
+    ]
     return r.iloc[0] if len(r) else None
 
 
@@ -68,20 +73,26 @@ def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, see
     src = "submitted predictions"
     table = evaluate_predictions(preds, task, n_boot=n_boot, seed=seed, source=src)
     comp = pd.DataFrame()
-    if ((preds["generator"] == REFERENCE) & (preds["regime"] == "real")).any() and (preds["generator"] != REFERENCE).any():
+    if ((preds["generator"] == REFERENCE) & (preds["regime"] == "real")).any() and (
+        preds["generator"] != REFERENCE
+    ).any():
         comp = compare_to_baseline(preds, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
     # bench.metrics pairs every run with the real-only baseline; relabelling each scarce:F real-only run as that
     # baseline gives the same paired bootstrap for scarce:F+synthetic - scarce:F.
     rescue = []
     regimes = sorted(preds["regime"].astype(str).unique())
-    for frac, with_syn, without in _scarce_pairs(regimes, [r for r in regimes if r.endswith("+synthetic")]):
-        sub = preds[(preds["regime"] == with_syn) | ((preds["regime"] == without) & (preds["generator"] == REFERENCE))]
+    for _frac, with_syn, without in _scarce_pairs(regimes, [r for r in regimes if r.endswith("+synthetic")]):
+        sub = preds[
+            (preds["regime"] == with_syn) | ((preds["regime"] == without) & (preds["generator"] == REFERENCE))
+        ]
         sub = sub.copy()
         sub.loc[sub["regime"] == without, "regime"] = "real"
         if (sub["generator"] != REFERENCE).any() and (sub["generator"] == REFERENCE).any():
             c = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
             rescue.append(c.assign(baseline_regime=without))
-    return Scored(table, comp, pd.concat(rescue, ignore_index=True) if rescue else pd.DataFrame(), headline_split(table))
+    return Scored(
+        table, comp, pd.concat(rescue, ignore_index=True) if rescue else pd.DataFrame(), headline_split(table)
+    )
 
 
 def score_submission(
@@ -112,11 +123,21 @@ def score_submission(
 
     out_regimes = {}
     for r in regimes:
-        row = table[(table["generator"] == gen_of[r]) & (table["regime"] == r) & (table["metric"] == primary)
-                    & (table["split"] == split) & (table["scope"] == "overall")].iloc[0]
-        out_regimes[r] = {**_est(row["value"], row["ci_low"], row["ci_high"]), "n_cases": int(row["n_cases"]),
-                          "n_patients": int(row["n_patients"]), "n_seeds": int(seeds_of[r]),
-                          "seed_sd": _num(row["seed_sd"]), "generator": gen_of[r]}
+        row = table[
+            (table["generator"] == gen_of[r])
+            & (table["regime"] == r)
+            & (table["metric"] == primary)
+            & (table["split"] == split)
+            & (table["scope"] == "overall")
+        ].iloc[0]
+        out_regimes[r] = {
+            **_est(row["value"], row["ci_low"], row["ci_high"]),
+            "n_cases": int(row["n_cases"]),
+            "n_patients": int(row["n_patients"]),
+            "n_seeds": int(seeds_of[r]),
+            "seed_sd": _num(row["seed_sd"]),
+            "generator": gen_of[r],
+        }
 
     ratio = gain = rescue = None
     if not is_reference:
@@ -136,28 +157,48 @@ def score_submission(
             _, with_syn, without = pairs[0]
             c = _comparison(sc.rescue, generator, with_syn, primary, split)
             if c is not None:
-                rescue = {"regime": with_syn, "baseline_regime": without, **_est(c["diff"], c["ci_low"], c["ci_high"])}
+                rescue = {
+                    "regime": with_syn,
+                    "baseline_regime": without,
+                    **_est(c["diff"], c["ci_low"], c["ci_high"]),
+                }
 
     summary = summarize(table, None, task)
     run = next(x for x in summary["runs"] if x["generator"] == gen_of[headline] and x["regime"] == headline)
     worst = gap = ece = None
     w = run.get("worst_subgroup_auroc")
     if w and w.get("value") is not None:
-        rows_ = table[(table["generator"] == gen_of[headline]) & (table["regime"] == headline)
-                      & (table["scope"] == "subgroup") & (table["split"] == split) & (table["group_by"] == w["group_by"])
-                      & (table["group"] == w["group"]) & (table["metric"] == summary["auroc_metric"])]
-        worst = {"metric": summary["auroc_metric"], "group_by": str(w["group_by"]), "group": str(w["group"]),
-                 "n_patients": int(rows_["n_patients"].iloc[0]) if len(rows_) else int(w["n_patients"]),
-                 **_est(w["value"], w["ci_low"], w["ci_high"])}
+        rows_ = table[
+            (table["generator"] == gen_of[headline])
+            & (table["regime"] == headline)
+            & (table["scope"] == "subgroup")
+            & (table["split"] == split)
+            & (table["group_by"] == w["group_by"])
+            & (table["group"] == w["group"])
+            & (table["metric"] == summary["auroc_metric"])
+        ]
+        worst = {
+            "metric": summary["auroc_metric"],
+            "group_by": str(w["group_by"]),
+            "group": str(w["group"]),
+            "n_patients": int(rows_["n_patients"].iloc[0]) if len(rows_) else int(w["n_patients"]),
+            **_est(w["value"], w["ci_low"], w["ci_high"]),
+        }
     g = run.get("largest_subgroup_gap")
     if g and g.get("value") is not None:
         groups = [s.strip() for s in str(g["group"]).split(" vs ")]
-        gap = {"metric": summary["auroc_metric"], "group_by": str(g["group_by"]), "groups": groups,
-               **_est(g["value"], g["ci_low"], g["ci_high"])}
+        gap = {
+            "metric": summary["auroc_metric"],
+            "group_by": str(g["group_by"]),
+            "groups": groups,
+            **_est(g["value"], g["ci_low"], g["ci_high"]),
+        }
     e = run.get("ece")
     if e and e.get("value") is not None:
-        ece = {"metric": f"ece ({task.metrics.ece_bins} equal-width bins, top label)",
-               **_est(e["value"], e["ci_low"], e["ci_high"])}
+        ece = {
+            "metric": f"ece ({task.metrics.ece_bins} equal-width bins, top label)",
+            **_est(e["value"], e["ci_low"], e["ci_high"]),
+        }
 
     metrics = {
         "headline_regime": headline,

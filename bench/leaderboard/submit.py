@@ -42,9 +42,18 @@ log = logging.getLogger(__name__)
 
 RUN_KEYS = ["generator", "regime", "seed", "backbone"]
 EVAL_SPLITS = ("test", "external")
-LOCK_FILE = ".lock"
 # Packages whose versions decide the numbers; recorded when the run itself recorded none.
-ENV_PACKAGES = ("medsynbench", "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn", "pandas", "pydicom")
+ENV_PACKAGES = (
+    "medsynbench",
+    "torch",
+    "torchvision",
+    "timm",
+    "monai",
+    "numpy",
+    "scikit-learn",
+    "pandas",
+    "pydicom",
+)
 
 
 def task_spec_sha256(task: Task) -> str:
@@ -146,7 +155,9 @@ def _expected_eval_ids(root: Path, matrix: dict[str, Any], task: Task, notes: li
     p = Path(path)
     p = p if p.is_absolute() else root / p
     if not p.is_file():
-        notes.append("real manifest not in the submission: coverage checked across runs and against the pinned case set")
+        notes.append(
+            "real manifest not in the submission: coverage checked across runs and against the pinned case set"
+        )
         return None
     m = read_manifest(p)
     want = _sha_of(entry)
@@ -229,7 +240,9 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
     if only:
         unknown = sorted(set(only) - set(all_gens) - {REFERENCE_GENERATOR})
         for g in unknown:
-            problems.append(f"--generator {g!r}: no runs of this generator in {root} (found: {', '.join(all_gens) or 'none'})")
+            problems.append(
+                f"--generator {g!r}: no runs of this generator in {root} (found: {', '.join(all_gens) or 'none'})"
+            )
         gens = [g for g in all_gens if g in only]
     else:
         gens = all_gens
@@ -272,7 +285,11 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             )
     if runs:
         _check_consistent_cases(runs, problems)
-    if cfg.pins.eval_cases_sha256 and universe and eval_cases_sha256(sorted(universe)) != cfg.pins.eval_cases_sha256:
+    if (
+        cfg.pins.eval_cases_sha256
+        and universe
+        and eval_cases_sha256(sorted(universe)) != cfg.pins.eval_cases_sha256
+    ):
         problems.append(
             f"{root}: the test + external cases ({len(universe)}) are not the set the leaderboard pins "
             f"(eval_cases_sha256 {eval_cases_sha256(sorted(universe))[:12]}... != {cfg.pins.eval_cases_sha256[:12]}...)"
@@ -291,7 +308,9 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
         notes.append("no generator runs: only the real-only reference is submitted")
     if problems:
         raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
-    return Submission(root, task, matrix, runs, gens, cards, privacy, manifests, sorted(universe), backbone, notes)
+    return Submission(
+        root, task, matrix, runs, gens, cards, privacy, manifests, sorted(universe), backbone, notes
+    )
 
 
 def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
@@ -308,13 +327,17 @@ def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
             problems.append(f"{pf}: cannot be read as parquet: {e}")
             continue
         df = task.add_subgroup_columns(df)
-        found = validate_predictions(df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=RUN_KEYS)
+        found = validate_predictions(
+            df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=RUN_KEYS
+        )
         if found:
             problems += [f"{pf}: {p}" for p in found]
             continue
         keys = df[RUN_KEYS].drop_duplicates()
         if len(keys) != 1:
-            problems.append(f"{pf}: holds {len(keys)} runs (generator, regime, seed, backbone); one run per folder")
+            problems.append(
+                f"{pf}: holds {len(keys)} runs (generator, regime, seed, backbone); one run per folder"
+            )
             continue
         g, r, s, b = keys.iloc[0].tolist()
         try:
@@ -326,7 +349,15 @@ def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
         df["seed"] = df["seed"].astype(int)
         cfg_file = d / "config.json"
         config = _read_json_file(cfg_file, problems) if cfg_file.is_file() else {}
-        runs.append(Run(d, (str(g), r, int(s), str(b)), df, sha256_file(pf), config if isinstance(config, dict) else {}))
+        runs.append(
+            Run(
+                d,
+                (str(g), r, int(s), str(b)),
+                df,
+                sha256_file(pf),
+                config if isinstance(config, dict) else {},
+            )
+        )
     dup: dict[tuple, list[Path]] = {}
     for r in runs:
         dup.setdefault(r.keys, []).append(r.folder)
@@ -366,7 +397,9 @@ def _read_privacy(root: Path, g: str, required: bool, problems: list[str]) -> di
     path = root / "privacy" / g / "privacy.json"
     if not path.is_file():
         if required:
-            problems.append(f"{path}: missing (this leaderboard requires the privacy audit: medsynbench privacy ...)")
+            problems.append(
+                f"{path}: missing (this leaderboard requires the privacy audit: medsynbench privacy ...)"
+            )
         return None
     raw = _read_json_file(path, problems)
     if not isinstance(raw, dict):
@@ -402,12 +435,17 @@ def _read_privacy(root: Path, g: str, required: bool, problems: list[str]) -> di
 def _environment(sub: Submission) -> dict[str, Any]:
     env = sub.matrix.get("environment")
     if not isinstance(env, dict):
-        env = next((r.config.get("environment") for r in sub.runs if isinstance(r.config.get("environment"), dict)), None)
+        env = next(
+            (r.config.get("environment") for r in sub.runs if isinstance(r.config.get("environment"), dict)),
+            None,
+        )
     if isinstance(env, dict):
         pk = env.get("packages") if isinstance(env.get("packages"), dict) else {}
         return {
-            "packages": {str(k): str(v) for k, v in pk.items()},
-            "git": str(env["git"]) if env.get("git") else (str(env["git_hash"]) if env.get("git_hash") else None),
+            "packages": {str(k): str(v) for k, v in pk.items() if v is not None},
+            "git": str(env["git"])
+            if env.get("git")
+            else (str(env["git_hash"]) if env.get("git_hash") else None),
             "device": str(env["device"]) if env.get("device") else None,
             "source": "run",
         }
@@ -418,22 +456,36 @@ def _environment(sub: Submission) -> dict[str, Any]:
     return {"packages": pk, "git": None, "device": platform.machine() or None, "source": "submit"}
 
 
-def _hpo_budget(configs: list[dict[str, Any]]) -> int | None:
+def _hpo_budget(matrix: dict[str, Any], configs: list[dict[str, Any]]) -> int | None:
+    """Tuning trials per (generator, regime): the matrix's protocol, else what the run configs say."""
+    tune = (matrix.get("protocol") or {}).get("tune") if isinstance(matrix.get("protocol"), dict) else None
+    if isinstance(tune, dict) and isinstance(tune.get("trials"), int):
+        return int(tune["trials"])
     for c in configs:
-        for path in (("tune",), ("hpo", "n_trials"), ("tuning", "n_trials"), ("hpo_budget",), ("tune_trials",)):
+        for path in (
+            ("tuning", "trials"),
+            ("tune", "trials"),
+            ("tune",),
+            ("hpo", "n_trials"),
+            ("hpo_budget",),
+        ):
             v: Any = c
             for k in path:
                 v = v.get(k) if isinstance(v, dict) else None
             if isinstance(v, int) and not isinstance(v, bool):
                 return v
-    return 0 if configs else None
+    return None
+
+
+# Per-run identity and machine details: the record keeps them elsewhere (environment) or not at all.
+_CONFIG_DROP = ("run_id", "identity", "environment", "manifests", "seed", "regime", "generator")
 
 
 def _resolved_config(configs: list[dict[str, Any]]) -> dict[str, Any]:
     """What every run of the record shares (per-run keys such as the seed or the regime drop out)."""
     if not configs:
         return {}
-    common = dict(configs[0])
+    common = {k: v for k, v in configs[0].items() if k not in _CONFIG_DROP}
     for c in configs[1:]:
         common = {k: v for k, v in common.items() if k in c and c[k] == v}
     return common
@@ -441,8 +493,16 @@ def _resolved_config(configs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _stored_predictions(preds: pd.DataFrame, task: Task, salt: str) -> pd.DataFrame:
     """The contract columns only, with case and patient ids replaced by salted hashes."""
-    cols = ["case_id", "patient_id", "site", "split", *task.subgroups.columns, "y_true",
-            *[f"prob_{c}" for c in task.classes], *RUN_KEYS]
+    cols = [
+        "case_id",
+        "patient_id",
+        "site",
+        "split",
+        *task.subgroups.columns,
+        "y_true",
+        *[f"prob_{c}" for c in task.classes],
+        *RUN_KEYS,
+    ]
     out = preds[[c for c in cols if c in preds.columns]].copy()
     out["case_id"] = hash_ids(out["case_id"].astype(str), salt)
     out["patient_id"] = hash_ids(out["patient_id"].astype(str), salt)
@@ -450,7 +510,9 @@ def _stored_predictions(preds: pd.DataFrame, task: Task, salt: str) -> pd.DataFr
         if c in out.columns:
             out[c] = out[c].astype(str)
     out["seed"] = out["seed"].astype("int64")
-    return out.sort_values(["generator", "regime", "seed", "case_id"], kind="mergesort").reset_index(drop=True)
+    return out.sort_values(["generator", "regime", "seed", "case_id"], kind="mergesort").reset_index(
+        drop=True
+    )
 
 
 def build_records(
@@ -469,14 +531,17 @@ def build_records(
 
     wanted = [REFERENCE_GENERATOR, *sub.generators]
     use = [r for r in sub.runs if r.keys[0] in wanted]
-    everything = _stored_predictions(pd.concat([r.preds for r in use], ignore_index=True), sub.task, cfg.id_salt)
+    everything = _stored_predictions(
+        pd.concat([r.preds for r in use], ignore_index=True), sub.task, cfg.id_salt
+    )
     scored = score_all(everything, sub.task, primary=primary, n_boot=n_boot, seed=boot_seed)
     out = []
     for g in wanted:
         runs = [r for r in use if r.keys[0] in (g, REFERENCE_GENERATOR)]
         stored = everything[everything["generator"].isin([g, REFERENCE_GENERATOR])].reset_index(drop=True)
-        metrics, split = score_submission(stored, sub.task, generator=g, primary=primary, n_boot=n_boot,
-                                          seed=boot_seed, scored=scored)
+        metrics, split = score_submission(
+            stored, sub.task, generator=g, primary=primary, n_boot=n_boot, seed=boot_seed, scored=scored
+        )
         ev = stored[stored["split"] == split]
         from bench.metrics.core import get_metric
 
@@ -486,11 +551,15 @@ def build_records(
         if card is not None:
             card = dict(card)
             tr = dict(card.get("training") or {})
-            if "patients" in tr:  # hashed training patients: the audit used them; a public record needs only the count
+            if (
+                "patients" in tr
+            ):  # hashed training patients: the audit used them; a public record needs only the count
                 tr["n_patients"] = tr.get("n_patients") or len(tr["patients"])
                 tr.pop("patients")
             card["training"] = tr
-        submitted = hashlib.sha256("".join(r.sha256 for r in sorted(runs, key=lambda r: r.keys)).encode()).hexdigest()
+        submitted = hashlib.sha256(
+            "".join(r.sha256 for r in sorted(runs, key=lambda r: r.keys)).encode()
+        ).hexdigest()
         record = {
             "schema_version": SCHEMA_VERSION,
             "id": "",
@@ -504,14 +573,20 @@ def build_records(
                 "link": _link((card or {}).get("link")),
                 "card": card,
             },
-            "manifests": sub.manifests.get(g, {"real": _sha_of(_manifest_entry(sub.matrix, "real")),
-                                               "synthetic": None, "generator_training": None}),
+            "manifests": sub.manifests.get(
+                g,
+                {
+                    "real": _sha_of(_manifest_entry(sub.matrix, "real")),
+                    "synthetic": None,
+                    "generator_training": None,
+                },
+            ),
             "protocol": {
                 "regimes": sorted({r.keys[1] for r in own}),
                 "seeds": sorted({r.keys[2] for r in own}),
                 "backbone": sub.backbone or own[0].keys[3],
                 "config": _resolved_config([r.config for r in own]),
-                "hpo_budget": _hpo_budget([r.config for r in own]),
+                "hpo_budget": _hpo_budget(sub.matrix, [r.config for r in own]),
             },
             "environment": env,
             "evaluation": {
@@ -527,8 +602,12 @@ def build_records(
             "metrics": metrics,
             "privacy": None if is_ref else sub.privacy.get(g),
             "predictions_sha256": "0" * 64,
-            "predictions": {"file": "predictions/x.parquet", "n_rows": len(stored), "n_runs": len(runs),
-                            "submitted_sha256": submitted},
+            "predictions": {
+                "file": "predictions/x.parquet",
+                "n_rows": len(stored),
+                "n_runs": len(runs),
+                "submitted_sha256": submitted,
+            },
         }
         if sub.notes:
             record["notes"] = list(sub.notes)
@@ -543,9 +622,10 @@ def _link(v: Any) -> str | None:
 
 @contextlib.contextmanager
 def board_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock on the leaderboard folder (fcntl.flock: released by the OS if the process dies)."""
+    """Exclusive lock on the leaderboard folder itself (fcntl.flock on the directory: no lock file to commit or
+    clean up, and the OS releases it if the process dies)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -563,7 +643,9 @@ def _existing_submissions(cfg: LeaderboardConfig) -> dict[tuple[str, str], str]:
     return out
 
 
-def write_records(cfg: LeaderboardConfig, scored: list[tuple[dict[str, Any], pd.DataFrame]]) -> list[dict[str, Any]]:
+def write_records(
+    cfg: LeaderboardConfig, scored: list[tuple[dict[str, Any], pd.DataFrame]]
+) -> list[dict[str, Any]]:
     """Assign ids, then write predictions and records under the leaderboard lock; all or nothing."""
     written: list[Path] = []
     with board_lock(cfg.folder):
@@ -583,10 +665,15 @@ def write_records(cfg: LeaderboardConfig, scored: list[tuple[dict[str, Any], pd.
         # The same run's real-only reference arrives again when its generators are submitted one at a time.
         for rec, _ in scored:
             if key(rec) in existing:
-                log.info("real-only reference of this run is already record %s; not added again", existing[key(rec)])
+                log.info(
+                    "real-only reference of this run is already record %s; not added again",
+                    existing[key(rec)],
+                )
         scored = [(rec, st) for rec, st in scored if key(rec) not in existing]
         if not scored:
-            raise BadInput(f"{cfg.folder}: nothing new to add: every record of this run is already on the leaderboard")
+            raise BadInput(
+                f"{cfg.folder}: nothing new to add: every record of this run is already on the leaderboard"
+            )
         done = []
         try:
             for rec, stored in scored:
@@ -596,8 +683,12 @@ def write_records(cfg: LeaderboardConfig, scored: list[tuple[dict[str, Any], pd.
                 pred_path = cfg.predictions_dir / f"{rid}.parquet"
                 write_table(pred_path, stored)
                 written.append(pred_path)
-                rec = {**rec, "id": rid, "predictions_sha256": sha256_file(pred_path),
-                       "predictions": {**rec["predictions"], "file": f"predictions/{rid}.parquet"}}
+                rec = {
+                    **rec,
+                    "id": rid,
+                    "predictions_sha256": sha256_file(pred_path),
+                    "predictions": {**rec["predictions"], "file": f"predictions/{rid}.parquet"},
+                }
                 check_record(rec, f"record {rid}")
                 done.append(rec)
             for rec in done:

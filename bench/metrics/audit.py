@@ -50,12 +50,16 @@ def apply_map(df: pd.DataFrame, spec: str | None, source: str) -> pd.DataFrame:
     cols, prefixes = parse_map(spec)
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise BadInput(f"{source}: --map names column(s) not in the file: {', '.join(missing)} (columns: {', '.join(map(str, df.columns))})")
+        raise BadInput(
+            f"{source}: --map names column(s) not in the file: {', '.join(missing)} (columns: {', '.join(map(str, df.columns))})"
+        )
     rename = dict(cols)
     for theirs, ours in prefixes.items():
         hits = [c for c in df.columns if str(c).startswith(theirs)]
         if not hits:
-            raise BadInput(f"{source}: --map prefix {theirs!r} matches no column (columns: {', '.join(map(str, df.columns))})")
+            raise BadInput(
+                f"{source}: --map prefix {theirs!r} matches no column (columns: {', '.join(map(str, df.columns))})"
+            )
         for c in hits:
             rename[c] = ours + str(c)[len(theirs) :]
     return df.rename(columns=rename)
@@ -65,15 +69,22 @@ def infer_task(df: pd.DataFrame, positive: Sequence[str] | None, age_bins: Seque
     """A minimal task from the file: classes from the prob_ columns, in column order."""
     classes = [str(c)[5:] for c in df.columns if str(c).startswith("prob_")]
     if len(classes) < 2:
-        raise BadInput("cannot infer the classes: fewer than two prob_<class> columns (pass --task, or --map prob_=PREFIX)")
+        raise BadInput(
+            "cannot infer the classes: fewer than two prob_<class> columns (pass --task, or --map prob_=PREFIX)"
+        )
     pos = list(positive) if positive else classes[1:]
     unknown = [p for p in pos if p not in classes]
     if unknown:
-        raise BadInput(f"--positive names unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})")
+        raise BadInput(
+            f"--positive names unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})"
+        )
     spec: dict[str, Any] = dict(
-        name="audit", version="1", modality="unknown",
+        name="audit",
+        version="1",
+        modality="unknown",
         labels=dict(classes=classes, binary_view=dict(name="positive", positive=pos)),
-        sites=dict(train=["any"]), source=dict(kind="none"),
+        sites=dict(train=["any"]),
+        source=dict(kind="none"),
     )
     if age_bins is not None:
         spec["subgroups"] = dict(age_bins=list(age_bins))
@@ -110,7 +121,9 @@ def audit_predictions(
         if positive:
             raise BadInput("--positive is only used without --task (the task defines its binary view)")
         if age_bins is not None:
-            t = t.model_copy(update={"subgroups": Subgroups(**{**t.subgroups.model_dump(), "age_bins": list(age_bins)})})
+            t = t.model_copy(
+                update={"subgroups": Subgroups(**{**t.subgroups.model_dump(), "age_bins": list(age_bins)})}
+            )
     else:
         t = infer_task(df, positive, age_bins)
     for k, v in RUN_KEY_DEFAULTS.items():
@@ -127,16 +140,38 @@ def audit_predictions(
         inter.append(list(by))
     prepared = prepare_predictions(df, t, source=src, subgroup_columns=by)
     if threshold is None and not (prepared["split"] == "val").any():
-        raise BadInput(f"{src}: no validation rows (split == 'val') to choose the threshold from; pass --threshold-from NUMBER")
+        raise BadInput(
+            f"{src}: no validation rows (split == 'val') to choose the threshold from; pass --threshold-from NUMBER"
+        )
     n_boot = int(t.metrics.bootstrap if n_boot is None else n_boot)
     mp = int(t.metrics.min_patients if min_patients is None else min_patients)
     mpos = int(t.metrics.min_positives if min_positives is None else min_positives)
-    table = evaluate_predictions(df, t, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos,
-                                 subgroup_columns=by, intersections=inter, threshold=threshold, source=src)
+    table = evaluate_predictions(
+        df,
+        t,
+        n_boot=n_boot,
+        seed=seed,
+        min_patients=mp,
+        min_positives=mpos,
+        subgroup_columns=by,
+        intersections=inter,
+        threshold=threshold,
+        source=src,
+    )
     summary = audit_summary(table, t, by)
-    summary["settings"] = dict(n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, by=by,
-                               intersections=inter, threshold_from=threshold_from, source=src)
-    settings = Settings(n_boot, seed, mp, mpos, threshold="validation" if threshold is None else f"{threshold:g}", source=src)
+    summary["settings"] = dict(
+        n_boot=n_boot,
+        seed=seed,
+        min_patients=mp,
+        min_positives=mpos,
+        by=by,
+        intersections=inter,
+        threshold_from=threshold_from,
+        source=src,
+    )
+    settings = Settings(
+        n_boot, seed, mp, mpos, threshold="validation" if threshold is None else f"{threshold:g}", source=src
+    )
     report = build_report(table, None, summary, t, settings, prepared, audit=True)
     with atomic_dir(out, overwrite=True) as tmp:
         write_tables(tmp, "metrics", table)
@@ -157,7 +192,16 @@ def audit_summary(table: pd.DataFrame, task: Task, by: Sequence[str]) -> dict[st
         run: dict[str, Any] = dict(zip(RUN_KEY, key, strict=True))
         for col in by:
             fam = t[(t["split"] == split) & (t["group_by"] == col) & (t["scope"] == "subgroup")]
-            pick = {m: fam[fam["metric"] == m] for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")}
+            pick = {
+                m: fam[fam["metric"] == m]
+                for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")
+            }
             run[col] = {m: _entry(r.iloc[0], ("group",)) if len(r) else None for m, r in pick.items()}
         runs.append(run)
-    return {"task": task.name, "task_version": task.version, "primary_metric": primary, "headline_split": split, "runs": runs}
+    return {
+        "task": task.name,
+        "task_version": task.version,
+        "primary_metric": primary,
+        "headline_split": split,
+        "runs": runs,
+    }

@@ -26,7 +26,9 @@ def patient_strata(patients: pd.DataFrame, by: Sequence[str]) -> np.ndarray:
     return patients.groupby(list(by), sort=True, dropna=False).ngroup().to_numpy(np.int64)
 
 
-def patient_weights(strata: Any, n_boot: int, seed: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+def patient_weights(
+    strata: Any, n_boot: int, seed: int, start: int = 0, stop: int | None = None
+) -> np.ndarray:
     """(replicates, patients) multiplicities for replicates `start:stop` of an `n_boot`-replicate bootstrap.
 
     Each replicate resamples every stratum to its own size. Replicate r is drawn from its own stream seeded with

@@ -32,7 +32,6 @@ from bench.metrics.evaluate import (
     BASELINE,
     EVAL_SPLITS,
     RUN_KEY,
-    Cell,
     Engine,
     _group_info,
     _mean_sd,
@@ -104,12 +103,20 @@ def compare_to_baseline(
         if gen == BASELINE["generator"] and reg == BASELINE["regime"]:
             continue
         key = dict(generator=gen, regime=reg, backbone=bb)
-        base_df = df[(df["generator"] == BASELINE["generator"]) & (df["regime"] == BASELINE["regime"]) & (df["backbone"] == bb)]
+        base_df = df[
+            (df["generator"] == BASELINE["generator"])
+            & (df["regime"] == BASELINE["regime"])
+            & (df["backbone"] == bb)
+        ]
         cand_df = df[(df["generator"] == gen) & (df["regime"] == reg) & (df["backbone"] == bb)]
         if base_df.empty:
             rows.append(
-                _empty(key, names[0], f"no real-only baseline (generator {BASELINE['generator']!r}, regime "
-                       f"{BASELINE['regime']!r}) with backbone {bb!r}")
+                _empty(
+                    key,
+                    names[0],
+                    f"no real-only baseline (generator {BASELINE['generator']!r}, regime "
+                    f"{BASELINE['regime']!r}) with backbone {bb!r}",
+                )
             )
             continue
         rows += _compare_one(engine, cand_df, base_df, key, names, min_patients, min_positives)
@@ -124,20 +131,46 @@ def compare_to_baseline(
 
 def _empty(key: dict, metric: str, reason: str) -> dict[str, Any]:
     row = {c: np.nan for c in COMPARISON_COLUMNS}
-    row.update(key, baseline_generator=BASELINE["generator"], baseline_regime=BASELINE["regime"], metric=metric,
-               scope="overall", split="", group_by="", group="all", n_cases=0, n_patients=0, n_pos=0, n_seeds=0,
-               baseline_n_seeds=0, status="undefined", reason=reason)
+    row.update(
+        key,
+        baseline_generator=BASELINE["generator"],
+        baseline_regime=BASELINE["regime"],
+        metric=metric,
+        scope="overall",
+        split="",
+        group_by="",
+        group="all",
+        n_cases=0,
+        n_patients=0,
+        n_pos=0,
+        n_seeds=0,
+        baseline_n_seeds=0,
+        status="undefined",
+        reason=reason,
+    )
     return row
 
 
-def _compare_one(engine: Engine, cand_df: pd.DataFrame, base_df: pd.DataFrame, key: dict, names: list[str], min_patients: int, min_positives: int) -> list[dict]:
+def _compare_one(
+    engine: Engine,
+    cand_df: pd.DataFrame,
+    base_df: pd.DataFrame,
+    key: dict,
+    names: list[str],
+    min_patients: int,
+    min_positives: int,
+) -> list[dict]:
     ev = lambda d: set(d.loc[d["split"].isin(EVAL_SPLITS), "case_id"])  # noqa: E731
     common = ev(cand_df) & ev(base_df)
     if not common:
         return [_empty(key, names[0], "no test or external cases shared with the baseline")]
     vc = engine.views(cand_df, common)
     vb = engine.views(base_df, common)
-    cells = [c for c in sorted(set().union(*(v.cells for v in vc))) if c.scope == "overall" or (c.scope == "site" and c.split == "external")]
+    cells = [
+        c
+        for c in sorted(set().union(*(v.cells for v in vc)))
+        if c.scope == "overall" or (c.scope == "site" and c.split == "external")
+    ]
     rc = engine.compute(vc, names, cells)
     rb = engine.compute(vb, names, cells)
     sc = _seed_mean_scores(vc)
@@ -149,8 +182,12 @@ def _compare_one(engine: Engine, cand_df: pd.DataFrame, base_df: pd.DataFrame, k
         if info.n_patients < min_patients:
             small.append(f"{info.n_patients} patients < min_patients {min_patients}")
         if info.n_pos_patients < min_positives:
-            small.append(f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}")
-        cell_cases = pd.Index(pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique())
+            small.append(
+                f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}"
+            )
+        cell_cases = pd.Index(
+            pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique()
+        )
         for m in names:
             metric = core.get_metric(m, engine.task.classes)
             val, _ = _mean_sd(rc[(cell, m)].point)
@@ -166,12 +203,15 @@ def _compare_one(engine: Engine, cand_df: pd.DataFrame, base_df: pd.DataFrame, k
             p_delong = np.nan
             if m == "auroc":
                 cases = cell_cases.intersection(sc.index).intersection(sb.index)
-                res = delong_test(sc.loc[cases, "_ybin"].to_numpy(bool), sc.loc[cases, "_sbin"], sb.loc[cases, "_sbin"])
+                res = delong_test(
+                    sc.loc[cases, "_ybin"].to_numpy(bool), sc.loc[cases, "_sbin"], sb.loc[cases, "_sbin"]
+                )
                 p_delong = res.p_value
             if not (np.isfinite(val) and np.isfinite(bval)):
                 status = "undefined"
                 reason = metric.undefined_reason(info.ybin if metric.target == "binary" else info.y) or next(
-                    (v.threshold_reason for v in vc + vb if v.threshold_reason), "metric undefined for these cases"
+                    (v.threshold_reason for v in vc + vb if v.threshold_reason),
+                    "metric undefined for these cases",
                 )
                 lo = hi = p_boot = np.nan
             elif small:
@@ -261,12 +301,18 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
     am = auroc_metric(task)
     runs = []
     for (gen, reg, bb), t in table.groupby(RUN_KEY, sort=True):
+
         def one(metric: str, split_: str, scope: str = "overall", t=t) -> pd.Series | None:
             r = t[(t["metric"] == metric) & (t["split"] == split_) & (t["scope"] == scope)]
             return r.iloc[0] if len(r) else None
 
         def extreme(metric: str, lowest: bool, t=t) -> pd.Series | None:
-            r = t[(t["metric"] == metric) & (t["split"] == split) & (t["scope"] == "subgroup") & (t["status"] == "ok")]
+            r = t[
+                (t["metric"] == metric)
+                & (t["split"] == split)
+                & (t["scope"] == "subgroup")
+                & (t["status"] == "ok")
+            ]
             if r.empty:
                 return None
             return r.loc[r["value"].idxmin() if lowest else r["value"].idxmax()]
@@ -281,19 +327,31 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
         run["diff_vs_real"] = run["utility_ratio"] = None
         if comparisons is not None and len(comparisons):
             c = comparisons[
-                (comparisons["generator"] == gen) & (comparisons["regime"] == reg) & (comparisons["backbone"] == bb)
-                & (comparisons["metric"] == primary) & (comparisons["split"] == split) & (comparisons["scope"] == "overall")
+                (comparisons["generator"] == gen)
+                & (comparisons["regime"] == reg)
+                & (comparisons["backbone"] == bb)
+                & (comparisons["metric"] == primary)
+                & (comparisons["split"] == split)
+                & (comparisons["scope"] == "overall")
             ]
             if len(c):
                 r = c.iloc[0]
                 run["diff_vs_real"] = {
-                    "value": _num(r["diff"]), "ci_low": _num(r["ci_low"]), "ci_high": _num(r["ci_high"]),
-                    "p_boot_holm": _num(r["p_boot_holm"]), "n_cases": int(r["n_cases"]),
-                    "n_patients": int(r["n_patients"]), "status": str(r["status"]),
+                    "value": _num(r["diff"]),
+                    "ci_low": _num(r["ci_low"]),
+                    "ci_high": _num(r["ci_high"]),
+                    "p_boot_holm": _num(r["p_boot_holm"]),
+                    "n_cases": int(r["n_cases"]),
+                    "n_patients": int(r["n_patients"]),
+                    "status": str(r["status"]),
                 }
                 run["utility_ratio"] = {
-                    "value": _num(r["ratio"]), "ci_low": _num(r["ratio_ci_low"]), "ci_high": _num(r["ratio_ci_high"]),
-                    "n_cases": int(r["n_cases"]), "n_patients": int(r["n_patients"]), "status": str(r["status"]),
+                    "value": _num(r["ratio"]),
+                    "ci_low": _num(r["ratio_ci_low"]),
+                    "ci_high": _num(r["ratio_ci_high"]),
+                    "n_cases": int(r["n_cases"]),
+                    "n_patients": int(r["n_patients"]),
+                    "status": str(r["status"]),
                 }
         runs.append(run)
     return {

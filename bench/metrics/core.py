@@ -254,9 +254,15 @@ class Metric:
 
 
 auroc = Metric("auroc", True, "binary", _auroc_kernel, description="binary-view AUROC (ties count 1/2)")
-auroc_macro = Metric("auroc_macro", True, "multiclass", _macro_auroc_kernel, description="one-vs-rest macro AUROC")
+auroc_macro = Metric(
+    "auroc_macro", True, "multiclass", _macro_auroc_kernel, description="one-vs-rest macro AUROC"
+)
 balanced_accuracy = Metric(
-    "balanced_accuracy", True, "multiclass", _balanced_accuracy_kernel, description="mean per-class recall (arg-max)"
+    "balanced_accuracy",
+    True,
+    "multiclass",
+    _balanced_accuracy_kernel,
+    description="mean per-class recall (arg-max)",
 )
 sensitivity = Metric(
     "sensitivity",
@@ -285,7 +291,12 @@ brier = Metric("brier", False, "multiclass", _brier_kernel, description="Brier s
 def auroc_class(k: int, name: str | None = None) -> Metric:
     """One-vs-rest AUROC of class index `k` (registered as `auroc_<class name>`)."""
     return Metric(
-        name or f"auroc_{k}", True, "multiclass", _class_auroc_kernel, {"k": k}, description=f"AUROC of class {k} vs rest"
+        name or f"auroc_{k}",
+        True,
+        "multiclass",
+        _class_auroc_kernel,
+        {"k": k},
+        description=f"AUROC of class {k} vs rest",
     )
 
 
@@ -296,8 +307,16 @@ REGISTRY: dict[str, Metric] = {
 
 def metric_names(classes: Sequence[str]) -> list[str]:
     """Every metric name an evaluation reports for these classes, in table order."""
-    return ["auroc_macro", "auroc", *[f"auroc_{c}" for c in classes], "balanced_accuracy", "sensitivity",
-            "specificity", "ece", "brier"]
+    return [
+        "auroc_macro",
+        "auroc",
+        *[f"auroc_{c}" for c in classes],
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "ece",
+        "brier",
+    ]
 
 
 def get_metric(name: str, classes: Sequence[str] | None = None, **params: Any) -> Metric:

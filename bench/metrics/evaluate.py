@@ -126,7 +126,9 @@ class Cell:
     group: str
 
 
-def define_cells(df: pd.DataFrame, task: Task, subgroup_columns: Sequence[str], intersections: Sequence[Sequence[str]]) -> dict[Cell, np.ndarray]:
+def define_cells(
+    df: pd.DataFrame, task: Task, subgroup_columns: Sequence[str], intersections: Sequence[Sequence[str]]
+) -> dict[Cell, np.ndarray]:
     """Row indices of every reported group (test and external splits)."""
     out: dict[Cell, np.ndarray] = {}
     for split in EVAL_SPLITS:
@@ -144,9 +146,14 @@ def define_cells(df: pd.DataFrame, task: Task, subgroup_columns: Sequence[str], 
             cols = list(cols)
             for vals, idx in sub.groupby(cols, sort=True).indices.items():
                 vals = vals if isinstance(vals, tuple) else (vals,)
-                out[Cell("intersection", split, INTERSECTION_SEP.join(cols), INTERSECTION_SEP.join(map(str, vals)))] = (
-                    np.flatnonzero(in_split)[idx]
-                )
+                out[
+                    Cell(
+                        "intersection",
+                        split,
+                        INTERSECTION_SEP.join(cols),
+                        INTERSECTION_SEP.join(map(str, vals)),
+                    )
+                ] = np.flatnonzero(in_split)[idx]
     return out
 
 
@@ -239,7 +246,9 @@ class Engine:
             return float("nan"), "no validation predictions to choose the operating point"
         if not (~val["_ybin"]).any():
             return float("nan"), "no negative validation cases to choose the operating point"
-        t = core.choose_threshold(val["_ybin"].to_numpy(bool), val["_sbin"].to_numpy(float), self.task.metrics.target_specificity)
+        t = core.choose_threshold(
+            val["_ybin"].to_numpy(bool), val["_sbin"].to_numpy(float), self.task.metrics.target_specificity
+        )
         return t, None
 
     # metrics ------------------------------------------------------------------------------------------------
@@ -257,7 +266,9 @@ class Engine:
             return m.kernel(view.ybin[idx], view.sbin[idx])
         return m.kernel(view.y[idx], view.P[idx])
 
-    def compute(self, views: list[SeedView], metrics: Sequence[str], cells: Iterable[Cell] | None = None) -> dict[tuple[Cell, str], CellResult]:
+    def compute(
+        self, views: list[SeedView], metrics: Sequence[str], cells: Iterable[Cell] | None = None
+    ) -> dict[tuple[Cell, str], CellResult]:
         all_cells = sorted(set().union(*(v.cells for v in views))) if views else []
         if cells is not None:
             wanted = set(cells)
@@ -285,9 +296,7 @@ class Engine:
                     cache = {s: Wp[:, views[s].pidx]}
                 reps[(c, m)][s, a:b] = kern(cache[s][:, idx])
         with np.errstate(all="ignore"):
-            return {
-                k: CellResult(point[k], _nanmean0(reps[k])) for k in point
-            }
+            return {k: CellResult(point[k], _nanmean0(reps[k])) for k in point}
 
 
 def _nanmean0(a: np.ndarray) -> np.ndarray:
@@ -331,7 +340,18 @@ def _group_info(views: list[SeedView], cell: Cell) -> _GroupInfo:
     )
 
 
-def _row(metric: str, cell: Cell, value: float, lo: float, hi: float, info: tuple[int, int, int], status: str, reason: str, sd: float, key: dict) -> dict:
+def _row(
+    metric: str,
+    cell: Cell,
+    value: float,
+    lo: float,
+    hi: float,
+    info: tuple[int, int, int],
+    status: str,
+    reason: str,
+    sd: float,
+    key: dict,
+) -> dict:
     return dict(
         metric=metric,
         scope=cell.scope,
@@ -387,8 +407,12 @@ def evaluate_predictions(
     if n_boot < 1:
         raise BadInput(f"n_boot must be at least 1, got {n_boot}")
     if not df["split"].isin(EVAL_SPLITS).any():
-        raise BadInput(f"{source}: no test or external predictions to evaluate (splits present: {sorted(df['split'].unique())})")
-    engine = Engine(df, task, n_boot=n_boot, seed=seed, subgroup_columns=cols, intersections=inter, threshold=threshold)
+        raise BadInput(
+            f"{source}: no test or external predictions to evaluate (splits present: {sorted(df['split'].unique())})"
+        )
+    engine = Engine(
+        df, task, n_boot=n_boot, seed=seed, subgroup_columns=cols, intersections=inter, threshold=threshold
+    )
     names = core.metric_names(task.classes)
     rows: list[dict] = []
     for key_vals, key_df in df.groupby(RUN_KEY, sort=True):
@@ -400,7 +424,15 @@ def evaluate_predictions(
     return _order(table, names)
 
 
-def _table_rows(engine: Engine, views: list[SeedView], res: dict[tuple[Cell, str], CellResult], names: Sequence[str], key: dict, min_patients: int, min_positives: int) -> list[dict]:
+def _table_rows(
+    engine: Engine,
+    views: list[SeedView],
+    res: dict[tuple[Cell, str], CellResult],
+    names: Sequence[str],
+    key: dict,
+    min_patients: int,
+    min_positives: int,
+) -> list[dict]:
     task = engine.task
     rows: list[dict] = []
     cells = sorted({c for c, _ in res})
@@ -413,7 +445,9 @@ def _table_rows(engine: Engine, views: list[SeedView], res: dict[tuple[Cell, str
         if info.n_patients < min_patients:
             small.append(f"{info.n_patients} patients < min_patients {min_patients}")
         if info.n_pos_patients < min_positives:
-            small.append(f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}")
+            small.append(
+                f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}"
+            )
         for m in names:
             r = res[(c, m)]
             value, sd = _mean_sd(r.point)
@@ -437,9 +471,24 @@ def _table_rows(engine: Engine, views: list[SeedView], res: dict[tuple[Cell, str
                 if absent:
                     notes.append(f"macro over the classes present (absent: {', '.join(absent)})")
             if status != "undefined" and used < engine.n_boot:
-                notes.append(f"interval from {used} of {engine.n_boot} replicates (metric undefined in the rest)")
+                notes.append(
+                    f"interval from {used} of {engine.n_boot} replicates (metric undefined in the rest)"
+                )
             status_of[(c, m)] = status
-            rows.append(_row(m, c, value, lo, hi, (info.n_cases, info.n_patients, info.n_pos), status, "; ".join(notes), sd, key))
+            rows.append(
+                _row(
+                    m,
+                    c,
+                    value,
+                    lo,
+                    hi,
+                    (info.n_cases, info.n_patients, info.n_pos),
+                    status,
+                    "; ".join(notes),
+                    sd,
+                    key,
+                )
+            )
     # group summaries ---------------------------------------------------------------------------------------
     families: dict[tuple[str, str, str], list[Cell]] = {}
     for c in cells:
@@ -454,13 +503,17 @@ def _table_rows(engine: Engine, views: list[SeedView], res: dict[tuple[Cell, str
         elig = [
             c
             for c in members
-            if status_of[(c, "sensitivity")] == "ok" and status_of[(c, "specificity")] == "ok" and not _excluded(task, c)
+            if status_of[(c, "sensitivity")] == "ok"
+            and status_of[(c, "specificity")] == "ok"
+            and not _excluded(task, c)
         ]
         rows += _fairness_rows(fam_cell, elig, res, infos, key, thr_reason)
     return rows
 
 
-def _stack(res: dict[tuple[Cell, str], CellResult], elig: list[Cell], m: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack(
+    res: dict[tuple[Cell, str], CellResult], elig: list[Cell], m: str
+) -> tuple[np.ndarray, np.ndarray]:
     point = np.vstack([res[(c, m)].point for c in elig])  # groups x seeds
     reps = np.vstack([res[(c, m)].reps for c in elig])  # groups x replicates
     return point, reps
@@ -514,7 +567,9 @@ def _spread(point_seeds: np.ndarray, reps: np.ndarray, higher: bool) -> dict[str
     )
 
 
-def _summary_rows(m: str, higher: bool, fam: Cell, elig: list[Cell], res, infos, key: dict, n_boot: int) -> list[dict]:
+def _summary_rows(
+    m: str, higher: bool, fam: Cell, elig: list[Cell], res, infos, key: dict, n_boot: int
+) -> list[dict]:
     if len(elig) < 2:
         return [_too_few(f"{m}_worst", fam, elig, infos, key), _too_few(f"{m}_gap", fam, elig, infos, key)]
     point, reps = _stack(res, elig, m)
@@ -523,14 +578,33 @@ def _summary_rows(m: str, higher: bool, fam: Cell, elig: list[Cell], res, infos,
     out = []
     for what, value, seeds, rep, group in (
         ("worst", sp["worst"], sp["worst_seed"], sp["worst_rep"], elig[sp["worst_i"]].group),
-        ("gap", sp["gap"], sp["gap_seed"], sp["gap_rep"], f"{elig[sp['best_i']].group} vs {elig[sp['worst_i']].group}"),
+        (
+            "gap",
+            sp["gap"],
+            sp["gap_seed"],
+            sp["gap_rep"],
+            f"{elig[sp['best_i']].group} vs {elig[sp['worst_i']].group}",
+        ),
     ):
         lo, hi, used = percentile_interval(rep)
         _, sd = _mean_sd(seeds)
         reason = f"over {len(elig)} eligible groups"
         if used < n_boot:
             reason += f"; interval from {used} of {n_boot} replicates"
-        out.append(_row(f"{m}_{what}", Cell(fam.scope, fam.split, fam.group_by, group), value, lo, hi, n, "ok", reason, sd, key))
+        out.append(
+            _row(
+                f"{m}_{what}",
+                Cell(fam.scope, fam.split, fam.group_by, group),
+                value,
+                lo,
+                hi,
+                n,
+                "ok",
+                reason,
+                sd,
+                key,
+            )
+        )
     return out
 
 
@@ -538,11 +612,22 @@ def _fairness_rows(fam: Cell, elig: list[Cell], res, infos, key: dict, thr_reaso
     names = ("equalized_odds_difference", "fnr_gap")
     if thr_reason:
         return [
-            _row(nm, Cell(fam.scope, fam.split, fam.group_by, "all"), *([float("nan")] * 3), _n(infos, elig), "undefined", thr_reason, float("nan"), key)
+            _row(
+                nm,
+                Cell(fam.scope, fam.split, fam.group_by, "all"),
+                *([float("nan")] * 3),
+                _n(infos, elig),
+                "undefined",
+                thr_reason,
+                float("nan"),
+                key,
+            )
             for nm in names
         ]
     if len(elig) < 2:
-        return [_too_few(nm, Cell(fam.scope, fam.split, fam.group_by, "all"), elig, infos, key) for nm in names]
+        return [
+            _too_few(nm, Cell(fam.scope, fam.split, fam.group_by, "all"), elig, infos, key) for nm in names
+        ]
     sens_p, sens_r = _stack(res, elig, "sensitivity")
     spec_p, spec_r = _stack(res, elig, "specificity")
     s_sens = _spread(sens_p, sens_r, True)
@@ -553,16 +638,34 @@ def _fairness_rows(fam: Cell, elig: list[Cell], res, infos, key: dict, thr_reaso
     eod_rep = np.fmax(s_sens["gap_rep"], s_spec["gap_rep"])
     lo, hi, _ = percentile_interval(eod_rep)
     out.append(
-        _row("equalized_odds_difference", Cell(fam.scope, fam.split, fam.group_by, "all"), max(s_sens["gap"], s_spec["gap"]), lo, hi, n, "ok",
-             f"max of sensitivity gap and false-positive-rate gap over {len(elig)} eligible groups at the validation-chosen threshold",
-             _mean_sd(eod_seed)[1], key)
+        _row(
+            "equalized_odds_difference",
+            Cell(fam.scope, fam.split, fam.group_by, "all"),
+            max(s_sens["gap"], s_spec["gap"]),
+            lo,
+            hi,
+            n,
+            "ok",
+            f"max of sensitivity gap and false-positive-rate gap over {len(elig)} eligible groups at the validation-chosen threshold",
+            _mean_sd(eod_seed)[1],
+            key,
+        )
     )
     lo, hi, _ = percentile_interval(s_sens["gap_rep"])
     worst, best = elig[s_sens["worst_i"]].group, elig[s_sens["best_i"]].group
     out.append(
-        _row("fnr_gap", Cell(fam.scope, fam.split, fam.group_by, f"{worst} vs {best}"), s_sens["gap"], lo, hi, n, "ok",
-             f"false-negative rate of {worst} minus that of {best} (highest vs lowest) over {len(elig)} eligible groups",
-             _mean_sd(s_sens["gap_seed"])[1], key)
+        _row(
+            "fnr_gap",
+            Cell(fam.scope, fam.split, fam.group_by, f"{worst} vs {best}"),
+            s_sens["gap"],
+            lo,
+            hi,
+            n,
+            "ok",
+            f"false-negative rate of {worst} minus that of {best} (highest vs lowest) over {len(elig)} eligible groups",
+            _mean_sd(s_sens["gap_seed"])[1],
+            key,
+        )
     )
     return out
 

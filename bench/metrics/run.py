@@ -22,7 +22,9 @@ DONE = "DONE"
 
 def finished_runs(run: Path) -> list[Path]:
     """Run folders with a DONE marker and a predictions file, sorted by name."""
-    return sorted(d for d in run.iterdir() if d.is_dir() and (d / DONE).is_file() and (d / PREDICTIONS).is_file())
+    return sorted(
+        d for d in run.iterdir() if d.is_dir() and (d / DONE).is_file() and (d / PREDICTIONS).is_file()
+    )
 
 
 def load_run_predictions(run: str | Path) -> tuple[Task, pd.DataFrame]:
@@ -71,12 +73,22 @@ def evaluate_run(
     mp = int(task.metrics.min_patients if min_patients is None else min_patients)
     mpos = int(task.metrics.min_positives if min_positives is None else min_positives)
     src = str(run)
-    table = evaluate_predictions(preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src)
-    comps = compare_to_baseline(preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src)
+    table = evaluate_predictions(
+        preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src
+    )
+    comps = compare_to_baseline(
+        preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src
+    )
     summary = summarize(table, comps, task)
-    summary["settings"] = dict(n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos,
-                               target_specificity=task.metrics.target_specificity, ece_bins=task.metrics.ece_bins,
-                               runs=[d.name for d in finished_runs(run)])
+    summary["settings"] = dict(
+        n_boot=n_boot,
+        seed=seed,
+        min_patients=mp,
+        min_positives=mpos,
+        target_specificity=task.metrics.target_specificity,
+        ece_bins=task.metrics.ece_bins,
+        runs=[d.name for d in finished_runs(run)],
+    )
     prepared = prepare_predictions(preds, task, source=src)
     report = build_report(table, comps, summary, task, Settings(n_boot, seed, mp, mpos, source=src), prepared)
     with atomic_dir(out, overwrite=True) as tmp:

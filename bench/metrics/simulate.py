@@ -6,9 +6,8 @@ real hard case is hard for every model), and each training seed adds its own noi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import zlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,7 +40,9 @@ def simulate_predictions(
             age = int(rng.integers(20, 90))
             effect = rng.normal(0, 0.7, k)
             for i in range(images_per_patient):
-                cases.append((f"{pid}-{i}", pid, site, split, sex, age, label, effect + rng.normal(0, 0.5, k)))
+                cases.append(
+                    (f"{pid}-{i}", pid, site, split, sex, age, label, effect + rng.normal(0, 0.5, k))
+                )
     base = pd.DataFrame(cases, columns=["case_id", "patient_id", "site", "split", "sex", "age", "_y", "_z"])
     base["y_true"] = np.asarray(task.classes, dtype=object)[base["_y"].to_numpy()]
     base["age_group"] = task.age_group(base["age"])
@@ -50,7 +51,9 @@ def simulate_predictions(
     frames = []
     for (gen, reg), strength in runs.items():
         for s in seeds:
-            noise = np.random.default_rng([seed, s, zlib.crc32(f'{gen}|{reg}'.encode())]).normal(0, 0.6, z.shape)
+            noise = np.random.default_rng([seed, s, zlib.crc32(f"{gen}|{reg}".encode())]).normal(
+                0, 0.6, z.shape
+            )
             logits = strength * onehot + z + noise
             P = np.exp(logits - logits.max(axis=1, keepdims=True))
             P /= P.sum(axis=1, keepdims=True)

@@ -68,13 +68,21 @@ def validate_predictions(
         if bad.any():
             vals = sorted(df.loc[bad, "y_true"].astype(str).unique())[:_SHOW]
             problems.append(
-                describe_rows(df, bad, f"y_true {', '.join(map(repr, vals))} unknown to the task (classes: {', '.join(classes)})")
+                describe_rows(
+                    df,
+                    bad,
+                    f"y_true {', '.join(map(repr, vals))} unknown to the task (classes: {', '.join(classes)})",
+                )
             )
     if "split" in df.columns:
         bad = df["split"].notna() & ~df["split"].astype(str).isin(SPLITS)
         if bad.any():
             vals = sorted(df.loc[bad, "split"].astype(str).unique())[:_SHOW]
-            problems.append(describe_rows(df, bad, f"split {', '.join(map(repr, vals))} is not one of {', '.join(SPLITS)}"))
+            problems.append(
+                describe_rows(
+                    df, bad, f"split {', '.join(map(repr, vals))} is not one of {', '.join(SPLITS)}"
+                )
+            )
     present = [c for c in probs if c in df.columns]
     if present:
         P = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce") for c in present})
@@ -99,7 +107,9 @@ def validate_predictions(
                 worst = float(np.max(np.abs(s[off] - 1.0)))
                 problems.append(
                     describe_rows(
-                        df, off, f"probabilities do not sum to 1 (tolerance {SUM_TOLERANCE:g}; largest deviation {worst:.3g})"
+                        df,
+                        off,
+                        f"probabilities do not sum to 1 (tolerance {SUM_TOLERANCE:g}; largest deviation {worst:.3g})",
                     )
                 )
     if "case_id" in df.columns:

@@ -14,6 +14,7 @@ built-in phantom, written once into the cache (`$MEDSYNBENCH_DATA/phantom/<key>`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,7 +44,19 @@ _HEADER_TAGS = [
     "Rows",
     "Modality",
 ]
-_SKIP_SUFFIXES = {".csv", ".json", ".parquet", ".txt", ".md", ".xml", ".html", ".pdf", ".zip", ".yaml", ".yml"}
+_SKIP_SUFFIXES = {
+    ".csv",
+    ".json",
+    ".parquet",
+    ".txt",
+    ".md",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".zip",
+    ".yaml",
+    ".yml",
+}
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O"}
 
 
@@ -57,11 +70,12 @@ def parse_age(value: Any) -> float | None:
     m = re.fullmatch(r"(\d{1,3})\s*([YMWD]?)", s, flags=re.IGNORECASE)
     if m:
         n, unit = float(m.group(1)), (m.group(2) or "Y").upper()
-        return round(n / {"Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[unit], 2)
-    try:
-        v = float(s)
-    except ValueError:
-        raise ValueError(f"not an age: {s!r}") from None
+        v = round(n / {"Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[unit], 2)
+    else:
+        try:
+            v = float(s)
+        except ValueError:
+            raise ValueError(f"not an age: {s!r}") from None
     if not 0 <= v <= 130:
         raise ValueError(f"age out of range: {s!r}")
     return v
@@ -92,7 +106,9 @@ def _norm_contrast(value: Any) -> str | None:
 def read_labels(path: Path, classes: list[str]) -> pd.DataFrame:
     """Read and check labels.csv; every problem names its row (the file's line number) and value."""
     if not path.is_file():
-        raise BadInput(f"{path}: labels file not found (one row per patient: patient_id,label,site,sex,age,contrast)")
+        raise BadInput(
+            f"{path}: labels file not found (one row per patient: patient_id,label,site,sex,age,contrast)"
+        )
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
@@ -202,7 +218,9 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
     dup = headers[headers["SOPInstanceUID"].ne("") & headers["SOPInstanceUID"].duplicated(keep=False)]
     if len(dup):
         first = dup.groupby("SOPInstanceUID")["path"].apply(list).iloc[0]
-        problems.append(f"{len(dup)} file(s) share a SOPInstanceUID with another file (copies?), e.g. {first}")
+        problems.append(
+            f"{len(dup)} file(s) share a SOPInstanceUID with another file (copies?), e.g. {first}"
+        )
     have_images = set(headers["PatientID"])
     listed = set(labels["patient_id"])
     orphans = labels[~labels["patient_id"].isin(have_images)]
@@ -235,10 +253,14 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
                 age = None
         contrast = _norm_contrast(getattr(r, "contrast", None)) or ("CE" if r.ContrastBolusAgent else "PL")
         if not site:
-            problems.append(f"{labels_path}: row {r._line}: no site (empty `site` and no InstitutionName in {r.path})")
+            problems.append(
+                f"{labels_path}: row {r._line}: no site (empty `site` and no InstitutionName in {r.path})"
+            )
         out_rows.append(
             {
-                "case_id": pseudonym(f"{r.PatientID}|{r.SeriesInstanceUID}|{r.SOPInstanceUID or r.path}", task.name),
+                "case_id": pseudonym(
+                    f"{r.PatientID}|{r.SeriesInstanceUID}|{r.SOPInstanceUID or r.path}", task.name
+                ),
                 "patient_id": pseudonym(r.PatientID, task.name),
                 "image": r.path,
                 "label": r.label,
@@ -305,10 +327,8 @@ def phantom_root(params: dict[str, Any] | None = None) -> Path:
     root = phantom_home() / params_key(p)
     if not (root / "labels.csv").is_file():
         log.info("writing the built-in phantom (%s) to %s", ", ".join(f"{k}={v}" for k, v in p.items()), root)
-        try:
+        with contextlib.suppress(FileExistsError):  # another process wrote it meanwhile
             write_phantom(root, **p)
-        except FileExistsError:  # another process wrote it meanwhile
-            pass
     return root
 
 
@@ -318,7 +338,9 @@ def default_phantom_root(task: Task) -> Path | None:
     if params is None:
         return None
     if not isinstance(params, dict):
-        raise BadInput(f"task {task.name!r}: source option 'phantom' must be a mapping of patients/slices/size/seed")
+        raise BadInput(
+            f"task {task.name!r}: source option 'phantom' must be a mapping of patients/slices/size/seed"
+        )
     root = phantom_root(params)
     if task.name not in _ANNOUNCED:
         _ANNOUNCED.add(task.name)

@@ -1,0 +1,147 @@
+"""Training core: selection on validation AUROC, determinism, probabilities, checkpoints, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import draw_shape
+from sklearn.metrics import roc_auc_score
+
+from bench.errors import BadInput
+from bench.train import augment, fit, load_checkpoint, macro_auroc, predict_proba, save_checkpoint
+
+CLASSES = ["blank", "disc", "bar"]
+FAST = dict(lr=3e-3, weight_decay=1e-4, batch_size=16, aug_strength=0.3, device="cpu", num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    rng = np.random.default_rng(0)
+    y = np.arange(72) % 3
+    x = np.stack([draw_shape(CLASSES[k], rng, size=16)[None] for k in y])
+    return x[:48], y[:48], x[48:], y[48:]
+
+
+def test_macro_auroc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 60)
+    p = rng.dirichlet(np.ones(3), 60)
+    assert macro_auroc(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
+    # Binary: the mean over both one-vs-rest views is the plain AUROC of the positive class.
+    yb = rng.integers(0, 2, 40)
+    pb = rng.dirichlet(np.ones(2), 40)
+    assert macro_auroc(yb, pb) == pytest.approx(roc_auc_score(yb, pb[:, 1]), abs=1e-12)
+    # A class absent from y is left out rather than making the score undefined.
+    y2 = np.array([0, 1, 0, 1, 0, 1])
+    p2 = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.8, 0.1, 0.1],
+                   [0.1, 0.8, 0.1]])
+    assert macro_auroc(y2, p2) == pytest.approx(1.0)
+    assert np.isnan(macro_auroc(np.zeros(4, int), p2[:4]))
+
+
+def test_fit_is_deterministic_on_cpu_and_depends_on_the_seed(shapes):
+    xtr, ytr, xva, yva = shapes
+    m1, h1 = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=0, **FAST)
+    m2, h2 = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=0, **FAST)
+    m3, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=1, **FAST)
+    p1, p2, p3 = (predict_proba(m, xva, "cpu") for m in (m1, m2, m3))
+    assert np.array_equal(p1, p2)
+    assert not np.allclose(p1, p3)
+    assert [h["train_loss"] for h in h1] == [h["train_loss"] for h in h2]
+
+
+def test_selected_checkpoint_is_the_best_validation_epoch(shapes):
+    xtr, ytr, xva, yva = shapes
+    model, hist = fit("resnet10t", xtr, ytr, xva, yva, epochs=3, seed=0, **FAST)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    aucs = [h["val_auroc_macro"] for h in hist]
+    best = int(np.argmax(aucs))  # first maximum: later ties do not replace it
+    assert [h["selected"] for h in hist] == [i == best for i in range(3)]
+    # The returned weights are that epoch's: rescoring them gives its recorded AUROC.
+    prob = predict_proba(model, xva, "cpu")
+    assert macro_auroc(yva, prob) == pytest.approx(aucs[best], abs=1e-9)
+    assert prob.shape == (len(xva), 3)
+    assert np.allclose(prob.sum(axis=1), 1.0, atol=1e-9)
+    assert (prob >= 0).all()
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(shapes):
+    xtr, ytr, xva, _ = shapes
+    # Labels unrelated to the images: validation AUROC wanders, so it stops improving within a few epochs.
+    yrand = np.random.default_rng(5).integers(0, 3, len(xva))
+    _, hist = fit("resnet10t", xtr, ytr, xva, yrand, epochs=8, seed=0, patience=1, **{**FAST, "lr": 1e-2})
+    best = next(h["epoch"] for h in hist if h["selected"])
+    assert len(hist) < 8, "random validation labels should trigger early stopping with patience 1"
+    assert hist[-1]["epoch"] - best == 1
+
+
+def test_on_epoch_sees_every_epoch_and_may_stop_training(shapes):
+    xtr, ytr, xva, yva = shapes
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def cb(rec):
+        seen.append(rec["epoch"])
+        if rec["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit("resnet10t", xtr, ytr, xva, yva, epochs=5, seed=0, on_epoch=cb, **FAST)
+    assert seen == [1, 2]
+
+
+def test_fine_tuning_starts_from_given_weights(shapes):
+    xtr, ytr, xva, yva = shapes
+    base, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, **FAST)
+    tuned, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, init=base, **{**FAST, "lr": 1e-9,
+                                                                                     "aug_strength": 0.0})
+    # With a vanishing learning rate only BatchNorm statistics move: the weights are still the initial ones.
+    w0 = base.state_dict()["conv1.0.weight"]
+    assert torch.allclose(tuned.state_dict()["conv1.0.weight"], w0, atol=1e-6)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path, shapes):
+    xtr, ytr, xva, yva = shapes
+    model, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, **FAST)
+    path = save_checkpoint(tmp_path / "c.pt", model, {"run": "x", "classes": CLASSES, "n": np.int64(3)})
+    raw = torch.load(path, weights_only=True)
+    assert raw["model"] == {"name": "resnet10t", "num_classes": 3, "in_chans": 1}
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"run": "x", "classes": CLASSES, "n": 3}
+    assert np.array_equal(predict_proba(model, xva, "cpu"), predict_proba(loaded, xva, "cpu"))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_loading_a_non_checkpoint_is_bad_input(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInput, match="x.pt"):
+        load_checkpoint(bad)
+    torch.save({"foo": 1}, tmp_path / "y.pt")
+    with pytest.raises(BadInput, match="y.pt"):
+        load_checkpoint(tmp_path / "y.pt")
+
+
+def test_augment_is_identity_at_zero_and_seeded_otherwise():
+    x = torch.rand(6, 1, 16, 16)
+    assert augment(x, 0.0, torch.Generator().manual_seed(0)) is x
+    a = augment(x, 1.0, torch.Generator().manual_seed(0))
+    b = augment(x, 1.0, torch.Generator().manual_seed(0))
+    c = augment(x, 1.0, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Mild: each augmented image stays close to its source in mean intensity.
+    assert (a.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))).abs().max() < 0.25
+
+
+def test_inputs_must_be_uint8_images(shapes):
+    xtr, ytr, xva, yva = shapes
+    with pytest.raises(ValueError, match="uint8"):
+        fit("resnet10t", xtr.astype(np.float32), ytr, xva, yva, epochs=1, seed=0, **FAST)
+    with pytest.raises(ValueError, match="labels"):
+        fit("resnet10t", xtr, ytr + 5, xva, yva, epochs=1, seed=0, **FAST)
+    with pytest.raises(BadInput, match="epochs=0"):
+        fit("resnet10t", xtr, ytr, xva, yva, epochs=0, seed=0, **FAST)
