@@ -374,6 +374,7 @@ def plan_matrix(
     cache_dir: str | Path | None = None,
     skip_corrupt: bool = False,
     workers: int = 1,
+    threads: int | None = None,
     device: str | None = None,
 ) -> MatrixPlan:
     """Resolve every input and setting into the list of runs (nothing is trained or written)."""
@@ -446,6 +447,8 @@ def plan_matrix(
         },
     }
     n_workers = max(1, int(workers))
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads {threads}: must be at least 1")
     ctx = {
         "out": str(out),
         "task_path": str(out / "task.yaml"),
@@ -457,7 +460,7 @@ def plan_matrix(
         "cache_dir": str(cache_dir) if cache_dir else None,
         "skip_corrupt": bool(skip_corrupt),
         "wandb": wandb,
-        "threads": max(1, (os.cpu_count() or 1) // n_workers),
+        "threads": int(threads) if threads else max(1, (os.cpu_count() or 1) // n_workers),
         "storage": storage_url,
         "tune": tune_spec.model_dump() if tuning_on else None,
     }
@@ -669,6 +672,25 @@ def is_done(run_dir: Path) -> bool:
     return (run_dir / DONE).is_file()
 
 
+def _with_threads(fn):
+    """Run `fn` with the matrix's CPU thread count, restoring the caller's afterwards (runs may be in-process)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(ctx.get("threads") or 1))
+        try:
+            return fn(ctx, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+@_with_threads
 def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False) -> dict[str, Any]:
     """Train, predict and write one run folder (atomically, DONE inside). Top-level so executors can ship it."""
     import torch
@@ -677,7 +699,6 @@ def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False
     from bench.train import predict_proba, save_checkpoint
 
     t0 = time.perf_counter()
-    torch.set_num_threads(int(ctx.get("threads") or 1))
     out = Path(ctx["out"])
     rid = spec["run_id"]
     final = out / rid
@@ -762,13 +783,11 @@ def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False
     return {"run_id": rid, "skipped": False, "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
+@_with_threads
 def execute_study(ctx: dict[str, Any], study: dict[str, Any], progress: Any = False) -> dict[str, Any]:
     """Run (or resume) one tuning study and store its result in RUN/tuning/<key>.json."""
-    import torch
-
     from bench.tune import run_study
 
-    torch.set_num_threads(int(ctx.get("threads") or 1))
     out = Path(ctx["out"])
     path = out / "tuning" / f"{study['key']}.json"
     if path.is_file():
@@ -885,6 +904,7 @@ def run_matrix(
     resume: bool = False,
     cache_dir: str | Path | None = None,
     skip_corrupt: bool = False,
+    threads: int | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> MatrixResult:
@@ -895,7 +915,7 @@ def run_matrix(
     plan = plan_matrix(
         task, real, out, synthetic=synthetic, protocol=protocol, regimes=regimes, seeds=seeds, backbone=backbone,
         preset=preset, epochs=epochs, tune=tune, storage=storage, wandb=wandb, cache_dir=cache_dir,
-        skip_corrupt=skip_corrupt, workers=workers, device=device,
+        skip_corrupt=skip_corrupt, workers=workers, threads=threads, device=device,
     )
     if executor not in ("local", "ray"):
         raise BadInput(f"--executor {executor!r}: expected local or ray")

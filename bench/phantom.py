@@ -617,13 +617,13 @@ def _write_chunk(out: str, indices: list[int], slices: int, size: int, seed: int
 def check_params(patients: int, slices: int, size: int, seed: int) -> None:
     problems = []
     if patients < 1:
-        problems.append(f"--patients must be at least 1 (got {patients})")
+        problems.append(f"patients (--patients) must be at least 1 (got {patients})")
     if not 1 <= slices <= 64:
-        problems.append(f"--slices must be between 1 and 64 (got {slices})")
+        problems.append(f"slices (--slices) must be between 1 and 64 (got {slices})")
     if not 32 <= size <= 1024:
-        problems.append(f"--size must be between 32 and 1024 pixels (got {size})")
+        problems.append(f"size (--size) must be between 32 and 1024 pixels (got {size})")
     if seed < 0:
-        problems.append(f"--seed must be non-negative (got {seed})")
+        problems.append(f"seed (--seed) must be non-negative (got {seed})")
     if problems:
         raise BadInput("phantom: invalid parameters", problems)
 

@@ -6,6 +6,7 @@ needs the user's key; `disabled` turns tracking off. A tracking failure never fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,10 +100,8 @@ class Tracker:
 
     def abort(self) -> None:
         if self.run is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
             self.run = None
 
 

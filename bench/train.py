@@ -64,7 +64,9 @@ class _DeviceArray:
     """A uint8 image array kept where batches are cheapest to draw from."""
 
     def __init__(self, x: np.ndarray, device: torch.device, resident: bool):
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        # torch wants writable memory; a read-only array (a memory-mapped cache) is copied once.
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())
         self.device = device
         self.on_device = resident or device.type == "cpu"
         if device.type == "cuda":
@@ -230,8 +232,9 @@ def fit(
     `on_epoch(record)` is called after every epoch with the history record; it may raise (e.g. optuna pruning).
     `progress`: False, True (own bars) or a rich Progress to add bars to.
     """
-    x_train, y_train = np.asarray(x_train), np.asarray(y_train, dtype=np.int64)
-    x_val, y_val = np.asarray(x_val), np.asarray(y_val, dtype=np.int64)
+    # Labels are copied (small, and torch wants writable memory); images stay as given until moved to the device.
+    x_train, y_train = np.asarray(x_train), np.array(y_train, dtype=np.int64)
+    x_val, y_val = np.asarray(x_val), np.array(y_val, dtype=np.int64)
     _check_xy("x_train", x_train, y_train, num_classes)
     _check_xy("x_val", x_val, y_val, num_classes)
     if len(x_train) < 2:

@@ -127,15 +127,13 @@ def run_study(
     study = optuna.create_study(
         study_name=name, storage=stor, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
     )
-    if hasattr(stor, "fail_stale_trials") or not storage.startswith("sqlite"):
-        try:
-            optuna.storages.fail_stale_trials(study)
-        except Exception:  # noqa: BLE001 - no heartbeat configured (SQLite): nothing to fail
-            pass
     if storage.startswith("sqlite"):
-        # A single-machine study has no other live worker: a RUNNING trial is left over from a killed process.
+        # A study in the run folder's SQLite file has no other live worker: a RUNNING trial is left over from a
+        # killed process and would otherwise count against nothing and block nothing, but clutter the study.
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             stor.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    else:
+        optuna.storages.fail_stale_trials(study)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
     def n_done() -> int:

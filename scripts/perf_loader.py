@@ -71,6 +71,9 @@ def sync(device) -> None:
 def cached_epochs(cache, epochs: int, batch: int, device) -> float:
     from bench.imaging import CachedLoader
 
+    for _ in CachedLoader(cache.images, batch_size=batch, device=device):  # warm-up, as for (b)
+        pass
+    sync(device)
     t = time.perf_counter()
     loader = CachedLoader(cache.images, batch_size=batch, shuffle=True, device=device)
     seen = 0

@@ -168,3 +168,46 @@ def test_parse_age(value, years):
 def test_parse_age_rejects(value):
     with pytest.raises(ValueError):
         parse_age(value)
+
+
+def test_missing_columns_and_bad_sex(copy, tmp_path, capsys):
+    df = pd.read_csv(copy / "labels.csv")
+    df.drop(columns=["label"]).to_csv(copy / "labels.csv", index=False)
+    rc, err = _manifest(copy, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and "['label']" in err and "missing" in err
+    df.assign(sex=df["sex"].where(df.index != 4, "X")).to_csv(copy / "labels.csv", index=False)
+    rc, err = _manifest(copy, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and "row 6" in err and "sex" in err and "'X'" in err
+    assert not (tmp_path / "m.parquet").exists()
+
+
+@pytest.mark.parametrize("edit, expected", [("no-id", "without a PatientID"), ("multi-frame", "multi-frame")])
+def test_unusable_dicom_files_are_named(copy, tmp_path, capsys, edit, expected):
+    f = sorted(copy.rglob("*.dcm"))[4]
+    ds = pydicom.dcmread(f)
+    if edit == "no-id":
+        del ds.PatientID
+    else:
+        ds.NumberOfFrames = 2
+    ds.save_as(f, enforce_file_format=True)
+    rc, err = _manifest(copy, tmp_path / "m.parquet", capsys)
+    assert rc == 2 and expected in err and str(f.resolve()) in err
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_bad_phantom_option_is_bad_input(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    raw = yaml.safe_load(load_task(TASK).path.read_text())
+    raw["source"]["options"]["phantom"] = {"patients": 0, "colour": "red"}
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "task.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MEDSYNBENCH_DATA", str(tmp_path / "data"))
+    assert main(["data", "manifest", "--task", str(d)]) == 2
+    assert "colour" in capsys.readouterr().err
+    raw["source"]["options"]["phantom"] = {"patients": 0}
+    (d / "task.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["data", "manifest", "--task", str(d)]) == 2
+    assert "--patients" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "phantom").exists() or not any((tmp_path / "data" / "phantom").iterdir())

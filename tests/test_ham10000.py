@@ -258,3 +258,25 @@ def test_metadata_option_and_unknown_option(tmp_path, metadata, capsys):
     assert _manifest_cli(root, tmp_path / "m2.parquet", "metdata=meta/my_metadata.csv") == 2
     assert "metdata" in capsys.readouterr().err
     assert not (tmp_path / "m2.parquet").exists()
+
+
+@pytest.mark.slow
+def test_real_only_smoke_run_predicts_every_held_out_case(sample_manifest, tmp_path, task):
+    run = tmp_path / "run"
+    args = ["run", "--task", "ham10000", "--real", str(sample_manifest), "--regimes", "real", "--seeds", "0"]
+    args += ["--preset", "smoke", "--epochs", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(run), "--quiet"]) == 0
+    (folder,) = [d for d in run.iterdir() if d.is_dir() and (d / "DONE").exists()]
+    assert folder.name.startswith("none__real__")
+    preds = pd.read_parquet(folder / "predictions.parquet")
+    man = read_manifest(sample_manifest).df.set_index("case_id")
+    held_out = man.index[man["split"].isin(["val", "test", "external"])]
+    assert preds["case_id"].is_unique
+    assert sorted(preds["case_id"]) == sorted(held_out)
+    p = preds.set_index("case_id")
+    assert (p["split"] == man.loc[p.index, "split"]).all()
+    assert (p["y_true"] == man.loc[p.index, "label"]).all()
+    assert (p["site"] == man.loc[p.index, "site"]).all()
+    probs = p[[f"prob_{c}" for c in task.classes]].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all() and abs(probs.sum(axis=1) - 1).max() < 1e-4
+    assert set(p.loc[p["split"] == "external", "site"]) == {"rosendahl", "vienna_dias"}

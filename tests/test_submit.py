@@ -21,6 +21,15 @@ from bench.io import sha256_file
 from bench.leaderboard.record import validate_record
 from bench.leaderboard.submit import eval_cases_sha256, task_spec_sha256
 
+SMALL = {"regimes": ["real", "synthetic"], "seeds": [0]}
+
+
+def small_case(tmp_path: Path, generators: dict[str, float] | None = None, **run_kw) -> tuple[Path, Path]:
+    """A run and a leaderboard with two regimes and one seed: for checks that need a submission, not every regime."""
+    run = make_run(tmp_path / "run", generators or {"good": 2.0}, **SMALL, **run_kw)
+    board = make_board(tmp_path / "board", protocol={**SMALL, "backbone": "resnet18"})
+    return run, board
+
 
 @pytest.fixture(scope="module")
 def accepted(tmp_path_factory):
@@ -124,10 +133,9 @@ def test_metrics_are_rescored_from_predictions(accepted):
 
 def test_reported_numbers_are_never_read(tmp_path):
     """A run that claims perfect metrics gets the numbers its predictions earn."""
-    run = make_run(tmp_path / "run", {"good": 2.0})
+    run, board = small_case(tmp_path)
     for d in run.glob("*__*"):
         (d / "metrics.json").write_text(json.dumps({"auroc_macro": 1.0}))
-    board = make_board(tmp_path / "board")
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     rec = next(json.loads(p.read_text()) for p in (board / "records").glob("*good*.json"))
     assert rec["metrics"]["regimes"]["synthetic"]["value"] < 0.999
@@ -153,7 +161,7 @@ def test_records_hold_no_patient_or_case_ids(accepted):
 
 
 def test_ids_in_privacy_problems_are_redacted(tmp_path):
-    run = make_run(tmp_path / "run", {"good": 2.0})
+    run, board = small_case(tmp_path)
     pid = "PAT-x1-0003"
     pv = json.loads((run / "privacy/good/privacy.json").read_text())
     pv["contamination"] = {
@@ -161,7 +169,6 @@ def test_ids_in_privacy_problems_are_redacted(tmp_path):
         "problems": [f"synthetic image 17 duplicates external case CASE-{pid}-0"],
     }
     (run / "privacy/good/privacy.json").write_text(json.dumps(pv))
-    board = make_board(tmp_path / "board")
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     rec = next(json.loads(p.read_text()) for p in (board / "records").glob("*good*.json"))
     assert rec["privacy"]["contamination"]["status"] == "fail"
@@ -170,8 +177,7 @@ def test_ids_in_privacy_problems_are_redacted(tmp_path):
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
-    run = make_run(tmp_path / "run", {"good": 2.0})
-    board = make_board(tmp_path / "board")
+    run, board = small_case(tmp_path)
     before = snapshot(board)
     assert main(["submit", str(run), "--leaderboard", str(board), "--dry-run"]) == 0
     assert "would add" in capsys.readouterr().out
@@ -179,8 +185,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
 
 
 def test_generator_selection_and_reference_not_duplicated(tmp_path):
-    run = make_run(tmp_path / "run")
-    board = make_board(tmp_path / "board")
+    run, board = small_case(tmp_path, {"good": 2.0, "weak": 0.5})
     assert main(["submit", str(run), "--leaderboard", str(board), "--generator", "good"]) == 0
     names = sorted(json.loads(p.read_text())["generator"]["name"] for p in (board / "records").glob("*.json"))
     assert names == ["good", "none"]
@@ -359,9 +364,9 @@ def test_manifest_in_bundle_checks_coverage_exactly(tmp_path, capsys):
 
 
 def test_pins_that_match_are_accepted(tmp_path):
-    run = make_run(tmp_path / "run", {"good": 2.0})
     from bench.tasks import load_task
 
+    run, _ = small_case(tmp_path)
     task = load_task(run / "task.yaml")
     raw = pd.concat([pd.read_parquet(p) for p in run.glob("*/predictions.parquet")])
     ev = sorted(set(raw.loc[raw["split"].isin(["test", "external"]), "case_id"]))
@@ -370,14 +375,14 @@ def test_pins_that_match_are_accepted(tmp_path):
         tmp_path / "board",
         task={"name": "tiny", "version": "1.0", "spec_sha256": task_spec_sha256(task)},
         pins={"manifests": {"real": real}, "eval_cases_sha256": eval_cases_sha256(ev)},
+        protocol={**SMALL, "backbone": "resnet18"},
     )
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     assert len(list((board / "records").glob("*.json"))) == 2
 
 
 def test_duplicate_submission_is_rejected(tmp_path, capsys):
-    run = make_run(tmp_path / "run", {"good": 2.0})
-    board = make_board(tmp_path / "board")
+    run, board = small_case(tmp_path)
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     before = snapshot(board)
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 2
@@ -405,11 +410,10 @@ def test_missing_leaderboard_and_run(tmp_path, capsys):
 def test_concurrent_submits_both_land(tmp_path):
     """Two processes submit different runs at the same moment: both records sets land, ids are unique, and the
     built page lists every record."""
-    small = {"regimes": ["real", "synthetic"], "seeds": [0]}
     runs = [
-        make_run(tmp_path / f"run{i}", {f"gen{i}": 1.0 + i}, noise_offset=500 * i, **small) for i in range(2)
+        make_run(tmp_path / f"run{i}", {f"gen{i}": 1.0 + i}, noise_offset=500 * i, **SMALL) for i in range(2)
     ]
-    board = make_board(tmp_path / "board", protocol={**small, "backbone": "resnet18"})
+    board = make_board(tmp_path / "board", protocol={**SMALL, "backbone": "resnet18"})
     exe = [sys.executable, "-m", "bench"]
     procs = [
         subprocess.Popen(

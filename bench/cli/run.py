@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--storage", help="optuna storage URL (default: sqlite in OUT/tuning.db)")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, default=1, help="runs at once (local: processes, one GPU each)")
+    p.add_argument(
+        "--threads", type=int,
+        help="CPU threads per run (default: cores / workers); CPU results are reproducible for a given value",
+    )
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--resume", action="store_true", help="continue the matrix in OUT (it must exist)")
@@ -81,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=args.resume,
         cache_dir=args.cache_dir,
         skip_corrupt=args.skip_corrupt,
+        threads=args.threads,
         device=args.device,
         progress=not args.quiet,
     )

@@ -114,6 +114,12 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
     lines += ["", "Records: " + ", ".join(f"`records/{r['id']}.json`" for r in rows), ""]
+    lines += [
+        "To add a result: `medsynbench submit RUN --leaderboard <this folder>` (a run folder, .zip or .tar.gz), then "
+        "`medsynbench leaderboard build <this folder>`. Submissions are checked against `leaderboard.yaml` and "
+        "re-scored from their predictions.",
+        "",
+    ]
     return "\n".join(lines)
 
 
