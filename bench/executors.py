@@ -127,10 +127,24 @@ class RayExecutor:
             self.started = False
 
 
+def check_executor(kind: str, workers: int = 1, ray_address: str | None = None) -> None:
+    """Reject impossible executor settings before anything is written."""
+    if kind not in EXECUTORS:
+        raise BadInput(f"--executor {kind!r}: expected one of {list(EXECUTORS)}")
+    if workers < 1:
+        raise BadInput(f"--workers {workers}: must be at least 1")
+    if ray_address and kind != "ray":
+        raise BadInput("--ray-address needs --executor ray")
+    if kind == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise BadInput("--executor ray: Ray is not installed; install the extra: pip install 'medsynbench[ray]'")
+
+
 def make_executor(kind: str, workers: int = 1, ray_address: str | None = None) -> LocalExecutor | RayExecutor:
+    check_executor(kind, workers, ray_address)
     if kind == "local":
-        if ray_address:
-            raise BadInput("--ray-address needs --executor ray")
         return LocalExecutor(workers)
     if kind == "ray":
         return RayExecutor(workers, ray_address)

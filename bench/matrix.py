@@ -909,7 +909,7 @@ def run_matrix(
     progress: bool = True,
 ) -> MatrixResult:
     """Plan, tune (if asked) and run every run of the matrix that is not DONE yet."""
-    from bench.executors import make_executor
+    from bench.executors import check_executor, make_executor
 
     t0 = time.perf_counter()
     plan = plan_matrix(
@@ -917,8 +917,7 @@ def run_matrix(
         preset=preset, epochs=epochs, tune=tune, storage=storage, wandb=wandb, cache_dir=cache_dir,
         skip_corrupt=skip_corrupt, workers=workers, threads=threads, device=device,
     )
-    if executor not in ("local", "ray"):
-        raise BadInput(f"--executor {executor!r}: expected local or ray")
+    check_executor(executor, workers, ray_address)
     _check_existing(plan, resume)
     _write_header(plan)
     _prepare_caches(plan, progress)

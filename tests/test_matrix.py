@@ -382,3 +382,14 @@ def test_every_regime_runs_and_writes_its_composition(world, tmp_path):
         _, expected = compose(regime, train, syn if reg.uses_synthetic else None, 0, classes=CLASSES)
         assert comp == json.loads(json.dumps(expected))
         assert set(pd.read_parquet(d / "predictions.parquet")["regime"]) == {regime}
+
+
+@pytest.mark.slow
+def test_local_process_pool_reproduces_in_process_runs(world, matrix, tmp_path):
+    out = tmp_path / "pool"
+    assert main(base_args(world, out, "--synthetic", f"shapes={world['syn']}", "--regimes",
+                          "real,augment:1,pretrain", "--seeds", "0", "--wandb", "disabled", "--workers", "2")) == 0
+    a, b = _preds(out), _preds(matrix)
+    assert sorted(a) == sorted(RUNS)
+    for k in a:
+        pd.testing.assert_frame_equal(a[k], b[k], check_exact=True)

@@ -38,3 +38,4 @@ def test_ray_address_without_ray_executor_is_bad_input(world, tmp_path, capsys):
     rc = main(base_args(world, tmp_path / "o", "--regimes", "real", "--ray-address", "127.0.0.1:6379"))
     assert rc == 2
     assert "--ray-address" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
