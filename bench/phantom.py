@@ -94,10 +94,10 @@ SITES: tuple[SiteSpec, ...] = (
              420.0, 5.0, 0.40, 0, (0.35, 0.16, 0.16, 0.12, 0.13, 0.08), 54, 17, 0.48, "HB"),
     SiteSpec("hospital_c", False, 0.20, "Philips", "iCT 256", "B", 10.0, 0.6, 0.9, -3.0,
              360.0, 3.0, 0.85, -1024, (0.21, 0.20, 0.10, 0.17, 0.12, 0.20), 52, 15, 0.55, "HC"),
-    SiteSpec("hospital_d", True, 0.17, "TOSHIBA", "Aquilion ONE", "FC08", 22.0, 1.6, 1.8, 12.0,
+    SiteSpec("hospital_d", True, 0.17, "TOSHIBA", "Aquilion ONE", "FC08", 24.0, 1.6, 1.8, 16.0,
              460.0, 5.0, 0.50, -1024, (0.31, 0.18, 0.17, 0.12, 0.13, 0.09), 57, 16, 0.50, "HD"),
-    SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 26.0, 0.5, 0.6, -10.0,
-             340.0, 2.0, 0.30, 0, (0.28, 0.15, 0.20, 0.12, 0.15, 0.10), 46, 18, 0.50, "HE"),
+    SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 30.0, 0.5, 0.6, -18.0,
+             330.0, 2.0, 0.30, 0, (0.28, 0.15, 0.20, 0.12, 0.15, 0.10), 46, 18, 0.50, "HE"),
 )
 # fmt: on
 SITE_BY_NAME = {s.name: s for s in SITES}

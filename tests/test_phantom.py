@@ -269,3 +269,10 @@ def test_without_root_the_task_uses_the_phantom_once(tmp_path, monkeypatch, capl
     assert sum("writing the built-in phantom" in r.getMessage() for r in caplog.records) == 1
     a, b = pd.read_parquet(tmp_path / "m1.parquet"), pd.read_parquet(tmp_path / "m2.parquet")
     assert len(a) == 24 and a.equals(b)
+
+
+@pytest.mark.slow
+def test_thousand_patients_in_under_a_minute(tmp_path):
+    s = write_phantom(tmp_path / "big", patients=1000, slices=3, size=128, seed=0, workers=2)
+    assert s["images"] == 3000 and len(list((tmp_path / "big").rglob("*.dcm"))) == 3000
+    assert s["seconds"] < 60, s["seconds"]

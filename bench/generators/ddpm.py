@@ -29,7 +29,7 @@ class Ddpm(Generator):
             "num_res_blocks": 1,
             "norm_num_groups": 8,
             "timesteps": 300,
-            "train_steps": 800,
+            "train_steps": 600,
             "batch_size": 32,
             "lr": 2e-3,
             "ema_decay": 0.99,
@@ -91,7 +91,7 @@ class Ddpm(Generator):
         ema = copy.deepcopy(model).eval() if cfg["ema_decay"] > 0 else None
         sched = DDPMScheduler(**self._schedule_args())
         x_all = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
-        y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        y_all = torch.from_numpy(np.array(labels, dtype=np.int64))
         opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
         steps = int(cfg["train_steps"])
         warm = max(1, steps // 20)
@@ -125,9 +125,9 @@ class Ddpm(Generator):
                     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                         pe.mul_(d).add_(pm.detach(), alpha=1 - d)
             if step % max(1, steps // 10) == 0 or step == steps - 1:
-                log.info("ddpm step %d/%d loss %.4f (%.0f s)", step + 1, steps, float(loss), time.time() - t0)
+                log.info("ddpm step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.time() - t0)
         self._model = (ema if ema is not None else model).eval()
-        self.fitted_ = {"final_loss": float(loss), "train_seconds": round(time.time() - t0, 1)}
+        self.fitted_ = {"final_loss": float(loss.item()), "train_seconds": round(time.time() - t0, 1)}
 
     def sample(self, labels: np.ndarray) -> np.ndarray:
         import torch
