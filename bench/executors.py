@@ -53,7 +53,10 @@ class LocalExecutor:
         for k in range(self.workers):
             queue.put(str(k % gpus) if gpus else None)
         with cf.ProcessPoolExecutor(
-            max_workers=min(self.workers, len(items)), mp_context=mp, initializer=_init_worker, initargs=(queue,)
+            max_workers=min(self.workers, len(items)),
+            mp_context=mp,
+            initializer=_init_worker,
+            initargs=(queue,),
         ) as pool:
             futures = {pool.submit(fn, ctx, item): item for item in items}
             try:
@@ -139,7 +142,9 @@ def check_executor(kind: str, workers: int = 1, ray_address: str | None = None) 
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
-            raise BadInput("--executor ray: Ray is not installed; install the extra: pip install 'medsynbench[ray]'")
+            raise BadInput(
+                "--executor ray: Ray is not installed; install the extra: pip install 'medsynbench[ray]'"
+            )
 
 
 def make_executor(kind: str, workers: int = 1, ray_address: str | None = None) -> LocalExecutor | RayExecutor:

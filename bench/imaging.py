@@ -805,6 +805,7 @@ class CachedLoader:
             free, _ = torch.cuda.mem_get_info(self.device)
             on_device = data.nbytes < 0.25 * free
         self.on_device = bool(cuda and on_device)
+        self._np = data
         self._data = torch.from_numpy(data)
         if self.on_device:
             self._data = self._data.to(self.device)
@@ -833,15 +834,22 @@ class CachedLoader:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for k in range(0, stop, self.batch_size):
             sel = perm[k : k + self.batch_size]
-            idx = torch.from_numpy(self._pos[sel])
-            if self.on_device:
-                x = self._data.index_select(0, idx.to(self.device))
+            pos = self._pos[sel]
+            if self.device.type == "cpu":
+                # numpy, single-threaded: torch's intra-op threads wait on each other at every small op, which
+                # costs milliseconds per batch when the cores are busy (the training step is using them).
+                x = torch.from_numpy(np.divide(self._np[pos], np.float32(255.0), dtype=np.float32))
+                if self.channels_last:
+                    x = x.contiguous(memory_format=fmt)
             else:
-                x = self._data.index_select(0, idx)
-                if self._pin:
-                    x = x.pin_memory()
-                x = x.to(self.device, non_blocking=True)
-            x = x.to(dtype=torch.float32).div_(255.0).contiguous(memory_format=fmt)
+                if self.on_device:
+                    x = self._data.index_select(0, torch.from_numpy(pos).to(self.device))
+                else:
+                    x = self._data.index_select(0, torch.from_numpy(pos))
+                    if self._pin:
+                        x = x.pin_memory()
+                    x = x.to(self.device, non_blocking=True)
+                x = x.to(dtype=torch.float32).div_(255.0).contiguous(memory_format=fmt)
             if self._labels is None:
                 yield x
             else:

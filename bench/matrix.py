@@ -72,7 +72,9 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     aug_strength: float = Field(0.5, ge=0)
     patience: int | None = Field(None, ge=1, description="early stopping on validation AUROC; None = off")
-    pretrain_epochs: int | None = Field(None, ge=1, description="synthetic stage of `pretrain`; None = epochs")
+    pretrain_epochs: int | None = Field(
+        None, ge=1, description="synthetic stage of `pretrain`; None = epochs"
+    )
     device: str = "auto"
 
 
@@ -125,7 +127,9 @@ def _find_config(kind: str, ref: str | Path) -> Path:
             if q.is_file():
                 return q
     known = sorted({q.stem for root in _config_roots() for q in (root / f"{kind}s").glob("*.y*ml")})
-    raise BadInput(f"{kind} {str(ref)!r}: not a file and not a known {kind} (known: {', '.join(known) or 'none'})")
+    raise BadInput(
+        f"{kind} {str(ref)!r}: not a file and not a known {kind} (known: {', '.join(known) or 'none'})"
+    )
 
 
 def _load_yaml_model(path: Path, model: type[BaseModel], what: str) -> Any:
@@ -212,7 +216,9 @@ def find_card_file(manifest: Path) -> Path | None:
     return next((p for p in cands if p.is_file()), None)
 
 
-def load_synthetic(name: str, path: str | Path, task: Task, real: Manifest) -> tuple[Manifest, dict | None, Path | None]:
+def load_synthetic(
+    name: str, path: str | Path, task: Task, real: Manifest
+) -> tuple[Manifest, dict | None, Path | None]:
     """Read and check one synthetic manifest and its card; every problem found is bad input (exit 2)."""
     from bench.generators.card import hash_id, read_card
 
@@ -228,16 +234,21 @@ def load_synthetic(name: str, path: str | Path, task: Task, real: Manifest) -> t
                 f"{', '.join(map(str, bad[:20]))}{', ...' if len(bad) > 20 else ''})"
             )
     problems += [
-        p for p in validate_manifest(m, task, check_images=False, allow_origins=("synthetic",))
+        p
+        for p in validate_manifest(m, task, check_images=False, allow_origins=("synthetic",))
         if not p.startswith("column 'origin': must be one of")
     ]
     if problems:
-        raise BadInput(f"{path}: synthetic manifest for generator {name!r}: {len(problems)} problem(s)", problems)
+        raise BadInput(
+            f"{path}: synthetic manifest for generator {name!r}: {len(problems)} problem(s)", problems
+        )
 
     card_path = find_card_file(path)
     card: dict | None = None
     if card_path is None:
-        log.warning("%s: no generator card beside the synthetic manifest; its provenance is not checked", path)
+        log.warning(
+            "%s: no generator card beside the synthetic manifest; its provenance is not checked", path
+        )
         return m, None, None
     card = read_card(card_path).to_dict()
     training = card.get("training") or {}
@@ -249,7 +260,9 @@ def load_synthetic(name: str, path: str | Path, task: Task, real: Manifest) -> t
         )
     bad_splits = sorted(set(map(str, training.get("splits") or [])) - {"train"})
     if bad_splits:
-        problems.append(f"field 'training.splits': the generator was trained on split(s) {bad_splits}; only 'train'")
+        problems.append(
+            f"field 'training.splits': the generator was trained on split(s) {bad_splits}; only 'train'"
+        )
     hashed = set(map(str, training.get("patients") or []))
     if hashed:
         rdf = real.df
@@ -324,8 +337,19 @@ def environment(device: str | None = None) -> dict[str, Any]:
     import torch
 
     pkgs = {}
-    for p in ("medsynbench", "torch", "torchvision", "timm", "monai", "numpy", "pandas", "scikit-learn", "optuna",
-              "wandb", "pydicom"):
+    for p in (
+        "medsynbench",
+        "torch",
+        "torchvision",
+        "timm",
+        "monai",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "optuna",
+        "wandb",
+        "pydicom",
+    ):
         try:
             pkgs[p] = version(p)
         except PackageNotFoundError:
@@ -343,6 +367,17 @@ def environment(device: str | None = None) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def default_threads(workers: int) -> int:
+    """CPU threads per run: 1 unless each worker has more than two cores to itself.
+
+    Measured on a 2-core machine shared with other jobs: two intra-op threads per run made training about five
+    times slower than one, because the threads wait on each other whenever another process takes a core. Use
+    `--workers` to fill the cores with runs instead.
+    """
+    per = (os.cpu_count() or 1) // max(1, workers)
+    return per if per > 2 else 1
 
 
 @dataclass
@@ -440,7 +475,11 @@ def plan_matrix(
 
     task_spec = task.spec()
     manifests = {
-        "real": {"path": str(Path(real).resolve()), "sha256": real_m.sha256, "file_sha256": sha256_file(real)},
+        "real": {
+            "path": str(Path(real).resolve()),
+            "sha256": real_m.sha256,
+            "file_sha256": sha256_file(real),
+        },
         "synthetic": {
             n: {"path": str(p.resolve()), "sha256": syn_m[n].sha256, "file_sha256": sha256_file(p)}
             for n, p in syn_paths.items()
@@ -460,7 +499,7 @@ def plan_matrix(
         "cache_dir": str(cache_dir) if cache_dir else None,
         "skip_corrupt": bool(skip_corrupt),
         "wandb": wandb,
-        "threads": int(threads) if threads else max(1, (os.cpu_count() or 1) // n_workers),
+        "threads": int(threads) if threads else default_threads(n_workers),
         "storage": storage_url,
         "tune": tune_spec.model_dump() if tuning_on else None,
     }
@@ -487,9 +526,16 @@ def plan_matrix(
                 )
                 skey = study_key(gen, reg, bb) if tuning_on else None
                 if skey and skey not in studies:
-                    studies[skey] = {"key": skey, "generator": gen, "regime": reg.name, "backbone": bb,
-                                     "settings": settings}
-                runs.append(RunSpec(run_id(gen, reg, bb, seed), gen, reg.name, seed, bb, settings, ident, skey))
+                    studies[skey] = {
+                        "key": skey,
+                        "generator": gen,
+                        "regime": reg.name,
+                        "backbone": bb,
+                        "settings": settings,
+                    }
+                runs.append(
+                    RunSpec(run_id(gen, reg, bb, seed), gen, reg.name, seed, bb, settings, ident, skey)
+                )
 
     matrix = {
         "schema_version": SCHEMA_VERSION,
@@ -532,7 +578,11 @@ class _Data:
 
         self.m = read_manifest(path)
         self.cache = build_cache(
-            self.m, task, size=size, cache_dir=Path(cache_dir) if cache_dir else None, skip_corrupt=skip_corrupt,
+            self.m,
+            task,
+            size=size,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            skip_corrupt=skip_corrupt,
             progress=False,
         )
         df = self.m.df
@@ -584,16 +634,28 @@ def train_regime(
 
     size = int(settings["image_size"])
     real = _data(ctx["manifests"]["real"]["path"], task, size, ctx)
-    syn = _data(ctx["manifests"]["synthetic"][generator]["path"], task, size, ctx) if generator != BASELINE else None
+    syn = (
+        _data(ctx["manifests"]["synthetic"][generator]["path"], task, size, ctx)
+        if generator != BASELINE
+        else None
+    )
     classes = task.classes
     train_df = real.df[(real.df["split"] == "train") & real.df["site"].isin(task.sites.train)]
     val_df = real.df[(real.df["split"] == "val") & real.df["site"].isin(task.sites.train)]
-    rows, comp = compose(regime, train_df, syn.df if syn else None, seed, classes=classes, balance=ctx["balance"])
+    rows, comp = compose(
+        regime, train_df, syn.df if syn else None, seed, classes=classes, balance=ctx["balance"]
+    )
     x_val, y_val = real.take(val_df["case_id"]), _labels(val_df, classes)
     common = dict(
-        lr=settings["lr"], weight_decay=settings["weight_decay"], batch_size=settings["batch_size"],
-        aug_strength=settings["aug_strength"], seed=seed, device=settings["device"], num_classes=len(classes),
-        patience=settings["patience"], progress=progress,
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        batch_size=settings["batch_size"],
+        aug_strength=settings["aug_strength"],
+        seed=seed,
+        device=settings["device"],
+        num_classes=len(classes),
+        patience=settings["patience"],
+        progress=progress,
     )
     history: list[dict[str, Any]] = []
     init = None
@@ -601,15 +663,25 @@ def train_regime(
     model = None
     for stage in stages:
         part = rows[rows["stage"] == stage]
-        epochs = (settings["pretrain_epochs"] or settings["epochs"]) if stage == "pretrain" else settings["epochs"]
+        epochs = (
+            (settings["pretrain_epochs"] or settings["epochs"]) if stage == "pretrain" else settings["epochs"]
+        )
 
         def cb(rec: dict[str, Any], stage: str = stage) -> None:
             if on_epoch is not None:
                 on_epoch({**rec, "stage": stage})
 
         model, hist = fit(
-            settings["backbone"], _images_for(part, real, syn), _labels(part, classes), x_val, y_val,
-            epochs=int(epochs), init=init, on_epoch=cb, label=stage, **common,
+            settings["backbone"],
+            _images_for(part, real, syn),
+            _labels(part, classes),
+            x_val,
+            y_val,
+            epochs=int(epochs),
+            init=init,
+            on_epoch=cb,
+            label=stage,
+            **common,
         )
         history += [{"stage": stage, **h} for h in hist]
         init = model
@@ -643,7 +715,14 @@ def _metrics(preds: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
 
 
 def predictions_frame(
-    task: Task, eval_df: pd.DataFrame, prob: np.ndarray, *, generator: str, regime: str, seed: int, backbone: str
+    task: Task,
+    eval_df: pd.DataFrame,
+    prob: np.ndarray,
+    *,
+    generator: str,
+    regime: str,
+    seed: int,
+    backbone: str,
 ) -> pd.DataFrame:
     """The predictions contract: one row per case, subgroup columns, y_true, prob_<class>, run keys."""
     df = task.add_subgroup_columns(eval_df.reset_index(drop=True))
@@ -733,20 +812,35 @@ def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False
         "environment": environment(str(settings["device"]) if settings["device"] != "auto" else None),
     }
     tracker = Tracker(
-        ctx["wandb"], out / "wandb", name=rid, group=f"{task.name}/{gen}", config=config,
+        ctx["wandb"],
+        out / "wandb",
+        name=rid,
+        group=f"{task.name}/{gen}",
+        config=config,
         tags=[spec["regime"], f"seed{spec['seed']}", spec["backbone"]],
     )
     try:
         model, history, comp, real = train_regime(
-            ctx, task, gen, spec["regime"], int(spec["seed"]), settings,
-            on_epoch=lambda rec: tracker.log_epoch(rec), progress=progress,
+            ctx,
+            task,
+            gen,
+            spec["regime"],
+            int(spec["seed"]),
+            settings,
+            on_epoch=lambda rec: tracker.log_epoch(rec),
+            progress=progress,
         )
         eval_df = real.df[real.df["split"].isin(EVAL_SPLITS)]
         order = {s: i for i, s in enumerate(EVAL_SPLITS)}
         eval_df = eval_df.iloc[np.argsort(eval_df["split"].map(order).to_numpy(), kind="stable")]
         prob = predict_proba(model, real.take(eval_df["case_id"]), settings["device"])
         preds = predictions_frame(
-            task, eval_df, prob, generator=gen, regime=spec["regime"], seed=int(spec["seed"]),
+            task,
+            eval_df,
+            prob,
+            generator=gen,
+            regime=spec["regime"],
+            seed=int(spec["seed"]),
             backbone=spec["backbone"],
         )
         metrics = _metrics(preds, task.classes)
@@ -754,8 +848,13 @@ def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False
         train_s = sum(h["train_seconds"] for h in history)
         n_img = sum(h["images_per_second"] * h["train_seconds"] for h in history)
         metrics.update(
-            run_id=rid, generator=gen, regime=spec["regime"], seed=int(spec["seed"]), backbone=spec["backbone"],
-            best_epoch=int(best["epoch"]), epochs_run=len(history),
+            run_id=rid,
+            generator=gen,
+            regime=spec["regime"],
+            seed=int(spec["seed"]),
+            backbone=spec["backbone"],
+            best_epoch=int(best["epoch"]),
+            epochs_run=len(history),
             timing={
                 "train_seconds": train_s,
                 "train_images_per_second": n_img / train_s if train_s > 0 else None,
@@ -769,9 +868,17 @@ def execute_run(ctx: dict[str, Any], spec: dict[str, Any], progress: Any = False
             write_table(tmp / "predictions.parquet", preds)
             write_table(tmp / "history.csv", pd.DataFrame(history))
             save_checkpoint(
-                tmp / "checkpoint.pt", model,
-                {"run_id": rid, "task": ctx["task"], "classes": task.classes, "image": config["image"],
-                 "generator": gen, "regime": spec["regime"], "seed": int(spec["seed"])},
+                tmp / "checkpoint.pt",
+                model,
+                {
+                    "run_id": rid,
+                    "task": ctx["task"],
+                    "classes": task.classes,
+                    "image": config["image"],
+                    "generator": gen,
+                    "regime": spec["regime"],
+                    "seed": int(spec["seed"]),
+                },
             )
             write_json(tmp / "metrics.json", metrics)
             # Written last, inside the temporary folder, so the folder appears complete and DONE together.
@@ -798,13 +905,22 @@ def execute_study(ctx: dict[str, Any], study: dict[str, Any], progress: Any = Fa
     def objective(params: dict[str, float], report) -> float:
         settings = {**study["settings"], **params}
         _, history, _, _ = train_regime(
-            ctx, task, study["generator"], study["regime"], spec.seed, settings,
-            on_epoch=lambda rec: report(int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
-                                        float(rec["val_auroc_macro"])),
+            ctx,
+            task,
+            study["generator"],
+            study["regime"],
+            spec.seed,
+            settings,
+            on_epoch=lambda rec: report(
+                int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
+                float(rec["val_auroc_macro"]),
+            ),
             progress=progress,
         )
         last = [h for h in history if h["stage"] != "pretrain"]
-        best = max((h["val_auroc_macro"] for h in last if not np.isnan(h["val_auroc_macro"])), default=float("nan"))
+        best = max(
+            (h["val_auroc_macro"] for h in last if not np.isnan(h["val_auroc_macro"])), default=float("nan")
+        )
         return best
 
     name = f"{ctx['task']['name']}-{ctx['task']['version']}__{study['key']}"
@@ -861,7 +977,10 @@ def _write_header(plan: MatrixPlan) -> None:
         matrix["generators"] = gens
         matrix["manifests"] = {
             "real": matrix["manifests"]["real"],
-            "synthetic": {**(old.get("manifests", {}).get("synthetic") or {}), **matrix["manifests"]["synthetic"]},
+            "synthetic": {
+                **(old.get("manifests", {}).get("synthetic") or {}),
+                **matrix["manifests"]["synthetic"],
+            },
         }
         matrix["runs"] = list(dict.fromkeys(list(old.get("runs") or []) + matrix["runs"]))
     matrix["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -878,9 +997,18 @@ def _prepare_caches(plan: MatrixPlan, progress: bool) -> None:
 
     size = int(plan.runs[0].settings["image_size"])
     cache_dir = Path(plan.ctx["cache_dir"]) if plan.ctx["cache_dir"] else None
-    for m in [plan.ctx["manifests"]["real"]["path"], *[v["path"] for v in plan.ctx["manifests"]["synthetic"].values()]]:
-        build_cache(read_manifest(m), plan.task, size=size, cache_dir=cache_dir,
-                    skip_corrupt=plan.ctx["skip_corrupt"], progress=progress)
+    for m in [
+        plan.ctx["manifests"]["real"]["path"],
+        *[v["path"] for v in plan.ctx["manifests"]["synthetic"].values()],
+    ]:
+        build_cache(
+            read_manifest(m),
+            plan.task,
+            size=size,
+            cache_dir=cache_dir,
+            skip_corrupt=plan.ctx["skip_corrupt"],
+            progress=progress,
+        )
 
 
 def run_matrix(
@@ -913,9 +1041,24 @@ def run_matrix(
 
     t0 = time.perf_counter()
     plan = plan_matrix(
-        task, real, out, synthetic=synthetic, protocol=protocol, regimes=regimes, seeds=seeds, backbone=backbone,
-        preset=preset, epochs=epochs, tune=tune, storage=storage, wandb=wandb, cache_dir=cache_dir,
-        skip_corrupt=skip_corrupt, workers=workers, threads=threads, device=device,
+        task,
+        real,
+        out,
+        synthetic=synthetic,
+        protocol=protocol,
+        regimes=regimes,
+        seeds=seeds,
+        backbone=backbone,
+        preset=preset,
+        epochs=epochs,
+        tune=tune,
+        storage=storage,
+        wandb=wandb,
+        cache_dir=cache_dir,
+        skip_corrupt=skip_corrupt,
+        workers=workers,
+        threads=threads,
+        device=device,
     )
     check_executor(executor, workers, ray_address)
     _check_existing(plan, resume)
@@ -976,8 +1119,14 @@ class _RunProgress:
         self.console = console
         self.p = (
             Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
             )
             if enabled
             else None
@@ -1006,5 +1155,5 @@ class _RunProgress:
             self.p.advance(self.task)
         m = res.get("metrics") or {}
         auc = m.get("auroc_macro") or {}
-        parts = ", ".join(f"{k} {v:.3f}" for k, v in auc.items() if v is not None)
-        self.console.print(f"done {rid} in {res.get('seconds', 0):.1f} s: AUROC {parts}")
+        parts = " ".join(f"{k} {v:.3f}" for k, v in auc.items() if v is not None)
+        self.console.print(f"done {rid} {res.get('seconds', 0):.1f}s AUROC {parts}", soft_wrap=True)

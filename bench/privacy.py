@@ -243,14 +243,25 @@ def quantile_ci(values: np.ndarray, q: float, level: float = 0.95) -> tuple[floa
     return float(np.quantile(v, q)), float(v[max(lo - 1, 0)]), float(v[min(hi, n - 1)])
 
 
-def _cluster_resample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one patient-cluster bootstrap sample."""
-    uniq, inv = np.unique(groups, return_inverse=True)
-    pick = rng.integers(len(uniq), size=len(uniq))
-    counts = np.bincount(pick, minlength=len(uniq))
-    rows_by = np.argsort(inv, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=len(uniq)))])
-    return np.concatenate([np.repeat(rows_by[starts[g] : starts[g + 1]], counts[g]) for g in range(len(uniq))])
+class _ClusterSampler:
+    """Patient-cluster bootstrap: draw patients with replacement, take all their rows (vectorized)."""
+
+    def __init__(self, groups: np.ndarray):
+        _, inv = np.unique(groups, return_inverse=True)
+        self.order = np.argsort(inv, kind="stable")
+        self.sizes = np.bincount(inv)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.singletons = bool((self.sizes == 1).all())
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        k = len(self.sizes)
+        pick = rng.integers(k, size=k)
+        if self.singletons:
+            return self.order[pick]
+        lengths = self.sizes[pick]
+        # Row positions: each picked patient's start, then 0..size-1 within it.
+        offs = np.repeat(self.starts[pick] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return self.order[offs + np.arange(lengths.sum())]
 
 
 def memorization_stats(
@@ -275,14 +286,15 @@ def memorization_stats(
     cal_groups = np.arange(len(d_cal)) if cal_groups is None else np.asarray(cal_groups)
     fresh_groups = np.arange(len(d_fresh)) if fresh_groups is None else np.asarray(fresh_groups)
     syn_sorted = np.sort(d_syn)
+    cal_sampler, fresh_sampler = _ClusterSampler(cal_groups), _ClusterSampler(fresh_groups) if len(d_fresh) else None
     rates, fresh_rates = np.empty(n_boot), np.empty(n_boot)
     for b in range(n_boot):
-        t_b = np.percentile(d_cal[_cluster_resample(cal_groups, rng)], percentile)
+        t_b = np.percentile(d_cal[cal_sampler(rng)], percentile)
         # A bootstrap resample of n synthetic images puts Binomial(n, F(t)) of them below t: no n-sized draw needed.
         p_b = np.searchsorted(syn_sorted, t_b, side="left") / len(d_syn)
         rates[b] = rng.binomial(len(d_syn), p_b) / len(d_syn)
         if len(d_fresh):
-            fresh_rates[b] = np.mean(d_fresh[_cluster_resample(fresh_groups, rng)] < t_b)
+            fresh_rates[b] = np.mean(d_fresh[fresh_sampler(rng)] < t_b)
     lo, hi = (float(x) for x in np.percentile(rates, [2.5, 97.5]))
     out = {
         "nominal_rate": nominal,

@@ -142,7 +142,9 @@ class _Sampler:
     def __init__(self, synthetic: pd.DataFrame, rng: np.random.Generator):
         self.syn = synthetic.reset_index(drop=True)
         self.rng = rng
-        self.by_class = {str(k): np.asarray(v) for k, v in self.syn.groupby("label", sort=True).groups.items()}
+        self.by_class = {
+            str(k): np.asarray(v) for k, v in self.syn.groupby("label", sort=True).groups.items()
+        }
         self.replacement: dict[str, dict[str, int]] = {}
         self.missing: dict[str, int] = {}
 
@@ -188,7 +190,9 @@ def _class_counts(df: pd.DataFrame, classes: list[str]) -> dict[str, int]:
 
 def _patient_labels(df: pd.DataFrame) -> pd.Series:
     """Each patient's majority label (ties to the first in sorted order), for stratified patient sampling."""
-    return df.groupby("patient_id", sort=True)["label"].agg(lambda s: s.astype(str).value_counts().sort_index().idxmax())
+    return df.groupby("patient_id", sort=True)["label"].agg(
+        lambda s: s.astype(str).value_counts().sort_index().idxmax()
+    )
 
 
 def _scarce(real: pd.DataFrame, frac: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -305,9 +309,7 @@ def compose(
         **extra,
     )
     if reg.kind == "pretrain":
-        comp["stages"] = {
-            st: describe(rows[rows["stage"] == st], classes) for st in ("pretrain", "finetune")
-        }
+        comp["stages"] = {st: describe(rows[rows["stage"] == st], classes) for st in ("pretrain", "finetune")}
     return rows, comp
 
 

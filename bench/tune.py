@@ -125,7 +125,12 @@ def run_study(
         n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_epochs
     )
     study = optuna.create_study(
-        study_name=name, storage=stor, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
+        study_name=name,
+        storage=stor,
+        sampler=sampler,
+        pruner=pruner,
+        direction="maximize",
+        load_if_exists=True,
     )
     if storage.startswith("sqlite"):
         # A study in the run folder's SQLite file has no other live worker: a RUNNING trial is left over from a

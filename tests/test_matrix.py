@@ -38,8 +38,15 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_synthetic(root: Path, per_class: dict[str, int] | None = None, *, name: str = "shapes", seed: int = 7,
-                   card: dict | None = None, labels: dict[str, str] | None = None) -> Path:
+def make_synthetic(
+    root: Path,
+    per_class: dict[str, int] | None = None,
+    *,
+    name: str = "shapes",
+    seed: int = 7,
+    card: dict | None = None,
+    labels: dict[str, str] | None = None,
+) -> Path:
     """A synthetic set drawn like the real one: PNGs + manifest (+ card.yaml when given)."""
     from PIL import Image
 
@@ -51,9 +58,20 @@ def make_synthetic(root: Path, per_class: dict[str, int] | None = None, *, name:
         for i in range(n):
             cid = f"{name}-{label}-{i:03d}"
             Image.fromarray(draw_shape(label, rng)).save(root / "images" / f"{cid}.png")
-            rows.append(dict(case_id=cid, patient_id=cid, image=f"images/{cid}.png",
-                             label=(labels or {}).get(label, label), site="synthetic", sex="unknown", age=None,
-                             origin="synthetic", generator=name, split="train"))
+            rows.append(
+                dict(
+                    case_id=cid,
+                    patient_id=cid,
+                    image=f"images/{cid}.png",
+                    label=(labels or {}).get(label, label),
+                    site="synthetic",
+                    sex="unknown",
+                    age=None,
+                    origin="synthetic",
+                    generator=name,
+                    split="train",
+                )
+            )
     path = root / "manifest.parquet"
     write_manifest(pd.DataFrame(rows), path, image_root=root)
     if card is not None:
@@ -78,27 +96,68 @@ def world(tmp_path_factory):
     task = load_task(task_path)
     real = make_tiny_dataset(root / "data", task)
     syn = make_synthetic(root / "syn", card=card_for(real))
-    return {"root": root, "task_path": task_path, "task": task, "real": real, "syn": syn, "cache": root / "cache"}
+    return {
+        "root": root,
+        "task_path": task_path,
+        "task": task,
+        "real": real,
+        "syn": syn,
+        "cache": root / "cache",
+    }
 
 
 def base_args(world, out: Path, *extra: str) -> list[str]:
-    return ["run", "--task", str(world["task_path"]), "--real", str(world["real"]), "--out", str(out),
-            "--cache-dir", str(world["cache"]), *FAST, *extra]
+    return [
+        "run",
+        "--task",
+        str(world["task_path"]),
+        "--real",
+        str(world["real"]),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(world["cache"]),
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def matrix(world):
     """real + augment:1 + pretrain with one generator, tracked offline in wandb."""
     out = world["root"] / "run"
-    rc = main(base_args(world, out, "--synthetic", f"shapes={world['syn']}", "--regimes",
-                        "real,augment:1,pretrain", "--seeds", "0", "--wandb", "offline"))
+    rc = main(
+        base_args(
+            world,
+            out,
+            "--synthetic",
+            f"shapes={world['syn']}",
+            "--regimes",
+            "real,augment:1,pretrain",
+            "--seeds",
+            "0",
+            "--wandb",
+            "offline",
+        )
+    )
     assert rc == 0
     return out
 
 
-RUNS = ["none__real__resnet10t__seed0", "shapes__augment-1__resnet10t__seed0", "shapes__pretrain__resnet10t__seed0"]
-RUN_FILES = {"config.json", "composition.json", "predictions.parquet", "metrics.json", "checkpoint.pt", "history.csv",
-             "DONE"}
+RUNS = [
+    "none__real__resnet10t__seed0",
+    "shapes__augment-1__resnet10t__seed0",
+    "shapes__pretrain__resnet10t__seed0",
+]
+RUN_FILES = {
+    "config.json",
+    "composition.json",
+    "predictions.parquet",
+    "metrics.json",
+    "checkpoint.pt",
+    "history.csv",
+    "DONE",
+}
 
 
 def test_run_folder_layout(matrix, world):
@@ -122,8 +181,21 @@ def test_predictions_follow_the_contract(matrix, world):
     held = df[df["split"].isin(["val", "test", "external"])]
     for r in RUNS:
         p = pd.read_parquet(matrix / r / "predictions.parquet")
-        expected = ["case_id", "patient_id", "site", "split", "sex", "age", "age_group", "y_true",
-                    *[f"prob_{c}" for c in CLASSES], "generator", "regime", "seed", "backbone"]
+        expected = [
+            "case_id",
+            "patient_id",
+            "site",
+            "split",
+            "sex",
+            "age",
+            "age_group",
+            "y_true",
+            *[f"prob_{c}" for c in CLASSES],
+            "generator",
+            "regime",
+            "seed",
+            "backbone",
+        ]
         assert list(p.columns) == expected
         assert sorted(p["case_id"]) == sorted(held["case_id"])
         assert p["case_id"].is_unique
@@ -145,8 +217,13 @@ def test_metrics_are_macro_auroc_recomputed_by_sklearn(matrix):
         m = json.loads((matrix / r / "metrics.json").read_text())
         for split in ("val", "test", "external"):
             sub = p[p["split"] == split]
-            ref = roc_auc_score(sub["y_true"].map(CLASSES.index), sub[[f"prob_{c}" for c in CLASSES]].to_numpy(),
-                                multi_class="ovr", average="macro", labels=[0, 1, 2])
+            ref = roc_auc_score(
+                sub["y_true"].map(CLASSES.index),
+                sub[[f"prob_{c}" for c in CLASSES]].to_numpy(),
+                multi_class="ovr",
+                average="macro",
+                labels=[0, 1, 2],
+            )
             assert m["auroc_macro"][split] == pytest.approx(ref, abs=1e-9)
             assert m["splits"][split]["n_cases"] == len(sub)
             assert m["splits"][split]["n_patients"] == sub["patient_id"].nunique()
@@ -188,7 +265,11 @@ def test_composition_json_is_what_compose_promised(matrix, world):
     n_real = len(train)
     assert comp["n_real"] == n_real and comp["n_synthetic"] == n_real
     for c in CLASSES:
-        assert comp["by_class"][c]["synthetic"] == comp["by_class"][c]["real"] == int((train["label"] == c).sum())
+        assert (
+            comp["by_class"][c]["synthetic"]
+            == comp["by_class"][c]["real"]
+            == int((train["label"] == c).sum())
+        )
 
 
 def test_wandb_offline_run_holds_final_metrics(matrix):
@@ -209,12 +290,27 @@ def test_wandb_offline_run_holds_final_metrics(matrix):
 
 def test_rerun_skips_done_runs_and_refuses_changed_settings(matrix, world, capsys):
     done_before = {r: (matrix / r / "DONE").stat().st_mtime_ns for r in RUNS}
-    rc = main(base_args(world, matrix, "--synthetic", f"shapes={world['syn']}", "--regimes",
-                        "real,augment:1,pretrain", "--seeds", "0", "--wandb", "disabled", "--resume"))
+    rc = main(
+        base_args(
+            world,
+            matrix,
+            "--synthetic",
+            f"shapes={world['syn']}",
+            "--regimes",
+            "real,augment:1,pretrain",
+            "--seeds",
+            "0",
+            "--wandb",
+            "disabled",
+            "--resume",
+        )
+    )
     assert rc == 0
     assert "3/3 runs done (3 were already done)" in capsys.readouterr().out
     assert {r: (matrix / r / "DONE").stat().st_mtime_ns for r in RUNS} == done_before
-    rc = main(base_args(world, matrix, "--regimes", "real", "--seeds", "0", "--wandb", "disabled", "--epochs", "2"))
+    rc = main(
+        base_args(world, matrix, "--regimes", "real", "--seeds", "0", "--wandb", "disabled", "--epochs", "2")
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "none__real__resnet10t__seed0" in err and "other inputs or settings" in err
@@ -232,19 +328,37 @@ def test_resume_with_nothing_there_is_bad_input(world, tmp_path, capsys):
 
 
 def _preds(out: Path) -> dict[str, pd.DataFrame]:
-    return {p.name: pd.read_parquet(p / "predictions.parquet") for p in sorted(out.iterdir())
-            if (p / "DONE").is_file()}
+    return {
+        p.name: pd.read_parquet(p / "predictions.parquet")
+        for p in sorted(out.iterdir())
+        if (p / "DONE").is_file()
+    }
 
 
 def test_resume_after_sigkill_gives_identical_predictions(world, matrix, tmp_path):
     """Kill a matrix in another process once its first run is DONE, resume it, and compare every prediction with
     the uninterrupted matrix of the same runs (the `matrix` fixture, trained in this process)."""
     killed = tmp_path / "killed"
-    args = base_args(world, killed, "--synthetic", f"shapes={world['syn']}", "--regimes", "real,augment:1,pretrain",
-                     "--seeds", "0", "--wandb", "disabled")
+    args = base_args(
+        world,
+        killed,
+        "--synthetic",
+        f"shapes={world['syn']}",
+        "--regimes",
+        "real,augment:1,pretrain",
+        "--seeds",
+        "0",
+        "--wandb",
+        "disabled",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -288,10 +402,12 @@ def _bad(world, out: Path, capsys, *extra: str) -> str:
 
 def test_unknown_regime_and_ratio_out_of_range(world, tmp_path, capsys):
     assert "'mixup'" in _bad(world, tmp_path / "o", capsys, "--regimes", "real,mixup")
-    assert "'augment:50'" in _bad(world, tmp_path / "o", capsys, "--synthetic", f"shapes={world['syn']}",
-                                  "--regimes", "augment:50")
-    assert "'replace:1.5'" in _bad(world, tmp_path / "o", capsys, "--synthetic", f"shapes={world['syn']}",
-                                   "--regimes", "replace:1.5")
+    assert "'augment:50'" in _bad(
+        world, tmp_path / "o", capsys, "--synthetic", f"shapes={world['syn']}", "--regimes", "augment:50"
+    )
+    assert "'replace:1.5'" in _bad(
+        world, tmp_path / "o", capsys, "--synthetic", f"shapes={world['syn']}", "--regimes", "replace:1.5"
+    )
 
 
 def test_synthetic_regime_without_synthetic_data(world, tmp_path, capsys):
@@ -300,10 +416,12 @@ def test_synthetic_regime_without_synthetic_data(world, tmp_path, capsys):
 
 
 def test_bad_synthetic_argument_and_unknown_backbone(world, tmp_path, capsys):
-    assert "NAME=MANIFEST" in _bad(world, tmp_path / "o", capsys, "--synthetic", str(world["syn"]),
-                                   "--regimes", "synthetic")
-    assert "'none'" in _bad(world, tmp_path / "o", capsys, "--synthetic", f"none={world['syn']}",
-                            "--regimes", "synthetic")
+    assert "NAME=MANIFEST" in _bad(
+        world, tmp_path / "o", capsys, "--synthetic", str(world["syn"]), "--regimes", "synthetic"
+    )
+    assert "'none'" in _bad(
+        world, tmp_path / "o", capsys, "--synthetic", f"none={world['syn']}", "--regimes", "synthetic"
+    )
     err = _bad(world, tmp_path / "o", capsys, "--regimes", "real", "--backbone", "vgg99")
     assert "'vgg99'" in err and "resnet18" in err
 
@@ -345,7 +463,9 @@ def test_protocol_with_unknown_key(world, tmp_path, capsys):
     proto.write_text(yaml.safe_dump({"regimes": ["real"], "seeds": [0], "epochz": 3}))
     err = _bad(world, tmp_path / "o", capsys, "--protocol", str(proto))
     assert str(proto) in err and "'epochz'" in err and "unknown key" in err
-    proto.write_text(yaml.safe_dump({"tune": {"trials": 2, "search_space": {"momentum": {"low": 0, "high": 1}}}}))
+    proto.write_text(
+        yaml.safe_dump({"tune": {"trials": 2, "search_space": {"momentum": {"low": 0, "high": 1}}}})
+    )
     err = _bad(world, tmp_path / "o", capsys, "--protocol", str(proto))
     assert "momentum" in err
 
@@ -364,10 +484,33 @@ def test_real_manifest_with_synthetic_rows(world, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_every_regime_runs_and_writes_its_composition(world, tmp_path):
-    regimes = ["real", "synthetic", "augment:1", "replace:0.5", "scarce:0.5", "scarce:0.5+synthetic", "pretrain"]
+    regimes = [
+        "real",
+        "synthetic",
+        "augment:1",
+        "replace:0.5",
+        "scarce:0.5",
+        "scarce:0.5+synthetic",
+        "pretrain",
+    ]
     out = tmp_path / "all"
-    assert main(base_args(world, out, "--synthetic", f"shapes={world['syn']}", "--regimes", ",".join(regimes),
-                          "--seeds", "0", "--wandb", "disabled")) == 0
+    assert (
+        main(
+            base_args(
+                world,
+                out,
+                "--synthetic",
+                f"shapes={world['syn']}",
+                "--regimes",
+                ",".join(regimes),
+                "--seeds",
+                "0",
+                "--wandb",
+                "disabled",
+            )
+        )
+        == 0
+    )
     real = read_manifest(world["real"]).df
     syn = read_manifest(world["syn"]).df
     train = real[real["split"] == "train"]
@@ -387,8 +530,25 @@ def test_every_regime_runs_and_writes_its_composition(world, tmp_path):
 @pytest.mark.slow
 def test_local_process_pool_reproduces_in_process_runs(world, matrix, tmp_path):
     out = tmp_path / "pool"
-    assert main(base_args(world, out, "--synthetic", f"shapes={world['syn']}", "--regimes",
-                          "real,augment:1,pretrain", "--seeds", "0", "--wandb", "disabled", "--workers", "2")) == 0
+    assert (
+        main(
+            base_args(
+                world,
+                out,
+                "--synthetic",
+                f"shapes={world['syn']}",
+                "--regimes",
+                "real,augment:1,pretrain",
+                "--seeds",
+                "0",
+                "--wandb",
+                "disabled",
+                "--workers",
+                "2",
+            )
+        )
+        == 0
+    )
     a, b = _preds(out), _preds(matrix)
     assert sorted(a) == sorted(RUNS)
     for k in a:

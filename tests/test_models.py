@@ -34,8 +34,17 @@ def test_bad_shapes_are_bad_input(bad):
 
 @pytest.mark.parametrize(
     "name,in_chans",
-    [(n, 1) for n in ("resnet10t", "resnet18", "efficientnet_b0", "convnext_atto", "densenet121",
-                      "mobilenetv3_small_050")]
+    [
+        (n, 1)
+        for n in (
+            "resnet10t",
+            "resnet18",
+            "efficientnet_b0",
+            "convnext_atto",
+            "densenet121",
+            "mobilenetv3_small_050",
+        )
+    ]
     + [("resnet10t", 3), ("densenet121", 3)],
 )
 def test_logits_shape_and_embedding_is_the_classifier_input(name, in_chans):

@@ -46,6 +46,15 @@ def env(tmp_path_factory):
         os.environ["MEDSYNBENCH_CACHE"] = old
 
 
+def clone(env, name: str) -> Path:
+    """A copy of a generator folder beside the original, so its training manifest's relative paths still resolve."""
+    import uuid
+
+    dst = env["root"] / f"clone-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(env["root"] / name, dst)
+    return dst
+
+
 def cli(env, gen_dir: Path, out: Path, *extra: str) -> int:
     return main(["privacy", "--task", str(env["task_path"]), "--synthetic", str(gen_dir / "manifest.parquet"),
                  "--train", str(gen_dir / "train_manifest.parquet"), "--holdout", str(env["real"]),
@@ -140,6 +149,20 @@ def test_memorization_stats_nominal_and_copies():
     assert st["memorization_rate"] == pytest.approx(0.1) and st["ci_low"] <= 0.05 and not st["flagged"]
 
 
+def test_cluster_bootstrap_keeps_patients_whole():
+    from bench.privacy import _ClusterSampler
+
+    groups = np.array(["b", "a", "b", "c", "a", "a", "d"])
+    sizes = {"a": 3, "b": 2, "c": 1, "d": 1}
+    sampler, rng = _ClusterSampler(groups), np.random.default_rng(0)
+    for _ in range(50):
+        rows = sampler(rng)
+        picked = pd.Series(groups[rows]).value_counts()
+        # Every patient drawn k times contributes exactly k x its rows, and 4 patients are drawn.
+        assert all(n % sizes[g] == 0 for g, n in picked.items())
+        assert sum(n // sizes[g] for g, n in picked.items()) == 4
+
+
 def test_quantile_ci_order_statistics():
     v = np.arange(100.0)
     # Binomial(100, 0.5): 2.5% and 97.5% points are 40 and 60 -> the 40th and 61st order statistics.
@@ -164,8 +187,7 @@ def test_nearest_neighbors_matches_sklearn():
 
 
 def test_external_site_in_card_fails_contamination(env, tmp_path):
-    gen = tmp_path / "gen"
-    shutil.copytree(env["root"] / "pca-gmm", gen)
+    gen = clone(env, "pca-gmm")
     card = yaml.safe_load((gen / "card.yaml").read_text())
     card["training"]["sites"] = card["training"]["sites"] + ["x1"]
     test_pid = read_manifest(env["real"]).df.query("split == 'test'")["patient_id"].iloc[0]
@@ -181,8 +203,7 @@ def test_external_site_in_card_fails_contamination(env, tmp_path):
 
 
 def test_duplicates_of_test_and_external_images_are_listed(env, tmp_path):
-    gen = tmp_path / "gen"
-    shutil.copytree(env["root"] / "pca-gmm", gen)
+    gen = clone(env, "pca-gmm")
     real = read_manifest(env["real"])
     syn = read_manifest(gen / "manifest.parquet")
     t_row = real.df[real.df["split"] == "test"].index[0]
@@ -235,8 +256,7 @@ def test_classifier_trained_when_no_checkpoint(env, tmp_path):
 
 
 def test_synthetic_manifest_without_card(env, tmp_path, capsys):
-    gen = tmp_path / "gen"
-    shutil.copytree(env["root"] / "copycat", gen)
+    gen = clone(env, "copycat")
     (gen / "card.yaml").unlink()
     out = tmp_path / "audit"
     assert cli(env, gen, out) == 2
@@ -266,8 +286,7 @@ def test_card_hash_must_match_train_manifest(env, tmp_path, capsys):
 
 @pytest.mark.parametrize("shape, culprit", [((20, 32), "20x32"), ((32, 32, 3), "3 channel")])
 def test_synthetic_image_of_wrong_size_or_channels(env, tmp_path, capsys, shape, culprit):
-    gen = tmp_path / "gen"
-    shutil.copytree(env["root"] / "copycat", gen)
+    gen = clone(env, "copycat")
     syn = read_manifest(gen / "manifest.parquet")
     bad = syn.image_path(syn.df.at[3, "image"])
     Image.fromarray(np.zeros(shape, np.uint8)).save(bad)

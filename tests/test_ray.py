@@ -16,8 +16,22 @@ ray = pytest.importorskip("ray")
 @pytest.mark.slow
 def test_ray_executor_runs_the_matrix_like_the_local_one(world, matrix, tmp_path):  # noqa: F811
     out = tmp_path / "ray"
-    args = base_args(world, out, "--synthetic", f"shapes={world['syn']}", "--regimes", "real,augment:1",
-                     "--seeds", "0", "--wandb", "disabled", "--executor", "ray", "--workers", "2")
+    args = base_args(
+        world,
+        out,
+        "--synthetic",
+        f"shapes={world['syn']}",
+        "--regimes",
+        "real,augment:1",
+        "--seeds",
+        "0",
+        "--wandb",
+        "disabled",
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+    )
     try:
         assert main(args) == 0
     finally:
@@ -29,7 +43,8 @@ def test_ray_executor_runs_the_matrix_like_the_local_one(world, matrix, tmp_path
         assert cfg["environment"]["torch_threads"] == 1
         # Same seed, same thread count: the Ray worker reproduces the in-process run exactly.
         pd.testing.assert_frame_equal(
-            pd.read_parquet(out / r / "predictions.parquet"), pd.read_parquet(matrix / r / "predictions.parquet"),
+            pd.read_parquet(out / r / "predictions.parquet"),
+            pd.read_parquet(matrix / r / "predictions.parquet"),
             check_exact=True,
         )
 

@@ -20,16 +20,31 @@ def real_train() -> pd.DataFrame:
             site = f"s{p % 3 + 1}"
             for k in range(2):
                 pid = f"{label}-{p}"
-                rows.append(dict(case_id=f"{pid}_{k}", patient_id=pid, label=label, site=site, origin="real",
-                                 split="train"))
+                rows.append(
+                    dict(
+                        case_id=f"{pid}_{k}",
+                        patient_id=pid,
+                        label=label,
+                        site=site,
+                        origin="real",
+                        split="train",
+                    )
+                )
     return pd.DataFrame(rows)
 
 
 def synthetic(per_class: dict[str, int] | None = None) -> pd.DataFrame:
     per_class = per_class or {"blank": 30, "disc": 30, "bar": 2}
     rows = [
-        dict(case_id=f"syn-{label}-{i}", patient_id=f"syn-{label}-{i}", label=label, site="synthetic",
-             origin="synthetic", generator="g", split="train")
+        dict(
+            case_id=f"syn-{label}-{i}",
+            patient_id=f"syn-{label}-{i}",
+            label=label,
+            site="synthetic",
+            origin="synthetic",
+            generator="g",
+            split="train",
+        )
         for label, n in per_class.items()
         for i in range(n)
     ]
@@ -122,13 +137,21 @@ def test_synthetic_follows_real_class_balance_and_says_when_it_resamples():
 
 
 def test_synthetic_without_replacement_when_enough():
-    _, comp = compose("synthetic", real_train(), synthetic({"blank": 10, "disc": 6, "bar": 4}), 0, classes=CLASSES)
+    _, comp = compose(
+        "synthetic", real_train(), synthetic({"blank": 10, "disc": 6, "bar": 4}), 0, classes=CLASSES
+    )
     assert comp["sampling"]["with_replacement"] is False
     assert comp["n_unique_cases"] == 20
 
 
-@pytest.mark.parametrize("ratio,syn", [(0.5, {"blank": 5, "disc": 3, "bar": 2}), (1, {"blank": 10, "disc": 6, "bar": 4}),
-                                       (2, {"blank": 20, "disc": 12, "bar": 8})])
+@pytest.mark.parametrize(
+    "ratio,syn",
+    [
+        (0.5, {"blank": 5, "disc": 3, "bar": 2}),
+        (1, {"blank": 10, "disc": 6, "bar": 4}),
+        (2, {"blank": 20, "disc": 12, "bar": 8}),
+    ],
+)
 def test_augment_adds_r_times_real(ratio, syn):
     rows, comp = compose(f"augment:{ratio}", real_train(), synthetic(), seed=0, classes=CLASSES)
     assert counts(rows, "real") == {"blank": 10, "disc": 6, "bar": 4}
@@ -172,7 +195,10 @@ def test_pretrain_has_a_synthetic_stage_then_the_real_one():
     rows, comp = compose("pretrain", real_train(), synthetic(), seed=0, classes=CLASSES)
     pre = rows[rows["stage"] == "pretrain"]
     fine = rows[rows["stage"] == "finetune"]
-    assert counts(pre, "synthetic") == {"blank": 10, "disc": 6, "bar": 4} and (pre["origin"] == "synthetic").all()
+    assert (
+        counts(pre, "synthetic") == {"blank": 10, "disc": 6, "bar": 4}
+        and (pre["origin"] == "synthetic").all()
+    )
     assert counts(fine, "real") == {"blank": 10, "disc": 6, "bar": 4} and (fine["origin"] == "real").all()
     assert comp["stages"]["pretrain"]["n_synthetic"] == 20
     assert comp["stages"]["finetune"]["n_real"] == 20
@@ -182,8 +208,10 @@ def test_compose_is_deterministic_per_seed():
     a, _ = compose("scarce:0.5+synthetic", real_train(), synthetic(), seed=3, classes=CLASSES)
     b, _ = compose("scarce:0.5+synthetic", real_train(), synthetic(), seed=3, classes=CLASSES)
     pd.testing.assert_frame_equal(a, b)
-    picks = {tuple(sorted(compose("scarce:0.5", real_train(), None, seed=s, classes=CLASSES)[0]["patient_id"]))
-             for s in range(8)}
+    picks = {
+        tuple(sorted(compose("scarce:0.5", real_train(), None, seed=s, classes=CLASSES)[0]["patient_id"]))
+        for s in range(8)
+    }
     assert len(picks) > 1
 
 

@@ -27,15 +27,25 @@ def test_macro_auroc_matches_sklearn():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 60)
     p = rng.dirichlet(np.ones(3), 60)
-    assert macro_auroc(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
+    assert macro_auroc(y, p) == pytest.approx(
+        roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12
+    )
     # Binary: the mean over both one-vs-rest views is the plain AUROC of the positive class.
     yb = rng.integers(0, 2, 40)
     pb = rng.dirichlet(np.ones(2), 40)
     assert macro_auroc(yb, pb) == pytest.approx(roc_auc_score(yb, pb[:, 1]), abs=1e-12)
     # A class absent from y is left out rather than making the score undefined.
     y2 = np.array([0, 1, 0, 1, 0, 1])
-    p2 = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.8, 0.1, 0.1],
-                   [0.1, 0.8, 0.1]])
+    p2 = np.array(
+        [
+            [0.9, 0.05, 0.05],
+            [0.2, 0.7, 0.1],
+            [0.6, 0.3, 0.1],
+            [0.3, 0.6, 0.1],
+            [0.8, 0.1, 0.1],
+            [0.1, 0.8, 0.1],
+        ]
+    )
     assert macro_auroc(y2, p2) == pytest.approx(1.0)
     assert np.isnan(macro_auroc(np.zeros(4, int), p2[:4]))
 
@@ -96,8 +106,17 @@ def test_on_epoch_sees_every_epoch_and_may_stop_training(shapes):
 def test_fine_tuning_starts_from_given_weights(shapes):
     xtr, ytr, xva, yva = shapes
     base, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, **FAST)
-    tuned, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, init=base, **{**FAST, "lr": 1e-9,
-                                                                                     "aug_strength": 0.0})
+    tuned, _ = fit(
+        "resnet10t",
+        xtr,
+        ytr,
+        xva,
+        yva,
+        epochs=1,
+        seed=0,
+        init=base,
+        **{**FAST, "lr": 1e-9, "aug_strength": 0.0},
+    )
     # With a vanishing learning rate only BatchNorm statistics move: the weights are still the initial ones.
     w0 = base.state_dict()["conv1.0.weight"]
     assert torch.allclose(tuned.state_dict()["conv1.0.weight"], w0, atol=1e-6)

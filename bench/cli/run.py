@@ -22,7 +22,10 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--task", required=True, help="task name, folder or task.yaml")
     p.add_argument("--real", required=True, type=Path, help="the real manifest (.parquet or .csv)")
     p.add_argument(
-        "--synthetic", action="append", default=[], metavar="NAME=MANIFEST",
+        "--synthetic",
+        action="append",
+        default=[],
+        metavar="NAME=MANIFEST",
         help="a generator's synthetic manifest (repeatable); its card.yaml/card.json beside it is checked",
     )
     p.add_argument("--out", required=True, type=Path, help="the run folder")
@@ -30,22 +33,30 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--regimes", help="comma-separated regimes (overrides the protocol)")
     p.add_argument("--seeds", help="comma-separated seeds (overrides the protocol)")
     p.add_argument("--backbone", help="model name (see bench.models.list_models)")
-    p.add_argument("--preset", help="training preset: smoke, cpu, gpu or a YAML path (default: gpu with CUDA, else cpu)")
+    p.add_argument(
+        "--preset", help="training preset: smoke, cpu, gpu or a YAML path (default: gpu with CUDA, else cpu)"
+    )
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--tune", type=int, metavar="N", help="optuna trials per (generator, regime); 0 = no tuning")
+    p.add_argument(
+        "--tune", type=int, metavar="N", help="optuna trials per (generator, regime); 0 = no tuning"
+    )
     p.add_argument("--storage", help="optuna storage URL (default: sqlite in OUT/tuning.db)")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, default=1, help="runs at once (local: processes, one GPU each)")
     p.add_argument(
-        "--threads", type=int,
-        help="CPU threads per run (default: cores / workers); CPU results are reproducible for a given value",
+        "--threads",
+        type=int,
+        help="CPU threads per run (default: 1, or cores / workers when that exceeds 2); CPU predictions are "
+        "reproducible for a given value",
     )
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--resume", action="store_true", help="continue the matrix in OUT (it must exist)")
     p.add_argument("--cache-dir", type=Path, help="image cache folder (default: ~/.cache/medsynbench)")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of failing")
+    p.add_argument(
+        "--skip-corrupt", action="store_true", help="leave unreadable images out instead of failing"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_run)
 
