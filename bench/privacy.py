@@ -24,8 +24,10 @@ space flags it; the headline numbers are those of the feature space with the hig
 
 Contamination. The card's training sites must not include the task's external sites; its training patients (hashed)
 must not be validation, test or external patients; the training manifest must hold only `split == train` rows;
-and no synthetic image may be an exact (identical pixels) or near (pixel-feature distance < `near_duplicate`)
-duplicate of a validation, test or external image. Any of these fails the check.
+and no synthetic image may be an exact (identical pixels) or near duplicate of a validation, test or external image
+(shift-tolerant pixel-feature distance below `near_duplicate`, or below half the smallest distance between any real
+holdout image and a training image if that is lower: closer than two distinct real patients ever are). Any of
+these fails the check.
 
 Only hashed ids (SHA-256, first 16 hex characters for cases) leave in the outputs.
 """
@@ -67,7 +69,9 @@ def short_hash(value: Any) -> str:
 # -- features ----------------------------------------------------------------------------------------------------
 
 
-def pixel_features(images: np.ndarray, size: int = PIXEL_SIZE, shift: tuple[int, int] = (0, 0), batch: int = 4096) -> np.ndarray:
+def pixel_features(
+    images: np.ndarray, size: int = PIXEL_SIZE, shift: tuple[int, int] = (0, 0), batch: int = 4096
+) -> np.ndarray:
     """float32 `[N, C*s*s]`: optionally translated by `shift` = (dy, dx) whole pixels (edges repeated), then
     area-downsampled to s = min(size, S), mean-centred and L2-normalized."""
     import torch
@@ -82,7 +86,9 @@ def pixel_features(images: np.ndarray, size: int = PIXEL_SIZE, shift: tuple[int,
         x = torch.from_numpy(np.ascontiguousarray(images[k : k + batch])).float()
         if pad:
             S = x.shape[-1]
-            x = F.pad(x, (pad, pad, pad, pad), mode="replicate")[:, :, pad - dy : pad - dy + S, pad - dx : pad - dx + S]
+            x = F.pad(x, (pad, pad, pad, pad), mode="replicate")[
+                :, :, pad - dy : pad - dy + S, pad - dx : pad - dx + S
+            ]
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="area")
         x = x.flatten(1)
@@ -286,7 +292,10 @@ def memorization_stats(
     cal_groups = np.arange(len(d_cal)) if cal_groups is None else np.asarray(cal_groups)
     fresh_groups = np.arange(len(d_fresh)) if fresh_groups is None else np.asarray(fresh_groups)
     syn_sorted = np.sort(d_syn)
-    cal_sampler, fresh_sampler = _ClusterSampler(cal_groups), _ClusterSampler(fresh_groups) if len(d_fresh) else None
+    cal_sampler, fresh_sampler = (
+        _ClusterSampler(cal_groups),
+        _ClusterSampler(fresh_groups) if len(d_fresh) else None,
+    )
     rates, fresh_rates = np.empty(n_boot), np.empty(n_boot)
     for b in range(n_boot):
         t_b = np.percentile(d_cal[cal_sampler(rng)], percentile)
@@ -306,7 +315,9 @@ def memorization_stats(
         "holdout_rate": fresh_rate,
     }
     if len(d_fresh):
-        out["holdout_ci_low"], out["holdout_ci_high"] = (float(x) for x in np.percentile(fresh_rates, [2.5, 97.5]))
+        out["holdout_ci_low"], out["holdout_ci_high"] = (
+            float(x) for x in np.percentile(fresh_rates, [2.5, 97.5])
+        )
     out["quantiles"] = {
         "synthetic": _quantiles(d_syn),
         "holdout": _quantiles(np.concatenate([d_cal, d_fresh])),
@@ -336,7 +347,9 @@ class AuditInputs:
     train: Manifest
     calibration: Manifest
     fresh: Manifest
-    evaluation: pd.DataFrame  # val / test / external real rows for contamination, with a resolved `path` column
+    evaluation: (
+        pd.DataFrame
+    )  # val / test / external real rows for contamination, with a resolved `path` column
     size: int
 
 
@@ -355,10 +368,19 @@ def _select_holdout(holdout: Manifest, train: Manifest, task: Task) -> pd.DataFr
 
 
 def _split_halves(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    patients = np.array(sorted(df["patient_id"].astype(str).unique()))
+    """Calibration and fresh halves of the holdout, split by patient within each site (sites differ in noise and
+    field of view, hence in typical distances; an unbalanced split would shift one half against the other)."""
+    per_patient = df.groupby(df["patient_id"].astype(str), sort=True)["site"].first()
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(patients))
-    cal = set(patients[perm[: (len(patients) + 1) // 2]])
+    cal: set[str] = set()
+    odd = 0
+    for _, pts in per_patient.groupby(per_patient, sort=True):
+        ids = np.array(sorted(pts.index))
+        perm = rng.permutation(len(ids))
+        # Odd-sized sites alternate which half gets the extra patient.
+        k = len(ids) // 2 + (len(ids) % 2) * (1 - odd)
+        odd ^= len(ids) % 2
+        cal |= set(ids[perm[:k]])
     mask = df["patient_id"].astype(str).isin(cal)
     return df[mask].reset_index(drop=True), df[~mask].reset_index(drop=True)
 
@@ -417,7 +439,9 @@ def prepare(
         tm = load_valid_manifest(test, task)
         ev.append(tm.df.assign(path=[str(p) for p in tm.image_paths()]))
     evaluation = pd.concat(ev, ignore_index=True)
-    evaluation = evaluation[evaluation["split"].isin(["val", "test", "external"]) & (evaluation["origin"] == "real")]
+    evaluation = evaluation[
+        evaluation["split"].isin(["val", "test", "external"]) & (evaluation["origin"] == "real")
+    ]
     evaluation = evaluation.drop_duplicates("case_id").reset_index(drop=True)
     return AuditInputs(
         task=task,
@@ -435,7 +459,9 @@ def prepare(
 # -- contamination -----------------------------------------------------------------------------------------------
 
 
-def contamination_problems(card: GeneratorCard, task: Task, train: pd.DataFrame, evaluation: pd.DataFrame) -> list[str]:
+def contamination_problems(
+    card: GeneratorCard, task: Task, train: pd.DataFrame, evaluation: pd.DataFrame
+) -> list[str]:
     """Overlap of the generator's training data with what the task evaluates on (sites, patients, splits)."""
     problems = []
     ext = sorted(set(card.training.sites) & set(task.sites.external))
@@ -495,7 +521,13 @@ def find_duplicates(
 
 
 def _audit_model(
-    checkpoint: str | Path | None, t: Task, x_tr: np.ndarray, train_df: pd.DataFrame, seed: int, dev: str, epochs: int
+    checkpoint: str | Path | None,
+    t: Task,
+    x_tr: np.ndarray,
+    train_df: pd.DataFrame,
+    seed: int,
+    dev: str,
+    epochs: int,
 ) -> Any:
     if checkpoint is None:
         y = train_df["label"].map({c: i for i, c in enumerate(t.classes)}).to_numpy(np.int64)
@@ -505,9 +537,13 @@ def _audit_model(
     model, _ = load_checkpoint(checkpoint)
     spec = getattr(model, "bench_spec", {}) or {}
     if spec.get("in_chans") not in (None, t.image.channels):
-        raise BadInput(f"--checkpoint {checkpoint}: the model takes {spec['in_chans']} channel(s), the task {t.image.channels}")
+        raise BadInput(
+            f"--checkpoint {checkpoint}: the model takes {spec['in_chans']} channel(s), the task {t.image.channels}"
+        )
     if spec.get("num_classes") not in (None, len(t.classes)):
-        raise BadInput(f"--checkpoint {checkpoint}: the model has {spec['num_classes']} classes, the task {len(t.classes)}")
+        raise BadInput(
+            f"--checkpoint {checkpoint}: the model has {spec['num_classes']} classes, the task {len(t.classes)}"
+        )
     return model
 
 
@@ -542,7 +578,9 @@ def audit(
     features = tuple(features)
     unknown = [f for f in features if f not in FEATURES]
     if unknown or not features:
-        raise BadInput(f"--features {','.join(features)}: unknown {unknown} (choose from {', '.join(FEATURES)})")
+        raise BadInput(
+            f"--features {','.join(features)}: unknown {unknown} (choose from {', '.join(FEATURES)})"
+        )
     if not 0 < percentile < 50:
         raise BadInput(f"--percentile {percentile}: must be in (0, 50)")
     out = Path(out)
@@ -556,7 +594,9 @@ def audit(
     x_cal = load_pixels(inp.calibration, t, s, cache_dir)
     x_fr = load_pixels(inp.fresh, t, s, cache_dir)
     ev_m = Manifest(inp.evaluation.assign(image=inp.evaluation["path"]), "/")
-    x_ev = load_pixels(ev_m, t, s, cache_dir) if len(ev_m) else np.zeros((0, t.image.channels, s, s), np.uint8)
+    x_ev = (
+        load_pixels(ev_m, t, s, cache_dir) if len(ev_m) else np.zeros((0, t.image.channels, s, s), np.uint8)
+    )
 
     dev = device or "auto"
     nn_dev = None if dev == "auto" else dev
@@ -621,7 +661,14 @@ def audit(
     head = by_feature[worst]
 
     problems = contamination_problems(inp.card, t, inp.train.df, inp.evaluation)
-    dups = find_duplicates(x_syn, syn_ids, x_ev, inp.evaluation, near_duplicate, nn_dev)
+    # A near duplicate must be closer than any two distinct real patients are: the threshold is the stated one,
+    # or half the smallest distance between a holdout image and a training image in this task, if that is lower.
+    f_tr_px = pixel_features(x_tr)
+    real_min = float(
+        min(shift_tolerant_nearest(x, f_tr_px, device=nn_dev)[0].min() for x in (x_cal, x_fr) if len(x))
+    )
+    dup_threshold = float(min(near_duplicate, real_min / 2))
+    dups = find_duplicates(x_syn, syn_ids, x_ev, inp.evaluation, dup_threshold, nn_dev)
     if dups:
         kinds = pd.Series([d["kind"] for d in dups]).value_counts().to_dict()
         problems.append(f"{len(dups)} synthetic image(s) duplicate validation/test/external images {kinds}")
@@ -652,14 +699,21 @@ def audit(
         "classifier": (
             None
             if "classifier" not in by_feature
-            else {"checkpoint": str(checkpoint) if checkpoint else None, "backbone": AUDIT_BACKBONE if not checkpoint else None}
+            else {
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "backbone": AUDIT_BACKBONE if not checkpoint else None,
+            }
         ),
         "by_feature": by_feature,
         "contamination": {
             "status": "fail" if problems else "pass",
             "problems": problems,
             "duplicates": dups,
-            "near_duplicate_threshold": near_duplicate,
+            "near_duplicate_threshold": dup_threshold,
+            "near_duplicate_rule": (
+                f"pixel-feature distance < min({near_duplicate:g}, half the smallest real holdout-to-training "
+                f"distance {real_min:.4f})"
+            ),
             "n_checked": len(x_ev),
         },
         "manifests": {
@@ -708,9 +762,16 @@ def closest_pairs_png(
             axes[row, col].imshow(a, cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=255)
         mark = " *" if dist[i] < threshold else ""
         axes[0, col].set_title(f"d={dist[i]:.3f}{mark}", fontsize=8)
-    axes[0, 0].text(-0.15, 0.5, "synthetic", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
-    axes[1, 0].text(-0.15, 0.5, "nearest\ntraining", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"closest synthetic-training pairs ({feature} features; * below holdout threshold {threshold:.3f})", fontsize=9)
+    axes[0, 0].text(
+        -0.15, 0.5, "synthetic", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right"
+    )
+    axes[1, 0].text(
+        -0.15, 0.5, "nearest\ntraining", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right"
+    )
+    fig.suptitle(
+        f"closest synthetic-training pairs ({feature} features; * below holdout threshold {threshold:.3f})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

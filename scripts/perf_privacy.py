@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--target", type=int, default=100000, help="size to extrapolate to")
-    ap.add_argument("--sklearn", default="brute", help="sklearn algorithm(s), comma-separated: brute,kd_tree,ball_tree")
+    ap.add_argument(
+        "--sklearn", default="brute", help="sklearn algorithm(s), comma-separated: brute,kd_tree,ball_tree"
+    )
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,8 +19,16 @@ from bench.manifest import manifest_hash, read_manifest, validate_manifest
 from bench.tasks import load_task
 from tests.conftest import TINY_TASK, make_tiny_dataset
 
-TINY_DDPM = ["--set", "channels=[8, 16]", "--set", "norm_num_groups=4", "--set", "train_steps=3", "--set",
-             "sample_steps=2"]
+TINY_DDPM = [
+    "--set",
+    "channels=[8, 16]",
+    "--set",
+    "norm_num_groups=4",
+    "--set",
+    "train_steps=3",
+    "--set",
+    "sample_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,21 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def copycat(env):
     out = env["root"] / "copycat"
-    rc = main(["generate", "--task", str(env["task_path"]), "--generator", "copycat", "--real", str(env["real"]),
-               "--out", str(out), "--seed", "3"])
+    rc = main(
+        [
+            "generate",
+            "--task",
+            str(env["task_path"]),
+            "--generator",
+            "copycat",
+            "--real",
+            str(env["real"]),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -115,7 +135,9 @@ def test_copycat_images_are_perturbed_training_images(env, copycat):
         # Undo the (at most one pixel) shift: some shift of the synthetic image matches a training image up to
         # the noise (sd 2 gray levels), in the interior where edge repetition plays no part.
         best = min(
-            np.abs(pad[i, :, 1 + dy : 33 + dy, 1 + dx : 33 + dx][:, 2:-2, 2:-2] - xt[:, :, 2:-2, 2:-2]).mean(axis=(1, 2, 3)).min()
+            np.abs(pad[i, :, 1 + dy : 33 + dy, 1 + dx : 33 + dx][:, 2:-2, 2:-2] - xt[:, :, 2:-2, 2:-2])
+            .mean(axis=(1, 2, 3))
+            .min()
             for dy in (-1, 0, 1)
             for dx in (-1, 0, 1)
         )
@@ -161,8 +183,23 @@ def test_pca_gmm_matches_class_statistics_and_is_seeded(env):
 
 def test_only_trains_and_samples_the_subgroup(env):
     out = env["root"] / "only_m"
-    rc = main(["generate", "--task", str(env["task_path"]), "--generator", "pca-gmm", "--real", str(env["real"]),
-               "--out", str(out), "--only", "sex=M", "--per-class", "5"])
+    rc = main(
+        [
+            "generate",
+            "--task",
+            str(env["task_path"]),
+            "--generator",
+            "pca-gmm",
+            "--real",
+            str(env["real"]),
+            "--out",
+            str(out),
+            "--only",
+            "sex=M",
+            "--per-class",
+            "5",
+        ]
+    )
     assert rc == 0
     tr = read_manifest(out / "train_manifest.parquet").df
     exp = _expected_train(env)
@@ -185,7 +222,9 @@ def test_only_trains_and_samples_the_subgroup(env):
 )
 def test_generate_bad_input_exit_2(env, extra, culprit, capsys):
     out = env["root"] / "bad"
-    rc = main(["generate", "--task", str(env["task_path"]), "--real", str(env["real"]), "--out", str(out), *extra])
+    rc = main(
+        ["generate", "--task", str(env["task_path"]), "--real", str(env["real"]), "--out", str(out), *extra]
+    )
     assert rc == 2
     assert culprit in capsys.readouterr().err
     assert not out.exists()
@@ -193,8 +232,19 @@ def test_generate_bad_input_exit_2(env, extra, culprit, capsys):
 
 def test_generate_refuses_existing_out_and_leaves_no_partial(env, copycat, capsys):
     before = sorted(p.name for p in copycat.iterdir())
-    rc = main(["generate", "--task", str(env["task_path"]), "--generator", "copycat", "--real", str(env["real"]),
-               "--out", str(copycat)])
+    rc = main(
+        [
+            "generate",
+            "--task",
+            str(env["task_path"]),
+            "--generator",
+            "copycat",
+            "--real",
+            str(env["real"]),
+            "--out",
+            str(copycat),
+        ]
+    )
     assert rc == 2 and str(copycat) in capsys.readouterr().err
     assert sorted(p.name for p in copycat.iterdir()) == before
     leftovers = [p for p in copycat.parent.iterdir() if p.name.startswith(".copycat")]
@@ -210,15 +260,42 @@ def test_real_manifest_without_training_rows(env, tmp_path, capsys):
     bad = tmp_path / "no_train.parquet"
     write_manifest(df, bad)
     out = tmp_path / "o"
-    rc = main(["generate", "--task", str(env["task_path"]), "--generator", "copycat", "--real", str(bad),
-               "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--task",
+            str(env["task_path"]),
+            "--generator",
+            "copycat",
+            "--real",
+            str(bad),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2 and "no real training rows" in capsys.readouterr().err and not out.exists()
 
 
 def test_ddpm_smoke_cli(env):
     out = env["root"] / "ddpm"
-    rc = main(["generate", "--task", str(env["task_path"]), "--generator", "ddpm", "--real", str(env["real"]),
-               "--out", str(out), "--size", "16", "--n", "6", *TINY_DDPM])
+    rc = main(
+        [
+            "generate",
+            "--task",
+            str(env["task_path"]),
+            "--generator",
+            "ddpm",
+            "--real",
+            str(env["real"]),
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--n",
+            "6",
+            *TINY_DDPM,
+        ]
+    )
     assert rc == 0
     syn = read_manifest(out / "manifest.parquet")
     assert validate_manifest(syn, env["task"], check_images=True) == []
@@ -257,6 +334,13 @@ def test_tiny_ddpm_not_flagged(env):
 
     out = env["root"] / "ddpm_tiny"
     generate(env["task_path"], "ddpm", env["real"], out, size=16, config="tiny", seed=0)
-    r = audit(env["task_path"], out / "manifest.parquet", out / "train_manifest.parquet", env["real"],
-              env["root"] / "ddpm_privacy", features=("pixel",), n_boot=300)
+    r = audit(
+        env["task_path"],
+        out / "manifest.parquet",
+        out / "train_manifest.parquet",
+        env["real"],
+        env["root"] / "ddpm_privacy",
+        features=("pixel",),
+        n_boot=300,
+    )
     assert not r["flagged"], r["by_feature"]

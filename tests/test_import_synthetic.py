@@ -77,8 +77,10 @@ def user_set(tmp_path, tiny_task):
 
 def run(tiny_task_path, s, **over) -> int:
     args = {"root": s["root"], "labels": s["labels"], "card": s["card"], "out": s["out"], **over}
-    return main(["data", "import-synthetic", "--task", str(tiny_task_path)] +
-                [x for k, v in args.items() for x in (f"--{k}", str(v))])
+    return main(
+        ["data", "import-synthetic", "--task", str(tiny_task_path)]
+        + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    )
 
 
 def test_import_writes_valid_manifest_and_card(tiny_task, tiny_task_path, user_set):

@@ -335,6 +335,7 @@ def _preds(out: Path) -> dict[str, pd.DataFrame]:
     }
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_predictions(world, matrix, tmp_path):
     """Kill a matrix in another process once its first run is DONE, resume it, and compare every prediction with
     the uninterrupted matrix of the same runs (the `matrix` fixture, trained in this process)."""
@@ -385,6 +386,48 @@ def test_resume_after_sigkill_gives_identical_predictions(world, matrix, tmp_pat
     assert not [p for p in killed.iterdir() if p.name.startswith(".")], "stale temporary folders not cleaned"
     a, b = _preds(killed), _preds(matrix)
     assert sorted(a) == sorted(b) == sorted(RUNS)
+    for k in a:
+        pd.testing.assert_frame_equal(a[k], b[k], check_exact=True)
+
+
+def test_a_run_interrupted_while_writing_leaves_no_done_folder_and_resumes(
+    world, matrix, tmp_path, monkeypatch
+):
+    """The in-process twin of the SIGKILL test: the second run dies half-way through writing its folder."""
+    out = tmp_path / "interrupted"
+    args = base_args(
+        world,
+        out,
+        "--synthetic",
+        f"shapes={world['syn']}",
+        "--regimes",
+        "real,augment:1",
+        "--seeds",
+        "0",
+        "--wandb",
+        "disabled",
+    )
+    import bench.train as bt
+
+    calls = {"n": 0}
+    original = bt.save_checkpoint
+
+    def dying_save(path, model, meta):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            original(path, model, meta)  # the checkpoint is written, DONE is not
+            raise KeyboardInterrupt
+        return original(path, model, meta)
+
+    monkeypatch.setattr(bt, "save_checkpoint", dying_save)
+    assert main(args) == 130
+    assert (out / RUNS[0] / "DONE").is_file()
+    assert not (out / RUNS[1]).exists(), "an interrupted run must not appear under its name"
+    monkeypatch.setattr(bt, "save_checkpoint", original)
+    assert main(args) == 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    a, b = _preds(out), _preds(matrix)
+    assert sorted(a) == RUNS[:2]
     for k in a:
         pd.testing.assert_frame_equal(a[k], b[k], check_exact=True)
 
@@ -553,3 +596,44 @@ def test_local_process_pool_reproduces_in_process_runs(world, matrix, tmp_path):
     assert sorted(a) == sorted(RUNS)
     for k in a:
         pd.testing.assert_frame_equal(a[k], b[k], check_exact=True)
+
+
+def test_shipped_presets_and_protocols_load():
+    from bench.matrix import load_preset, load_protocol
+    from bench.regimes import expand_regimes
+
+    for name in ("smoke", "cpu", "gpu"):
+        preset, path = load_preset(name)
+        assert preset.name == name and path.parent.name == "presets"
+    assert load_preset("smoke")[0].backbone == "resnet10t"
+    default, _ = load_protocol("default")
+    names = [r.name for r in expand_regimes(default.regimes, default.ratios)]
+    assert names[:5] == ["real", "synthetic", "augment:0.5", "augment:1", "augment:2"]
+    assert "pretrain" in names and default.seeds == [0, 1, 2]
+    assert set(default.tune.search_space) == {"lr", "weight_decay", "aug_strength"}
+    demo, _ = load_protocol("demo")
+    assert demo.regimes == ["real", "synthetic", "augment:1", "scarce:0.25", "scarce:0.25+synthetic"]
+
+
+def test_unknown_preset_is_bad_input(world, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = main(
+        [
+            "run",
+            "--task",
+            str(world["task_path"]),
+            "--real",
+            str(world["real"]),
+            "--out",
+            str(out),
+            "--regimes",
+            "real",
+            "--preset",
+            "turbo",
+            "--wandb",
+            "disabled",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "'turbo'" in err and "smoke" in err
+    assert not out.exists()

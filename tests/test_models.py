@@ -9,6 +9,15 @@ from bench.errors import BadInput
 from bench.models import create_model, embed, list_models, model_info
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on a shared 2-core machine more threads make these tiny models slower, not faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_registry_holds_timm_and_monai_networks():
     names = list_models()
     for required in ("resnet18", "efficientnet_b0", "convnext_atto", "resnet10t", "densenet121"):

@@ -15,6 +15,15 @@ CLASSES = ["blank", "disc", "bar"]
 FAST = dict(lr=3e-3, weight_decay=1e-4, batch_size=16, aug_strength=0.3, device="cpu", num_classes=3)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on a shared 2-core machine more threads make these tiny models slower, not faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes():
     rng = np.random.default_rng(0)

@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--task", required=True, help="task name, folder or task.yaml")
     p.add_argument("--generator", required=True, help="copycat | pca-gmm | ddpm")
     p.add_argument("--real", required=True, type=Path, help="the real manifest")
-    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--n", type=int, help="total number of images, split across classes like the training data")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)"
+    )
+    p.add_argument(
+        "--n", type=int, help="total number of images, split across classes like the training data"
+    )
     p.add_argument("--per-class", type=int, help="this many images of every class")
     p.add_argument("--seed", type=int, default=0)
     size = p.add_mutually_exclusive_group()
@@ -36,7 +40,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     )
     p.add_argument("--config", default=None, help="generator preset: tiny (CPU) or full (GPU); default tiny")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one preset value (repeatable)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one preset value (repeatable)",
     )
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

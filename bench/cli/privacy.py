@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     )
     p.add_argument("--task", required=True, help="task name, folder or task.yaml")
     p.add_argument("--synthetic", required=True, type=Path, help="synthetic manifest")
-    p.add_argument("--train", required=True, type=Path, help="the generator's training manifest (its card's hash)")
+    p.add_argument(
+        "--train", required=True, type=Path, help="the generator's training manifest (its card's hash)"
+    )
     p.add_argument(
         "--holdout",
         required=True,
@@ -33,8 +35,12 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--card", type=Path, help="generator card (default: beside the synthetic manifest)")
     p.add_argument("--features", default="pixel,classifier", help="comma-separated: pixel, classifier")
     p.add_argument("--checkpoint", type=Path, help="a run's checkpoint.pt for classifier features")
-    p.add_argument("--percentile", type=float, default=5.0, help="holdout percentile of the threshold (default 5)")
-    p.add_argument("--test", type=Path, help="another real manifest with test/external rows to check for contamination")
+    p.add_argument(
+        "--percentile", type=float, default=5.0, help="holdout percentile of the threshold (default 5)"
+    )
+    p.add_argument(
+        "--test", type=Path, help="another real manifest with test/external rows to check for contamination"
+    )
     p.add_argument("--size", type=int, help="image side for the audit (default: the synthetic images' size)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument(

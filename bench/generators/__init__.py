@@ -49,7 +49,9 @@ class Generator:
         base = dict(cls.presets[preset])
         unknown = sorted(set(config) - set(base) - {"preset"})
         if unknown:
-            raise BadInput(f"config: unknown key(s) {unknown} for generator {cls.name!r} (known: {sorted(base)})")
+            raise BadInput(
+                f"config: unknown key(s) {unknown} for generator {cls.name!r} (known: {sorted(base)})"
+            )
         return {"preset": preset, **base, **{k: v for k, v in config.items() if k != "preset"}}
 
     def default_size(self, task_size: int) -> int:

@@ -75,7 +75,12 @@ class Ddpm(Generator):
         # The usual 1e-4..0.02 betas assume 1000 steps; scale them so a short schedule still ends in pure noise.
         t = int(self.config["timesteps"])
         k = 1000.0 / t
-        return {"num_train_timesteps": t, "schedule": "linear_beta", "beta_start": 1e-4 * k, "beta_end": min(0.02 * k, 0.5)}
+        return {
+            "num_train_timesteps": t,
+            "schedule": "linear_beta",
+            "beta_start": 1e-4 * k,
+            "beta_end": min(0.02 * k, 0.5),
+        }
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
         import torch

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
@@ -25,15 +24,33 @@ log = logging.getLogger(__name__)
 OPTIONAL_COLUMNS = ("sex", "age", "case_id")
 
 
+# Pillow modes the image cache reads as colour (it converts them to RGB); every other mode is read as grayscale.
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
 def image_shape(path: str | Path) -> tuple[int, int, int]:
-    """(height, width, channels) of one image file, read the way the image cache will read it.
+    """(height, width, channels) of one image file, as the image cache will read it.
 
-    Raises ValueError with a short reason (no path) if the file cannot be used.
+    PNG and JPEG are judged from their header (fast on large sets; a file that fails to decode later is still
+    reported, naming it, when the cache is built); DICOM and NPZ are read. Raises ValueError with a short reason
+    (no path) if the file cannot be used.
     """
-    from bench.imaging import Unreadable, _read_raw
+    from bench.imaging import Unreadable, _read_raw, _sniff
 
+    p = Path(path)
     try:
-        raw = _read_raw(Path(path))
+        kind = _sniff(p)
+        if kind in ("png", "jpeg"):
+            from PIL import Image
+
+            try:
+                with Image.open(p) as im:
+                    w, h = im.size
+                    mode = im.mode
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for broken files
+                raise Unreadable(f"corrupt {kind.upper()} file: {e}") from e
+            return int(h), int(w), 3 if mode in _COLOUR_MODES else 1
+        raw = _read_raw(p)
     except Unreadable as e:
         raise ValueError(str(e)) from e
     a = raw.array
@@ -84,7 +101,9 @@ def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
     lab = df["label"].astype(str).str.strip()
     bad = df.index[df["label"].notna() & ~lab.isin(task.classes)]
     for i in bad[:50]:
-        problems.append(f"row {_csv_row(i)}: label {df.at[i, 'label']!r} is not one of the task's classes {task.classes}")
+        problems.append(
+            f"row {_csv_row(i)}: label {df.at[i, 'label']!r} is not one of the task's classes {task.classes}"
+        )
     if len(bad) > 50:
         problems.append(f"... {len(bad) - 50} more rows with unknown labels")
     if "case_id" in df.columns:
@@ -123,7 +142,9 @@ def import_synthetic(
     task = load_task(task)
     root, labels, out = Path(root), Path(labels), Path(out)
     if not Path(card).is_file():
-        raise BadInput(f"--card {card}: generator card not found; a synthetic set is only auditable with its card")
+        raise BadInput(
+            f"--card {card}: generator card not found; a synthetic set is only auditable with its card"
+        )
     c = read_card(card)
     if not root.is_dir():
         raise BadInput(f"--root {root}: not a folder")
@@ -183,8 +204,12 @@ def import_synthetic(
     )
     updated = GeneratorCard.model_validate(raw)
     if c.samples_per_class and c.samples_per_class != updated.samples_per_class:
-        log.warning("card %s: samples_per_class %s replaced by the counts found %s", card, c.samples_per_class,
-                    updated.samples_per_class)
+        log.warning(
+            "card %s: samples_per_class %s replaced by the counts found %s",
+            card,
+            c.samples_per_class,
+            updated.samples_per_class,
+        )
     # Card first: a manifest is never left without its card; if the manifest write fails the card is removed.
     write_card(card_out, updated)
     try:

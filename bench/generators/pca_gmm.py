@@ -18,8 +18,20 @@ class PcaGmm(Generator):
     # Caps keep the model far from interpolating individual images when a class is small: at most half the class
     # size in PCA components and one mixture component per `min_per_mixture` images.
     presets = {
-        "tiny": {"n_components": 16, "n_mixtures": 3, "covariance": "diag", "min_per_mixture": 20, "noise": True},
-        "full": {"n_components": 64, "n_mixtures": 8, "covariance": "full", "min_per_mixture": 50, "noise": True},
+        "tiny": {
+            "n_components": 16,
+            "n_mixtures": 3,
+            "covariance": "diag",
+            "min_per_mixture": 20,
+            "noise": True,
+        },
+        "full": {
+            "n_components": 64,
+            "n_mixtures": 8,
+            "covariance": "full",
+            "min_per_mixture": 50,
+            "noise": True,
+        },
     }
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
@@ -43,7 +55,10 @@ class PcaGmm(Generator):
             z = pca.transform(x)
             k = int(max(1, min(self.config["n_mixtures"], n // int(self.config["min_per_mixture"]))))
             gmm = GaussianMixture(
-                n_components=k, covariance_type=self.config["covariance"], reg_covar=1e-3, random_state=self.seed
+                n_components=k,
+                covariance_type=self.config["covariance"],
+                reg_covar=1e-3,
+                random_state=self.seed,
             ).fit(z)
             resid = float(max(x.var(axis=0, ddof=1).sum() - pca.explained_variance_.sum(), 0.0) / x.shape[1])
             self._models[c] = (pca, gmm, None, resid)
@@ -68,5 +83,7 @@ class PcaGmm(Generator):
                 x = pca.inverse_transform(z)
             if self.config["noise"] and resid > 0:
                 x = x + rng.normal(0.0, resid**0.5, x.shape)
-            out[where] = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape((len(where),) + tuple(self._shape))
+            out[where] = (
+                np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape((len(where),) + tuple(self._shape))
+            )
         return out

@@ -55,7 +55,9 @@ def training_rows(m: Manifest, task: Task, only: dict[str, str] | None = None) -
     rows = df[keep]
     for col, val in (only or {}).items():
         if col not in rows.columns:
-            raise BadInput(f"--only {col}={val}: the real manifest has no column {col!r} (columns: {list(df.columns)})")
+            raise BadInput(
+                f"--only {col}={val}: the real manifest has no column {col!r} (columns: {list(df.columns)})"
+            )
         rows = rows[rows[col].astype(str) == val]
     if rows.empty:
         extra = f" with {only}" if only else ""
@@ -159,7 +161,13 @@ def generate(
     train_m = Manifest(rows, m.root, m.path)
     x = load_pixels(train_m, task, int(size), cache_dir)
     y = rows["label"].map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64)
-    log.info("%s: training on %d images (%d patients) at %d px", generator, len(x), rows["patient_id"].nunique(), size)
+    log.info(
+        "%s: training on %d images (%d patients) at %d px",
+        generator,
+        len(x),
+        rows["patient_id"].nunique(),
+        size,
+    )
     gen.fit(x, y, len(task.classes))
 
     labels = np.concatenate([np.full(k, task.classes.index(c), dtype=np.int64) for c, k in counts.items()])
@@ -167,7 +175,9 @@ def generate(
     labels = labels[rng.permutation(len(labels))]
     images = gen.sample(labels)
     if images.shape != (len(labels), task.image.channels, int(size), int(size)) or images.dtype != np.uint8:
-        raise RuntimeError(f"{generator}: sampled {images.shape} {images.dtype}, expected uint8 {len(labels)} images")
+        raise RuntimeError(
+            f"{generator}: sampled {images.shape} {images.dtype}, expected uint8 {len(labels)} images"
+        )
 
     meta_cols = _metadata_columns(task, rows)
     # Metadata (sex, age, ...) is drawn jointly from a random training row of the same class, so subgroup columns
@@ -227,5 +237,10 @@ def generate(
             config={**gen.config, **({"fitted": gen.fitted_} if getattr(gen, "fitted_", None) else {})},
         )
         write_card(tmp / CARD_FILE, card)
-    log.info("wrote %s: %d synthetic images (%s)", out, len(labels), ", ".join(f"{c}={k}" for c, k in counts.items()))
+    log.info(
+        "wrote %s: %d synthetic images (%s)",
+        out,
+        len(labels),
+        ", ".join(f"{c}={k}" for c, k in counts.items()),
+    )
     return out
