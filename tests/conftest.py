@@ -13,6 +13,21 @@ import yaml
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep caches and phantoms that tests build out of the user's ~/.cache."""
+    old = {k: os.environ.get(k) for k in ("MEDSYNBENCH_CACHE", "MEDSYNBENCH_DATA")}
+    base = tmp_path_factory.mktemp("medsynbench-cache")
+    os.environ["MEDSYNBENCH_CACHE"] = str(base / "cache")
+    os.environ["MEDSYNBENCH_DATA"] = str(base / "data")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 TINY_TASK = {
     "name": "tiny",
     "version": "1.0",
