@@ -583,6 +583,8 @@ def audit(
         )
     if not 0 < percentile < 50:
         raise BadInput(f"--percentile {percentile}: must be in (0, 50)")
+    if not near_duplicate > 0:
+        raise BadInput(f"--near-duplicate {near_duplicate}: must be positive")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "privacy.json").exists():
         raise BadInput(f"--out {out}: a non-empty folder that is not a previous audit; choose another")
@@ -618,6 +620,7 @@ def audit(
     by_feature: dict[str, Any] = {}
     rows = []
     nearest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    holdout_px: dict[str, np.ndarray] = {}
     syn_ids = inp.synthetic.df["case_id"].astype(str).tolist()
     tr_ids = inp.train.df["case_id"].astype(str).tolist()
     for name, (embed_ref, search) in spaces.items():
@@ -642,6 +645,7 @@ def audit(
         )
         by_feature[name] = st
         nearest[name] = parts["synthetic"][:2]
+        holdout_px[name] = np.concatenate([parts["holdout_calibration"][0], parts["holdout_fresh"][0]])
         for role, (d, idx, m) in parts.items():
             ids = m.df["case_id"].astype(str)
             rows.append(
@@ -663,10 +667,13 @@ def audit(
     problems = contamination_problems(inp.card, t, inp.train.df, inp.evaluation)
     # A near duplicate must be closer than any two distinct real patients are: the threshold is the stated one,
     # or half the smallest distance between a holdout image and a training image in this task, if that is lower.
-    f_tr_px = pixel_features(x_tr)
-    real_min = float(
-        min(shift_tolerant_nearest(x, f_tr_px, device=nn_dev)[0].min() for x in (x_cal, x_fr) if len(x))
-    )
+    if "pixel" in holdout_px:
+        real_min = float(holdout_px["pixel"].min())
+    else:
+        f_tr_px = pixel_features(x_tr)
+        real_min = float(
+            min(shift_tolerant_nearest(x, f_tr_px, device=nn_dev)[0].min() for x in (x_cal, x_fr) if len(x))
+        )
     dup_threshold = float(min(near_duplicate, real_min / 2))
     dups = find_duplicates(x_syn, syn_ids, x_ev, inp.evaluation, dup_threshold, nn_dev)
     if dups:
