@@ -1062,8 +1062,9 @@ def run_matrix(
     )
     check_executor(executor, workers, ray_address)
     _check_existing(plan, resume)
-    _write_header(plan)
+    # Caches first: a corrupt image must fail the command before anything is written into RUN.
     _prepare_caches(plan, progress)
+    _write_header(plan)
     ex = make_executor(executor, workers=workers, ray_address=ray_address)
 
     pending = [r for r in plan.runs if not is_done(plan.out / r.run_id)]

@@ -35,6 +35,7 @@ class Ddpm(Generator):
             "ema_decay": 0.99,
             "sample_steps": 25,
             "sample_batch": 256,
+            "prediction": "epsilon",
         },
         "full": {
             "size": 128,
@@ -49,6 +50,7 @@ class Ddpm(Generator):
             "ema_decay": 0.999,
             "sample_steps": 100,
             "sample_batch": 256,
+            "prediction": "epsilon",
         },
     }
 
@@ -119,7 +121,13 @@ class Ddpm(Generator):
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             with scaler_ctx():
                 pred = model(xt, timesteps=t, class_labels=y)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            if cfg["prediction"] == "v_prediction":
+                target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            elif cfg["prediction"] == "sample":
+                target = x0
+            else:
+                target = noise
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
