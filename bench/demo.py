@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,17 +27,20 @@ class DemoPreset:
     patients: int
     slices: int
     phantom_size: int
-    train_preset: str
-    protocol: str
+    train_preset: str  # a name in configs/presets
+    image_size: int | None  # None: the task's size for the preset
+    protocol: str  # a name in configs/protocols
     ddpm_config: str
     n_boot: int
+    workers: int = 1
     extra_run_args: tuple[str, ...] = field(default_factory=tuple)
 
 
+# smoke shows the mechanics in about two minutes; cpu is large enough for the known answers to show reliably.
 PRESETS = {
-    "smoke": DemoPreset("smoke", 150, 2, 64, "smoke", "demo", "tiny", 200),
-    "cpu": DemoPreset("cpu", 400, 3, 96, "cpu", "demo", "tiny", 500),
-    "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", "default", "full", 1000),
+    "smoke": DemoPreset("smoke", 150, 2, 64, "smoke", None, "demo", "tiny", 200, workers=2),
+    "cpu": DemoPreset("cpu", 300, 2, 64, "demo", 32, "demo", "tiny", 500, workers=2),
+    "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", None, "default", "full", 1000),
 }
 
 
@@ -57,54 +61,131 @@ def _configs_dir() -> Path:
     raise FileNotFoundError("configs/ folder not found next to the package")
 
 
-def run_demo(out: Path, preset: str | None = None, fresh: bool = False, console: Console | None = None) -> dict:
+def run_demo(
+    out: Path, preset: str | None = None, fresh: bool = False, console: Console | None = None
+) -> dict:
     from bench.cli import main as cli
 
     console = console or Console()
     p = PRESETS[preset or default_preset()]
     out = Path(out).resolve()
-    if fresh and out.exists():
+    marker = out / ".medsynbench-demo"
+    if out.exists() and any(out.iterdir()):
+        # Only ever delete a folder an earlier demo made: the marker says so.
+        if not marker.exists():
+            raise BadInput(f"{out}: exists and is not a demo output folder; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by medsynbench demo; the next demo run replaces this folder\n")
     data = out / "data"
     real = data / "manifest.parquet"
     run = out / "run"
     board = out / "leaderboard"
-    stages: list[tuple[str, list[str]]] = []
+    stages: list[tuple[str, Callable[[], list[str]]]] = []
 
-    def step(title: str, args: list[str]) -> None:
-        stages.append((title, args))
+    def step(title: str, args: list[str] | Callable[[], list[str]]) -> None:
+        stages.append((title, args if callable(args) else (lambda a=args: a)))
 
-    step("Phantom chest CT export (DICOM + labels.csv)",
-         ["data", "phantom", "--out", str(data / "phantom"), "--patients", str(p.patients),
-          "--slices", str(p.slices), "--size", str(p.phantom_size), "--seed", "0"])
-    step("Real manifest", ["data", "manifest", "--task", TASK, "--root", str(data / "phantom"), "--out", str(real)])
+    size_args = ["--size", str(p.image_size)] if p.image_size else ["--preset", p.train_preset]
+
+    step(
+        "Phantom chest CT export (DICOM + labels.csv)",
+        [
+            "data",
+            "phantom",
+            "--out",
+            str(data / "phantom"),
+            "--patients",
+            str(p.patients),
+            "--slices",
+            str(p.slices),
+            "--size",
+            str(p.phantom_size),
+            "--seed",
+            "0",
+        ],
+    )
+    step(
+        "Real manifest",
+        ["data", "manifest", "--task", TASK, "--root", str(data / "phantom"), "--out", str(real)],
+    )
     step("Validate the manifest", ["data", "validate", str(real), "--task", TASK])
     for g in GENERATORS:
-        args = ["generate", "--task", TASK, "--generator", g, "--real", str(real), "--out",
-                str(out / "synthetic" / g), "--preset", p.train_preset, "--seed", "0"]
+        args = [
+            "generate",
+            "--task",
+            TASK,
+            "--generator",
+            g,
+            "--real",
+            str(real),
+            "--out",
+            str(out / "synthetic" / g),
+            *size_args,
+            "--seed",
+            "0",
+        ]
         if g == "ddpm":
             args += ["--config", p.ddpm_config]
         step(f"Reference generator {g}", args)
-    run_args = ["run", "--task", TASK, "--real", str(real), "--out", str(run), "--preset", p.train_preset,
-                "--protocol", str(_configs_dir() / "protocols" / f"{p.protocol}.yaml"), "--wandb", "offline"]
+    run_args = [
+        "run",
+        "--task",
+        TASK,
+        "--real",
+        str(real),
+        "--out",
+        str(run),
+        "--preset",
+        str(_configs_dir() / "presets" / f"{p.train_preset}.yaml"),
+        "--protocol",
+        str(_configs_dir() / "protocols" / f"{p.protocol}.yaml"),
+        "--wandb",
+        "offline",
+        "--workers",
+        str(p.workers),
+    ]
     for g in GENERATORS:
         run_args += ["--synthetic", f"{g}={out / 'synthetic' / g / 'manifest.parquet'}"]
     step("Protocol matrix (regimes x generators x seeds)", run_args + list(p.extra_run_args))
-    step("Evaluation with patient-clustered intervals",
-         ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)])
+    step(
+        "Evaluation with patient-clustered intervals",
+        ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)],
+    )
+
+    def privacy_args(g: str) -> list[str]:
+        # Classifier features come from the real-only model the matrix just trained (no downloaded weights).
+        ckpt = sorted(run.glob("none__real__*__seed0/checkpoint.pt"))
+        args = [
+            "privacy",
+            "--task",
+            TASK,
+            "--synthetic",
+            str(out / "synthetic" / g / "manifest.parquet"),
+            "--train",
+            str(out / "synthetic" / g / "train_manifest.parquet"),
+            "--holdout",
+            str(real),
+            "--test",
+            str(real),
+            "--out",
+            str(run / "privacy" / g),
+        ]
+        return args + (["--checkpoint", str(ckpt[0])] if ckpt else [])
+
     for g in GENERATORS:
-        step(f"Privacy audit of {g}",
-             ["privacy", "--task", TASK, "--synthetic", str(out / "synthetic" / g / "manifest.parquet"),
-              "--train", str(out / "synthetic" / g / "train_manifest.parquet"), "--holdout", str(real),
-              "--run", str(run), "--out", str(run / "privacy" / g)])
-    step("Submit to the demo leaderboard", ["submit", str(run), "--leaderboard", str(board), "--submitter", "demo"])
+        step(f"Privacy audit of {g}", lambda g=g: privacy_args(g))
+    step(
+        "Submit to the demo leaderboard",
+        ["submit", str(run), "--leaderboard", str(board), "--submitter", "demo"],
+    )
     step("Build the leaderboard", ["leaderboard", "build", str(board)])
 
     _init_leaderboard(board, p)
     t0 = time.perf_counter()
     timings = {}
-    for i, (title, args) in enumerate(stages, 1):
+    for i, (title, make_args) in enumerate(stages, 1):
+        args = make_args()
         console.rule(f"[bold]{i}/{len(stages)} {title}")
         console.print(f"[dim]$ medsynbench {' '.join(args)}[/dim]")
         ts = time.perf_counter()

@@ -51,7 +51,7 @@ from bench.io import atomic_dir
 log = logging.getLogger(__name__)
 
 # Bump whenever a change could alter a written pixel or header (the default-root cache is keyed on it).
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"
 
 CLASSES = ("normal", "thymoma", "benign_cyst", "germ_cell_tumor", "neurogenic_tumor", "thymic_carcinoma")
 LABEL_COLUMNS = ("patient_id", "label", "site", "sex", "age", "contrast")
@@ -94,9 +94,9 @@ SITES: tuple[SiteSpec, ...] = (
              420.0, 5.0, 0.40, 0, (0.35, 0.16, 0.16, 0.12, 0.13, 0.08), 54, 17, 0.48, "HB"),
     SiteSpec("hospital_c", False, 0.20, "Philips", "iCT 256", "B", 10.0, 0.6, 0.9, -3.0,
              360.0, 3.0, 0.85, -1024, (0.21, 0.20, 0.10, 0.17, 0.12, 0.20), 52, 15, 0.55, "HC"),
-    SiteSpec("hospital_d", True, 0.17, "TOSHIBA", "Aquilion ONE", "FC08", 24.0, 1.6, 1.8, 16.0,
-             460.0, 5.0, 0.50, -1024, (0.31, 0.18, 0.17, 0.12, 0.13, 0.09), 57, 16, 0.50, "HD"),
-    SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 30.0, 0.5, 0.6, -18.0,
+    SiteSpec("hospital_d", True, 0.17, "TOSHIBA", "Aquilion ONE", "FC08", 55.0, 2.6, 2.0, 45.0,
+             500.0, 5.0, 0.50, -1024, (0.31, 0.18, 0.17, 0.12, 0.13, 0.09), 57, 16, 0.50, "HD"),
+    SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 60.0, 0.4, 0.6, -45.0,
              330.0, 2.0, 0.30, 0, (0.28, 0.15, 0.20, 0.12, 0.15, 0.10), 46, 18, 0.50, "HE"),
 )
 # fmt: on

@@ -325,7 +325,26 @@ def test_ddpm_full_preset_builds_a_larger_network():
     tiny, full = cls(config="tiny", device="cpu"), cls(config="full", device="cpu")
     n = {k: sum(p.numel() for p in g._build(1, 3).parameters()) for k, g in (("tiny", tiny), ("full", full))}
     assert n["full"] > 50 * n["tiny"]
-    assert full.default_size(224) == 128 and tiny.default_size(224) == 32 and tiny.default_size(16) == 16
+    assert full.default_size(224) == 128 and tiny.default_size(224) == 16 and tiny.default_size(12) == 12
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_ddpm_other_targets_train_and_sample(prediction):
+    g = get_generator("ddpm")(
+        config={
+            "preset": "tiny",
+            "channels": [8, 16],
+            "norm_num_groups": 4,
+            "train_steps": 2,
+            "sample_steps": 2,
+            "prediction": prediction,
+        },
+        device="cpu",
+    )
+    x = np.random.default_rng(0).integers(0, 256, (6, 1, 16, 16), dtype=np.uint8)
+    g.fit(x, np.arange(6) % 3, 3)
+    out = g.sample(np.array([0, 2]))
+    assert out.shape == (2, 1, 16, 16) and out.dtype == np.uint8
 
 
 @pytest.mark.slow
@@ -333,7 +352,7 @@ def test_tiny_ddpm_not_flagged(env):
     from bench.privacy import audit
 
     out = env["root"] / "ddpm_tiny"
-    generate(env["task_path"], "ddpm", env["real"], out, size=16, config="tiny", seed=0)
+    generate(env["task_path"], "ddpm", env["real"], out, config="tiny", seed=0)
     r = audit(
         env["task_path"],
         out / "manifest.parquet",

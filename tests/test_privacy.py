@@ -407,3 +407,31 @@ def test_bad_options(env, tmp_path, capsys):
             features=("pixel",),
         )
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_known_answers_on_the_phantom_task(tmp_path, monkeypatch):
+    """On the built-in CT phantom: copycat is flagged; pca-gmm and the tiny ddpm are not."""
+    from bench.phantom import write_phantom
+    from bench.sources import build_manifest
+
+    monkeypatch.setenv("MEDSYNBENCH_CACHE", str(tmp_path / "cache"))
+    task = load_task("mediastinal-neoplasm")
+    write_phantom(tmp_path / "dicom", patients=150, slices=2, size=64, seed=0)
+    real = tmp_path / "manifest.parquet"
+    write_manifest(build_manifest(task, tmp_path / "dicom"), real)
+    flagged = {}
+    for g in ("copycat", "pca-gmm", "ddpm"):
+        generate(task, g, real, tmp_path / g, preset="smoke" if g != "ddpm" else None, seed=0)
+        r = audit(
+            task,
+            tmp_path / g / "manifest.parquet",
+            tmp_path / g / "train_manifest.parquet",
+            real,
+            tmp_path / f"audit-{g}",
+            features=("pixel",),
+            n_boot=300,
+        )
+        flagged[g] = r["flagged"]
+        assert r["contamination"]["status"] == "pass", (g, r["contamination"])
+    assert flagged == {"copycat": True, "pca-gmm": False, "ddpm": False}

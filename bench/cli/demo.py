@@ -6,18 +6,17 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser("demo", help="the whole benchmark end to end on the built-in phantom task")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out; an earlier demo there is replaced)")
     p.add_argument(
         "--preset",
         choices=["smoke", "cpu", "gpu"],
         help="smoke: ~2 min; cpu: <10 min on 2 cores (default without a GPU); gpu: full size (default with one)",
     )
-    p.add_argument("--fresh", action="store_true", help="delete the output folder first instead of resuming")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from bench.demo import run_demo
 
-    run_demo(args.out, args.preset, fresh=args.fresh)
+    run_demo(args.out, args.preset)
     return 0

@@ -107,6 +107,21 @@ def load_pixels(m: Manifest, task: Task, size: int, cache_dir: Path | None = Non
     return np.ascontiguousarray(cache.images[cache.rows(m.df["case_id"].astype(str))])
 
 
+def _describe(cls: type) -> str:
+    import sys
+
+    doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def _fitted(gen: Any, task: Task) -> Any:
+    """What the generator learned, as it reports it; per-class entries keyed by class name, not index."""
+    f = gen.fitted_
+    if isinstance(f, dict) and f and all(str(k).isdigit() and int(k) < len(task.classes) for k in f):
+        return {task.classes[int(k)]: v for k, v in f.items()}
+    return f
+
+
 def _save_png(path: Path, img: np.ndarray) -> None:
     from PIL import Image
 
@@ -217,7 +232,7 @@ def generate(
         card = GeneratorCard(
             name=generator,
             version=cls.version,
-            description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+            description=_describe(cls),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             seed=int(seed),
             task={"name": task.name, "version": task.version},
@@ -234,7 +249,10 @@ def generate(
                 "n_patients": int(rows["patient_id"].nunique()),
                 "splits": ["train"],
             },
-            config={**gen.config, **({"fitted": gen.fitted_} if getattr(gen, "fitted_", None) else {})},
+            config={
+                **gen.config,
+                **({"fitted": _fitted(gen, task)} if getattr(gen, "fitted_", None) else {}),
+            },
         )
         write_card(tmp / CARD_FILE, card)
     log.info(
