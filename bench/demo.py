@@ -33,12 +33,25 @@ class DemoPreset:
     ddpm_config: str
     n_boot: int
     workers: int = 1
+    ddpm_args: tuple[str, ...] = ()
     extra_run_args: tuple[str, ...] = field(default_factory=tuple)
 
 
 # smoke shows the mechanics in about two minutes; cpu is large enough for the known answers to show reliably.
 PRESETS = {
-    "smoke": DemoPreset("smoke", 150, 2, 64, "smoke", None, "demo", "tiny", 200, workers=2),
+    "smoke": DemoPreset(
+        "smoke",
+        150,
+        2,
+        64,
+        "smoke",
+        None,
+        "demo",
+        "tiny",
+        200,
+        workers=2,
+        ddpm_args=("--set", "train_steps=300"),
+    ),
     "cpu": DemoPreset("cpu", 300, 2, 64, "demo", 32, "demo", "tiny", 500, workers=2),
     "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", None, "default", "full", 1000),
 }
@@ -126,7 +139,7 @@ def run_demo(
             "0",
         ]
         if g == "ddpm":
-            args += ["--config", p.ddpm_config]
+            args += ["--config", p.ddpm_config, *p.ddpm_args]
         step(f"Reference generator {g}", args)
     run_args = [
         "run",
@@ -213,26 +226,22 @@ def run_demo(
 
 
 def _init_leaderboard(board: Path, p: DemoPreset) -> None:
-    """A leaderboard of the demo's own, pinned to the task but not to the shipped manifests (its phantom differs)."""
+    """A leaderboard of the demo's own: pinned to the task and protocol, not to the shipped manifests (the demo's
+    phantom is smaller than the seeded leaderboard's)."""
     import yaml
 
+    from bench.leaderboard.config import CONFIG_FILE, Bootstrap, LeaderboardConfig, ProtocolPin, TaskPin
     from bench.tasks import load_task
 
     task = load_task(TASK)
+    protocol = yaml.safe_load((_configs_dir() / "protocols" / f"{p.protocol}.yaml").read_text())
+    cfg = LeaderboardConfig(
+        title=f"{task.name} demo ({p.name} preset)",
+        task=TaskPin(name=task.name, version=task.version),
+        protocol=ProtocolPin(regimes=protocol.get("regimes"), seeds=protocol.get("seeds")),
+        primary_metric=task.metrics.primary,
+        id_salt=f"{task.name}-demo-leaderboard",
+        bootstrap=Bootstrap(n=p.n_boot, seed=0),
+    )
     board.mkdir(parents=True, exist_ok=True)
-    cfg = board / "leaderboard.yaml"
-    if not cfg.exists():
-        protocol = yaml.safe_load((_configs_dir() / "protocols" / f"{p.protocol}.yaml").read_text())
-        if not isinstance(protocol, dict):
-            raise BadInput(f"protocol {p.protocol}: not a mapping")
-        cfg.write_text(
-            yaml.safe_dump(
-                {
-                    "task": {"name": task.name, "version": task.version},
-                    "primary_metric": task.metrics.primary,
-                    "required": {"regimes": protocol.get("regimes", []), "seeds": protocol.get("seeds", [])},
-                    "pinned_manifests": {},
-                },
-                sort_keys=False,
-            )
-        )
+    (board / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
