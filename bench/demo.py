@@ -134,12 +134,16 @@ def run_demo(
             str(real),
             "--out",
             str(out / "synthetic" / g),
-            *size_args,
-            "--seed",
-            "0",
         ]
-        if g == "ddpm":
+        args += ["--seed", "0"]
+        if g != "ddpm":
+            args += size_args
+        else:
+            # The tiny diffusion model works at its own small size (16 px) and training resizes its images;
+            # the full one at the preset's size.
             args += ["--config", p.ddpm_config, *p.ddpm_args]
+            if p.ddpm_config != "tiny":
+                args += size_args
         step(f"Reference generator {g}", args)
     run_args = [
         "run",

@@ -1,0 +1,135 @@
+"""The main job, end to end through the installed console script, as the README runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.phantom import phantom_phi_values
+
+
+def _console_script() -> str:
+    exe = Path(sys.executable).with_name("medsynbench")
+    found = str(exe) if exe.exists() else shutil.which("medsynbench")
+    if not found:
+        pytest.fail("the medsynbench console script is not installed next to this Python")
+    return found
+
+
+def _run_demo(out: Path, preset: str) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run(
+        [_console_script(), "demo", "--preset", preset, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # It ends by printing the leaderboard table and the paths of the report and the leaderboard page.
+    assert "| Rank" in proc.stdout
+    assert "report:" in proc.stdout and "leaderboard:" in proc.stdout
+    return json.loads((out / "demo.json").read_text())
+
+
+def _metrics(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "run" / "evaluation" / "metrics.parquet")
+
+
+def _external_vs_test(table: pd.DataFrame, generator: str, regime: str) -> tuple[float, float]:
+    t = table[(table.generator == generator) & (table.regime == regime) & (table.metric == "auroc_macro")]
+    t = t[t.scope == "overall"]
+    ext = t[(t.split == "external")].value.iloc[0]
+    test = t[(t.split == "test")].value.iloc[0]
+    return float(ext), float(test)
+
+
+def _check_common(out: Path, summary: dict) -> None:
+    assert Path(summary["report"]).is_file() and Path(summary["leaderboard"]).is_file()
+    records = sorted((out / "leaderboard" / "records").glob("*.json"))
+    assert len(records) == 4  # copycat, pca-gmm, ddpm and the real-only reference
+    html = Path(summary["leaderboard"]).read_text()
+    assert all(g in html for g in ("copycat", "pca-gmm", "ddpm"))
+
+    # Known answer: the memorization control is caught, the others are not.
+    priv = {
+        g: json.loads((out / "run" / "privacy" / g / "privacy.json").read_text())
+        for g in ("copycat", "pca-gmm")
+    }
+    assert priv["copycat"]["flagged"] is True
+    assert priv["pca-gmm"]["flagged"] is False
+
+    # Every number in the table has an interval and a count.
+    table = _metrics(out)
+    ok = table[table.status == "ok"]
+    assert len(ok) > 100
+    assert ok[["value", "ci_low", "ci_high"]].notna().all().all()
+    assert (ok.ci_low <= ok.ci_high + 1e-12).all()
+    assert (ok.n_cases > 0).all() and (ok.n_patients > 0).all()
+    assert {"site", "subgroup", "intersection", "overall"} <= set(table.scope)
+
+    # No patient name, id or birth date from the DICOM export reaches anything written downstream. Values are
+    # matched as whole tokens: a birth date's eight digits do turn up inside the digits of some probability.
+    phi = phantom_phi_values(out / "data" / "phantom")
+    assert phi
+    token = re.compile(r"[0-9A-Za-z]+")
+    wanted = {v: token.findall(v) for v in phi}
+    leaks = []
+    for root in (out, Path(os.environ["MEDSYNBENCH_CACHE"])):
+        for f in root.rglob("*"):
+            if not f.is_file() or (out / "data" / "phantom") in f.parents:
+                continue
+            if f.suffix == ".parquet":
+                df = pd.read_parquet(f)
+                text = df.select_dtypes(exclude="number").astype(str).to_csv()
+            elif f.suffix == ".npy":  # pixels after the header: only the header can hold text
+                text = f.read_bytes()[:4096].decode("latin-1")
+            else:
+                text = f.read_bytes().decode("latin-1")
+            tokens = set(token.findall(text))
+            leaks += [
+                (str(f), v)
+                for v, parts in wanted.items()
+                if parts and all(t in tokens for t in parts) and v in text
+            ]
+    assert not leaks, leaks[:10]
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    summary = _run_demo(out, "smoke")
+    _check_common(out, summary)
+
+
+@pytest.mark.slow
+def test_demo_cpu_shows_the_known_answers(tmp_path):
+    out = tmp_path / "demo"
+    summary = _run_demo(out, "cpu")
+    _check_common(out, summary)
+    table = _metrics(out)
+    real_ext, real_test = _external_vs_test(table, "none", "real")
+    pca_ext, _ = _external_vs_test(table, "pca-gmm", "synthetic")
+    # Real-only beats pca-gmm synthetic-only on the external hospitals.
+    assert real_ext > pca_ext
+    # The external hospitals are harder than the internal test split for real-only.
+    assert real_ext < real_test
+
+
+def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path, capsys):
+    from bench.cli import main
+
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    assert main(["demo", "--preset", "smoke", "--out", str(out)]) == 2
+    assert "not a demo output folder" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "do not delete"
