@@ -8,6 +8,7 @@ own folder unless absolute.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -76,23 +77,18 @@ def write_manifest(df: pd.DataFrame, path: str | Path, image_root: str | Path | 
     """Write a manifest with image paths made relative to the manifest's folder (atomic)."""
     path = Path(path).resolve()
     out = df.copy()
-    if image_root is not None or True:
-        base = path.parent
+    base = path.parent
 
-        def rel(p: str) -> str:
-            q = Path(p)
-            if not q.is_absolute() and image_root is not None:
-                q = Path(image_root).resolve() / q
-            if q.is_absolute():
-                try:
-                    return str(q.resolve().relative_to(base))
-                except ValueError:
-                    import os
-
-                    return os.path.relpath(q.resolve(), base)
+    def rel(p: str) -> str:
+        q = Path(p)
+        if not q.is_absolute() and image_root is not None:
+            q = Path(image_root).resolve() / q
+        if not q.is_absolute():
             return str(q)
+        # relpath rather than relative_to: images may live beside, not below, the manifest.
+        return os.path.relpath(q.resolve(), base)
 
-        out["image"] = out["image"].astype(str).map(rel)
+    out["image"] = out["image"].astype(str).map(rel)
     return write_table(path, out)
 
 
@@ -125,7 +121,9 @@ def validate_manifest(
         bad = df.index[df["label"].notna() & ~df["label"].isin(task.classes)]
         if len(bad):
             vals = sorted(set(df.loc[bad, "label"].astype(str)))
-            problems.append(f"column 'label': {vals} not among the task's classes {task.classes} (rows {_rows(bad)})")
+            problems.append(
+                f"column 'label': {vals} not among the task's classes {task.classes} (rows {_rows(bad)})"
+            )
 
     if "origin" in df.columns:
         bad = df.index[df["origin"].notna() & ~df["origin"].isin(allow_origins)]
@@ -136,9 +134,13 @@ def validate_manifest(
             if "generator" not in df.columns:
                 problems.append("column 'generator': required when there are synthetic rows")
             else:
-                bad = df.index[syn & (df["generator"].isna() | (df["generator"].astype(str).str.strip() == ""))]
+                bad = df.index[
+                    syn & (df["generator"].isna() | (df["generator"].astype(str).str.strip() == ""))
+                ]
                 if len(bad):
-                    problems.append(f"column 'generator': synthetic rows without a generator (rows {_rows(bad)})")
+                    problems.append(
+                        f"column 'generator': synthetic rows without a generator (rows {_rows(bad)})"
+                    )
 
     if "split" in df.columns:
         bad = df.index[df["split"].notna() & ~df["split"].isin(SPLITS)]
@@ -151,7 +153,9 @@ def validate_manifest(
         for pid in nsplit[nsplit > 1].index:
             rows = sub.index[sub["patient_id"] == pid]
             splits = sorted(set(sub.loc[rows, "split"]))
-            problems.append(f"patient {pid!r} appears in several splits {splits} (rows {_rows(rows)}): leakage")
+            problems.append(
+                f"patient {pid!r} appears in several splits {splits} (rows {_rows(rows)}): leakage"
+            )
 
     if {"site", "split"} <= set(df.columns):
         ext = set(task.sites.external)
@@ -163,7 +167,9 @@ def validate_manifest(
         bad = df.index[real & df["site"].notna() & ~df["site"].isin(known)]
         if len(bad):
             vals = sorted(set(df.loc[bad, "site"].astype(str)))
-            problems.append(f"column 'site': {vals} not among the task's sites {sorted(known)} (rows {_rows(bad)})")
+            problems.append(
+                f"column 'site': {vals} not among the task's sites {sorted(known)} (rows {_rows(bad)})"
+            )
         bad = df.index[df["site"].isin(task.sites.train) & (df["split"] == "external")]
         if len(bad):
             problems.append(f"training-site rows marked 'external' (rows {_rows(bad)})")

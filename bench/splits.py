@@ -44,7 +44,7 @@ def assign_splits(df: pd.DataFrame, task: Task) -> pd.DataFrame:
             assignment[ids[j]] = "val" if k < n_val else "test" if k < n_val + n_test else "train"
 
     site_pool: dict[str, list[str]] = {}
-    for (site, label), grp in per_unit.groupby(["site", "label"], sort=True):
+    for (site, _label), grp in per_unit.groupby(["site", "label"], sort=True):
         ids = [str(i) for i in grp.index]
         if len(ids) >= min_n:
             allot(ids)

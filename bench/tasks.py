@@ -184,8 +184,12 @@ class Task(_Strict):
         if not self.subgroups.age_bins:
             out = pd.Series(np.where(a.isna(), "unknown", "all"), index=age.index)
         else:
-            idx = np.searchsorted(np.asarray(self.subgroups.age_bins, dtype=float), a.to_numpy(float), side="right")
-            out = pd.Series(np.asarray(labels, dtype=object)[np.clip(idx, 0, len(labels) - 1)], index=age.index)
+            idx = np.searchsorted(
+                np.asarray(self.subgroups.age_bins, dtype=float), a.to_numpy(float), side="right"
+            )
+            out = pd.Series(
+                np.asarray(labels, dtype=object)[np.clip(idx, 0, len(labels) - 1)], index=age.index
+            )
             out[a.isna()] = "unknown"
         return out.astype(object)
 
@@ -229,7 +233,9 @@ def resolve_task_path(ref: str | Path) -> Path:
     if str(ref) in dirs:
         return dirs[str(ref)] / TASK_FILE
     known = ", ".join(sorted(dirs)) or "none"
-    raise BadInput(f"task {str(ref)!r}: not a task.yaml, a task folder, or a known task name (known: {known})")
+    raise BadInput(
+        f"task {str(ref)!r}: not a task.yaml, a task folder, or a known task name (known: {known})"
+    )
 
 
 def load_task(ref: str | Path | Task) -> Task:

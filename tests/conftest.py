@@ -28,18 +28,27 @@ def _private_cache(tmp_path_factory):
         else:
             os.environ[k] = v
 
+
 TINY_TASK = {
     "name": "tiny",
     "version": "1.0",
     "modality": "synthetic-shapes",
     "description": "Three shape classes on noisy backgrounds; a test fixture.",
     "image": {"size": 32, "channels": 1, "presets": {"smoke": 16}, "intensity": {"kind": "uint8"}},
-    "labels": {"classes": ["blank", "disc", "bar"], "binary_view": {"name": "shape", "positive": ["disc", "bar"]}},
+    "labels": {
+        "classes": ["blank", "disc", "bar"],
+        "binary_view": {"name": "shape", "positive": ["disc", "bar"]},
+    },
     "sites": {"train": ["s1", "s2", "s3"], "external": ["x1"]},
     "splits": {"unit": "patient_id", "train": 0.6, "val": 0.2, "test": 0.2, "seed": 0},
     "subgroups": {"columns": ["sex", "age_group"], "age_bins": [50]},
-    "metrics": {"primary": "auroc_macro", "target_specificity": 0.8, "min_patients": 3, "min_positives": 2,
-                "bootstrap": 50},
+    "metrics": {
+        "primary": "auroc_macro",
+        "target_specificity": 0.8,
+        "min_patients": 3,
+        "min_positives": 2,
+        "bootstrap": 50,
+    },
     "protocol": {"regimes": ["real"], "seeds": [0], "backbone": "resnet18"},
     "source": {"kind": "folder", "options": {}},
 }
@@ -72,7 +81,9 @@ def tiny_task(tiny_task_path):
     return load_task(tiny_task_path)
 
 
-def make_tiny_dataset(root: Path, task, patients_per_site: int = 12, images_per_patient: int = 2, seed: int = 0):
+def make_tiny_dataset(
+    root: Path, task, patients_per_site: int = 12, images_per_patient: int = 2, seed: int = 0
+):
     """PNG images + a valid manifest at root/manifest.parquet; returns the manifest path."""
     from PIL import Image
 
@@ -93,8 +104,19 @@ def make_tiny_dataset(root: Path, task, patients_per_site: int = 12, images_per_
                 arr = draw_shape(label, rng, site_shift=8.0 * s_i)
                 rel = f"images/{pid}_{k}.png"
                 Image.fromarray(arr).save(root / rel)
-                rows.append(dict(case_id=f"{pid}_{k}", patient_id=pid, image=rel, label=label, site=site,
-                                 sex=sex, age=age, origin="real", generator=None))
+                rows.append(
+                    dict(
+                        case_id=f"{pid}_{k}",
+                        patient_id=pid,
+                        image=rel,
+                        label=label,
+                        site=site,
+                        sex=sex,
+                        age=age,
+                        origin="real",
+                        generator=None,
+                    )
+                )
     df = pd.DataFrame(rows)
     df = task.add_subgroup_columns(df)
     df = assign_splits(df, task)

@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--root", type=Path, help="the dataset folder (default: the task's configured source)")
     p.add_argument("--out", type=Path, help="manifest file (.parquet or .csv); default ROOT/manifest.parquet")
     p.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="override a source option (repeatable)"
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a source option (repeatable)",
     )
     p.set_defaults(func=cmd_manifest)
 

@@ -27,7 +27,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         table.add_column(col)
     for t in list_tasks():
         table.add_row(
-            t.name, t.version, t.modality, ", ".join(t.classes), ", ".join(t.sites.train), ", ".join(t.sites.external)
+            t.name,
+            t.version,
+            t.modality,
+            ", ".join(t.classes),
+            ", ".join(t.sites.train),
+            ", ".join(t.sites.external),
         )
     console.print(table)
     return 0
