@@ -66,12 +66,17 @@ def draw_shape(label: str, rng: np.random.Generator, size: int = 32, site_shift:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture
-def tiny_task_path(tmp_path: Path) -> Path:
-    d = tmp_path / "tasks" / "tiny"
+def write_tiny_task(root: Path) -> Path:
+    """Write the tiny task as ROOT/tasks/tiny/task.yaml and return the file."""
+    d = root / "tasks" / "tiny"
     d.mkdir(parents=True)
     (d / "task.yaml").write_text(yaml.safe_dump(TINY_TASK, sort_keys=False))
     return d / "task.yaml"
+
+
+@pytest.fixture
+def tiny_task_path(tmp_path: Path) -> Path:
+    return write_tiny_task(tmp_path)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 from bench.cli import main
@@ -17,7 +16,7 @@ from bench.generators.card import hash_id, read_card
 from bench.generators.pipeline import class_counts, generate
 from bench.manifest import manifest_hash, read_manifest, validate_manifest
 from bench.tasks import load_task
-from tests.conftest import TINY_TASK, make_tiny_dataset
+from tests.conftest import make_tiny_dataset, write_tiny_task
 
 TINY_DDPM = [
     "--set",
@@ -37,12 +36,10 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     old = os.environ.get("MEDSYNBENCH_CACHE")
     os.environ["MEDSYNBENCH_CACHE"] = str(root / "cache")
-    d = root / "tasks" / "tiny"
-    d.mkdir(parents=True)
-    (d / "task.yaml").write_text(yaml.safe_dump(TINY_TASK, sort_keys=False))
-    task = load_task(d / "task.yaml")
+    task_path = write_tiny_task(root)
+    task = load_task(task_path)
     manifest = make_tiny_dataset(root / "data", task, patients_per_site=15)
-    yield {"root": root, "task_path": d / "task.yaml", "task": task, "real": manifest}
+    yield {"root": root, "task_path": task_path, "task": task, "real": manifest}
     if old is None:
         os.environ.pop("MEDSYNBENCH_CACHE", None)
     else:

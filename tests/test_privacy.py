@@ -21,7 +21,7 @@ from bench.generators.pipeline import generate
 from bench.manifest import read_manifest, write_manifest
 from bench.privacy import audit, memorization_stats, nearest_neighbors, quantile_ci
 from bench.tasks import load_task
-from tests.conftest import TINY_TASK, make_tiny_dataset
+from tests.conftest import make_tiny_dataset, write_tiny_task
 
 KEYS = {
     "generator",
@@ -47,14 +47,12 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("priv")
     old = os.environ.get("MEDSYNBENCH_CACHE")
     os.environ["MEDSYNBENCH_CACHE"] = str(root / "cache")
-    d = root / "tasks" / "tiny"
-    d.mkdir(parents=True)
-    (d / "task.yaml").write_text(yaml.safe_dump(TINY_TASK, sort_keys=False))
-    task = load_task(d / "task.yaml")
+    task_path = write_tiny_task(root)
+    task = load_task(task_path)
     real = make_tiny_dataset(root / "data", task, patients_per_site=25)
     for g in ("copycat", "pca-gmm"):
         generate(task, g, real, root / g, seed=0)
-    yield {"root": root, "task_path": d / "task.yaml", "task": task, "real": real}
+    yield {"root": root, "task_path": task_path, "task": task, "real": real}
     if old is None:
         os.environ.pop("MEDSYNBENCH_CACHE", None)
     else:
