@@ -172,7 +172,9 @@ def run_demo(
 
     def privacy_args(g: str) -> list[str]:
         # Classifier features come from the real-only model the matrix just trained (no downloaded weights).
-        ckpt = sorted(run.glob("none__real__*__seed0/checkpoint.pt"))
+        from bench.runfolder import RunDir
+
+        ckpt = [r.checkpoint for r in RunDir(run).baseline_runs(seed=0) if r.checkpoint.is_file()]
         args = [
             "privacy",
             "--task",

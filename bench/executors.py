@@ -1,6 +1,7 @@
 """Where the runs of a matrix execute: this machine (a process pool) or a Ray cluster.
 
-Both take a top-level function `fn(ctx, item)` and a list of items and yield `(item, result)` as runs finish. No
+Both take a top-level function `fn(ctx, item)` and a list of items (picklable: `bench.protocol`'s context and
+run or study specs) and yield `(item, result)` as runs finish. No
 scheduling of our own: the local executor is `concurrent.futures.ProcessPoolExecutor`, the Ray executor is Ray tasks
 asking for one GPU each on CUDA machines.
 """
@@ -39,8 +40,8 @@ class LocalExecutor:
         self.workers = int(workers)
 
     def map(
-        self, fn: Callable[..., Any], ctx: dict[str, Any], items: list[dict[str, Any]], progress: Any = False
-    ) -> Iterator[tuple[dict[str, Any], Any]]:
+        self, fn: Callable[..., Any], ctx: Any, items: list[Any], progress: Any = False
+    ) -> Iterator[tuple[Any, Any]]:
         if not items:
             return
         if self.workers == 1 or len(items) == 1:
@@ -105,8 +106,8 @@ class RayExecutor:
         self.num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
     def map(
-        self, fn: Callable[..., Any], ctx: dict[str, Any], items: list[dict[str, Any]], progress: Any = False
-    ) -> Iterator[tuple[dict[str, Any], Any]]:
+        self, fn: Callable[..., Any], ctx: Any, items: list[Any], progress: Any = False
+    ) -> Iterator[tuple[Any, Any]]:
         if not items:
             return
         ray = self.ray

@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -725,7 +725,3 @@ def phantom_phi_values(out_dir: str | Path) -> set[str]:
             values.add(f"{giv} {fam}")
             values.add(f"{fam}, {giv}")
     return values
-
-
-def plan_dict(plan: PatientPlan) -> dict[str, Any]:
-    return asdict(plan)

@@ -101,7 +101,9 @@ class RunName:
         parts = name.split(SEP)
         m = _SEED.match(parts[-1]) if len(parts) == 4 else None
         if m is None or not all(parts[:3]):
-            raise ValueError(f"{name!r} is not a run folder name (<generator>__<regime>__<backbone>__seed<k>)")
+            raise ValueError(
+                f"{name!r} is not a run folder name (<generator>__<regime>__<backbone>__seed<k>)"
+            )
         return cls(parts[0], parts[1], parts[2], int(m.group(1)))
 
     @classmethod
@@ -164,6 +166,11 @@ class MatrixInfo(_Lenient):
     manifests: Manifests = Field(default_factory=Manifests)
     generators: dict[str, GeneratorEntry] = Field(default_factory=dict)
     runs: list[str] = Field(default_factory=list)
+    updated: str | None = None
+    environment: dict[str, Any] = Field(default_factory=dict)
+
+    def real_manifest(self) -> ManifestRef | None:
+        return self.manifests.real
 
     def synthetic_manifest(self, generator: str) -> ManifestRef | None:
         if generator in self.manifests.synthetic:
@@ -226,6 +233,11 @@ class RunFolder:
     def finished(self) -> bool:
         """DONE and predictions present: what evaluation and submission read."""
         return self.done and self.predictions.is_file()
+
+    @property
+    def done_marker(self) -> Path:
+        """Written last into a run folder that is still under its temporary name."""
+        return self.path / DONE
 
     @property
     def predictions(self) -> Path:

@@ -9,7 +9,6 @@ is deterministic for a seed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BadInput
+from bench.metrics.core import auroc_macro
 from bench.models import create_model
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"device {str(device)!r}: CUDA is not available on this machine")
     return d
-
-
-def macro_auroc(y: np.ndarray, prob: np.ndarray) -> float:
-    """Mean one-vs-rest AUROC over the classes present with both positives and negatives; NaN if none.
-
-    Equals scikit-learn's `roc_auc_score(y, prob, multi_class="ovr", average="macro")` when every class is present.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y)
-    prob = np.asarray(prob, dtype=np.float64)
-    vals = []
-    for k in range(prob.shape[1]):
-        pos = y == k
-        if pos.any() and (~pos).any():
-            vals.append(roc_auc_score(pos, prob[:, k]))
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 # -- data on the device ------------------------------------------------------------------------------------------
@@ -311,7 +294,7 @@ def fit(
                     rec["val_loss"] = float(
                         F.nll_loss(torch.from_numpy(np.log(np.clip(prob, 1e-12, 1))), torch.from_numpy(y_val))
                     )
-                    rec["val_auroc_macro"] = macro_auroc(y_val, prob)
+                    rec["val_auroc_macro"] = auroc_macro(y_val, prob)
                     auc = rec["val_auroc_macro"]
                     key = (0 if math.isnan(auc) else 1, -1.0 if math.isnan(auc) else auc, -rec["val_loss"])
                 else:
@@ -409,7 +392,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = create_model(spec["name"], spec["num_classes"], spec["in_chans"])
     model.load_state_dict(payload["state_dict"])
     return model.to(resolve_device(device)).eval(), payload.get("meta") or {}
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -66,7 +66,9 @@ class TuneSpec(BaseModel):
 
 
 def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(Path(run_dir) / 'tuning.db').resolve()}"
+    from bench.runfolder import RunDir
+
+    return f"sqlite:///{RunDir(run_dir).tuning_db.resolve()}"
 
 
 def redact(url: str) -> str:

@@ -28,9 +28,9 @@ TASK = "mediastinal-neoplasm"
 
 
 def _auroc(y: np.ndarray, prob: np.ndarray) -> float:
-    from bench.train import macro_auroc
+    from bench.metrics.core import auroc_macro
 
-    return macro_auroc(y, prob)
+    return auroc_macro(y, prob)
 
 
 def _patient_level(df: pd.DataFrame, prob: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.imaging import build_cache
     from bench.manifest import Manifest, write_manifest
     from bench.phantom import DEFAULTS, write_phantom
+    from bench.runfolder import RunDir
     from bench.sources import build_manifest
     from bench.tasks import load_task
 
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             clf.fit(x[train], y[train])
             preds = df.assign(**{f"prob_{c}": clf.predict_proba(x)[:, i] for i, c in enumerate(classes)})
         else:
-            found = sorted((work / "run").glob(f"none__real__*__seed{seed}/predictions.parquet"))
-            preds = pd.read_parquet(found[0]).rename(columns={"y_true": "label"})
+            found = RunDir(work / "run").baseline_runs(seed)
+            preds = pd.read_parquet(found[0].predictions).rename(columns={"y_true": "label"})
         preds["y"] = preds["label"].map(index).to_numpy()
         prob = preds[[f"prob_{c}" for c in classes]].to_numpy()
         yy = preds["y"].to_numpy()

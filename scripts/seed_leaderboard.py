@@ -58,20 +58,20 @@ def missing_commands() -> list[str]:
 
 def pin(board: Path, run: Path) -> None:
     """Write the reference run's identities into leaderboard.yaml, keeping its comments."""
-    import json
-
     import pandas as pd
 
     from bench.leaderboard.submit import eval_cases_sha256, task_spec_sha256
+    from bench.runfolder import SCORED_SPLITS, RunDir
     from bench.tasks import load_task
 
-    matrix = json.loads((run / "matrix.json").read_text())
-    spec = task_spec_sha256(load_task(run / "task.yaml"))
-    real = matrix["manifests"]["real"]["sha256"]
+    run_dir = RunDir(run)
+    spec = task_spec_sha256(load_task(run_dir.task_file))
+    real_ref = run_dir.matrix().real_manifest()
+    real = real_ref.sha256 if real_ref is not None else None
     ids: set[str] = set()
-    for p in run.glob("none__real__*/predictions.parquet"):
-        df = pd.read_parquet(p, columns=["case_id", "split"])
-        ids |= set(df.loc[df["split"].isin(["test", "external"]), "case_id"].astype(str))
+    for r in run_dir.baseline_runs():
+        df = pd.read_parquet(r.predictions, columns=["case_id", "split"])
+        ids |= set(df.loc[df["split"].isin(SCORED_SPLITS), "case_id"].astype(str))
     path = board / "leaderboard.yaml"
     text = path.read_text()
     text = re.sub(r"(?m)^(  spec_sha256:).*$", rf"\1 {spec}", text)

@@ -154,13 +154,14 @@ def make_run(
             (d / "config.json").write_text(
                 json.dumps(
                     {
+                        "schema_version": 1,
+                        "run_id": d.name,
                         "generator": g,
                         "regime": r,
                         "seed": s,
                         "backbone": BACKBONE,
-                        "epochs": 3,
-                        "lr": 0.001,
-                        "tune": 0,
+                        "train": {"epochs": 3, "lr": 0.001},
+                        "tuning": None,
                     }
                 )
             )
@@ -181,7 +182,7 @@ def make_run(
         }
         (root / "generators" / g).mkdir(parents=True, exist_ok=True)
         (root / "generators" / g / "card.json").write_text(json.dumps(card))
-        gens[g] = {"card": f"generators/{g}/card.json"}
+        gens[g] = {"card_path": f"generators/{g}/card.json", "card": card}
         pv = {
             "generator": g,
             "memorization_rate": 0.02,
@@ -196,7 +197,7 @@ def make_run(
         (root / "privacy" / g).mkdir(parents=True, exist_ok=True)
         (root / "privacy" / g / "privacy.json").write_text(json.dumps(pv))
     matrix = {
-        "protocol": {"regimes": regimes, "seeds": seeds, "backbone": BACKBONE},
+        "protocol": {"regimes": regimes, "seeds": seeds, "backbone": BACKBONE, "tune": {"trials": 0}},
         "manifests": manifests,
         "generators": gens,
         "environment": {"packages": {"torch": "2.15.0"}, "git": "abc123", "device": "cpu"},

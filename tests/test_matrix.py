@@ -599,7 +599,7 @@ def test_local_process_pool_reproduces_in_process_runs(world, matrix, tmp_path):
 
 
 def test_shipped_presets_and_protocols_load():
-    from bench.matrix import load_preset, load_protocol
+    from bench.protocol import load_preset, load_protocol
     from bench.regimes import expand_regimes
 
     for name in ("smoke", "cpu", "gpu"):

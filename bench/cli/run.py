@@ -4,11 +4,12 @@ import argparse
 from pathlib import Path
 
 from bench.errors import BadInput
+from bench.runfolder import BASELINE
 
-EPILOG = """\
+EPILOG = f"""\
 regimes: real | synthetic | augment:R | replace:F | scarce:F | scarce:F+synthetic | pretrain
 Each run is written to OUT/<generator>__<regime>__<backbone>__seed<k>/ with a DONE marker; running the same
-command again skips finished runs. The real-only regimes (real, scarce:F) run once, as generator 'none'.
+command again skips finished runs. The real-only regimes (real, scarce:F) run once, as generator '{BASELINE}'.
 """
 
 
@@ -74,12 +75,12 @@ def _csv(value: str | None, what: str, cast=str) -> list | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.matrix import parse_synthetic_args, run_matrix
+    from bench.protocol import MatrixOptions, parse_synthetic_args, run_matrix
 
-    res = run_matrix(
-        args.task,
-        args.real,
-        args.out,
+    options = MatrixOptions(
+        task=args.task,
+        real=args.real,
+        out=args.out,
         synthetic=parse_synthetic_args(args.synthetic),
         protocol=args.protocol,
         regimes=_csv(args.regimes, "regimes"),
@@ -100,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
+    res = run_matrix(options)
     print(
         f"{res.out}: {res.done}/{res.total} runs done ({res.skipped} were already done) in {res.seconds:.1f} s"
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from bench.errors import BadInput
+from bench.runfolder import MATRIX_FILE
 
 # Never unpacked: formats that deserialize with pickle. They are still inspected (a link named `x.pt` is rejected).
 SKIPPED_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".bin", ".safetensors")
@@ -184,7 +185,7 @@ def _extract(path: Path, dest: Path, wanted: set[str], budget: list[int], writte
                 written.append(m.name)
 
 
-def find_run_root(folder: Path, marker: str = "matrix.json") -> Path:
+def find_run_root(folder: Path, marker: str = MATRIX_FILE) -> Path:
     """The run folder inside an unpacked bundle: the top level or its single sub-folder."""
     if (folder / marker).is_file():
         return folder
@@ -212,7 +213,9 @@ def opened_run(path: str | Path, max_bytes: int) -> Iterator[Path]:
         try:
             root = find_run_root(tmp)
         except BadInput:
-            raise BadInput(f"{path}: no run folder in the bundle (a run folder holds matrix.json)") from None
+            raise BadInput(
+                f"{path}: no run folder in the bundle (a run folder holds {MATRIX_FILE})"
+            ) from None
         try:
             yield root
         except BadInput as e:

@@ -18,9 +18,9 @@ from typing import Any
 
 from bench.errors import BadInput
 from bench.io import read_json
+from bench.runfolder import BASELINE
 
 SCHEMA_VERSION = "1.0"
-REFERENCE_GENERATOR = "none"
 REFERENCE_LABEL = "real-only"
 
 
@@ -90,7 +90,7 @@ def slug(text: str) -> str:
 def new_record_id(generator: str, when: datetime | None = None) -> str:
     """Time-ordered and unique without coordination: two submits at the same second differ in the random tail."""
     when = when or datetime.now(timezone.utc)
-    label = REFERENCE_LABEL if generator == REFERENCE_GENERATOR else generator
+    label = REFERENCE_LABEL if generator == BASELINE else generator
     return f"{when:%Y%m%dt%H%M%S}-{slug(label)}-{secrets.token_hex(4)}"
 
 

@@ -18,9 +18,8 @@ import pandas as pd
 
 from bench.metrics import compare_to_baseline, evaluate_predictions, summarize
 from bench.metrics.compare import headline_split
+from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
-
-REFERENCE = "none"
 
 
 def _num(x: Any) -> float | None:
@@ -73,8 +72,8 @@ def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, see
     src = "submitted predictions"
     table = evaluate_predictions(preds, task, n_boot=n_boot, seed=seed, source=src)
     comp = pd.DataFrame()
-    if ((preds["generator"] == REFERENCE) & (preds["regime"] == "real")).any() and (
-        preds["generator"] != REFERENCE
+    if ((preds["generator"] == BASELINE) & (preds["regime"] == BASELINE_REGIME)).any() and (
+        preds["generator"] != BASELINE
     ).any():
         comp = compare_to_baseline(preds, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
     # bench.metrics pairs every run with the real-only baseline; relabelling each scarce:F real-only run as that
@@ -83,11 +82,11 @@ def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, see
     regimes = sorted(preds["regime"].astype(str).unique())
     for _frac, with_syn, without in _scarce_pairs(regimes, [r for r in regimes if r.endswith("+synthetic")]):
         sub = preds[
-            (preds["regime"] == with_syn) | ((preds["regime"] == without) & (preds["generator"] == REFERENCE))
+            (preds["regime"] == with_syn) | ((preds["regime"] == without) & (preds["generator"] == BASELINE))
         ]
         sub = sub.copy()
         sub.loc[sub["regime"] == without, "regime"] = "real"
-        if (sub["generator"] != REFERENCE).any() and (sub["generator"] == REFERENCE).any():
+        if (sub["generator"] != BASELINE).any() and (sub["generator"] == BASELINE).any():
             c = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
             rescue.append(c.assign(baseline_regime=without))
     return Scored(
@@ -109,12 +108,12 @@ def score_submission(
     run), and the evaluation split it was scored on. `scored` reuses tables computed by `score_all`."""
     sc = scored or score_all(preds, task, primary=primary, n_boot=n_boot, seed=seed)
     table, split = sc.table, sc.split
-    keep = (preds["generator"] == generator) | (preds["generator"] == REFERENCE)
+    keep = (preds["generator"] == generator) | (preds["generator"] == BASELINE)
     preds = preds[keep]
     regimes = sorted(preds["regime"].astype(str).unique())
     gen_of = preds.drop_duplicates("regime").set_index("regime")["generator"].astype(str).to_dict()
     seeds_of = preds.groupby("regime")["seed"].nunique().to_dict()
-    is_reference = generator == REFERENCE
+    is_reference = generator == BASELINE
     own = [r for r in regimes if gen_of[r] == generator]
     if is_reference:
         headline = "real" if "real" in own else own[0]

@@ -28,7 +28,6 @@ from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.config import LeaderboardConfig, load_config
 from bench.leaderboard.record import (
-    REFERENCE_GENERATOR,
     SCHEMA_VERSION,
     check_record,
     new_record_id,
@@ -36,12 +35,20 @@ from bench.leaderboard.record import (
     redact,
 )
 from bench.leaderboard.score import score_all, score_submission
+from bench.runfolder import (
+    BASELINE,
+    CARD_FILE,
+    RUN_KEYS,
+    SCORED_SPLITS,
+    ManifestRef,
+    MatrixInfo,
+    RunConfig,
+    RunDir,
+)
 from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS = ["generator", "regime", "seed", "backbone"]
-EVAL_SPLITS = ("test", "external")
 # Packages whose versions decide the numbers; recorded when the run itself recorded none.
 ENV_PACKAGES = (
     "medsynbench",
@@ -93,7 +100,7 @@ class Run:
 class Submission:
     root: Path
     task: Task
-    matrix: dict[str, Any]
+    matrix: MatrixInfo
     runs: list[Run]
     generators: list[str]
     cards: dict[str, dict[str, Any]]
@@ -111,29 +118,8 @@ def _regime(name: str) -> tuple[str, bool]:
     return r.name, r.uses_synthetic
 
 
-def _sha_of(entry: Any) -> str | None:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, dict):
-        for k in ("sha256", "manifest_sha256"):
-            if isinstance(entry.get(k), str):
-                return entry[k]
-    return None
-
-
-def _manifest_entry(matrix: dict[str, Any], kind: str, generator: str | None = None) -> Any:
-    """Tolerant lookup in matrix.json: `manifests.real`, `manifests.synthetic.<g>` or `generators.<g>.manifest`."""
-    mans = matrix.get("manifests") or {}
-    if kind == "real":
-        return mans.get("real")
-    syn = mans.get("synthetic") or {}
-    if isinstance(syn, dict) and generator in syn:
-        return syn[generator]
-    gens = matrix.get("generators") or {}
-    if isinstance(gens, dict) and isinstance(gens.get(generator), dict):
-        g = gens[generator]
-        return g.get("manifest") or g.get("synthetic_manifest") or g.get("sha256")
-    return None
+def _sha_of(ref: ManifestRef | None) -> str | None:
+    return ref.sha256 if ref is not None else None
 
 
 def _read_json_file(path: Path, problems: list[str]) -> Any:
@@ -144,12 +130,12 @@ def _read_json_file(path: Path, problems: list[str]) -> Any:
         return None
 
 
-def _expected_eval_ids(root: Path, matrix: dict[str, Any], task: Task, notes: list[str]) -> set[str] | None:
+def _expected_eval_ids(root: Path, matrix: MatrixInfo, task: Task, notes: list[str]) -> set[str] | None:
     """Test and external case ids from the real manifest, when the bundle carries it and its hash matches."""
     from bench.manifest import manifest_hash, read_manifest
 
-    entry = _manifest_entry(matrix, "real")
-    path = entry.get("path") if isinstance(entry, dict) else None
+    entry = matrix.real_manifest()
+    path = entry.path if entry is not None else None
     if not path:
         return None
     p = Path(path)
@@ -160,11 +146,11 @@ def _expected_eval_ids(root: Path, matrix: dict[str, Any], task: Task, notes: li
         )
         return None
     m = read_manifest(p)
-    want = _sha_of(entry)
+    want = entry.sha256
     if want and manifest_hash(m.df) != want:
         return None  # reported by the hash check
     real = m.df[m.df["origin"].astype(str) == "real"] if "origin" in m.df.columns else m.df
-    return set(real.loc[real["split"].astype(str).isin(EVAL_SPLITS), "case_id"].astype(str))
+    return set(real.loc[real["split"].astype(str).isin(SCORED_SPLITS), "case_id"].astype(str))
 
 
 def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = None) -> Submission:
@@ -173,7 +159,8 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
     notes: list[str] = []
 
     # The task the run says it ran, checked against what the leaderboard pins.
-    task_file = root / "task.yaml"
+    run_dir = RunDir(root)
+    task_file = run_dir.task_file
     task = None
     if not task_file.is_file():
         problems.append(f"{task_file}: missing (a run folder holds the resolved task it ran)")
@@ -195,19 +182,20 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
                 f"{cfg.task.spec_sha256[:12]}...)"
             )
 
-    matrix_file = root / "matrix.json"
-    matrix = _read_json_file(matrix_file, problems) if matrix_file.is_file() else None
-    if matrix is None and not matrix_file.is_file():
+    matrix_file = run_dir.matrix_file
+    matrix, matrix_ok = MatrixInfo(), False
+    if not matrix_file.is_file():
         problems.append(f"{matrix_file}: missing")
-    if matrix is not None and not isinstance(matrix, dict):
-        problems.append(f"{matrix_file}: must be a JSON object")
-        matrix = None
-    matrix = matrix or {}
+    else:
+        try:
+            matrix, matrix_ok = run_dir.matrix(), True
+        except BadInput as e:
+            problems += [e.args[0], *e.problems]
 
     if task is None:
         raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
 
-    real_sha = _sha_of(_manifest_entry(matrix, "real"))
+    real_sha = _sha_of(matrix.real_manifest())
     if not real_sha:
         problems.append(f"{matrix_file}: field 'manifests.real.sha256' is missing")
     elif cfg.pins.manifests.real and real_sha != cfg.pins.manifests.real:
@@ -216,7 +204,7 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             f"{cfg.pins.manifests.real[:12]}... (the leaderboard's real data)"
         )
 
-    runs = _read_runs(root, task, problems)
+    runs = _read_runs(run_dir, task, problems)
     required = cfg.protocol.regimes if cfg.protocol.regimes is not None else list(task.protocol.regimes)
     seeds = cfg.protocol.seeds if cfg.protocol.seeds is not None else list(task.protocol.seeds)
     req_real, req_syn = [], []
@@ -236,9 +224,9 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
         problems.append(f"{root}: runs with several backbones {backbones}; a record covers one backbone")
 
     have = {r.keys[:3] for r in runs}
-    all_gens = sorted({r.keys[0] for r in runs if r.keys[0] != REFERENCE_GENERATOR})
+    all_gens = sorted({r.keys[0] for r in runs if r.keys[0] != BASELINE})
     if only:
-        unknown = sorted(set(only) - set(all_gens) - {REFERENCE_GENERATOR})
+        unknown = sorted(set(only) - set(all_gens) - {BASELINE})
         for g in unknown:
             problems.append(
                 f"--generator {g!r}: no runs of this generator in {root} (found: {', '.join(all_gens) or 'none'})"
@@ -256,16 +244,16 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
                     f"seed(s) {missing}" + (f", backbone {backbone!r}" if backbone else "")
                 )
 
-    need(REFERENCE_GENERATOR, req_real)
+    need(BASELINE, req_real)
     for g in gens:
         need(g, req_syn)
 
     # Coverage: every run predicts every test and external case exactly once (duplicates are found per run).
     eval_ids: set[str] = set()
-    expected = _expected_eval_ids(root, matrix, task, notes) if matrix else None
+    expected = _expected_eval_ids(root, matrix, task, notes) if matrix_ok else None
     per_run = {}
     for r in runs:
-        ev = r.preds[r.preds["split"].astype(str).isin(EVAL_SPLITS)]
+        ev = r.preds[r.preds["split"].astype(str).isin(SCORED_SPLITS)]
         per_run[r.folder] = set(ev["case_id"].astype(str))
         eval_ids |= per_run[r.folder]
     universe = expected if expected is not None else eval_ids
@@ -275,12 +263,12 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
         extra = sorted(got - universe)
         if missing:
             problems.append(
-                f"{r.folder / 'predictions.parquet'}: {len(missing)} test/external case(s) not predicted "
+                f"{run_dir.run(r.folder.name).predictions}: {len(missing)} test/external case(s) not predicted "
                 f"(e.g. {', '.join(map(repr, missing[:5]))})"
             )
         if extra:
             problems.append(
-                f"{r.folder / 'predictions.parquet'}: {len(extra)} case(s) predicted as test/external that the real "
+                f"{run_dir.run(r.folder.name).predictions}: {len(extra)} case(s) predicted as test/external that the real "
                 f"manifest does not hold there (e.g. {', '.join(map(repr, extra[:5]))})"
             )
     if runs:
@@ -297,9 +285,9 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
 
     cards, privacy, manifests = {}, {}, {}
     for g in gens:
-        cards[g] = _read_card(root, matrix, g, problems)
-        privacy[g] = _read_privacy(root, g, cfg.require_privacy, problems)
-        syn_sha = _sha_of(_manifest_entry(matrix, "synthetic", g))
+        cards[g] = _read_card(run_dir, g, problems)
+        privacy[g] = _read_privacy(run_dir, g, cfg.require_privacy, problems)
+        syn_sha = _sha_of(matrix.synthetic_manifest(g))
         train_sha = ((cards[g] or {}).get("training") or {}).get("manifest_sha256")
         manifests[g] = {"real": real_sha, "synthetic": syn_sha, "generator_training": train_sha}
         if not syn_sha:
@@ -313,14 +301,13 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
     )
 
 
-def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
+def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
     from bench.metrics.validate import validate_predictions
 
     runs = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and "__" in p.name):
-        pf = d / "predictions.parquet"
-        if not (d / "DONE").is_file() or not pf.is_file():
-            continue  # unfinished; a required one is reported as missing
+    # Unfinished runs are left out; a required one is reported as missing.
+    for run in run_dir.finished_runs():
+        d, pf = run.path, run.predictions
         try:
             df = pd.read_parquet(pf)
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
@@ -328,12 +315,12 @@ def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
             continue
         df = task.add_subgroup_columns(df)
         found = validate_predictions(
-            df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=RUN_KEYS
+            df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=list(RUN_KEYS)
         )
         if found:
             problems += [f"{pf}: {p}" for p in found]
             continue
-        keys = df[RUN_KEYS].drop_duplicates()
+        keys = df[list(RUN_KEYS)].drop_duplicates()
         if len(keys) != 1:
             problems.append(
                 f"{pf}: holds {len(keys)} runs (generator, regime, seed, backbone); one run per folder"
@@ -347,17 +334,14 @@ def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
             continue
         df["regime"] = r
         df["seed"] = df["seed"].astype(int)
-        cfg_file = d / "config.json"
-        config = _read_json_file(cfg_file, problems) if cfg_file.is_file() else {}
-        runs.append(
-            Run(
-                d,
-                (str(g), r, int(s), str(b)),
-                df,
-                sha256_file(pf),
-                config if isinstance(config, dict) else {},
-            )
-        )
+        config: dict[str, Any] = {}
+        if run.config_path.is_file():
+            try:
+                config = _config_dict(run.config())
+            except BadInput as e:
+                problems += [e.args[0], *e.problems]
+                continue
+        runs.append(Run(d, (str(g), r, int(s), str(b)), df, sha256_file(pf), config))
     dup: dict[tuple, list[Path]] = {}
     for r in runs:
         dup.setdefault(r.keys, []).append(r.folder)
@@ -365,6 +349,11 @@ def _read_runs(root: Path, task: Task, problems: list[str]) -> list[Run]:
         if len(folders) > 1:
             problems.append(f"run {k} appears in several folders: {', '.join(f.name for f in folders)}")
     return runs
+
+
+def _config_dict(config: RunConfig) -> dict[str, Any]:
+    """The run's config as written (fields the file did not hold are not filled in with defaults)."""
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 def _check_consistent_cases(runs: list[Run], problems: list[str]) -> None:
@@ -378,23 +367,23 @@ def _check_consistent_cases(runs: list[Run], problems: list[str]) -> None:
         )
 
 
-def _read_card(root: Path, matrix: dict[str, Any], g: str, problems: list[str]) -> dict[str, Any] | None:
+def _read_card(run_dir: RunDir, g: str, problems: list[str]) -> dict[str, Any] | None:
     from bench.generators.card import read_card
 
-    folder = root / "generators" / g
-    for name in ("card.json", "card.yaml", "card.yml"):
-        if (folder / name).is_file():
+    card = run_dir.card_file(g)
+    for path in (card, card.with_name("card.yaml"), card.with_name("card.yml")):
+        if path.is_file():
             try:
-                return read_card(folder / name).to_dict()
+                return read_card(path).to_dict()
             except BadInput as e:
                 problems.append(str(e))
                 return None
-    problems.append(f"{folder}: generator card missing (card.json or card.yaml)")
+    problems.append(f"{card.parent}: generator card missing ({CARD_FILE} or card.yaml)")
     return None
 
 
-def _read_privacy(root: Path, g: str, required: bool, problems: list[str]) -> dict[str, Any] | None:
-    path = root / "privacy" / g / "privacy.json"
+def _read_privacy(run_dir: RunDir, g: str, required: bool, problems: list[str]) -> dict[str, Any] | None:
+    path = run_dir.privacy_file(g)
     if not path.is_file():
         if required:
             problems.append(
@@ -433,7 +422,7 @@ def _read_privacy(root: Path, g: str, required: bool, problems: list[str]) -> di
 
 
 def _environment(sub: Submission) -> dict[str, Any]:
-    env = sub.matrix.get("environment")
+    env: Any = sub.matrix.environment or None
     if not isinstance(env, dict):
         env = next(
             (r.config.get("environment") for r in sub.runs if isinstance(r.config.get("environment"), dict)),
@@ -443,9 +432,7 @@ def _environment(sub: Submission) -> dict[str, Any]:
         pk = env.get("packages") if isinstance(env.get("packages"), dict) else {}
         return {
             "packages": {str(k): str(v) for k, v in pk.items() if v is not None},
-            "git": str(env["git"])
-            if env.get("git")
-            else (str(env["git_hash"]) if env.get("git_hash") else None),
+            "git": str(env["git"]) if env.get("git") else None,
             "device": str(env["device"]) if env.get("device") else None,
             "source": "run",
         }
@@ -456,24 +443,15 @@ def _environment(sub: Submission) -> dict[str, Any]:
     return {"packages": pk, "git": None, "device": platform.machine() or None, "source": "submit"}
 
 
-def _hpo_budget(matrix: dict[str, Any], configs: list[dict[str, Any]]) -> int | None:
-    """Tuning trials per (generator, regime): the matrix's protocol, else what the run configs say."""
-    tune = (matrix.get("protocol") or {}).get("tune") if isinstance(matrix.get("protocol"), dict) else None
-    if isinstance(tune, dict) and isinstance(tune.get("trials"), int):
-        return int(tune["trials"])
+def _hpo_budget(matrix: MatrixInfo, configs: list[dict[str, Any]]) -> int | None:
+    """Tuning trials per (generator, regime): the matrix's protocol, else what the runs' tuning results say."""
+    trials = matrix.protocol.tune.get("trials")
+    if isinstance(trials, int) and not isinstance(trials, bool):
+        return trials
     for c in configs:
-        for path in (
-            ("tuning", "trials"),
-            ("tune", "trials"),
-            ("tune",),
-            ("hpo", "n_trials"),
-            ("hpo_budget",),
-        ):
-            v: Any = c
-            for k in path:
-                v = v.get(k) if isinstance(v, dict) else None
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
+        t = (c.get("tuning") or {}).get("trials")
+        if isinstance(t, int) and not isinstance(t, bool):
+            return t
     return None
 
 
@@ -529,7 +507,7 @@ def build_records(
     for r in sub.runs:
         secrets_ |= set(r.preds["case_id"].astype(str)) | set(r.preds["patient_id"].astype(str))
 
-    wanted = [REFERENCE_GENERATOR, *sub.generators]
+    wanted = [BASELINE, *sub.generators]
     use = [r for r in sub.runs if r.keys[0] in wanted]
     everything = _stored_predictions(
         pd.concat([r.preds for r in use], ignore_index=True), sub.task, cfg.id_salt
@@ -537,8 +515,8 @@ def build_records(
     scored = score_all(everything, sub.task, primary=primary, n_boot=n_boot, seed=boot_seed)
     out = []
     for g in wanted:
-        runs = [r for r in use if r.keys[0] in (g, REFERENCE_GENERATOR)]
-        stored = everything[everything["generator"].isin([g, REFERENCE_GENERATOR])].reset_index(drop=True)
+        runs = [r for r in use if r.keys[0] in (g, BASELINE)]
+        stored = everything[everything["generator"].isin([g, BASELINE])].reset_index(drop=True)
         metrics, split = score_submission(
             stored, sub.task, generator=g, primary=primary, n_boot=n_boot, seed=boot_seed, scored=scored
         )
@@ -546,7 +524,7 @@ def build_records(
         from bench.metrics.core import get_metric
 
         own = [r for r in runs if r.keys[0] == g]
-        is_ref = g == REFERENCE_GENERATOR
+        is_ref = g == BASELINE
         card = sub.cards.get(g)
         if card is not None:
             card = dict(card)
@@ -576,7 +554,7 @@ def build_records(
             "manifests": sub.manifests.get(
                 g,
                 {
-                    "real": _sha_of(_manifest_entry(sub.matrix, "real")),
+                    "real": _sha_of(sub.matrix.real_manifest()),
                     "synthetic": None,
                     "generator_training": None,
                 },

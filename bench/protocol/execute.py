@@ -1,0 +1,389 @@
+"""One run and one tuning study: compose the regime's data, train, predict, write the run folder atomically.
+
+`execute_run` and `execute_study` are top-level functions of plain arguments so the process-pool and Ray executors
+can ship them. Nothing is kept between calls in module state: each call opens the images it needs through its own
+`DataStore` (the on-disk image cache makes opening cheap), so a run's result never depends on what ran before it
+in the same process.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.io import atomic_dir, read_json, write_json, write_table, write_text
+from bench.manifest import read_manifest
+from bench.metrics.core import auroc_macro
+from bench.protocol.plan import MatrixContext, RunSpec, StudySpec, environment
+from bench.regimes import compose
+from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
+from bench.tasks import Task, load_task
+from bench.tune import run_study
+
+SELECTION_METRIC = "val_auroc_macro"
+
+
+class ManifestImages:
+    """A manifest and its decoded images (rows of images that could not be decoded are left out)."""
+
+    def __init__(self, path: str, task: Task, size: int, cache_dir: str | None, skip_corrupt: bool):
+        from bench.imaging import build_cache
+
+        self.m = read_manifest(path)
+        self.cache = build_cache(
+            self.m,
+            task,
+            size=size,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            skip_corrupt=skip_corrupt,
+            progress=False,
+        )
+        df = self.m.df
+        if self.cache.skipped:
+            df = df[self.cache.contains(df["case_id"])]
+        self.df = df.reset_index(drop=True)
+        self.images = self.cache.images
+
+    def take(self, case_ids: pd.Series) -> np.ndarray:
+        return np.asarray(self.images[self.cache.rows(case_ids.astype(str))])
+
+
+class DataStore:
+    """The manifests one executor call trains on, each opened once for that call (e.g. every trial of a study)."""
+
+    def __init__(self, ctx: MatrixContext, task: Task):
+        self.ctx = ctx
+        self.task = task
+        self._open: dict[tuple[str, int], ManifestImages] = {}
+
+    def _get(self, path: str, size: int) -> ManifestImages:
+        key = (path, size)
+        if key not in self._open:
+            self._open[key] = ManifestImages(path, self.task, size, self.ctx.cache_dir, self.ctx.skip_corrupt)
+        return self._open[key]
+
+    def real(self, size: int) -> ManifestImages:
+        return self._get(str(self.ctx.real.path), size)
+
+    def synthetic(self, generator: str, size: int) -> ManifestImages | None:
+        ref = self.ctx.manifest(generator)
+        return None if ref is None else self._get(str(ref.path), size)
+
+
+def _images_for(rows: pd.DataFrame, real: ManifestImages, syn: ManifestImages | None) -> np.ndarray:
+    is_syn = (rows["origin"] == "synthetic").to_numpy()
+    x = np.empty((len(rows), *real.images.shape[1:]), dtype=np.uint8)
+    if (~is_syn).any():
+        x[~is_syn] = real.take(rows.loc[~is_syn, "case_id"])
+    if is_syn.any():
+        assert syn is not None
+        x[is_syn] = syn.take(rows.loc[is_syn, "case_id"])
+    return x
+
+
+def _labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return rows["label"].astype(str).map(index).to_numpy(dtype=np.int64)
+
+
+def train_regime(
+    data: DataStore,
+    generator: str,
+    regime: str,
+    seed: int,
+    settings: dict[str, Any],
+    *,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = False,
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any], ManifestImages]:
+    """Compose the regime's training set and train on it; returns (model, history rows, composition, real data)."""
+    from bench.train import fit
+
+    task = data.task
+    size = int(settings["image_size"])
+    real = data.real(size)
+    syn = data.synthetic(generator, size)
+    classes = task.classes
+    train_df = real.df[(real.df["split"] == "train") & real.df["site"].isin(task.sites.train)]
+    val_df = real.df[(real.df["split"] == "val") & real.df["site"].isin(task.sites.train)]
+    rows, comp = compose(
+        regime, train_df, syn.df if syn else None, seed, classes=classes, balance=data.ctx.balance
+    )
+    x_val, y_val = real.take(val_df["case_id"]), _labels(val_df, classes)
+    common = dict(
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        batch_size=settings["batch_size"],
+        aug_strength=settings["aug_strength"],
+        seed=seed,
+        device=settings["device"],
+        num_classes=len(classes),
+        patience=settings["patience"],
+        progress=progress,
+    )
+    history: list[dict[str, Any]] = []
+    init = None
+    stages = ["pretrain", "finetune"] if (rows["stage"] == "pretrain").any() else ["train"]
+    model = None
+    for stage in stages:
+        part = rows[rows["stage"] == stage]
+        epochs = (
+            (settings["pretrain_epochs"] or settings["epochs"]) if stage == "pretrain" else settings["epochs"]
+        )
+
+        def cb(rec: dict[str, Any], stage: str = stage) -> None:
+            if on_epoch is not None:
+                on_epoch({**rec, "stage": stage})
+
+        model, hist = fit(
+            settings["backbone"],
+            _images_for(part, real, syn),
+            _labels(part, classes),
+            x_val,
+            y_val,
+            epochs=int(epochs),
+            init=init,
+            on_epoch=cb,
+            label=stage,
+            **common,
+        )
+        history += [{"stage": stage, **h} for h in hist]
+        init = model
+    return model, history, comp, real
+
+
+def run_metrics(preds: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """The quick per-run numbers of metrics.json: macro AUROC per split and per external site, no intervals."""
+    prob_cols = [f"prob_{c}" for c in classes]
+    index = {c: i for i, c in enumerate(classes)}
+
+    def score(df: pd.DataFrame) -> dict[str, Any]:
+        auc = auroc_macro(df["y_true"].map(index).to_numpy(), df[prob_cols].to_numpy())
+        return {
+            "auroc_macro": None if np.isnan(auc) else auc,
+            "n_cases": int(len(df)),
+            "n_patients": int(df["patient_id"].nunique()),
+        }
+
+    splits = {s: score(preds[preds["split"] == s]) for s in PREDICTED_SPLITS if (preds["split"] == s).any()}
+    ext = preds[preds["split"] == "external"]
+    sites = {str(s): score(g) for s, g in ext.groupby("site", sort=True)}
+    return {
+        "primary": "auroc_macro",
+        "auroc_macro": {s: v["auroc_macro"] for s, v in splits.items()},
+        "splits": splits,
+        "external_sites": sites,
+    }
+
+
+def predictions_frame(
+    task: Task,
+    eval_df: pd.DataFrame,
+    prob: np.ndarray,
+    *,
+    generator: str,
+    regime: str,
+    seed: int,
+    backbone: str,
+) -> pd.DataFrame:
+    """The predictions contract: one row per case, subgroup columns, y_true, prob_<class>, run keys."""
+    df = task.add_subgroup_columns(eval_df.reset_index(drop=True))
+    cols = ["case_id", "patient_id", "site", "split"]
+    subgroup = [c for c in ["sex", "age", "age_group", *task.subgroups.columns] if c in df.columns]
+    subgroup = list(dict.fromkeys(subgroup))
+    out = df[cols + subgroup].copy()
+    for c in cols:
+        out[c] = out[c].astype(str)
+    out["y_true"] = df["label"].astype(str)
+    for k, c in enumerate(task.classes):
+        out[f"prob_{c}"] = prob[:, k]
+    out["generator"] = generator
+    out["regime"] = regime
+    out["seed"] = np.int64(seed)
+    out["backbone"] = backbone
+    return out
+
+
+def _with_threads(fn):
+    """Run `fn` with the matrix's CPU thread count, restoring the caller's afterwards (runs may be in-process)."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx: MatrixContext, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(ctx.threads or 1))
+        try:
+            return fn(ctx, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+def _run_config(ctx: MatrixContext, task: Task, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    syn = ctx.manifest(spec.generator)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "identity": spec.identity,
+        "task": {"name": ctx.task.name, "version": ctx.task.version, "sha256": ctx.task.sha256},
+        "generator": spec.generator,
+        "regime": spec.regime,
+        "seed": spec.seed,
+        "backbone": spec.backbone,
+        "manifests": {"real": ctx.real.model_dump(), "synthetic": syn.model_dump() if syn else None},
+        "preset": {"name": ctx.preset.name, "path": ctx.preset.path},
+        "protocol": {"name": ctx.protocol.name, "path": ctx.protocol.path},
+        "balance": ctx.balance,
+        "image": {"size": settings["image_size"], "channels": task.image.channels},
+        "train": settings,
+        "tuning": spec.tuning,
+        "selection": {"metric": SELECTION_METRIC, "split": "val", "sites": list(task.sites.train)},
+        "environment": environment(str(settings["device"]) if settings["device"] != "auto" else None),
+    }
+
+
+@_with_threads
+def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dict[str, Any]:
+    """Train, predict and write one run folder (atomically, DONE inside)."""
+    import torch
+
+    from bench.tracking import Tracker
+    from bench.train import predict_proba, save_checkpoint
+
+    t0 = time.perf_counter()
+    run_dir = ctx.run_dir
+    rid = spec.run_id
+    run = run_dir.run(rid)
+    if run.done:
+        return {"run_id": rid, "skipped": True}
+    for p in run_dir.partials(rid):
+        shutil.rmtree(p, ignore_errors=True)
+    task = load_task(ctx.task_path)
+    data = DataStore(ctx, task)
+    settings = dict(spec.settings)
+    if spec.tuning:
+        settings.update(spec.tuning["best_params"])
+    gen = spec.generator
+    config = _run_config(ctx, task, spec, settings)
+    tracker = Tracker(
+        ctx.wandb,
+        run_dir.wandb_dir,
+        name=rid,
+        group=f"{task.name}/{gen}",
+        config=config,
+        tags=[spec.regime, f"seed{spec.seed}", spec.backbone],
+    )
+    try:
+        model, history, comp, real = train_regime(
+            data,
+            gen,
+            spec.regime,
+            int(spec.seed),
+            settings,
+            on_epoch=lambda rec: tracker.log_epoch(rec),
+            progress=progress,
+        )
+        eval_df = real.df[real.df["split"].isin(PREDICTED_SPLITS)]
+        order = {s: i for i, s in enumerate(PREDICTED_SPLITS)}
+        eval_df = eval_df.iloc[np.argsort(eval_df["split"].map(order).to_numpy(), kind="stable")]
+        prob = predict_proba(model, real.take(eval_df["case_id"]), settings["device"])
+        preds = predictions_frame(
+            task,
+            eval_df,
+            prob,
+            generator=gen,
+            regime=spec.regime,
+            seed=int(spec.seed),
+            backbone=spec.backbone,
+        )
+        metrics = run_metrics(preds, task.classes)
+        best = next((h for h in reversed(history) if h.get("selected")), history[-1])
+        train_s = sum(h["train_seconds"] for h in history)
+        n_img = sum(h["images_per_second"] * h["train_seconds"] for h in history)
+        metrics.update(
+            run_id=rid,
+            generator=gen,
+            regime=spec.regime,
+            seed=int(spec.seed),
+            backbone=spec.backbone,
+            best_epoch=int(best["epoch"]),
+            epochs_run=len(history),
+            timing={
+                "train_seconds": train_s,
+                "train_images_per_second": n_img / train_s if train_s > 0 else None,
+                "total_seconds": time.perf_counter() - t0,
+            },
+        )
+        config["environment"]["torch_threads"] = torch.get_num_threads()
+        with atomic_dir(run.path, overwrite=True) as tmp:
+            staged = RunFolder(Path(tmp), run.name)
+            write_json(staged.config_path, config)
+            write_json(staged.composition, comp)
+            write_table(staged.predictions, preds)
+            write_table(staged.history, pd.DataFrame(history))
+            save_checkpoint(
+                staged.checkpoint,
+                model,
+                {
+                    "run_id": rid,
+                    "task": config["task"],
+                    "classes": task.classes,
+                    "image": config["image"],
+                    "generator": gen,
+                    "regime": spec.regime,
+                    "seed": int(spec.seed),
+                },
+            )
+            write_json(staged.metrics_path, metrics)
+            # Written last, inside the temporary folder, so the folder appears complete and DONE together.
+            write_text(staged.done_marker, _dt.datetime.now(_dt.timezone.utc).isoformat() + "\n")
+        tracker.finish(metrics)
+    except BaseException:
+        tracker.abort()
+        raise
+    return {"run_id": rid, "skipped": False, "metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+@_with_threads
+def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -> dict[str, Any]:
+    """Run (or resume) one tuning study and store its result in RUN/tuning/<key>.json."""
+    path = ctx.run_dir.tuning_file(study.key)
+    if path.is_file():
+        return read_json(path)
+    spec = ctx.tune
+    assert spec is not None, "a study is planned only when tuning is on"
+    data = DataStore(ctx, load_task(ctx.task_path))
+
+    def objective(params: dict[str, float], report) -> float:
+        settings = {**study.settings, **params}
+        _, history, _, _ = train_regime(
+            data,
+            study.generator,
+            study.regime,
+            spec.seed,
+            settings,
+            on_epoch=lambda rec: report(
+                int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
+                float(rec[SELECTION_METRIC]),
+            ),
+            progress=progress,
+        )
+        last = [h for h in history if h["stage"] != "pretrain"]
+        return max(
+            (h[SELECTION_METRIC] for h in last if not np.isnan(h[SELECTION_METRIC])), default=float("nan")
+        )
+
+    name = f"{ctx.task.name}-{ctx.task.version}__{study.key}"
+    result = run_study(name, ctx.storage, spec, objective)
+    write_json(path, result)
+    return result
