@@ -36,7 +36,7 @@ def test_names_round_trip(generator, regime, backbone, seed):
     slug = parse_regime(regime).slug
     name = run_name(generator, slug, backbone, seed)
     parsed = RunName.parse(name)
-    assert (parsed.generator, parsed.regime_slug, parsed.backbone, parsed.seed) == (generator, slug, backbone, seed)
+    assert parsed == RunName(generator, slug, backbone, seed)
     assert str(parsed) == name
     assert parsed.arm == study_key(generator, slug, backbone)
     assert name == f"{parsed.arm}__seed{seed}"
