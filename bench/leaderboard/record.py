@@ -18,9 +18,10 @@ from typing import Any
 
 from bench.errors import BadInput
 from bench.io import read_json
+from bench.runfolder import BASELINE
 
 SCHEMA_VERSION = "1.0"
-REFERENCE_GENERATOR = "none"
+REFERENCE_GENERATOR = BASELINE
 REFERENCE_LABEL = "real-only"
 
 
