@@ -116,6 +116,16 @@ def test_worst_and_gap_agree_with_group_rows(table):
     assert worst["group"] == groups.loc[groups["value"].idxmin(), "group"]
     assert gap["value"] == pytest.approx(groups["value"].max() - groups["value"].min())
     assert gap["ci_low"] >= 0
+    # the groups are named in their own columns; `group` keeps the readable "best vs worst"
+    lo, hi = groups.loc[groups["value"].idxmin(), "group"], groups.loc[groups["value"].idxmax(), "group"]
+    assert (worst["worst_group"], worst["best_group"]) == (lo, "")
+    assert (gap["worst_group"], gap["best_group"]) == (lo, hi)
+    assert gap["group"] == f"{hi} vs {lo}"
+    sens = t[(t["metric"] == "sensitivity") & (t["status"] == "ok")].set_index("group")["value"]
+    fnr = t[t["metric"] == "fnr_gap"].iloc[0]
+    assert fnr["worst_group"] == sens.idxmin() and fnr["best_group"] == sens.idxmax()
+    plain = t[t["metric"] == "auroc_macro"]
+    assert (plain["worst_group"] == "").all() and (plain["best_group"] == "").all()
 
 
 def test_undefined_groups_do_not_raise(task, preds):

@@ -1,7 +1,8 @@
 """Golden test: a fixed small matrix must reproduce committed predictions and metric table exactly.
 
 The files in tests/golden/ were written by this module (`MEDSYNBENCH_WRITE_GOLDEN=1 pytest tests/test_golden.py`)
-from code whose numbers are the reference. A change that moves any reported number fails here; such a change
+from code whose numbers are the reference. Tables may gain columns (compared: the golden columns, in their order);
+none may lose one or change a value. A change that moves any reported number fails here; such a change
 must bump the task or protocol version, regenerate these files and say why in CHANGELOG.md.
 """
 
@@ -59,13 +60,22 @@ def _predictions(run: Path) -> pd.DataFrame:
 
 def _table(run: Path, stem: str) -> pd.DataFrame:
     t = pd.read_parquet(run / "evaluation" / f"{stem}.parquet")
-    keys = [c for c in t.columns if c not in ("value", "ci_low", "ci_high", "seed_sd", "source")]
     t = t.drop(columns=[c for c in ("source",) if c in t.columns])
+    return _sorted(t)
+
+
+def _sorted(t: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in t.columns if c not in ("value", "ci_low", "ci_high", "seed_sd")]
     return t.sort_values(keys, key=lambda s: s.astype(str)).reset_index(drop=True)
 
 
 def _compare(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
-    assert list(got.columns) == list(want.columns), f"{what}: columns changed"
+    # Columns added after the golden files were written are allowed; every golden column must keep its values.
+    missing = [c for c in want.columns if c not in got.columns]
+    assert not missing, f"{what}: columns {missing} disappeared"
+    got = got[list(want.columns)]
+    if what != "predictions":  # tables are sorted on their columns: sort on the golden ones
+        got = _sorted(got)
     assert len(got) == len(want), f"{what}: {len(got)} rows, golden has {len(want)}"
     for c in want.columns:
         if pd.api.types.is_float_dtype(want[c]):

@@ -111,6 +111,7 @@ def test_undefined_cases_give_nan_and_reason_never_raise():
 def test_registry_directions_and_unknown_names():
     assert {n: m.higher_is_better for n, m in REGISTRY.items()} == {
         "auroc": True,
+        "auroc_<class>": True,
         "auroc_macro": True,
         "balanced_accuracy": True,
         "sensitivity": True,

@@ -163,27 +163,18 @@ def test_readers_keep_what_they_do_not_know(tmp_path):
     assert info.model_dump()["future_field"] == 1
 
 
-# The file names of a run folder are spelled in bench/runfolder.py only; everything else asks it. Modules listed
-# here still spell them and are to be migrated by their owners.
+# The file names of a run folder are spelled in bench/runfolder.py only; everything else asks it.
 OWNER = BENCH / "runfolder.py"
-TO_BE_MIGRATED = {
-    BENCH / "metrics" / "run.py",  # to be migrated: evaluation reads run folders through bench.runfolder
-}
 LITERALS = ['"DONE"', '"predictions.parquet"', '"matrix.json"', '"config.json"']
 
 
 def test_only_runfolder_spells_the_run_folder_file_names():
     offenders = []
     for path in sorted(BENCH.rglob("*.py")):
-        if path == OWNER or path in TO_BE_MIGRATED:
+        if path == OWNER:
             continue
         text = path.read_text(encoding="utf-8")
         offenders += [f"{path.relative_to(BENCH.parent)}: {lit}" for lit in LITERALS if lit in text]
     assert offenders == []
 
 
-def test_the_migration_list_is_not_stale():
-    # Once a listed module stops spelling the names it must leave the list, so the list only ever shrinks.
-    for path in TO_BE_MIGRATED:
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        assert any(lit in text for lit in LITERALS), f"{path} no longer spells run-folder names: unlist it"

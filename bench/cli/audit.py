@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from bench.errors import BadInput
-    from bench.metrics.audit import audit_predictions
+    from bench.evaluation.audit import audit_predictions
 
     for name in ("n_boot", "min_patients", "min_positives"):
         v = getattr(args, name)

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bench.errors import BadInput
-    from bench.metrics.run import evaluate_run
+    from bench.evaluation.run import evaluate_run
 
     for name in ("n_boot", "min_patients", "min_positives"):
         v = getattr(args, name)

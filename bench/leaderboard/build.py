@@ -17,6 +17,12 @@ from bench.io import sha256_file, write_text
 from bench.leaderboard.config import LeaderboardConfig, load_config
 from bench.leaderboard.rank import rank_predictions
 from bench.leaderboard.record import display_name, read_records
+from bench.leaderboard.render import render_html, render_markdown
+from bench.metrics import reported
+from bench.tasks import load_task
+
+# Record fields that held a registry metric's column before records carried `metrics.columns`.
+LEGACY_COLUMN_FIELDS = {"ece": "calibration_error"}
 
 
 def _classes_from(df: pd.DataFrame) -> list[str]:
@@ -24,8 +30,6 @@ def _classes_from(df: pd.DataFrame) -> list[str]:
 
 
 def _binary_positive(cfg: LeaderboardConfig) -> list[str] | None:
-    from bench.tasks import load_task
-
     try:
         task = load_task(cfg.task.name)
     except BadInput:
@@ -74,6 +78,18 @@ def _est(d: dict[str, Any] | None) -> dict[str, Any] | None:
     if not d or d.get("value") is None:
         return None
     return {"value": d["value"], "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high")}
+
+
+def metric_columns(metrics: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """A record's value of every leaderboard column the metric registry declares, keyed by metric name."""
+    cols = metrics.get("columns") or {}
+    out = {}
+    for m in reported("leaderboard"):
+        v = cols.get(m.name)
+        if v is None and m.name in LEGACY_COLUMN_FIELDS:
+            v = metrics.get(LEGACY_COLUMN_FIELDS[m.name])
+        out[m.name] = _est(v)
+    return out
 
 
 def board_rows(
@@ -156,7 +172,7 @@ def board_rows(
                 "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
                 "gap": _est(gap)
                 and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
-                "ece": _est(m.get("calibration_error")),
+                **metric_columns(m),
                 "memorization": None
                 if priv.get("memorization_rate") is None
                 else {
@@ -190,8 +206,6 @@ def ranking_hib(records: list[dict[str, Any]]) -> bool:
 
 def build(board: str | Path) -> tuple[Path, Path]:
     """Render README.md and index.html from the records; both written atomically."""
-    from bench.leaderboard.render import render_html, render_markdown
-
     cfg = load_config(board)
     records = read_records(cfg.records_dir)
     rows, facts = board_rows(cfg, records)

@@ -81,7 +81,7 @@ def push(
     if not records:
         raise BadInput(f"{cfg.records_dir}: no records to push")
     rows, facts = board_rows(cfg, records)
-    import wandb
+    import wandb  # heavy, and only a push needs it: building pages must not pay for it
 
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import compare_to_baseline, evaluate_predictions, summarize
+from bench.metrics import compare_to_baseline, evaluate_predictions, get_metric, reported, summarize
 from bench.metrics.compare import headline_split
 from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
@@ -85,7 +85,7 @@ def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, see
             (preds["regime"] == with_syn) | ((preds["regime"] == without) & (preds["generator"] == BASELINE))
         ]
         sub = sub.copy()
-        sub.loc[sub["regime"] == without, "regime"] = "real"
+        sub.loc[sub["regime"] == without, "regime"] = BASELINE_REGIME
         if (sub["generator"] != BASELINE).any() and (sub["generator"] == BASELINE).any():
             c = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
             rescue.append(c.assign(baseline_regime=without))
@@ -116,7 +116,7 @@ def score_submission(
     is_reference = generator == BASELINE
     own = [r for r in regimes if gen_of[r] == generator]
     if is_reference:
-        headline = "real" if "real" in own else own[0]
+        headline = BASELINE_REGIME if BASELINE_REGIME in own else own[0]
     else:
         headline = "synthetic" if "synthetic" in own else own[0]
 
@@ -141,7 +141,7 @@ def score_submission(
     ratio = gain = rescue = None
     if not is_reference:
         c = _comparison(sc.comparisons, generator, headline, primary, split)
-        if c is not None and headline != "real":
+        if c is not None and headline != BASELINE_REGIME:
             ratio = _est(c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"])
         mixed = [r for r in own if r.startswith("augment:")]
         rows = {r: _comparison(sc.comparisons, generator, r, primary, split) for r in mixed}
@@ -185,7 +185,7 @@ def score_submission(
         }
     g = run.get("largest_subgroup_gap")
     if g and g.get("value") is not None:
-        groups = [s.strip() for s in str(g["group"]).split(" vs ")]
+        groups = [str(g["best_group"]), str(g["worst_group"])]
         gap = {
             "metric": summary["auroc_metric"],
             "group_by": str(g["group_by"]),
@@ -199,6 +199,21 @@ def score_submission(
             **_est(e["value"], e["ci_low"], e["ci_high"]),
         }
 
+    columns = {}
+    for m in reported("leaderboard"):
+        r = table[
+            (table["generator"] == gen_of[headline])
+            & (table["regime"] == headline)
+            & (table["metric"] == m.name)
+            & (table["split"] == split)
+            & (table["scope"] == "overall")
+        ]
+        if len(r):
+            columns[m.name] = {
+                "metric": m.name,
+                **_est(r["value"].iloc[0], r["ci_low"].iloc[0], r["ci_high"].iloc[0]),
+            }
+
     metrics = {
         "headline_regime": headline,
         "regimes": out_regimes,
@@ -208,11 +223,10 @@ def score_submission(
         "worst_subgroup": worst,
         "largest_gap": gap,
         "calibration_error": ece,
+        "columns": columns,
     }
     return metrics, split
 
 
 def _higher(metric: str, task: Task) -> bool:
-    from bench.metrics import get_metric
-
     return get_metric(metric, task.classes).higher_is_better

@@ -1,12 +1,17 @@
 """Evaluation: metric functions, patient-clustered bootstrap, DeLong, fairness, tidy tables and comparisons.
 
 Public interface: `evaluate_predictions` (tidy metric table), `compare_to_baseline` (paired comparisons with the
-real-only baseline), `summarize` (headline numbers), the metric registry (`REGISTRY`, `get_metric`) and the metric
-functions themselves (`auroc`, `auroc_macro`, `balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
+real-only baseline), `summarize` (headline numbers), the metric registry (`METRICS`, `register_metric`,
+`get_metric`, `metric_specs`, `reported`) and the metric functions themselves (`auroc`, `auroc_macro`,
+`balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
+
+This package is the metric library: it imports only the contracts below it (`bench.tasks`, `bench.runfolder`,
+`bench.registry`, `bench.errors`); orchestration (RUN folders, reports, audits) lives in `bench.evaluation`.
 """
 
 from bench.metrics.compare import COMPARISON_COLUMNS, compare_to_baseline, summarize
 from bench.metrics.core import (
+    METRICS,
     REGISTRY,
     Metric,
     auroc,
@@ -18,6 +23,9 @@ from bench.metrics.core import (
     ece,
     get_metric,
     metric_names,
+    metric_specs,
+    register_metric,
+    reported,
     sensitivity,
     specificity,
 )
@@ -27,6 +35,7 @@ from bench.metrics.validate import validate_predictions
 
 __all__ = [
     "COMPARISON_COLUMNS",
+    "METRICS",
     "REGISTRY",
     "TABLE_COLUMNS",
     "Metric",
@@ -42,8 +51,11 @@ __all__ = [
     "evaluate_predictions",
     "get_metric",
     "metric_names",
+    "metric_specs",
     "positive_classes",
     "prepare_predictions",
+    "register_metric",
+    "reported",
     "sensitivity",
     "specificity",
     "summarize",

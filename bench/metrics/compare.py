@@ -28,15 +28,8 @@ import pandas as pd
 from bench.metrics import core
 from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval
 from bench.metrics.delong import delong_test
-from bench.metrics.evaluate import (
-    BASELINE,
-    EVAL_SPLITS,
-    RUN_KEY,
-    Engine,
-    _group_info,
-    _mean_sd,
-    prepare_predictions,
-)
+from bench.metrics.evaluate import GROUP_COLUMNS, Engine, _group_info, _mean_sd, prepare_predictions
+from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
 
 COMPARISON_COLUMNS = [
@@ -73,7 +66,8 @@ COMPARISON_COLUMNS = [
 
 
 def comparison_metrics(task: Task) -> list[str]:
-    names = [task.metrics.primary, "auroc", "balanced_accuracy", "sensitivity", "specificity", "ece", "brier"]
+    """The task's primary metric, then every metric registered with `comparisons=True`."""
+    names = [task.metrics.primary, *(m.name for m in core.reported("comparisons"))]
     return list(dict.fromkeys(names))
 
 
@@ -97,16 +91,15 @@ def compare_to_baseline(
     for m in names:
         core.get_metric(m, task.classes)  # unknown names fail early, before any work
     engine = Engine(df, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
-    keys = df[RUN_KEY].drop_duplicates().sort_values(RUN_KEY).itertuples(index=False, name=None)
+    arm = list(ARM_KEYS)
+    keys = df[arm].drop_duplicates().sort_values(arm).itertuples(index=False, name=None)
     rows: list[dict[str, Any]] = []
     for gen, reg, bb in keys:
-        if gen == BASELINE["generator"] and reg == BASELINE["regime"]:
+        if gen == BASELINE and reg == BASELINE_REGIME:
             continue
         key = dict(generator=gen, regime=reg, backbone=bb)
         base_df = df[
-            (df["generator"] == BASELINE["generator"])
-            & (df["regime"] == BASELINE["regime"])
-            & (df["backbone"] == bb)
+            (df["generator"] == BASELINE) & (df["regime"] == BASELINE_REGIME) & (df["backbone"] == bb)
         ]
         cand_df = df[(df["generator"] == gen) & (df["regime"] == reg) & (df["backbone"] == bb)]
         if base_df.empty:
@@ -114,8 +107,8 @@ def compare_to_baseline(
                 _empty(
                     key,
                     names[0],
-                    f"no real-only baseline (generator {BASELINE['generator']!r}, regime "
-                    f"{BASELINE['regime']!r}) with backbone {bb!r}",
+                    f"no real-only baseline (generator {BASELINE!r}, regime "
+                    f"{BASELINE_REGIME!r}) with backbone {bb!r}",
                 )
             )
             continue
@@ -133,8 +126,8 @@ def _empty(key: dict, metric: str, reason: str) -> dict[str, Any]:
     row = {c: np.nan for c in COMPARISON_COLUMNS}
     row.update(
         key,
-        baseline_generator=BASELINE["generator"],
-        baseline_regime=BASELINE["regime"],
+        baseline_generator=BASELINE,
+        baseline_regime=BASELINE_REGIME,
         metric=metric,
         scope="overall",
         split="",
@@ -160,7 +153,7 @@ def _compare_one(
     min_patients: int,
     min_positives: int,
 ) -> list[dict]:
-    ev = lambda d: set(d.loc[d["split"].isin(EVAL_SPLITS), "case_id"])  # noqa: E731
+    ev = lambda d: set(d.loc[d["split"].isin(SCORED_SPLITS), "case_id"])  # noqa: E731
     common = ev(cand_df) & ev(base_df)
     if not common:
         return [_empty(key, names[0], "no test or external cases shared with the baseline")]
@@ -221,8 +214,8 @@ def _compare_one(
             rows.append(
                 dict(
                     **key,
-                    baseline_generator=BASELINE["generator"],
-                    baseline_regime=BASELINE["regime"],
+                    baseline_generator=BASELINE,
+                    baseline_regime=BASELINE_REGIME,
                     metric=m,
                     scope=cell.scope,
                     split=cell.split,
@@ -260,7 +253,8 @@ def _seed_mean_scores(views: list) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- summary
 
 
-def _entry(row: pd.Series | None, extra: Sequence[str] = ()) -> dict[str, Any] | None:
+def summary_entry(row: pd.Series | None, extra: Sequence[str] = ()) -> dict[str, Any] | None:
+    """A metric-table row as a summary.json entry: value, interval, n, status and the `extra` columns."""
     if row is None:
         return None
     out = {k: _num(row[k]) for k in ("value", "ci_low", "ci_high")}
@@ -292,7 +286,8 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
 
     Keys of each run: `external_primary` (primary metric, external sites pooled), `test_primary` (internal test),
     `worst_subgroup_auroc` and `largest_subgroup_gap` (over the task's subgroup columns on the headline split, with
-    `group_by` and `group`), `ece` (headline split), `fnr_gap` (largest over subgroup columns, headline split),
+    `group_by`, `group`, `worst_group` and `best_group`), one key per metric registered with `headline=True`
+    (overall, headline split; `ece` among the built-ins), `fnr_gap` (largest over subgroup columns, headline split),
     `diff_vs_real` (primary metric on the headline split minus the real-only baseline, with `p_boot_holm`) and
     `utility_ratio` (primary metric on the headline split / real-only). Missing numbers are null.
     """
@@ -300,7 +295,7 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
     split = headline_split(table) if len(table) else "test"
     am = auroc_metric(task)
     runs = []
-    for (gen, reg, bb), t in table.groupby(RUN_KEY, sort=True):
+    for (gen, reg, bb), t in table.groupby(list(ARM_KEYS), sort=True):
 
         def one(metric: str, split_: str, scope: str = "overall", t=t) -> pd.Series | None:
             r = t[(t["metric"] == metric) & (t["split"] == split_) & (t["scope"] == scope)]
@@ -318,12 +313,14 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
             return r.loc[r["value"].idxmin() if lowest else r["value"].idxmax()]
 
         run: dict[str, Any] = dict(generator=gen, regime=reg, backbone=bb)
-        run["external_primary"] = _entry(one(primary, "external"))
-        run["test_primary"] = _entry(one(primary, "test"))
-        run["worst_subgroup_auroc"] = _entry(extreme(f"{am}_worst", True), ("group_by", "group"))
-        run["largest_subgroup_gap"] = _entry(extreme(f"{am}_gap", False), ("group_by", "group"))
-        run["ece"] = _entry(one("ece", split))
-        run["fnr_gap"] = _entry(extreme("fnr_gap", False), ("group_by", "group"))
+        run["external_primary"] = summary_entry(one(primary, "external"))
+        run["test_primary"] = summary_entry(one(primary, "test"))
+        where = ("group_by", "group", *GROUP_COLUMNS)
+        run["worst_subgroup_auroc"] = summary_entry(extreme(f"{am}_worst", True), where)
+        run["largest_subgroup_gap"] = summary_entry(extreme(f"{am}_gap", False), where)
+        for m in core.reported("headline"):
+            run[m.name] = summary_entry(one(m.name, split))
+        run["fnr_gap"] = summary_entry(extreme("fnr_gap", False), where)
         run["diff_vs_real"] = run["utility_ratio"] = None
         if comparisons is not None and len(comparisons):
             c = comparisons[

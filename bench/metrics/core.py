@@ -32,10 +32,12 @@ A metric that is undefined for its input (one class only, no positives, no cases
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from bench.registry import Registry
 
 Kernel = Callable[[np.ndarray], np.ndarray]
 
@@ -190,12 +192,36 @@ def _brier_kernel(y_true: Any, y_score: Any) -> Kernel:
     return _matmul_kernel(cols, lambda s: _safe_div(s[:, 0], s[:, 1]))
 
 
+# What a metric needs of its input to have a value, and the reason given when it has none.
+_REQUIREMENTS: dict[str, tuple[Callable[[np.ndarray, Any], bool], str]] = {
+    "positives": (lambda y, k: bool(y.astype(bool).any()), "no positive cases (binary view)"),
+    "negatives": (lambda y, k: not bool(y.astype(bool).all()), "no negative cases (binary view)"),
+    "two classes": (lambda y, k: len(np.unique(y)) >= 2, "only one class present"),
+    "class cases": (lambda y, k: bool((y == k).any()), "no cases of this class"),
+    "other cases": (lambda y, k: not bool((y == k).all()), "only this class present"),
+}
+KINDS = ("binary", "threshold", "multiclass", "per-class")
+CLASS_PLACEHOLDER = "<class>"
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A metric with the scikit-learn signature and a batched kernel for the bootstrap.
+    """A metric with the scikit-learn signature, a batched kernel for the bootstrap, and where it is reported.
 
     `target` is "binary" (0/1 truth, 1-D score) or "multiclass" (class indices, (n, K) probabilities).
-    `params` are bound keyword arguments (class index, threshold, number of bins).
+    `params` are bound keyword arguments (class index, threshold, number of bins); `task_params` names kernel
+    arguments read from the task's `metrics` section (e.g. `n_bins` from `ece_bins`). `requires` lists what the
+    input must hold for a value (keys of `_REQUIREMENTS`); the first unmet one is the reason for NaN.
+
+    Reporting, declared here once and read by every consumer:
+    - every registered metric is a row of the metric table, in `order`;
+    - `fairness`: `<name>_worst` and `<name>_gap` rows over each family of groups; `report_worst`: its worst
+      group is shown in the report's fairness section;
+    - `comparisons`: compared with the real-only baseline (the task's primary metric always is);
+    - `headline`: a headline number of summary.json and of the report (overall, headline split);
+    - `leaderboard`: a leaderboard column with this header (the record's headline regime and split);
+    - `label` and `digits`: how reports print it.
+    A per-class family (`per_class`) is registered once as `<prefix><class>` and stands for one metric per class.
     """
 
     name: str
@@ -205,21 +231,54 @@ class Metric:
     params: dict[str, Any] = field(default_factory=dict)
     needs_threshold: bool = False
     description: str = ""
+    requires: tuple[str, ...] = ()
+    task_params: dict[str, str] = field(default_factory=dict)
+    per_class: bool = False
+    order: int = 1000
+    label: str = ""
+    digits: int = 3
+    fairness: bool = True
+    report_worst: bool = False
+    comparisons: bool = False
+    headline: bool = False
+    leaderboard: str | None = None
+    leaderboard_help: str = ""
 
     @property
     def __name__(self) -> str:  # so that tools which label metrics by function name see ours
         return self.name
 
+    @property
+    def kind(self) -> str:
+        """One of KINDS: binary (binary view), threshold (binary view at the operating point), multiclass,
+        per-class (one-vs-rest family)."""
+        if self.per_class:
+            return "per-class"
+        return "threshold" if self.needs_threshold else self.target
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
     def bind(self, **params: Any) -> Metric:
-        return Metric(
-            self.name,
-            self.higher_is_better,
-            self.target,
-            self.kernel_factory,
-            {**self.params, **params},
-            self.needs_threshold,
-            self.description,
+        return replace(self, params={**self.params, **params})
+
+    def for_class(self, k: int, cls: str) -> Metric:
+        """The member of a per-class family for class index `k` named after class `cls`."""
+        return replace(
+            self,
+            name=self.name.replace(CLASS_PLACEHOLDER, str(cls)),
+            params={**self.params, "k": k},
+            per_class=False,
+            description=self.description.replace(CLASS_PLACEHOLDER, str(cls)),
+            label=self.label.replace(CLASS_PLACEHOLDER, str(cls)),
         )
+
+    def for_task(self, metrics_settings: Any) -> Metric:
+        """Bound to the task's settings (`task.metrics`) named by `task_params`."""
+        if not self.task_params:
+            return self
+        return self.bind(**{k: getattr(metrics_settings, v) for k, v in self.task_params.items()})
 
     def kernel(self, y_true: Any, y_score: Any, **params: Any) -> Kernel:
         return self.kernel_factory(y_true, y_score, **{**self.params, **params})
@@ -235,100 +294,188 @@ class Metric:
         y = np.asarray(y_true)
         if len(y) == 0:
             return "no cases"
-        if self.target == "binary":
-            yb = y.astype(bool)
-            if self.name in ("auroc", "sensitivity") and not yb.any():
-                return "no positive cases (binary view)"
-            if self.name in ("auroc", "specificity") and yb.all():
-                return "no negative cases (binary view)"
-            return None
-        if self.name == "auroc_macro" and len(np.unique(y)) < 2:
-            return "only one class present"
-        if self.name.startswith("auroc_") and self.name != "auroc_macro":
-            k = self.params.get("k")
-            if not (y == k).any():
-                return "no cases of this class"
-            if (y == k).all():
-                return "only this class present"
+        for need in self.requires:
+            ok, why = _REQUIREMENTS[need]
+            if not ok(y, self.params.get("k")):
+                return why
         return None
 
 
-auroc = Metric("auroc", True, "binary", _auroc_kernel, description="binary-view AUROC (ties count 1/2)")
-auroc_macro = Metric(
-    "auroc_macro", True, "multiclass", _macro_auroc_kernel, description="one-vs-rest macro AUROC"
+METRICS: Registry[Metric] = Registry("metric", group="medsynbench.metrics")
+REGISTRY = METRICS  # the name earlier releases exported
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add a metric to the registry (the one place that declares it); returns it, so it can be assigned."""
+    if metric.per_class and CLASS_PLACEHOLDER not in metric.name:
+        raise ValueError(f"per-class metric {metric.name!r}: its name must contain {CLASS_PLACEHOLDER!r}")
+    METRICS.register(metric.name, metric)
+    return metric
+
+
+auroc_macro = register_metric(
+    Metric(
+        "auroc_macro",
+        True,
+        "multiclass",
+        _macro_auroc_kernel,
+        description="one-vs-rest macro AUROC",
+        requires=("two classes",),
+        order=10,
+        label="macro AUROC",
+    )
 )
-balanced_accuracy = Metric(
-    "balanced_accuracy",
-    True,
-    "multiclass",
-    _balanced_accuracy_kernel,
-    description="mean per-class recall (arg-max)",
+auroc = register_metric(
+    Metric(
+        "auroc",
+        True,
+        "binary",
+        _auroc_kernel,
+        description="binary-view AUROC (ties count 1/2)",
+        requires=("positives", "negatives"),
+        order=20,
+        label="AUROC",
+        comparisons=True,
+    )
 )
-sensitivity = Metric(
-    "sensitivity",
-    True,
-    "binary",
-    _rate_kernel,
-    {"threshold": 0.5, "positives": True},
-    needs_threshold=True,
-    description="true-positive rate at the validation-chosen threshold (binary view)",
+auroc_per_class = register_metric(
+    Metric(
+        "auroc_<class>",
+        True,
+        "multiclass",
+        _class_auroc_kernel,
+        description="AUROC of class <class> vs rest",
+        requires=("class cases", "other cases"),
+        per_class=True,
+        order=30,
+        label="AUROC <class>",
+    )
 )
-specificity = Metric(
-    "specificity",
-    True,
-    "binary",
-    _rate_kernel,
-    {"threshold": 0.5, "positives": False},
-    needs_threshold=True,
-    description="true-negative rate at the validation-chosen threshold (binary view)",
+balanced_accuracy = register_metric(
+    Metric(
+        "balanced_accuracy",
+        True,
+        "multiclass",
+        _balanced_accuracy_kernel,
+        description="mean per-class recall (arg-max)",
+        order=40,
+        label="balanced accuracy",
+        comparisons=True,
+    )
 )
-ece = Metric(
-    "ece", False, "multiclass", _ece_kernel, {"n_bins": 15}, description="top-label ECE, equal-width bins"
+sensitivity = register_metric(
+    Metric(
+        "sensitivity",
+        True,
+        "binary",
+        _rate_kernel,
+        {"threshold": 0.5, "positives": True},
+        needs_threshold=True,
+        description="true-positive rate at the validation-chosen threshold (binary view)",
+        requires=("positives",),
+        order=50,
+        label="sensitivity",
+        comparisons=True,
+        report_worst=True,
+    )
 )
-brier = Metric("brier", False, "multiclass", _brier_kernel, description="Brier score")
+specificity = register_metric(
+    Metric(
+        "specificity",
+        True,
+        "binary",
+        _rate_kernel,
+        {"threshold": 0.5, "positives": False},
+        needs_threshold=True,
+        description="true-negative rate at the validation-chosen threshold (binary view)",
+        requires=("negatives",),
+        order=60,
+        label="specificity",
+        comparisons=True,
+    )
+)
+ece = register_metric(
+    Metric(
+        "ece",
+        False,
+        "multiclass",
+        _ece_kernel,
+        {"n_bins": 15},
+        description="top-label ECE, equal-width bins",
+        task_params={"n_bins": "ece_bins"},
+        order=70,
+        label="ECE",
+        comparisons=True,
+        report_worst=True,
+        headline=True,
+        leaderboard="Calibration error",
+        leaderboard_help="top-label ECE",
+    )
+)
+brier = register_metric(
+    Metric(
+        "brier",
+        False,
+        "multiclass",
+        _brier_kernel,
+        description="Brier score",
+        order=80,
+        label="Brier score",
+        comparisons=True,
+    )
+)
 
 
 def auroc_class(k: int, name: str | None = None) -> Metric:
     """One-vs-rest AUROC of class index `k` (registered as `auroc_<class name>`)."""
-    return Metric(
-        name or f"auroc_{k}",
-        True,
-        "multiclass",
-        _class_auroc_kernel,
-        {"k": k},
-        description=f"AUROC of class {k} vs rest",
-    )
+    m = auroc_per_class.for_class(k, str(k))
+    return replace(m, name=name) if name else m
 
 
-REGISTRY: dict[str, Metric] = {
-    m.name: m for m in (auroc, auroc_macro, balanced_accuracy, sensitivity, specificity, ece, brier)
-}
+def metric_specs() -> list[Metric]:
+    """Every registered metric (per-class families unexpanded), in table order."""
+    return sorted((m for _, m in METRICS.items()), key=lambda m: (m.order, m.name))
 
 
 def metric_names(classes: Sequence[str]) -> list[str]:
     """Every metric name an evaluation reports for these classes, in table order."""
-    return [
-        "auroc_macro",
-        "auroc",
-        *[f"auroc_{c}" for c in classes],
-        "balanced_accuracy",
-        "sensitivity",
-        "specificity",
-        "ece",
-        "brier",
-    ]
+    out: list[str] = []
+    for m in metric_specs():
+        if m.per_class:
+            out += [m.name.replace(CLASS_PLACEHOLDER, str(c)) for c in classes]
+        else:
+            out.append(m.name)
+    return out
+
+
+def reported(where: str) -> list[Metric]:
+    """The registered metrics flagged `where` (headline, comparisons, leaderboard, fairness, report_worst)."""
+    if where not in ("headline", "comparisons", "leaderboard", "fairness", "report_worst"):
+        raise ValueError(f"unknown report place {where!r}")
+    return [m for m in metric_specs() if getattr(m, where)]
 
 
 def get_metric(name: str, classes: Sequence[str] | None = None, **params: Any) -> Metric:
     """A metric by name; `auroc_<class>` needs the task's class list. Unknown names raise KeyError."""
-    if name in REGISTRY:
-        m = REGISTRY[name]
-    elif name.startswith("auroc_") and classes is not None and name[len("auroc_") :] in list(classes):
-        m = auroc_class(list(classes).index(name[len("auroc_") :]), name)
-    else:
-        known = ", ".join([*REGISTRY, *(f"auroc_{c}" for c in (classes or []))])
+    m = _lookup(name, classes)
+    if m is None:
+        known = ", ".join(metric_names(classes or []) if classes else [s.name for s in metric_specs()])
         raise KeyError(f"unknown metric {name!r} (known: {known})")
     return m.bind(**params) if params else m
+
+
+def _lookup(name: str, classes: Sequence[str] | None) -> Metric | None:
+    if name in METRICS and not METRICS.get(name).per_class:
+        return METRICS.get(name)
+    for fam in metric_specs():
+        if not fam.per_class or classes is None:
+            continue
+        head, _, tail = fam.name.partition(CLASS_PLACEHOLDER)
+        if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+            cls = name[len(head) : len(name) - len(tail)]
+            if cls in list(classes):
+                return fam.for_class(list(classes).index(cls), cls)
+    return None
 
 
 def choose_threshold(y_bin: Any, score: Any, target_specificity: float) -> float:

@@ -1,7 +1,8 @@
 """The tidy metric table: every metric, scope and group with a patient-clustered interval and its n.
 
-Table columns (`TABLE_COLUMNS`): metric, scope, split, group_by, group, value, ci_low, ci_high, n_cases, n_patients,
-n_pos, status, reason, seed_sd, generator, regime, backbone.
+Table columns (`TABLE_COLUMNS`): metric, scope, split, group_by, group, worst_group, best_group, value, ci_low,
+ci_high, n_cases, n_patients, n_pos, status, reason, seed_sd, generator, regime, backbone. The metrics and their
+order come from the metric registry (`bench.metrics.core.METRICS`).
 
 Rows
 ----
@@ -11,10 +12,12 @@ Rows
 - scope `subgroup`: group_by a subgroup column of the task (e.g. "sex"), one row per value, within each split.
 - scope `intersection`: group_by the columns joined by "&" (e.g. "sex&age_group"), group the values joined by "&".
 - Group summaries, in the same scope/split/group_by as the groups they summarise (site, subgroup, intersection):
-  `<metric>_worst` (value of the worst eligible group; `group` names it), `<metric>_gap` (best minus worst eligible
-  group; `group` reads "best vs worst"), `equalized_odds_difference` (largest of the sensitivity gap and the
-  false-positive-rate gap at the validation-chosen threshold; group "all") and `fnr_gap` (false-negative-rate gap,
-  i.e. underdiagnosis; `group` reads "highest-FNR vs lowest-FNR"). Eligible: status `ok` and not listed in the
+  `<metric>_worst` (value of the worst eligible group; `group` and `worst_group` name it), `<metric>_gap` (best
+  minus worst eligible group; `worst_group` and `best_group` name both; `group` reads "best vs worst" for people),
+  `equalized_odds_difference` (largest of the sensitivity gap and the false-positive-rate gap at the
+  validation-chosen threshold; group "all") and `fnr_gap` (false-negative-rate gap, i.e. underdiagnosis;
+  `worst_group` has the highest FNR, `best_group` the lowest; `group` reads "highest-FNR vs lowest-FNR").
+  Metrics registered with `fairness=False` get no worst/gap rows. Eligible: status `ok` and not listed in the
   task's `subgroups.exclude_from_gaps`; at least two eligible groups are needed. Worst and gap are recomputed in
   every bootstrap replicate, so their intervals account for which group is worst being uncertain.
 
@@ -47,6 +50,7 @@ from bench.errors import BadInput
 from bench.metrics import core
 from bench.metrics.bootstrap import chunks, patient_strata, patient_weights, percentile_interval
 from bench.metrics.validate import ROW_NOTE, prob_column, validate_predictions
+from bench.runfolder import ARM_KEYS, RUN_KEYS, SCORED_SPLITS
 from bench.tasks import Task
 
 TABLE_COLUMNS = [
@@ -55,6 +59,8 @@ TABLE_COLUMNS = [
     "split",
     "group_by",
     "group",
+    "worst_group",
+    "best_group",
     "value",
     "ci_low",
     "ci_high",
@@ -68,9 +74,9 @@ TABLE_COLUMNS = [
     "regime",
     "backbone",
 ]
-RUN_KEY = ["generator", "regime", "backbone"]
-EVAL_SPLITS = ("test", "external")
-BASELINE = {"generator": "none", "regime": "real"}
+# Structured names of the groups a group summary is about (empty on every other row), so that nobody parses
+# `group` back: `<metric>_worst` names its group in worst_group; `<metric>_gap` and `fnr_gap` name both ends.
+GROUP_COLUMNS = ("worst_group", "best_group")
 INTERSECTION_SEP = "&"
 _CELL_BUDGET = 4_000_000  # floats per replicate chunk (weights of one chunk x cases of one seed)
 
@@ -91,7 +97,7 @@ def prepare_predictions(
     *,
     source: str = "predictions",
     subgroup_columns: Sequence[str] | None = None,
-    run_keys: Sequence[str] = ("generator", "regime", "seed", "backbone"),
+    run_keys: Sequence[str] = RUN_KEYS,
 ) -> pd.DataFrame:
     """Validate a predictions table and add the arrays the evaluation needs. Bad input raises BadInput naming rows."""
     cols = list(task.subgroups.columns if subgroup_columns is None else subgroup_columns)
@@ -131,7 +137,7 @@ def define_cells(
 ) -> dict[Cell, np.ndarray]:
     """Row indices of every reported group (test and external splits)."""
     out: dict[Cell, np.ndarray] = {}
-    for split in EVAL_SPLITS:
+    for split in SCORED_SPLITS:
         in_split = (df["split"] == split).to_numpy()
         if not in_split.any():
             continue
@@ -203,7 +209,7 @@ class Engine:
         self.subgroup_columns = list(subgroup_columns)
         self.intersections = [list(i) for i in intersections]
         self.fixed_threshold = threshold
-        ev = df[df["split"].isin(EVAL_SPLITS)]
+        ev = df[df["split"].isin(SCORED_SPLITS)]
         # the most frequent class of a patient's cases (ties: first class of the task) labels the patient's stratum
         counts = ev.groupby(["patient_id", "_y"]).size().rename("k").reset_index()
         counts = counts.sort_values(["patient_id", "k", "_y"], ascending=[True, False, True])
@@ -220,7 +226,7 @@ class Engine:
         for seed, g in key_df.groupby("seed", sort=True):
             val = g[g["split"] == "val"]
             thr, why = self._threshold(val)
-            ev = g[g["split"].isin(EVAL_SPLITS)]
+            ev = g[g["split"].isin(SCORED_SPLITS)]
             if allowed is not None:
                 ev = ev[ev["case_id"].isin(allowed)]
             ev = ev.reset_index(drop=True)
@@ -253,12 +259,8 @@ class Engine:
 
     # metrics ------------------------------------------------------------------------------------------------
     def metric(self, name: str, view: SeedView) -> core.Metric:
-        m = core.get_metric(name, self.task.classes)
-        if m.needs_threshold:
-            return m.bind(threshold=view.threshold)
-        if m.name == "ece":
-            return m.bind(n_bins=self.task.metrics.ece_bins)
-        return m
+        m = core.get_metric(name, self.task.classes).for_task(self.task.metrics)
+        return m.bind(threshold=view.threshold) if m.needs_threshold else m
 
     def kernel(self, name: str, view: SeedView, idx: np.ndarray) -> core.Kernel:
         m = self.metric(name, view)
@@ -351,6 +353,8 @@ def _row(
     reason: str,
     sd: float,
     key: dict,
+    worst_group: str = "",
+    best_group: str = "",
 ) -> dict:
     return dict(
         metric=metric,
@@ -358,6 +362,8 @@ def _row(
         split=cell.split,
         group_by=cell.group_by,
         group=cell.group,
+        worst_group=worst_group,
+        best_group=best_group,
         value=value,
         ci_low=lo,
         ci_high=hi,
@@ -406,7 +412,7 @@ def evaluate_predictions(
     min_positives = int(task.metrics.min_positives if min_positives is None else min_positives)
     if n_boot < 1:
         raise BadInput(f"n_boot must be at least 1, got {n_boot}")
-    if not df["split"].isin(EVAL_SPLITS).any():
+    if not df["split"].isin(SCORED_SPLITS).any():
         raise BadInput(
             f"{source}: no test or external predictions to evaluate (splits present: {sorted(df['split'].unique())})"
         )
@@ -415,8 +421,8 @@ def evaluate_predictions(
     )
     names = core.metric_names(task.classes)
     rows: list[dict] = []
-    for key_vals, key_df in df.groupby(RUN_KEY, sort=True):
-        key = dict(zip(RUN_KEY, key_vals, strict=True))
+    for key_vals, key_df in df.groupby(list(ARM_KEYS), sort=True):
+        key = dict(zip(ARM_KEYS, key_vals, strict=True))
         views = engine.views(key_df)
         res = engine.compute(views, names)
         rows += _table_rows(engine, views, res, names, key, min_patients, min_positives)
@@ -498,6 +504,8 @@ def _table_rows(
         fam_cell = Cell(scope, split, group_by, "")
         for m in names:
             metric = core.get_metric(m, task.classes)
+            if not metric.fairness:
+                continue
             elig = [c for c in members if status_of[(c, m)] == "ok" and not _excluded(task, c)]
             rows += _summary_rows(m, metric.higher_is_better, fam_cell, elig, res, infos, key, engine.n_boot)
         elig = [
@@ -576,15 +584,10 @@ def _summary_rows(
     sp = _spread(point, reps, higher)
     n = _n(infos, elig)
     out = []
-    for what, value, seeds, rep, group in (
-        ("worst", sp["worst"], sp["worst_seed"], sp["worst_rep"], elig[sp["worst_i"]].group),
-        (
-            "gap",
-            sp["gap"],
-            sp["gap_seed"],
-            sp["gap_rep"],
-            f"{elig[sp['best_i']].group} vs {elig[sp['worst_i']].group}",
-        ),
+    worst, best = elig[sp["worst_i"]].group, elig[sp["best_i"]].group
+    for what, value, seeds, rep, group, ends in (
+        ("worst", sp["worst"], sp["worst_seed"], sp["worst_rep"], worst, (worst, "")),
+        ("gap", sp["gap"], sp["gap_seed"], sp["gap_rep"], f"{best} vs {worst}", (worst, best)),
     ):
         lo, hi, used = percentile_interval(rep)
         _, sd = _mean_sd(seeds)
@@ -603,6 +606,7 @@ def _summary_rows(
                 reason,
                 sd,
                 key,
+                *ends,
             )
         )
     return out
@@ -665,6 +669,8 @@ def _fairness_rows(fam: Cell, elig: list[Cell], res, infos, key: dict, thr_reaso
             f"false-negative rate of {worst} minus that of {best} (highest vs lowest) over {len(elig)} eligible groups",
             _mean_sd(s_sens["gap_seed"])[1],
             key,
+            worst,
+            best,
         )
     )
     return out

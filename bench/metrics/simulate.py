@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
 
 
@@ -26,7 +27,10 @@ def simulate_predictions(
     seed: int = 0,
 ) -> pd.DataFrame:
     """A predictions table: `runs` maps (generator, regime) to a signal strength (0 = chance)."""
-    runs = dict(runs or {("none", "real"): 2.0, ("copycat", "synthetic"): 1.2, ("copycat", "augment:1"): 2.2})
+    runs = dict(
+        runs
+        or {(BASELINE, BASELINE_REGIME): 2.0, ("copycat", "synthetic"): 1.2, ("copycat", "augment:1"): 2.2}
+    )
     rng = np.random.default_rng(seed)
     k = len(task.classes)
     cases = []

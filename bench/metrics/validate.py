@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from bench.runfolder import PREDICTED_SPLITS, RUN_KEYS
+
 REQUIRED = ["case_id", "patient_id", "site", "split", "y_true"]
-RUN_KEYS = ["generator", "regime", "seed", "backbone"]
-SPLITS = ("val", "test", "external")
 SUM_TOLERANCE = 1e-4
 ROW_NOTE = "rows numbered from 1, header excluded"
 _SHOW = 10
@@ -75,12 +75,12 @@ def validate_predictions(
                 )
             )
     if "split" in df.columns:
-        bad = df["split"].notna() & ~df["split"].astype(str).isin(SPLITS)
+        bad = df["split"].notna() & ~df["split"].astype(str).isin(PREDICTED_SPLITS)
         if bad.any():
             vals = sorted(df.loc[bad, "split"].astype(str).unique())[:_SHOW]
             problems.append(
                 describe_rows(
-                    df, bad, f"split {', '.join(map(repr, vals))} is not one of {', '.join(SPLITS)}"
+                    df, bad, f"split {', '.join(map(repr, vals))} is not one of {', '.join(PREDICTED_SPLITS)}"
                 )
             )
     present = [c for c in probs if c in df.columns]

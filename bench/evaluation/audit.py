@@ -14,9 +14,12 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.evaluation.report import Settings, build_report
+from bench.evaluation.run import write_tables
 from bench.io import atomic_dir, read_table, write_json, write_text
-from bench.metrics.evaluate import RUN_KEY, evaluate_predictions, prepare_predictions
-from bench.metrics.run import write_tables
+from bench.metrics.compare import headline_split, summary_entry
+from bench.metrics.evaluate import GROUP_COLUMNS, evaluate_predictions, prepare_predictions
+from bench.runfolder import ARM_KEYS
 from bench.tasks import Subgroups, Task, load_task
 
 log = logging.getLogger(__name__)
@@ -108,8 +111,6 @@ def audit_predictions(
     age_bins: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Audit a predictions file by the columns `by`; writes metrics, summary.json and reports to `out` atomically."""
-    from bench.report import Settings, build_report
-
     path = Path(path)
     src = str(path)
     by = [b.strip() for b in by if b.strip()]
@@ -183,20 +184,21 @@ def audit_predictions(
 
 
 def audit_summary(table: pd.DataFrame, task: Task, by: Sequence[str]) -> dict[str, Any]:
-    from bench.metrics.compare import _entry, headline_split
-
     split = headline_split(table)
     primary = task.metrics.primary
     runs = []
-    for key, t in table.groupby(RUN_KEY, sort=True):
-        run: dict[str, Any] = dict(zip(RUN_KEY, key, strict=True))
+    for key, t in table.groupby(list(ARM_KEYS), sort=True):
+        run: dict[str, Any] = dict(zip(ARM_KEYS, key, strict=True))
         for col in by:
             fam = t[(t["split"] == split) & (t["group_by"] == col) & (t["scope"] == "subgroup")]
             pick = {
                 m: fam[fam["metric"] == m]
                 for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")
             }
-            run[col] = {m: _entry(r.iloc[0], ("group",)) if len(r) else None for m, r in pick.items()}
+            run[col] = {
+                m: summary_entry(r.iloc[0], ("group", *GROUP_COLUMNS)) if len(r) else None
+                for m, r in pick.items()
+            }
         runs.append(run)
     return {
         "task": task.name,

@@ -9,44 +9,33 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.evaluation.report import Settings, build_report
 from bench.io import atomic_dir, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline, summarize
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
 from bench.metrics.validate import ROW_NOTE, validate_predictions
-from bench.tasks import TASK_FILE, Task, load_task
+from bench.runfolder import DONE, PREDICTIONS_FILE, RunDir
+from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
-PREDICTIONS = "predictions.parquet"
-DONE = "DONE"
-
-
-def finished_runs(run: Path) -> list[Path]:
-    """Run folders with a DONE marker and a predictions file, sorted by name."""
-    return sorted(
-        d for d in run.iterdir() if d.is_dir() and (d / DONE).is_file() and (d / PREDICTIONS).is_file()
-    )
 
 
 def load_run_predictions(run: str | Path) -> tuple[Task, pd.DataFrame]:
     """The RUN folder's task and the predictions of every finished run, each file checked on its own first."""
-    run = Path(run)
-    if not run.is_dir():
-        raise BadInput(f"{run}: not a run folder")
-    if not (run / TASK_FILE).is_file():
-        raise BadInput(f"{run}: no {TASK_FILE} (a run folder holds the task it ran)")
-    task = load_task(run / TASK_FILE)
-    dirs = finished_runs(run)
-    if not dirs:
-        raise BadInput(f"{run}: no finished runs (sub-folders with {DONE} and {PREDICTIONS})")
+    rd = RunDir(run).require()
+    task = load_task(rd.task_file)
+    runs = rd.finished_runs()
+    if not runs:
+        raise BadInput(f"{rd.path}: no finished runs (sub-folders with {DONE} and {PREDICTIONS_FILE})")
     frames, problems = [], []
     cols = [c for c in task.subgroups.columns if c != "age_group"]
-    for d in dirs:
-        f = read_table(d / PREDICTIONS)
+    for r in runs:
+        f = read_table(r.predictions)
         for p in validate_predictions(f, task.classes, subgroup_columns=cols):
-            problems.append(f"{d / PREDICTIONS}: {p}")
+            problems.append(f"{r.predictions}: {p}")
         frames.append(f)
     if problems:
-        raise BadInput(f"{run}: {len(problems)} problem(s) in predictions ({ROW_NOTE})", problems)
+        raise BadInput(f"{rd.path}: {len(problems)} problem(s) in predictions ({ROW_NOTE})", problems)
     return task, pd.concat(frames, ignore_index=True)
 
 
@@ -64,10 +53,8 @@ def evaluate_run(
     The folder is assembled under a temporary name and renamed into place, replacing an earlier evaluation only
     when everything succeeded. Returns the summary.
     """
-    from bench.report import Settings, build_report
-
     run = Path(run)
-    out = Path(out) if out else run / "evaluation"
+    out = Path(out) if out else RunDir(run).evaluation
     task, preds = load_run_predictions(run)
     n_boot = int(task.metrics.bootstrap if n_boot is None else n_boot)
     mp = int(task.metrics.min_patients if min_patients is None else min_patients)
@@ -87,7 +74,7 @@ def evaluate_run(
         min_positives=mpos,
         target_specificity=task.metrics.target_specificity,
         ece_bins=task.metrics.ece_bins,
-        runs=[d.name for d in finished_runs(run)],
+        runs=[r.path.name for r in RunDir(run).finished_runs()],
     )
     prepared = prepare_predictions(preds, task, source=src)
     report = build_report(table, comps, summary, task, Settings(n_boot, seed, mp, mpos, source=src), prepared)

@@ -1,7 +1,8 @@
 """Evaluation reports: Markdown and one self-contained HTML file (plots embedded as base64 PNG).
 
 Every number printed carries its 95% interval and its n; groups below the minimum sizes are marked, never ranked.
-The report is built from the tidy tables (`bench.metrics`) and, for curves, from the prepared predictions.
+The report is built from the tidy tables (`bench.metrics`) and, for curves, from the prepared predictions. Which
+metrics are headline numbers and which worst groups the fairness section shows come from the metric registry.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics.core import ece_bin_index
-from bench.metrics.evaluate import EVAL_SPLITS, RUN_KEY
+from bench.metrics.core import ece_bin_index, reported
 from bench.metrics.validate import prob_column
+from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
+
+RUN_KEY = list(ARM_KEYS)
 
 MAX_PANELS = 12
 INSUFFICIENT_MARK = "†"
@@ -122,7 +125,13 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def fmt_interval(
-    value: Any, lo: Any, hi: Any, n_cases: Any = None, n_patients: Any = None, status: str = "ok"
+    value: Any,
+    lo: Any,
+    hi: Any,
+    n_cases: Any = None,
+    n_patients: Any = None,
+    status: str = "ok",
+    digits: int = 3,
 ) -> str:
     """'0.912 [0.880, 0.940] n=80/40' (cases/patients); '—' with the status when there is no value."""
 
@@ -131,7 +140,7 @@ def fmt_interval(
             x = float(x)
         except (TypeError, ValueError):
             return "—"
-        return "—" if np.isnan(x) else f"{x:.3f}"
+        return "—" if np.isnan(x) else f"{x:.{digits}f}"
 
     n = ""
     if n_cases is not None and n_patients is not None:
@@ -169,6 +178,8 @@ def _run_label(df: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------------------------- plots
 
 
+# matplotlib (and scikit-learn's curves below) load only when a report draws a figure: they are heavy, and
+# tables-only callers never pay for them.
 def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -189,7 +200,7 @@ def _plt() -> Any:
 
 def _case_level(prep: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Seed-averaged scores per (run key, case) for curves."""
-    ev = prep[prep["split"].isin(EVAL_SPLITS)]
+    ev = prep[prep["split"].isin(SCORED_SPLITS)]
     probs = [prob_column(c) for c in classes]
     keep = [*RUN_KEY, "case_id"]
     other = [c for c in ev.columns if c not in (*probs, "_sbin", "seed", *keep)]
@@ -316,7 +327,7 @@ def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
 
 def synthetic_ratio(regime: str) -> float | None:
     """Synthetic share implied by a regime name: real 0, augment:r -> r (synthetic per real), synthetic -> inf."""
-    if regime == "real":
+    if regime == BASELINE_REGIME:
         return 0.0
     if regime == "synthetic":
         return float("inf")
@@ -334,10 +345,10 @@ def plot_utility(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     finite = t.loc[np.isfinite(t["x"].astype(float)), "x"].astype(float)
     inf_x = (finite.max() if len(finite) else 0) + 1.0
     t["xp"] = t["x"].astype(float).replace(np.inf, inf_x)
-    base = t[t["generator"] == "none"]
+    base = t[t["generator"] == BASELINE]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for j, (gen, g) in enumerate(t[t["generator"] != "none"].groupby("generator", sort=True)):
+    for j, (gen, g) in enumerate(t[t["generator"] != BASELINE].groupby("generator", sort=True)):
         g = pd.concat([base, g]).sort_values("xp")
         fin = np.isfinite(g["x"].astype(float)).to_numpy()
         for part, style in (
@@ -358,7 +369,7 @@ def plot_utility(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
                     color=f"C{j % 10}",
                     label=gen if style == "-" or not fin.any() else None,
                 )
-    if (t["generator"] != "none").sum() == 0:
+    if (t["generator"] != BASELINE).sum() == 0:
         ax.errorbar(
             base["xp"],
             base["value"],
@@ -436,7 +447,7 @@ def build_report(
         rows = []
         for r in summary.get("runs", []):
 
-            def e(name: str, r=r) -> str:
+            def e(name: str, r=r, digits: int = 3) -> str:
                 x = r.get(name)
                 if not x:
                     return "—"
@@ -447,6 +458,7 @@ def build_report(
                     x.get("n_cases"),
                     x.get("n_patients"),
                     x.get("status", "ok"),
+                    digits,
                 )
 
             rows.append(
@@ -463,7 +475,7 @@ def build_report(
                         else ""
                     ),
                     "largest gap": e("largest_subgroup_gap"),
-                    f"ECE {split}": e("ece"),
+                    **{f"{m.display} {split}": e(m.name, digits=m.digits) for m in reported("headline")},
                     "diff vs real": e("diff_vs_real")
                     + (
                         f" p(Holm)={_fmt_p(r['diff_vs_real']['p_boot_holm'])}"
@@ -477,7 +489,7 @@ def build_report(
         rep.p(
             f"Worst subgroup and largest gap use `{summary.get('auroc_metric', primary)}` over the task's subgroup "
             f"columns on the {split} split; diff vs real and ratio to real use `{primary}` on the {split} split "
-            f"against the real-only baseline (generator `none`, regime `real`) on the same cases."
+            f"against the real-only baseline (generator `{BASELINE}`, regime `{BASELINE_REGIME}`) on the same cases."
         )
         if comparisons is not None and len(comparisons):
             rep.h("Comparisons with the real-only baseline")
@@ -533,8 +545,7 @@ def build_report(
         "fnr_gap",
         f"{primary}_worst",
         f"{primary}_gap",
-        "sensitivity_worst",
-        "ece_worst",
+        *(f"{m.name}_worst" for m in reported("report_worst")),
     ]
     f = table[table["metric"].isin(fair_metrics) & table["scope"].isin(["subgroup", "intersection", "site"])]
     rep.table(_tidy_view(f))
@@ -556,7 +567,7 @@ def build_report(
     if prepared is not None:
         cases = _case_level(prepared, task.classes)
         rep.h("Figures")
-        for sp in EVAL_SPLITS:
+        for sp in SCORED_SPLITS:
             if sp == "external" or (cases["split"] == sp).any():
                 rep.figure(
                     f"ROC by site, {sp} (binary view, seed-averaged scores)",
