@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import BadInput
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -59,8 +61,14 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             if not overwrite:
                 raise FileExistsError(path)
             old = path.with_name(f".{path.name}.old")
+            if old.exists():  # left by an earlier swap that was killed between its two renames
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the old folder goes back: a failed write never loses it
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -93,8 +101,26 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+class UnreadableJSON(BadInput, ValueError):
+    """A JSON file that is not UTF-8 or not valid JSON: exit 2 naming the file; also a ValueError, which is what
+    callers that collect problems catch."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file. Bad bytes or bad JSON raise an exit-2 error naming the file and the place; a missing or
+    unreadable file raises the OSError as it is (callers decide whether that is the user's fault)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableJSON(
+            f"{path}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableJSON(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
 def write_table(path: str | Path, df: pd.DataFrame) -> Path:
@@ -111,8 +137,6 @@ def write_table(path: str | Path, df: pd.DataFrame) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    from bench.errors import BadInput
-
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: file not found")
