@@ -13,6 +13,10 @@ Intensity rules (what becomes [0, 1] before quantizing to uint8):
   task's kind, because a generator or a scanner already windowed them; only `minmax` restretches them.
 - NPZ: the array under key `image` (or the file's only array). `units="HU"` in the file, or an int16 array, means
   Hounsfield units (handled like DICOM); a float array within [0, 1] is used as is; other floats are stretched.
+- One image inside an NPZ stack (MedMNIST and similar releases keep every image of a split in one array): the path
+  `FILE.npz#NAME/INDEX` names image INDEX of array `NAME_images` (or of array `NAME` itself). The stack is read
+  once per process and kept (the last few stacks, keyed by file, size and mtime); each image is then a slice,
+  handled like a single NPZ array.
 
 Images are resized to S x S with an antialiased bilinear filter (aspect ratio is not kept) and quantized to uint8.
 
@@ -32,8 +36,10 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +80,73 @@ _DECODER_HINTS = {
 
 class Unreadable(Exception):
     """Why one image cannot be used (a short reason without the path; callers add it)."""
+
+
+MEMBER_SEP = "#"
+_STACKS_KEPT = 2  # whole NPZ arrays kept in memory; MedMNIST+ 224 px stacks are about 1 GB each
+_stacks: OrderedDict[tuple[str, str, int, int], np.ndarray] = OrderedDict()
+_stacks_lock = threading.Lock()
+
+
+def npz_member(path: str | Path) -> tuple[Path, str, int] | None:
+    """(npz file, array name, index) if `path` names one image inside an NPZ stack (`FILE.npz#NAME/INDEX`), else
+    None. A file that really exists under that name is a file, not a member."""
+    s = str(path)
+    if MEMBER_SEP not in s:
+        return None
+    head, _, tail = s.rpartition(MEMBER_SEP)
+    name, sep, idx = tail.partition("/")
+    if not head.lower().endswith(".npz") or not sep or not name or not idx.isdigit():
+        return None
+    if Path(s).exists():
+        return None
+    return Path(head), name, int(idx)
+
+
+def member_path(npz: str | Path, name: str, index: int) -> str:
+    """The image path of image `index` of array `<name>_images` (or `name`) in `npz`."""
+    return f"{npz}{MEMBER_SEP}{name}/{int(index)}"
+
+
+def _stack(file: Path, name: str) -> np.ndarray:
+    try:
+        st = file.stat()
+    except OSError as e:
+        raise Unreadable(f"NPZ file {file} not found") from e
+    if not file.is_file():
+        raise Unreadable(f"{file} is not a file")
+    key = (str(file.resolve()), name, st.st_size, st.st_mtime_ns)
+    with _stacks_lock:
+        if key in _stacks:
+            _stacks.move_to_end(key)
+            return _stacks[key]
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            keys = list(z.files)
+            for k in (f"{name}_images", name):
+                if k in keys:
+                    arr = np.asarray(z[k])
+                    break
+            else:
+                raise Unreadable(f"NPZ file {file} holds no array {name + '_images'!r} (arrays: {keys})")
+    except Unreadable:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise Unreadable(f"corrupt NPZ file {file}: {e}") from e
+    with _stacks_lock:
+        _stacks[key] = arr
+        while len(_stacks) > _STACKS_KEPT:
+            _stacks.popitem(last=False)
+    return arr
+
+
+def _read_member(file: Path, name: str, index: int) -> _Raw:
+    arr = _stack(file, name)
+    if arr.ndim < 3:
+        raise Unreadable(f"array {name!r} of {file} has shape {arr.shape}, not a stack of images")
+    if index >= len(arr):
+        raise Unreadable(f"index {index} out of range: array {name!r} of {file} holds {len(arr)} images")
+    return _numpy_raw(arr[index], None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,6 +215,8 @@ class _Raw:
 
 
 def _sniff(path: Path) -> str:
+    if npz_member(path) is not None:
+        return "npz-member"
     if not path.exists():
         raise Unreadable("file not found")
     if not path.is_file():
@@ -167,6 +242,9 @@ def _sniff(path: Path) -> str:
 
 
 def _read_raw(path: Path) -> _Raw:
+    member = npz_member(path)
+    if member is not None:
+        return _read_member(*member)
     kind = _sniff(path)
     if kind == "dicom":
         return _read_dicom(path)
@@ -300,6 +378,10 @@ def _read_numpy(path: Path, kind: str) -> _Raw:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise Unreadable(f"corrupt NPZ/NPY file: {e}") from e
+    return _numpy_raw(arr, units)
+
+
+def _numpy_raw(arr: np.ndarray, units: str | None) -> _Raw:
     arr = np.asarray(arr)
     if arr.dtype == bool or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
@@ -520,8 +602,9 @@ def cache_key(manifest: Any, spec: PreprocessSpec) -> str:
     h = hashlib.sha256()
     h.update(f"medsynbench-image-cache\n{FORMAT_VERSION}\n{manifest.sha256}\n{spec.key()}\n".encode())
     for p in manifest.image_paths():
+        member = npz_member(p)
         try:
-            st = p.stat()
+            st = (member[0] if member else p).stat()
             h.update(f"{p}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\x1fmissing\n".encode())
@@ -642,7 +725,9 @@ def build_cache(
                 _store(arr, ok, reasons, i, img, why)
                 advance(1)
             per_image = (time.perf_counter() - t0) / max(len(probe), 1)
-            if rest and nworkers > 1 and per_image * len(rest) > _PARALLEL_MIN_S:
+            # Images inside NPZ stacks are slices of one array read once: workers would each read it again.
+            members = any(MEMBER_SEP in p and npz_member(p) is not None for p in paths)
+            if rest and nworkers > 1 and not members and per_image * len(rest) > _PARALLEL_MIN_S:
                 chunks = [rest[k : k + _CHUNK] for k in range(0, len(rest), _CHUNK)]
                 # spawn, not fork: forking a process that runs threads (torch, a progress bar) can deadlock.
                 ctx = multiprocessing.get_context("spawn")

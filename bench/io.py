@@ -7,6 +7,7 @@ a later step (or a resumed run) would trust it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import BadInput
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -27,11 +30,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _make_parent(path: Path) -> None:
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        # mkdir would say "File exists", which hides what is wrong.
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(parent))
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -47,7 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; it becomes `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -55,8 +66,14 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             if not overwrite:
                 raise FileExistsError(path)
             old = path.with_name(f".{path.name}.old")
+            if old.exists():  # left by an earlier swap that was killed between its two renames
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the old folder goes back: a failed write never loses it
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -89,8 +106,26 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+class UnreadableJSON(BadInput, ValueError):
+    """A JSON file that is not UTF-8 or not valid JSON: exit 2 naming the file; also a ValueError, which is what
+    callers that collect problems catch."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file. Bad bytes or bad JSON raise an exit-2 error naming the file and the place; a missing or
+    unreadable file raises the OSError as it is (callers decide whether that is the user's fault)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableJSON(
+            f"{path}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableJSON(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
 def write_table(path: str | Path, df: pd.DataFrame) -> Path:
@@ -107,8 +142,6 @@ def write_table(path: str | Path, df: pd.DataFrame) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    from bench.errors import BadInput
-
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: file not found")

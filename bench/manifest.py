@@ -105,6 +105,8 @@ def validate_manifest(
     missing = [c for c in REQUIRED if c not in df.columns]
     for c in missing:
         problems.append(f"column {c!r}: required column is missing")
+    if df.empty:
+        problems.append("the manifest has no rows (a header alone is not a dataset)")
     present = [c for c in REQUIRED if c in df.columns]
     for c in present:
         bad = df.index[df[c].isna() | (df[c].astype(str).str.strip() == "")]

@@ -1,4 +1,8 @@
-"""Patient-level splitting of the training sites; external sites are always `external`."""
+"""Patient-level splitting of the training sites; external sites are always `external`.
+
+Splits are drawn (seeded, stratified) unless the task's `splits.from_column` names a source column holding a
+release's own split: then that is used as given, still checked for a unit in two splits.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,20 @@ import math
 import numpy as np
 import pandas as pd
 
+from bench.errors import BadInput
 from bench.tasks import Task
+
+# Spellings of the three training splits found in public releases (CheXpert writes `valid`).
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def assign_splits(df: pd.DataFrame, task: Task) -> pd.DataFrame:
@@ -19,6 +36,8 @@ def assign_splits(df: pd.DataFrame, task: Task) -> pd.DataFrame:
     """
     spec = task.splits
     unit = spec.unit if spec.unit in df.columns else "patient_id"
+    if spec.from_column:
+        return _predefined(df, unit, task)
     out = df.copy()
     ext = out["site"].isin(task.sites.external)
     out["split"] = np.where(ext, "external", "train")
@@ -61,3 +80,46 @@ def assign_splits(df: pd.DataFrame, task: Task) -> pd.DataFrame:
         allot(global_pool)
     out.loc[~ext, "split"] = inner[unit].astype(str).map(assignment).to_numpy()
     return out
+
+
+def _predefined(df: pd.DataFrame, unit: str, task: Task) -> pd.DataFrame:
+    col = task.splits.from_column
+    where = f"task {task.name!r} ({task.path or 'task.yaml'}), field 'splits.from_column'"
+    if col not in df.columns:
+        raise BadInput(
+            f"{where}: the source gives no column {col!r} to take the splits from (columns: {list(df.columns)})"
+        )
+    out = df.copy()
+    ext = out["site"].isin(task.sites.external)
+    raw = out[col].map(lambda v: str(v).strip().lower() if isinstance(v, str) or pd.notna(v) else "")
+    given = raw.map(SPLIT_ALIASES)
+    inner = ~ext
+    bad = out.index[inner & given.isna()]
+    if len(bad):
+        vals = sorted(set(out.loc[bad, col].astype(str)))
+        raise BadInput(
+            f"{where}: column {col!r} holds {vals[:10]} on {len(bad)} training-site row(s); expected train, val "
+            f"or test (cases {_cases(out, bad)})"
+        )
+    out["split"] = np.where(ext, "external", given.fillna("external"))
+    sub = out.loc[inner]
+    nsplit = sub.groupby(unit)["split"].nunique()
+    leaks = [
+        f"{unit} {uid!r} is in splits {sorted(set(sub.loc[sub[unit] == uid, 'split']))} "
+        f"(cases {_cases(sub, sub.index[sub[unit] == uid])}): leakage"
+        for uid in nsplit[nsplit > 1].index
+    ]
+    if leaks:
+        raise BadInput(f"{where}: the predefined splits put a unit in several splits", leaks)
+    missing = [s for s in ("train", "val", "test") if not (sub["split"] == s).any()]
+    if missing:
+        raise BadInput(
+            f"{where}: column {col!r} gives no training-site row to split(s) {missing}; the protocol needs "
+            "train, val (thresholds) and test"
+        )
+    return out
+
+
+def _cases(df: pd.DataFrame, idx, limit: int = 10) -> str:
+    ids = [str(v) for v in df.loc[idx, "case_id"]] if "case_id" in df.columns else [str(i) for i in idx]
+    return ", ".join(ids[:limit]) + (f", ... ({len(ids)} cases)" if len(ids) > limit else "")

@@ -89,6 +89,11 @@ class Splits(_Strict):
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     seed: int = 0
+    from_column: str | None = Field(
+        None,
+        description="take each training-site row's split (train/val/test) from this column of the source, e.g. "
+        "a release's official split; fractions and seed are then unused. External sites stay external.",
+    )
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> Splits:

@@ -185,3 +185,42 @@ def test_existing_output_is_not_overwritten(tiny_task_path, user_set, capsys):
     assert run(tiny_task_path, user_set) == 2
     assert "already exists" in capsys.readouterr().err
     assert user_set["out"].read_bytes() == before
+
+
+def test_card_trained_on_an_external_site_or_other_split_is_refused(tiny_task_path, user_set, capsys):
+    user_set["card"].write_text(
+        yaml.safe_dump(dict(CARD, training=dict(CARD["training"], sites=["s1", "x1"])))
+    )
+    assert run(tiny_task_path, user_set) == 2
+    err = capsys.readouterr().err
+    assert str(user_set["card"]) in err and "field 'training.sites'" in err and "['x1']" in err
+    assert _no_output(user_set)
+    user_set["card"].write_text(
+        yaml.safe_dump(dict(CARD, training=dict(CARD["training"], splits=["train", "test"])))
+    )
+    assert run(tiny_task_path, user_set) == 2
+    assert "field 'training.splits': ['test']" in capsys.readouterr().err and _no_output(user_set)
+
+
+def test_image_outside_root_is_refused(tmp_path, tiny_task_path, user_set, capsys):
+    # A real patient's image elsewhere on disk must not become a "synthetic" one.
+    elsewhere = tmp_path / "hospital" / "patient.png"
+    elsewhere.parent.mkdir()
+    Image.fromarray(np.zeros((24, 24), dtype=np.uint8)).save(elsewhere)
+    df = pd.read_csv(user_set["labels"])
+    df.loc[3, "image"] = str(elsewhere)
+    df.loc[6, "image"] = "../hospital/patient.png"
+    df.loc[8, "image"] = str(user_set["root"] / df.loc[8, "image"])  # absolute but under --root: fine
+    df.to_csv(user_set["labels"], index=False)
+    assert run(tiny_task_path, user_set) == 2
+    err = capsys.readouterr().err
+    assert f"row 5: image {str(elsewhere)!r} is outside --root" in err
+    assert "row 8: image '../hospital/patient.png' is outside --root" in err
+    assert "row 10" not in err and _no_output(user_set)
+
+
+def test_linked_image_folder_under_root_is_accepted(tmp_path, tiny_task_path, user_set):
+    real = tmp_path / "store"
+    (user_set["root"] / "imgs").rename(real)
+    (user_set["root"] / "imgs").symlink_to(real, target_is_directory=True)
+    assert run(tiny_task_path, user_set) == 0

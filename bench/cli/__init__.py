@@ -7,6 +7,7 @@ step's command sits next to nothing but its own arguments. Exit codes: 0 success
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -59,6 +60,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the user's disk or permissions, not of ours: a read-only or full output folder, a path under a file.
+USER_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def disk_error_message(e: OSError) -> str | None:
+    """The exit-2 message for an OSError caused by the user's files or disk (naming the path), else None."""
+    why = USER_ERRNOS.get(e.errno or -1)
+    if why is None:
+        return None
+    where = e.filename if e.filename is not None else "a file"
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = (
+            "; free some space or choose another output folder (files already written are left as they were)"
+        )
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a folder you can write to (files already written are left as they were)"
+    return f"{where}: {why}{hint}"
+
+
 def _help(p: argparse.ArgumentParser) -> int:
     p.print_help()
     return 2
@@ -81,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        message = disk_error_message(e)
+        if message is None:
+            traceback.print_exc()
+            print("internal error (exit 1): please report it with the traceback above", file=sys.stderr)
+            return 1
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except Exception:  # noqa: BLE001 - a fault of ours: show everything
         traceback.print_exc()
         print("internal error (exit 1): please report it with the traceback above", file=sys.stderr)

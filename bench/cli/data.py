@@ -61,7 +61,9 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     root = args.root or default_root(task)
     df = build_manifest(task, root, parse_options(args.option))
-    out = args.out or Path(root) / "manifest.parquet"
+    # A root may be a single data file (a MedMNIST .npz): the default manifest then goes beside it.
+    base = Path(root).parent if Path(root).is_file() else Path(root)
+    out = args.out or base / "manifest.parquet"
     m = Manifest(df, "/")
     problems = validate_manifest(m, task, check_images=False)
     if problems:

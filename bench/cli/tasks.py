@@ -32,7 +32,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             t.modality,
             ", ".join(t.classes),
             ", ".join(t.sites.train),
-            ", ".join(t.sites.external),
+            ", ".join(t.sites.external) or "none",
         )
     console.print(table)
     return 0

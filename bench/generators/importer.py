@@ -10,6 +10,7 @@ need not match the task's size: images are resized when they are read into the c
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -111,17 +112,41 @@ def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
         for cid, idx in df.groupby(ids).groups.items():
             if len(idx) > 1:
                 problems.append(f"rows {[_csv_row(i) for i in idx][:10]}: duplicate case_id {cid!r}")
+    inside = Path(os.path.abspath(root))
     for i, rel in df["image"].items():
         if pd.isna(rel):
             continue
         p = Path(str(rel))
         p = p if p.is_absolute() else root / p
-        if not p.is_file():
+        # Lexically, not through symlinks: a linked-in image folder is fine, `..` or an absolute path elsewhere is
+        # not (a real patient's image must not become a "synthetic" one by a wrong path).
+        if not Path(os.path.abspath(p)).is_relative_to(inside):
+            problems.append(
+                f"row {_csv_row(i)}: image {str(rel)!r} is outside --root {root}; synthetic images must lie under it"
+            )
+        elif not p.is_file():
             problems.append(f"row {_csv_row(i)}: image {str(rel)!r} not found under {root}")
     if problems:
         raise BadInput(f"{path}: {len(problems)} problem(s) in the labels CSV", problems)
     df["label"] = lab
     return df
+
+
+def training_problems(card: GeneratorCard, task: Task) -> list[str]:
+    """What in a card's training data the run would refuse: external sites, or splits other than train."""
+    problems = []
+    ext = sorted(set(card.training.sites) & set(task.sites.external))
+    if ext:
+        problems.append(
+            f"field 'training.sites': {ext} are the task's external site(s); a generator trained on them makes the "
+            "external evaluation meaningless (external sites must stay unseen)"
+        )
+    bad = sorted(set(card.training.splits) - {"train"})
+    if bad:
+        problems.append(
+            f"field 'training.splits': {bad}; a generator may be trained on the 'train' split only"
+        )
+    return problems
 
 
 def _csv_row(i: int) -> int:
@@ -146,6 +171,11 @@ def import_synthetic(
             f"--card {card}: generator card not found; a synthetic set is only auditable with its card"
         )
     c = read_card(card)
+    card_problems = training_problems(c, task)
+    if card_problems:
+        raise BadInput(
+            f"--card {card}: the generator card cannot be used with task {task.name!r}", card_problems
+        )
     if not root.is_dir():
         raise BadInput(f"--root {root}: not a folder")
     if out.suffix not in (".parquet", ".csv"):

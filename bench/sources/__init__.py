@@ -22,7 +22,12 @@ from bench.tasks import Task
 SourceFn = Callable[[Task, Path, dict[str, Any]], pd.DataFrame]
 SOURCES: dict[str, SourceFn] = {}
 # Modules that register sources on import; a missing one simply offers nothing.
-_SOURCE_MODULES = ["bench.sources.dicom", "bench.sources.ham10000", "bench.sources.folder"]
+_SOURCE_MODULES = [
+    "bench.sources.dicom",
+    "bench.sources.ham10000",
+    "bench.sources.folder",
+    "bench.sources.medmnist",
+]
 
 
 def register_source(name: str) -> Callable[[SourceFn], SourceFn]:

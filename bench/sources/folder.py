@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from bench.errors import BadInput
+from bench.schema import read_yaml_mapping
 from bench.sources import pseudonym, register_source
 from bench.tasks import Task
 
@@ -68,7 +68,9 @@ def folder_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFra
             problems.append(f"columns.{field}: CSV column {col!r} not found (columns: {list(table.columns)})")
         else:
             source_of[field] = col
-    for field in FIELDS + list(task.subgroups.columns):
+    # The task's predefined-split column (splits.from_column) travels like a subgroup column.
+    carried = [task.splits.from_column] if task.splits.from_column else []
+    for field in FIELDS + list(task.subgroups.columns) + carried:
         if field not in columns and field in table.columns:
             source_of[field] = field
     for field in ("image", "label"):
@@ -184,14 +186,7 @@ def _merged_options(root: Path, options: dict[str, Any]) -> dict[str, Any]:
         path = _resolve(root, options["mapping"])
         if not path.is_file():
             raise BadInput(f"{path}: mapping file (option mapping) not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise BadInput(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise BadInput(
-                f"{path}: a mapping file must be a YAML mapping of options, got {type(raw).__name__}"
-            )
+        raw = read_yaml_mapping(path, "mapping file")
         bad = sorted(set(raw) - (OPTIONS - {"mapping", "root"}))
         if bad:
             raise BadInput(f"{path}: unknown key(s) {bad} (known: {sorted(OPTIONS - {'mapping', 'root'})})")

@@ -10,6 +10,13 @@ Options:
                  else the one metadata file found below it
   images         folder to search for images (relative to the root or absolute); default: the root
   allow_missing  drop rows whose image is missing (each is listed in a warning) instead of failing; default false
+  cross_site_lesions
+                 what to do with a lesion recorded at a training site *and* an external site (a leak between training
+                 and external data): `error` (default) stops and names them; `drop` removes every image of such a
+                 lesion; `train` keeps only its training-site images; `external` keeps only its external-site images
+
+A lesion recorded at two training sites (the official release has nine, at `vidir_modern` and `vidir_molemax`) or at
+two external sites is no leak: it is kept, whole, in one split, and a warning names it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ METADATA_NAME = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ["lesion_id", "image_id", "dx", "dataset"]
 OPTIONAL_COLUMNS = ["dx_type", "age", "sex", "localization"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-OPTIONS = {"metadata", "images", "allow_missing", "root"}
+OPTIONS = {"metadata", "images", "allow_missing", "cross_site_lesions", "root"}
+CROSS_SITE_MODES = ("error", "drop", "train", "external")
 
 OFFICIAL_METADATA_HINT = (
     "The official metadata (file HAM10000_metadata, with columns lesion_id, image_id, dx, dx_type, age, sex, "
@@ -49,6 +57,7 @@ def ham10000_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataF
     root = Path(root)
     meta_path = _find_metadata(root, options.get("metadata"))
     meta = _read_metadata(meta_path, task)
+    meta = _cross_site_lesions(meta, task, meta_path, options.get("cross_site_lesions", "error"))
 
     search = _resolve(root, options.get("images")) if options.get("images") else root
     if not search.is_dir():
@@ -57,7 +66,7 @@ def ham10000_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataF
     found = meta["image_id"].map(index)
     missing = meta.loc[found.isna(), "image_id"].tolist()
     if missing:
-        lines = [f"line {i + 2}: image {iid!r} not found" for i, iid in _missing_rows(meta, found)]
+        lines = [f"line {ln}: image {iid!r} not found" for ln, iid in _missing_rows(meta, found)]
         if not _as_bool(options.get("allow_missing", False), "allow_missing"):
             head = f"{meta_path}: {len(missing)} of {len(meta)} image(s) in the metadata not found under {search}"
             if len(missing) == len(meta):
@@ -93,8 +102,8 @@ def ham10000_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataF
 
 
 def _missing_rows(meta: pd.DataFrame, found: pd.Series) -> list[tuple[int, str]]:
-    """(0-based data row, image_id) of every row whose image was not found."""
-    return [(int(i), str(meta.at[i, "image_id"])) for i in meta.index[found.isna()]]
+    """(CSV line, image_id) of every row whose image was not found."""
+    return [(int(meta.at[i, "_line"]), str(meta.at[i, "image_id"])) for i in meta.index[found.isna()]]
 
 
 def _resolve(root: Path, p: str | Path) -> Path:
@@ -131,7 +140,8 @@ def _find_metadata(root: Path, option: str | None) -> Path:
 
 def _read_metadata(path: Path, task: Task) -> pd.DataFrame:
     try:
-        first = path.open(encoding="utf-8").readline()
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
         sep = "\t" if "\t" in first and "," not in first else ","
         meta = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
@@ -148,6 +158,8 @@ def _read_metadata(path: Path, task: Task) -> pd.DataFrame:
         raise BadInput(
             f"{path}: required column(s) {missing} missing (found: {list(meta.columns)}). {OFFICIAL_METADATA_HINT}"
         )
+    if meta.empty:
+        raise BadInput(f"{path}: the metadata table has a header but no rows")
     for c in OPTIONAL_COLUMNS:
         if c not in meta.columns:
             log.warning("%s: column %r missing; every row gets an unknown %s", path, c, c)
@@ -180,14 +192,69 @@ def _read_metadata(path: Path, task: Task) -> pd.DataFrame:
     if len(bad):
         problems.append(f"column 'age': not a number on {_lines(bad)}")
     meta["age"] = age
-    # The lesion is the splitting unit: one lesion at two sites would leak between training and external data.
-    nsite = meta.dropna(subset=["lesion_id", "dataset"]).groupby("lesion_id")["dataset"].nunique()
-    for lid in nsite[nsite > 1].index:
-        idx = meta.index[meta["lesion_id"] == lid]
-        problems.append(f"lesion {lid!r} is recorded at several sites ({_lines(idx)})")
     if problems:
         raise BadInput(f"{path}: {len(problems)} problem(s) in the metadata", problems)
+    meta["_line"] = meta.index + 2
     return meta.reset_index(drop=True)
+
+
+def _cross_site_lesions(meta: pd.DataFrame, task: Task, path: Path, mode: Any) -> pd.DataFrame:
+    """Apply the lesion-site rule: the lesion is the splitting unit, so a lesion seen at a training and an
+    external site would put the same lesion in training and in the external test; within one side it is harmless."""
+    if mode not in CROSS_SITE_MODES:
+        raise BadInput(
+            f"source option 'cross_site_lesions': expected one of {list(CROSS_SITE_MODES)}, got {mode!r}"
+        )
+    train, external = set(task.sites.train), set(task.sites.external)
+    sites = meta.groupby("lesion_id")["dataset"].agg(lambda s: sorted(set(s)))
+    multi = sites[sites.map(len) > 1]
+    if multi.empty:
+        return meta
+    leaks = multi[multi.map(lambda ss: bool(set(ss) & train) and bool(set(ss) & external))]
+    harmless = multi.drop(leaks.index)
+    if len(harmless):
+        log.warning(
+            "%s: %d lesion(s) recorded at two sites on the same side (kept, each whole in one split):\n%s",
+            path,
+            len(harmless),
+            "\n".join(
+                f"  - {lid}: {', '.join(ss)} ({_lesion_lines(meta, lid)})" for lid, ss in harmless.items()
+            ),
+        )
+    if leaks.empty:
+        return meta
+    described = [
+        f"lesion {lid!r} is recorded at training and external sites {ss} ({_lesion_lines(meta, lid)})"
+        for lid, ss in leaks.items()
+    ]
+    if mode == "error":
+        raise BadInput(
+            f"{path}: {len(leaks)} lesion(s) recorded at several sites, at a training and an external site: its "
+            "images would be in training and in the external test. Pass --option cross_site_lesions=drop (remove "
+            "such lesions), =train (keep their training-site images) or =external (keep their external-site images)",
+            described,
+        )
+    in_leak = meta["lesion_id"].isin(leaks.index)
+    if mode == "drop":
+        remove = in_leak
+    elif mode == "train":
+        remove = in_leak & meta["dataset"].isin(external)
+    else:
+        remove = in_leak & meta["dataset"].isin(train)
+    log.warning(
+        "%s: cross_site_lesions=%s: %d image(s) of %d lesion(s) at training and external sites removed:\n%s",
+        path,
+        mode,
+        int(remove.sum()),
+        len(leaks),
+        "\n".join(f"  - {d}" for d in described),
+    )
+    return meta.loc[~remove].reset_index(drop=True)
+
+
+def _lesion_lines(meta: pd.DataFrame, lesion_id: str) -> str:
+    lines = [int(x) for x in meta.loc[meta["lesion_id"] == lesion_id, "_line"]]
+    return ("line " if len(lines) == 1 else "lines ") + ", ".join(map(str, lines))
 
 
 def _index_images(search: Path, wanted: set[str]) -> dict[str, str]:
