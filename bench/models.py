@@ -13,26 +13,35 @@ import torch
 from torch import nn
 
 from bench.errors import BadInput
+from bench.registry import Registry
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    family: str  # "timm" | "monai"
+    family: str  # "timm" | "monai" | "plug-in"
     description: str
 
 
-_REGISTRY: dict[str, tuple[ModelInfo, Callable[[int, int], nn.Module]]] = {}
+Builder = Callable[[int, int], nn.Module]
 
 
-def register_model(name: str, family: str, description: str = ""):
+def _as_builder(name: str, obj: object) -> Builder:
+    if not callable(obj):
+        raise TypeError(
+            f"backbone {name!r} must be a callable (num_classes, in_chans) -> nn.Module, got {obj!r}"
+        )
+    return obj  # type: ignore[return-value]
+
+
+# Third-party packages add backbones through the `medsynbench.backbones` entry-point group: a builder
+# `(num_classes, in_chans) -> nn.Module`, or a module that calls `register_model` on import.
+BACKBONES: Registry[Builder] = Registry("backbone", group="medsynbench.backbones", coerce=_as_builder)
+
+
+def register_model(name: str, family: str, description: str = "") -> Callable[[Builder], Builder]:
     """Decorator: `builder(num_classes, in_chans) -> nn.Module` becomes available as `name`."""
-
-    def deco(fn: Callable[[int, int], nn.Module]) -> Callable[[int, int], nn.Module]:
-        _REGISTRY[name] = (ModelInfo(name, family, description), fn)
-        return fn
-
-    return deco
+    return BACKBONES.register(name, family=family, description=description)
 
 
 def _timm(name: str, description: str) -> None:
@@ -59,27 +68,22 @@ def _densenet121(num_classes: int, in_chans: int) -> nn.Module:
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def model_info(name: str) -> ModelInfo:
-    _check(name)
-    return _REGISTRY[name][0]
-
-
-def _check(name: str) -> None:
-    if name not in _REGISTRY:
-        raise BadInput(f"backbone {name!r}: unknown model (known: {', '.join(list_models())})")
+    meta = BACKBONES.meta(name)
+    return ModelInfo(name, meta.get("family", "plug-in"), meta.get("description", ""))
 
 
 def create_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
     """A freshly initialised classifier; `name` from `list_models()`."""
-    _check(name)
+    build = BACKBONES.get(name)
     if num_classes < 2:
         raise BadInput(f"backbone {name!r}: num_classes must be at least 2, got {num_classes}")
     if in_chans not in (1, 3):
         raise BadInput(f"backbone {name!r}: in_chans must be 1 or 3, got {in_chans}")
-    model = _REGISTRY[name][1](num_classes, in_chans)
+    model = build(num_classes, in_chans)
     # Remember how the model was made so a checkpoint can rebuild it.
     model.bench_spec = {"name": name, "num_classes": int(num_classes), "in_chans": int(in_chans)}
     return model

@@ -6,6 +6,7 @@ Every file a user writes (task, preset, protocol, generator card, leaderboard.ya
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,21 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
         raise BadInput(f"{p}: not valid YAML: {e}") from None
     if raw is None:
         return {}
+    if not isinstance(raw, dict):
+        raise BadInput(f"{p}: a {what} must be a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
+    """`read_yaml_mapping`, except that a `.json` file is read as JSON (YAML 1.1 would take `1e-05` for a string)."""
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        return read_yaml_mapping(p, what)
+    text = read_text_file(p, what)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{p}: not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"{p}: a {what} must be a mapping of fields, got {type(raw).__name__}")
     return raw

@@ -12,19 +12,15 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bench.errors import BadInput
+from bench.schema import Strict, pydantic_problems, read_yaml_mapping, validate_model
 
 TASK_FILE = "task.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Intensity(_Strict):
+class Intensity(Strict):
     """How raw pixel values become [0, 1]. `ct_window` works on Hounsfield units; `minmax` on anything;
     `uint8` divides 8-bit images by 255."""
 
@@ -39,7 +35,7 @@ class Intensity(_Strict):
         return self
 
 
-class ImageSpec(_Strict):
+class ImageSpec(Strict):
     size: int = Field(64, ge=8, le=2048, description="square side in pixels after resizing")
     channels: Literal[1, 3] = 1
     presets: dict[str, int] = Field(default_factory=dict, description="named sizes, e.g. cpu: 64, gpu: 224")
@@ -51,12 +47,12 @@ class ImageSpec(_Strict):
         return self.size
 
 
-class BinaryView(_Strict):
+class BinaryView(Strict):
     name: str
     positive: list[str] = Field(min_length=1)
 
 
-class Labels(_Strict):
+class Labels(Strict):
     classes: list[str] = Field(min_length=2)
     binary_view: BinaryView | None = None
 
@@ -71,7 +67,7 @@ class Labels(_Strict):
         return self
 
 
-class Sites(_Strict):
+class Sites(Strict):
     train: list[str] = Field(min_length=1)
     external: list[str] = Field(default_factory=list)
 
@@ -83,7 +79,7 @@ class Sites(_Strict):
         return self
 
 
-class Splits(_Strict):
+class Splits(Strict):
     unit: str = Field("patient", description="the manifest column that is never split across train/val/test")
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
@@ -102,7 +98,7 @@ class Splits(_Strict):
         return self
 
 
-class Subgroups(_Strict):
+class Subgroups(Strict):
     columns: list[str] = Field(default_factory=lambda: ["sex", "age_group"])
     age_bins: list[float] = Field(default_factory=lambda: [40, 60], description="inner edges, ascending")
     exclude_from_gaps: dict[str, list[str]] = Field(default_factory=lambda: {"sex": ["unknown"]})
@@ -129,7 +125,7 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-class Metrics(_Strict):
+class Metrics(Strict):
     primary: str = "auroc_macro"
     target_specificity: float = Field(0.9, gt=0, lt=1)
     min_patients: int = Field(10, ge=1, description="groups with fewer patients are `insufficient`")
@@ -138,19 +134,19 @@ class Metrics(_Strict):
     ece_bins: int = Field(15, ge=2)
 
 
-class Protocol(_Strict):
+class Protocol(Strict):
     regimes: list[str] = Field(default_factory=lambda: ["real"])
     seeds: list[int] = Field(default_factory=lambda: [0])
     backbone: str = "resnet18"
     ratios: list[float] = Field(default_factory=list, description="synthetic ratios for augment:R sweeps")
 
 
-class Source(_Strict):
-    kind: str = Field(description="registered source name, e.g. dicom, phantom, ham10000, folder")
+class Source(Strict):
+    kind: str = Field(description="registered source name: dicom, ham10000, folder or a plug-in's")
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class Task(_Strict):
+class Task(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: str = Field(pattern=r"^\d+(\.\d+){0,2}$")
     modality: str
@@ -248,32 +244,15 @@ def load_task(ref: str | Path | Task) -> Task:
     if isinstance(ref, Task):
         return ref
     path = resolve_task_path(ref)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: a task file must be a mapping of fields, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "task file")
+    # `version: 1.0` is a float to YAML; the task's identity is the string the author wrote.
     if "version" in raw and not isinstance(raw["version"], str):
         raw["version"] = str(raw["version"])
-    try:
-        task = Task.model_validate(raw)
-    except ValidationError as e:
-        raise BadInput(f"{path}: invalid task", problems=_pydantic_problems(e)) from e
+    task = validate_model(Task, raw, path, "task")
     return task.model_copy(update={"path": path.resolve()})
 
 
-def _pydantic_problems(e: ValidationError) -> list[str]:
-    out = []
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            out.append(f"field {field!r}: unknown key")
-        elif err["type"] == "missing":
-            out.append(f"field {field!r}: required field is missing")
-        else:
-            out.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
-    return out
+# bench/matrix.py still imports the old private name.
 
 
 def list_tasks() -> list[Task]:

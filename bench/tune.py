@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from bench.errors import BadInput
+from bench.schema import Strict
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,7 @@ TUNABLE = ("lr", "weight_decay", "aug_strength")
 FINISHED_STATES = ("COMPLETE", "PRUNED")
 
 
-class SearchRange(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SearchRange(Strict):
     low: float
     high: float
     log: bool = False
@@ -47,10 +47,9 @@ def default_search_space() -> dict[str, SearchRange]:
     }
 
 
-class TuneSpec(BaseModel):
+class TuneSpec(Strict):
     """The `tune:` block of a protocol YAML."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     trials: int = Field(0, ge=0, description="finished trials per (generator, regime); 0 = no tuning")
     seed: int = Field(0, description="sampler seed and the training seed of every trial")
     search_space: dict[str, SearchRange] = Field(default_factory=default_search_space)

@@ -6,7 +6,12 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser("demo", help="the whole benchmark end to end on the built-in phantom task")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out; an earlier demo there is replaced)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        help="output folder (default: demo-out; an earlier demo there is replaced)",
+    )
     p.add_argument(
         "--preset",
         choices=["smoke", "cpu", "gpu"],

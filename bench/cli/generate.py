@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         ),
     )
     p.add_argument("--task", required=True, help="task name, folder or task.yaml")
-    p.add_argument("--generator", required=True, help="copycat | pca-gmm | ddpm")
+    p.add_argument(
+        "--generator",
+        required=True,
+        help="a registered generator: copycat, pca-gmm, ddpm or a plug-in's name",
+    )
     p.add_argument("--real", required=True, type=Path, help="the real manifest")
     p.add_argument(
         "--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)"

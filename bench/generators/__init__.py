@@ -7,13 +7,13 @@ contract: PNG images + a synthetic manifest + the exact training manifest + a ge
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from bench.errors import BadInput
+from bench.registry import Registry
 
 
 class Generator:
@@ -66,36 +66,36 @@ class Generator:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Generator]] = {}
-_BUILTIN_MODULES = ("copycat", "pca_gmm", "ddpm")
+def _as_generator(name: str, obj: object) -> type[Generator]:
+    if not (isinstance(obj, type) and issubclass(obj, Generator)):
+        raise TypeError(f"generator {name!r} must be a subclass of bench.generators.Generator, got {obj!r}")
+    # The registered name is the one cards and manifests record.
+    obj.name = name
+    return obj
+
+
+# Built-ins are imported on first use; third-party generators come through the `medsynbench.generators`
+# entry-point group (a Generator subclass, or a module that uses `register_generator` on import).
+GENERATORS: Registry[type[Generator]] = Registry(
+    "generator",
+    group="medsynbench.generators",
+    builtins=("bench.generators.copycat", "bench.generators.pca_gmm", "bench.generators.ddpm"),
+    coerce=_as_generator,
+)
 
 
 def register_generator(name: str) -> Callable[[type[Generator]], type[Generator]]:
     """Class decorator: the generator becomes available to `medsynbench generate --generator NAME`."""
-
-    def deco(cls: type[Generator]) -> type[Generator]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"bench.generators.{mod}")
+    return GENERATORS.register(name)
 
 
 def list_generators() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return GENERATORS.names()
 
 
 def get_generator(name: str) -> type[Generator]:
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise BadInput(f"--generator {name!r}: unknown generator (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+    """The generator class registered as `name`; an unknown name is bad input with the closest known names."""
+    return GENERATORS.get(name, what="--generator")
 
 
 def _cuda() -> bool:
@@ -122,6 +122,7 @@ def import_synthetic(*args: Any, **kwargs: Any):
 
 
 __all__ = [
+    "GENERATORS",
     "Generator",
     "register_generator",
     "list_generators",

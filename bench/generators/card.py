@@ -28,15 +28,15 @@ config: {preset: tiny, ...}
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from bench.errors import BadInput
 from bench.io import write_text
+from bench.schema import StrictMutable, read_mapping_file, validate_model
 
 CARD_FILE = "card.yaml"
 SCHEMA_VERSION = 1
@@ -48,16 +48,12 @@ def hash_id(value: Any) -> str:
     return hashlib.sha256(str(value).encode("utf-8")).hexdigest()
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TaskRef(_Strict):
+class TaskRef(StrictMutable):
     name: str
     version: str
 
 
-class ImageInfo(_Strict):
+class ImageInfo(StrictMutable):
     size: int | None = None
     height: int | None = None
     width: int | None = None
@@ -65,7 +61,7 @@ class ImageInfo(_Strict):
     format: str | None = None
 
 
-class Training(_Strict):
+class Training(StrictMutable):
     manifest_sha256: str | None = Field(None, pattern=HEX64)
     manifest: str | None = None
     sites: list[str] = Field(min_length=1)
@@ -75,7 +71,7 @@ class Training(_Strict):
     splits: list[str] = Field(default_factory=lambda: ["train"])
 
 
-class GeneratorCard(_Strict):
+class GeneratorCard(StrictMutable):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -121,30 +117,10 @@ def find_card(manifest: str | Path, card: str | Path | None = None) -> Path:
 def read_card(path: str | Path) -> GeneratorCard:
     """Parse and validate a card; exit-2 errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: generator card not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path}: generator card is not valid {path.suffix[1:].upper() or 'YAML'}: {e}") from e
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: a generator card must be a mapping of fields, got {type(raw).__name__}")
+    raw = read_mapping_file(path, "generator card")
     if "version" in raw and not isinstance(raw["version"], str):
         raw["version"] = str(raw["version"])
-    try:
-        card = GeneratorCard.model_validate(raw)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            if err["type"] == "extra_forbidden":
-                problems.append(f"field {field!r}: unknown key")
-            elif err["type"] == "missing":
-                problems.append(f"field {field!r}: required field is missing")
-            else:
-                problems.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
-        raise BadInput(f"{path}: invalid generator card", problems) from e
+    card = validate_model(GeneratorCard, raw, path, "generator card")
     bad = [i for i, p in enumerate(card.training.patients) if not _is_hex64(p)]
     if bad:
         raise BadInput(

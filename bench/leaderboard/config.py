@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from bench.errors import BadInput
+from bench.schema import Strict, read_yaml_mapping, validate_model
 
 CONFIG_FILE = "leaderboard.yaml"
 DEFAULT_MAX_ARCHIVE_BYTES = 2 * 1024**3
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskPin(_Strict):
+class TaskPin(Strict):
     name: str
     version: str
     spec_sha256: str | None = Field(
@@ -30,29 +26,29 @@ class TaskPin(_Strict):
     )
 
 
-class ProtocolPin(_Strict):
+class ProtocolPin(Strict):
     regimes: list[str] | None = Field(None, description="required regimes; null: the task's protocol")
     seeds: list[int] | None = Field(None, description="required seeds; null: the task's protocol")
     backbone: str | None = Field(None, description="required backbone; null: any single backbone")
 
 
-class ManifestPins(_Strict):
+class ManifestPins(Strict):
     real: str | None = None
 
 
-class Pins(_Strict):
+class Pins(Strict):
     manifests: ManifestPins = ManifestPins()
     eval_cases_sha256: str | None = Field(
         None, description="SHA-256 of the sorted test + external case ids every run must predict"
     )
 
 
-class Bootstrap(_Strict):
+class Bootstrap(Strict):
     n: int = Field(1000, ge=20)
     seed: int = 0
 
 
-class LeaderboardConfig(_Strict):
+class LeaderboardConfig(Strict):
     schema_version: str = "1.0"
     title: str = ""
     task: TaskPin
@@ -87,18 +83,8 @@ def load_config(board: str | Path) -> LeaderboardConfig:
     path = p / CONFIG_FILE if p.is_dir() else p
     if not path.is_file():
         raise BadInput(f"{path}: leaderboard file not found (a leaderboard folder holds {CONFIG_FILE})")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: must be a mapping of fields")
+    raw = read_yaml_mapping(path, "leaderboard file")
     if isinstance(raw.get("task"), dict) and not isinstance(raw["task"].get("version", ""), str):
         raw["task"]["version"] = str(raw["task"]["version"])
-    try:
-        cfg = LeaderboardConfig.model_validate(raw)
-    except ValidationError as e:
-        from bench.tasks import _pydantic_problems
-
-        raise BadInput(f"{path}: invalid leaderboard file", problems=_pydantic_problems(e)) from e
+    cfg = validate_model(LeaderboardConfig, raw, path, "leaderboard file")
     return cfg.model_copy(update={"path": path.resolve()})

@@ -9,7 +9,6 @@ with `pseudonym` so that no hospital identifier reaches the manifest or anything
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,56 +16,59 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.registry import Registry
 from bench.tasks import Task
 
 SourceFn = Callable[[Task, Path, dict[str, Any]], pd.DataFrame]
-SOURCES: dict[str, SourceFn] = {}
-# Modules that register sources on import; a missing one simply offers nothing.
-_SOURCE_MODULES = [
-    "bench.sources.dicom",
-    "bench.sources.ham10000",
-    "bench.sources.folder",
-    "bench.sources.medmnist",
-]
+# Sources that can supply a data root themselves (e.g. a built-in phantom) when a task names none.
+DefaultRootFn = Callable[[Task], "Path | None"]
+
+
+def _callable(kind: str) -> Callable[[str, Any], Any]:
+    def check(name: str, obj: Any) -> Any:
+        if not callable(obj):
+            raise TypeError(f"{kind} {name!r} must be a function, got {obj!r}")
+        return obj
+
+    return check
+
+
+# Built-ins are imported on first use; third-party sources come through the `medsynbench.sources` entry-point
+# group (a function `(task, root, options) -> DataFrame`, or a module that uses `register_source` on import).
+SOURCES: Registry[SourceFn] = Registry(
+    "source",
+    group="medsynbench.sources",
+    builtins=(
+        "bench.sources.dicom",
+        "bench.sources.ham10000",
+        "bench.sources.folder",
+        "bench.sources.medmnist",
+    ),
+    coerce=_callable("source"),
+)
+# Filled by the source modules themselves, so it is complete once SOURCES is loaded.
+DEFAULT_ROOTS: Registry[DefaultRootFn] = Registry(
+    "default-root provider", coerce=_callable("default-root provider")
+)
 
 
 def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
-    def deco(fn: SourceFn) -> SourceFn:
-        SOURCES[name] = fn
-        return fn
-
-    return deco
-
-
-# Sources that can supply a data root themselves (e.g. a built-in phantom) when a task names none.
-DefaultRootFn = Callable[[Task], "Path | None"]
-DEFAULT_ROOTS: dict[str, DefaultRootFn] = {}
+    """Decorator: `fn(task, root, options) -> DataFrame` becomes the source a task names as `source.kind: NAME`."""
+    return SOURCES.register(name)
 
 
 def register_default_root(name: str) -> Callable[[DefaultRootFn], DefaultRootFn]:
     """Register a provider `(task) -> Path | None` used by `default_root` for source `name`."""
-
-    def deco(fn: DefaultRootFn) -> DefaultRootFn:
-        DEFAULT_ROOTS[name] = fn
-        return fn
-
-    return deco
+    return DEFAULT_ROOTS.register(name)
 
 
-def _load_all() -> None:
-    for mod in _SOURCE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+def list_sources() -> list[str]:
+    return SOURCES.names()
 
 
-def get_source(name: str) -> SourceFn:
-    _load_all()
-    if name not in SOURCES:
-        raise BadInput(f"source {name!r} is not registered (known: {', '.join(sorted(SOURCES)) or 'none'})")
-    return SOURCES[name]
+def get_source(name: str, *, what: str | None = None) -> SourceFn:
+    """The source registered as `name`; an unknown name is bad input with the closest known names."""
+    return SOURCES.get(name, what=what)
 
 
 def pseudonym(value: Any, salt: str) -> str:
@@ -83,7 +85,8 @@ def build_manifest(task: Task, root: str | Path, options: dict[str, Any] | None 
         raise BadInput(f"{root}: data root does not exist")
     opts = dict(task.source.options)
     opts.update(options or {})
-    df = get_source(task.source.kind)(task, root, opts)
+    where = f"{task.path}: field 'source.kind'" if task.path else f"task {task.name!r}: field 'source.kind'"
+    df = get_source(task.source.kind, what=where)(task, root, opts)
     df = df.copy()
     df["origin"] = "real"
     df["generator"] = None
@@ -101,8 +104,8 @@ def default_root(task: Task) -> Path:
     registered default-root provider offers (e.g. the built-in phantom), else a clear error."""
     root = task.source.options.get("root")
     if not root:
-        _load_all()
-        provider = DEFAULT_ROOTS.get(task.source.kind)
+        SOURCES.load()
+        provider = DEFAULT_ROOTS.get(task.source.kind) if task.source.kind in DEFAULT_ROOTS else None
         found = provider(task) if provider else None
         if found is not None:
             return Path(found)
