@@ -252,8 +252,5 @@ def load_task(ref: str | Path | Task) -> Task:
     return task.model_copy(update={"path": path.resolve()})
 
 
-# bench/matrix.py still imports the old private name.
-
-
 def list_tasks() -> list[Task]:
     return [load_task(d / TASK_FILE) for d in task_dirs().values()]

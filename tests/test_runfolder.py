@@ -176,5 +176,3 @@ def test_only_runfolder_spells_the_run_folder_file_names():
         text = path.read_text(encoding="utf-8")
         offenders += [f"{path.relative_to(BENCH.parent)}: {lit}" for lit in LITERALS if lit in text]
     assert offenders == []
-
-
