@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from bench.errors import BadInput
-from bench.schema import Strict, pydantic_problems, read_yaml_mapping, validate_model
+from bench.schema import Strict, read_yaml_mapping, validate_model
 
 TASK_FILE = "task.yaml"
 
