@@ -45,6 +45,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import GeneratorCard, find_card, hash_id, read_card
+from bench.io import atomic_dir, write_json, write_table
 from bench.manifest import Manifest, load_valid_manifest, manifest_hash
 from bench.tasks import Task, load_task
 
@@ -573,7 +574,6 @@ def audit(
 ) -> dict[str, Any]:
     """Run the audit and write OUT/privacy.json, OUT/distances.parquet and OUT/closest_pairs.png (atomically)."""
     from bench.generators.pipeline import load_pixels
-    from bench.io import atomic_dir, write_json, write_table
 
     features = tuple(features)
     unknown = [f for f in features if f not in FEATURES]

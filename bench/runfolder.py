@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bench.errors import BadInput
+from bench.io import read_json
+from bench.schema import pydantic_problems
 
 # The real-only baseline: the generator name of runs that use no synthetic data, and its reference regime.
 BASELINE = "none"
@@ -199,11 +201,6 @@ class RunConfig(_Lenient):
 
 
 def _read_model(path: Path, model: type[BaseModel]) -> Any:
-    from pydantic import ValidationError
-
-    from bench.io import read_json
-    from bench.schema import pydantic_problems
-
     try:
         raw = read_json(path)
     except FileNotFoundError:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import GeneratorCard, read_card, write_card
+from bench.io import read_table
 from bench.manifest import Manifest, validate_manifest, write_manifest
 from bench.tasks import Task, load_task
 
@@ -86,8 +87,6 @@ def check_image_set(paths: list[Path], labels: list[str], channels: int) -> list
 
 
 def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
-    from bench.io import read_table
-
     df = read_table(path)
     missing = [c for c in ("image", "label") if c not in df.columns]
     if missing:
