@@ -8,6 +8,7 @@ the eligibility rules exclude (privacy flag, failed contamination checks) are li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -198,10 +199,9 @@ def verify_records(
             continue
         joined[rid] = j
     if fresh_cache.keys() - cache.keys():
-        try:
+        # A cache that cannot be written only makes the next build slower.
+        with contextlib.suppress(OSError):
             write_json(_cache_file(), {**cache, **fresh_cache})
-        except OSError:
-            pass  # a cache that cannot be written only makes the next build slower
     if problems:
         raise BadInput(
             f"{cfg.folder}: leaderboard not built: {len(problems)} problem(s) with the records (pages unchanged)",
