@@ -24,6 +24,8 @@ SCHEMA_VERSION = "1.0"
 REFERENCE_LABEL = "real-only"
 # Records, predictions and pages are published: readable by everyone, writable by the owner.
 PUBLISHED_MODE = 0o644
+# An absolute path inside longer text: a "/" that does not follow a word character, ":" or "/" (URLs, ratios).
+_EMBEDDED = re.compile(r"(?<![\w.:/~])/(?:[\w.@+-]+/)+[\w.@+-]*")
 _ABSOLUTE = re.compile(r"^(?:/|~[/\\]|[A-Za-z]:[/\\]|\\\\)")
 
 
@@ -158,7 +160,7 @@ def scrub_local_paths(obj: Any, roots: Iterable[Path] = ()) -> Any:
             return re.split(r"[/\\]", v.rstrip("/\\"))[-1] or "<local path>"
         for pre in prefixes:
             v = v.replace(pre, "<local>")
-        return v
+        return _EMBEDDED.sub("<local path>", v)
 
     def fix(v: Any) -> Any:
         if isinstance(v, str):
@@ -185,7 +187,7 @@ def local_paths(obj: Any, where: str = "") -> list[str]:
     """Fields of `obj` that hold an absolute path or a `path` entry (what `scrub_local_paths` removes)."""
     out = []
     if isinstance(obj, str):
-        if _ABSOLUTE.match(obj) or str(Path.home()) in obj:
+        if _ABSOLUTE.match(obj) or _EMBEDDED.search(obj) or str(Path.home()) in obj:
             out.append(f"field {where or '(top level)'!r}: {obj!r}")
     elif isinstance(obj, dict):
         for k, v in obj.items():
