@@ -117,9 +117,10 @@ def load_key(cfg: LeaderboardConfig) -> AnswerKey:
     return AnswerKey.read(key_path(cfg.folder, cfg.answer_key.path), cfg.answer_key.sha256)
 
 
-def load_board_task(cfg: LeaderboardConfig) -> Task:
+def load_board_task(cfg: LeaderboardConfig, check_spec: bool = True) -> Task:
     """The task the leaderboard scores with: its own task.yaml, else the installed task of that name; the name,
-    version and (when pinned) spec hash must match leaderboard.yaml."""
+    version and (with `check_spec`, when pinned) spec hash must match leaderboard.yaml. Building pages does not
+    need the spec check: a task that scores differently makes the re-scored numbers disagree anyway."""
     from bench.leaderboard.submit import task_spec_sha256
 
     task = load_task(cfg.task_file if cfg.task_file.is_file() else cfg.task.name)
@@ -128,7 +129,7 @@ def load_board_task(cfg: LeaderboardConfig) -> Task:
         raise BadInput(
             f"{where}: task {task.name} {task.version} is not the leaderboard's {cfg.task.name} {cfg.task.version}"
         )
-    if cfg.task.spec_sha256 and task_spec_sha256(task) != cfg.task.spec_sha256:
+    if check_spec and cfg.task.spec_sha256 and task_spec_sha256(task) != cfg.task.spec_sha256:
         raise BadInput(f"{where}: the task definition differs from the one {cfg.path} pins (spec_sha256)")
     return task
 
