@@ -123,6 +123,8 @@ def run_demo(
         ["data", "manifest", "--task", TASK, "--root", str(data / "phantom"), "--out", str(real)],
     )
     step("Validate the manifest", ["data", "validate", str(real), "--task", TASK])
+    # The leaderboard scores against its own answer key, never against the labels a submission carries.
+    step("Answer key of the demo leaderboard", ["leaderboard", "key", str(board), "--real", str(real)])
     for g in GENERATORS:
         args = [
             "generate",

@@ -39,8 +39,11 @@ def _make_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    The file keeps mkstemp's owner-only permissions unless `mode` is given (e.g. 0o644 for published pages).
+    """
     path = Path(path)
     _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,6 +51,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if mode is not None:
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -82,14 +87,14 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | Path, obj: Any, mode: int | None = None) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", mode)
 
 
 def _json_default(o: Any) -> Any:
@@ -128,10 +133,10 @@ def read_json(path: str | Path) -> Any:
         raise UnreadableJSON(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
-def write_table(path: str | Path, df: pd.DataFrame) -> Path:
+def write_table(path: str | Path, df: pd.DataFrame, mode: int | None = None) -> Path:
     """Write Parquet or CSV by suffix, atomically."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         elif path.suffix == ".csv":

@@ -1,10 +1,17 @@
 """Regenerate the seeded records of leaderboards/mediastinal-neoplasm with the suite's own commands.
 
-    phantom -> real manifest -> generate copycat / pca-gmm / ddpm -> run (the leaderboard's protocol) ->
-    privacy audit per generator -> submit -> leaderboard build
+    phantom -> real manifest -> answer key -> generate copycat / pca-gmm / ddpm -> run (the leaderboard's
+    protocol) -> privacy audit per generator -> submit -> leaderboard build
 
 Usage:
     python scripts/seed_leaderboard.py [--work DIR] [--preset cpu|gpu|smoke] [--patients N] [--pin] [--replace]
+    python scripts/seed_leaderboard.py --migrate [--board DIR]
+
+The answer key (answer_key.parquet, its sha256 in leaderboard.yaml) is written from the phantom's real manifest
+with `medsynbench leaderboard key`; it holds the evaluation labels and is committed because the phantom is public.
+`--migrate` converts a board seeded before answer keys existed, without re-running anything: the key is taken
+from the real-only reference record's stored predictions (the host's own run), every record's predictions are
+joined to it and re-scored, and a record whose numbers change (beyond the fields older records lack) stops it.
 
 `--replace` removes the current records and predictions first (put back if anything fails), so the folder holds
 exactly the reference generators and the real-only reference afterwards. `--pin` writes the reference run's task
@@ -15,6 +22,7 @@ Every step is a `medsynbench` command; a step that fails stops the script with t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -34,6 +42,7 @@ COMMANDS = [
     ["run"],
     ["privacy"],
     ["submit"],
+    ["leaderboard", "key"],
     ["leaderboard", "build"],
 ]
 
@@ -83,6 +92,58 @@ def pin(board: Path, run: Path) -> None:
     print(f"pinned task spec {spec[:12]}..., real manifest {real[:12]}..., {len(ids)} evaluation cases")
 
 
+def migrate(board: Path) -> None:
+    """Give a board from before answer keys its key, keyed predictions and re-scored, path-free records."""
+    import pandas as pd
+
+    from bench.io import sha256_file, write_json, write_table
+    from bench.leaderboard.build import differences
+    from bench.leaderboard.config import load_board_task, load_config, set_answer_key
+    from bench.leaderboard.key import AnswerKey
+    from bench.leaderboard.record import PUBLISHED_MODE, check_record, read_records, scrub_local_paths
+    from bench.leaderboard.score import score_submission
+    from bench.leaderboard.submit import _stored_predictions
+    from bench.runfolder import SCORED_SPLITS
+
+    cfg = load_config(board)
+    task = load_board_task(cfg, check_spec=False)
+    records = read_records(cfg.records_dir)
+    ref = [r for r in records if r["kind"] == "reference"]
+    if len(ref) != 1:
+        raise SystemExit(
+            f"{board}: --migrate needs exactly one real-only reference record (found {len(ref)})"
+        )
+    df = pd.read_parquet(cfg.folder / ref[0]["predictions"]["file"])
+    ev = df[df["split"].astype(str).isin(SCORED_SPLITS)].drop_duplicates("case_id")
+    key = AnswerKey.from_frame(ev.rename(columns={"y_true": "label"}), list(task.subgroups.columns))
+    set_answer_key(board, key)
+    cfg = load_config(board)
+    primary = cfg.primary_metric or task.metrics.primary
+    for r in records:
+        pred = cfg.folder / r["predictions"]["file"]
+        stored = _stored_predictions(key.join(pd.read_parquet(pred), source=str(pred)), task)
+        metrics, split = score_submission(
+            stored,
+            task,
+            generator=r["generator"]["name"],
+            primary=primary,
+            n_boot=cfg.bootstrap.n,
+            seed=cfg.bootstrap.seed,
+        )
+        metrics = json.loads(json.dumps(metrics))
+        diffs = [d for d in differences(r["metrics"], metrics) if not d.endswith("missing from the record")]
+        if diffs or split != r["evaluation"]["split"]:
+            raise SystemExit(f"record {r['id']}: re-scoring changes its numbers: {diffs[:5]}")
+        write_table(pred, stored, PUBLISHED_MODE)
+        # Local file locations go; their content hash stays unknown (the files may have changed since).
+        new = scrub_local_paths({**r, "metrics": metrics})
+        new["predictions_sha256"] = sha256_file(pred)
+        new["predictions"] = {**r["predictions"], "n_rows": len(stored)}
+        check_record(new, r["id"])
+        write_json(cfg.records_dir / f"{r['id']}.json", new, PUBLISHED_MODE)
+        print(f"migrated record {r['id']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--board", type=Path, default=BOARD)
@@ -94,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true", help="pin the reference run's hashes in leaderboard.yaml")
     ap.add_argument("--replace", action="store_true", help="replace the current records")
     ap.add_argument("--submitter", default="medsynbench reference")
+    ap.add_argument(
+        "--migrate", action="store_true", help="give an older board its answer key (no re-running)"
+    )
     args = ap.parse_args(argv)
+    if args.migrate:
+        migrate(args.board.resolve())
+        sh("leaderboard", "build", str(args.board.resolve()))
+        return 0
 
     missing = missing_commands()
     if missing:
@@ -181,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.pin:
             pin(board, run)
+        sh("leaderboard", "key", str(board), "--real", str(real))
         aside = None
         if args.replace:
             aside = Path(tempfile.mkdtemp(prefix="records-aside-", dir=board))

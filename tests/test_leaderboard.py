@@ -24,7 +24,8 @@ def built(tmp_path_factory):
     run = make_run(
         t / "run", {"good": 2.5, "weak": 0.3}, privacy={"good": {"memorization_rate": 0.4, "flagged": True}}
     )
-    board = make_board(t / "board")
+    # Ranked with its flag shown: this board's eligibility rule keeps flagged generators in the ranking.
+    board = make_board(t / "board", eligibility={"privacy_flagged": "show", "contamination": "exclude"})
     assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
     assert main(["leaderboard", "build", str(board)]) == 0
     return board

@@ -36,10 +36,29 @@ def board_yaml(**over) -> dict:
     return cfg
 
 
-def make_board(path: Path, **over) -> Path:
+def make_board(path: Path, *, key: bool = True, n_per_site: int = 14, **over) -> Path:
+    """A leaderboard folder pinning the tiny task (kept as its task.yaml), with the answer key of `cases()`."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "leaderboard.yaml").write_text(yaml.safe_dump(board_yaml(**over), sort_keys=False))
+    cfg = board_yaml(**over)
+    (path / "leaderboard.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (path / "task.yaml").write_text(yaml.safe_dump(TINY_TASK, sort_keys=False))
+    if key:
+        from bench.leaderboard.config import set_answer_key
+
+        set_answer_key(path, answer_key(cfg["id_salt"], n_per_site))
     return path
+
+
+def answer_key(salt: str, n_per_site: int = 14):
+    """The key of the evaluation cases `make_run` predicts: test and external rows of `cases()`."""
+    from bench.leaderboard.key import AnswerKey, hash_ids
+
+    cs = cases(n_per_site)
+    ev = cs[cs["split"].isin(["test", "external"])].rename(columns={"y_true": "label"})
+    ev = ev.assign(
+        case_id=hash_ids(ev["case_id"], salt), patient_id=hash_ids(ev["patient_id"], salt), part="public"
+    )
+    return AnswerKey.from_frame(ev, TINY_TASK["subgroups"]["columns"])
 
 
 def cases(n_per_site: int = 14, seed: int = 0) -> pd.DataFrame:

@@ -10,6 +10,24 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("board", type=Path, help="leaderboard folder (holds leaderboard.yaml and records/)")
     p.set_defaults(func=cmd_build)
 
+    p = lb.add_parser(
+        "key",
+        help="write the leaderboard's answer key from the real manifest",
+        description="The answer key holds the label, site, split and subgroups of every test and external case "
+        "(ids salted with the leaderboard's id_salt); scoring reads them there, never from a submission. The key "
+        "holds evaluation labels: keep it where only the host can read it unless the data are public.",
+    )
+    p.add_argument("board", type=Path, help="leaderboard folder (holds leaderboard.yaml)")
+    p.add_argument(
+        "--real", required=True, type=Path, help="the real manifest the evaluation cases come from"
+    )
+    p.add_argument("--out", type=Path, help="key file (default: answer_key.parquet beside leaderboard.yaml)")
+    p.add_argument(
+        "--private-fraction", type=float, default=0.0, help="share of patients per site kept private"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the private draw")
+    p.set_defaults(func=cmd_key)
+
     p = lb.add_parser("push", help="log the leaderboard as a Weights & Biases Table (offline by default)")
     p.add_argument("board", type=Path)
     p.add_argument("--wandb-project", required=True, help="W&B project name")
@@ -31,6 +49,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     readme, index = build(args.board)
     print(f"wrote {readme} and {index}")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from bench.leaderboard.config import load_board_task, load_config, set_answer_key
+    from bench.leaderboard.key import AnswerKey
+
+    cfg = load_config(args.board)
+    key = AnswerKey.build_from_manifest(
+        args.real, load_board_task(cfg), cfg.id_salt, args.private_fraction, args.seed
+    )
+    path = set_answer_key(args.board, key, args.out)
+    parts = key.df["part"].value_counts().to_dict()
+    print(f"wrote {path}: {len(key.df)} evaluation cases ({parts}); leaderboard.yaml points to it")
     return 0
 
 

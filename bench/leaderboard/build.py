@@ -1,11 +1,18 @@
-"""`medsynbench leaderboard build`: records -> ranked rows -> README.md and index.html.
+"""`medsynbench leaderboard build`: records -> verified, ranked rows -> README.md and index.html.
 
-The records are the single source of truth; everything here is derived from them (and the predictions they were
-scored from) at build time, so the pages never drift from the records and need no index file.
+The records are the single source of truth, but none of their numbers is trusted: each record's stored predictions
+are joined to the leaderboard's answer key and re-scored (or found in a cache keyed by the hashes of predictions,
+key and scoring settings), and a record whose stored numbers differ is refused with the old pages kept. Generators
+the eligibility rules exclude (privacy flag, failed contamination checks) are listed as not ranked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +20,16 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.io import sha256_file, write_text
-from bench.leaderboard.config import LeaderboardConfig, load_config
+from bench.io import read_json, sha256_file, write_json, write_text
+from bench.leaderboard.config import LeaderboardConfig, load_board_task, load_config, load_key
+from bench.leaderboard.key import AnswerKey, key_path
 from bench.leaderboard.rank import rank_predictions
-from bench.leaderboard.record import display_name, read_records
+from bench.leaderboard.record import PUBLISHED_MODE, display_name, local_paths, read_records
 from bench.leaderboard.render import render_html, render_markdown
+from bench.leaderboard.score import score_submission
 from bench.metrics import reported
-from bench.tasks import load_task
+from bench.runfolder import BASELINE
+from bench.tasks import Task, load_task
 
 # Record fields that held a registry metric's column before records carried `metrics.columns`.
 LEGACY_COLUMN_FIELDS = {"ece": "calibration_error"}
@@ -56,6 +66,168 @@ def load_predictions(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> d
     if problems:
         raise BadInput(f"{cfg.folder}: {len(problems)} record(s) without their predictions", problems)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+# Stored numbers are rounded to 6 decimals; anything further apart was not computed from these predictions.
+TOLERANCE = 2e-6
+
+
+def _cache_file() -> Path:
+    env = os.environ.get("MEDSYNBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "medsynbench"
+    return base / "leaderboard-scores.json"
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = read_json(_cache_file())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def score_key(record: dict[str, Any], key_sha: str, settings: dict[str, Any]) -> str:
+    """What a record's scores depend on: its predictions, the answer key and the scoring settings."""
+    from bench import __version__
+
+    blob = {
+        "predictions": record["predictions_sha256"],
+        "key": key_sha,
+        "generator": record["generator"]["name"],
+        "medsynbench": __version__,
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def differences(stored: Any, fresh: Any, where: str = "metrics") -> list[str]:
+    """Places where a record's stored numbers differ from the re-computed ones."""
+    if isinstance(stored, dict) and isinstance(fresh, dict):
+        out = []
+        for k in sorted(set(stored) | set(fresh)):
+            sub = f"{where}.{k}"
+            if k not in fresh:
+                out.append(f"{sub}: stored but not computed")
+            elif k not in stored:
+                out.append(f"{sub}: missing from the record")
+            else:
+                out += differences(stored[k], fresh[k], sub)
+        return out
+    if isinstance(stored, list) and isinstance(fresh, list) and len(stored) == len(fresh):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(stored, fresh, strict=True))
+            for d in differences(a, b, f"{where}.{i}")
+        ]
+    num = (int, float)
+    if isinstance(stored, num) and isinstance(fresh, num) and not isinstance(stored, bool):
+        a, b = float(stored), float(fresh)
+        if (math.isnan(a) and math.isnan(b)) or abs(a - b) <= TOLERANCE:
+            return []
+        return [f"{where}: record says {stored}, predictions give {fresh}"]
+    return [] if stored == fresh else [f"{where}: record says {stored!r}, predictions give {fresh!r}"]
+
+
+def verify_records(
+    cfg: LeaderboardConfig,
+    records: list[dict[str, Any]],
+    tables: dict[str, pd.DataFrame],
+    key: AnswerKey,
+    task: Task,
+) -> dict[str, pd.DataFrame]:
+    """Re-score every record from its stored predictions joined to the answer key; BadInput names each record
+    whose stored numbers, settings or predictions do not agree. Returns the joined tables."""
+    primary = cfg.primary_metric or task.metrics.primary
+    n_boot, seed = cfg.bootstrap.n, cfg.bootstrap.seed
+    settings = {"primary": primary, "n_boot": n_boot, "seed": seed}
+    assert cfg.answer_key is not None
+    key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
+    cache, fresh_cache = _read_cache(), {}
+    problems: list[str] = []
+    joined: dict[str, pd.DataFrame] = {}
+    for r in records:
+        rid, gen = r["id"], r["generator"]["name"]
+        df = tables[rid]
+        left = local_paths(r)
+        if left:
+            problems.append(f"record {rid}: holds local paths ({'; '.join(left[:3])})")
+        gens = set(df["generator"].astype(str)) if "generator" in df.columns else set()
+        if gen not in gens or gens - {gen, BASELINE}:
+            problems.append(
+                f"record {rid}: its predictions file holds generator(s) {sorted(gens)}, not {gen!r} (and "
+                f"{BASELINE!r}): predictions of another record"
+            )
+            continue
+        names = pd.Series([f"{r['predictions']['file']} row {i}" for i in range(len(df))], index=df.index)
+        found = key.cross_check(df, names)
+        if found:
+            problems += [f"record {rid}: {p}" for p in found]
+            continue
+        try:
+            j = key.join(df, source=f"record {rid}: {r['predictions']['file']}")
+        except BadInput as e:
+            problems += [e.args[0], *e.problems]
+            continue
+        ev = r["evaluation"]
+        used = {"primary": ev["primary_metric"], "n_boot": ev["n_boot"], "seed": ev["bootstrap_seed"]}
+        if used != settings:
+            problems.append(
+                f"record {rid}: scored with {used}, the leaderboard scores with {settings}; re-submit it"
+            )
+            continue
+        ck = score_key(r, key_sha, settings)
+        hit = cache.get(ck)
+        if isinstance(hit, dict) and "metrics" in hit and "split" in hit:
+            metrics, split = hit["metrics"], hit["split"]
+        else:
+            metrics, split = score_submission(
+                j, task, generator=gen, primary=primary, n_boot=n_boot, seed=seed
+            )
+            metrics = json.loads(json.dumps(metrics))
+        fresh_cache[ck] = {"metrics": metrics, "split": split}
+        diffs = differences(r["metrics"], metrics)
+        if split != ev["split"]:
+            diffs.insert(0, f"evaluation.split: record says {ev['split']!r}, predictions give {split!r}")
+        if diffs:
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            problems.append(
+                f"record {rid}: its stored numbers disagree with its predictions re-scored against the answer "
+                f"key: {'; '.join(diffs[:5])}{more}"
+            )
+            continue
+        joined[rid] = j
+    if fresh_cache.keys() - cache.keys():
+        # A cache that cannot be written only makes the next build slower.
+        with contextlib.suppress(OSError):
+            write_json(_cache_file(), {**cache, **fresh_cache})
+    if problems:
+        raise BadInput(
+            f"{cfg.folder}: leaderboard not built: {len(problems)} problem(s) with the records (pages unchanged)",
+            problems,
+        )
+    return joined
+
+
+def exclusion(cfg: LeaderboardConfig, record: dict[str, Any]) -> str | None:
+    """Why the eligibility rules of leaderboard.yaml keep a record out of the ranking (None: ranked)."""
+    if record["kind"] != "generator":
+        return None
+    priv = record.get("privacy") or {}
+    reasons = []
+    if cfg.eligibility.privacy_flagged == "exclude" and priv.get("flagged"):
+        rate = priv.get("memorization_rate")
+        nominal = priv.get("nominal_rate")
+        detail = f": memorization rate {rate:.3f}" if isinstance(rate, int | float) else ""
+        if detail and isinstance(nominal, int | float):
+            detail += f" against a nominal {nominal:.3f}"
+        reasons.append(f"flagged by the privacy audit{detail}")
+    cont = priv.get("contamination") or {}
+    if cfg.eligibility.contamination == "exclude" and cont.get("status") not in (None, "pass"):
+        found = "; ".join(map(str, cont.get("problems") or []))
+        reasons.append(f"contamination checks {cont.get('status')}" + (f" ({found})" if found else ""))
+    return "; ".join(reasons) or None
 
 
 def pareto_front(points: dict[str, tuple[float, float, float]]) -> set[str]:
@@ -121,83 +293,109 @@ def board_rows(
             f"splits {sorted(splits)}; re-submit them so they compare"
         )
     primary, split = primaries.pop(), splits.pop()
-    tables = load_predictions(cfg, records)
+    task = load_board_task(cfg, check_spec=False)
+    key = load_key(cfg)
+    tables = verify_records(cfg, records, load_predictions(cfg, records), key, task)
     classes = _classes_from(next(iter(tables.values())))
-    headline = {r["id"]: r["metrics"]["headline_regime"] for r in records}
-    ranking, notes = rank_predictions(
-        tables,
-        headline,
-        classes,
-        primary,
-        split=split,
-        n_boot=cfg.bootstrap.n,
-        seed=cfg.bootstrap.seed,
-        binary_positive=_binary_positive(cfg),
-    )
-    ranks = ranking.as_dict()
+    reasons = {r["id"]: exclusion(cfg, r) for r in records}
+    ranked = [r for r in records if reasons[r["id"]] is None]
+    notes: list[str] = []
+    ranks: dict[str, dict[str, Any]] = {}
+    ranking = None
+    if ranked:
+        ranking, notes = rank_predictions(
+            {r["id"]: tables[r["id"]] for r in ranked},
+            {r["id"]: r["metrics"]["headline_regime"] for r in ranked},
+            classes,
+            primary,
+            split=split,
+            n_boot=cfg.bootstrap.n,
+            seed=cfg.bootstrap.seed,
+            binary_positive=list(task.labels.binary_view.positive) if task.labels.binary_view else None,
+        )
+        ranks = ranking.as_dict()
 
     pts = {}
-    for r in records:
+    for r in ranked:
         gap = (r["metrics"].get("largest_gap") or {}).get("value")
         mem = (r.get("privacy") or {}).get("memorization_rate")
         if r["kind"] == "generator" and gap is not None and mem is not None:
             pts[r["id"]] = (ranks[r["id"]]["value"], gap, mem)
     front = pareto_front(pts)
 
-    rows = []
+    hib = ranking_hib(records)
+    rows = [_row(r, ranks[r["id"]], r["id"] in front) for r in ranked]
+    rows.sort(key=lambda x: (x["rank"], -x["value"] if hib else x["value"], x["id"]))
+    unranked = []
     for r in records:
-        m = r["metrics"]
-        head = m["regimes"][m["headline_regime"]]
-        priv = r.get("privacy") or {}
-        worst = m.get("worst_subgroup")
-        gap = m.get("largest_gap")
-        rows.append(
-            {
-                "id": r["id"],
-                "name": display_name(r),
-                "kind": r["kind"],
-                "version": r["generator"].get("version"),
-                "link": r["generator"].get("link"),
-                "submitter": r["submitter"]["name"],
-                "created": r["created"],
-                **ranks[r["id"]],
-                "headline_regime": m["headline_regime"],
-                "utility": {"value": head["value"], "ci_low": head["ci_low"], "ci_high": head["ci_high"]},
-                "n_seeds": head["n_seeds"],
-                "ratio": _est(m.get("utility_ratio")),
-                "gain": _est(m.get("gain_mixed"))
-                and {**_est(m["gain_mixed"]), "regime": m["gain_mixed"]["regime"]},
-                "rescue": _est(m.get("scarcity_rescue"))
-                and {**_est(m["scarcity_rescue"]), "regime": m["scarcity_rescue"]["regime"]},
-                "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
-                "gap": _est(gap)
-                and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
-                **metric_columns(m),
-                "memorization": None
-                if priv.get("memorization_rate") is None
-                else {
-                    "value": priv["memorization_rate"],
-                    "ci_low": priv.get("ci_low"),
-                    "ci_high": priv.get("ci_high"),
-                    "flagged": priv.get("flagged"),
-                },
-                "contamination": (priv.get("contamination") or {}).get("status") if priv else None,
-                "pareto": r["id"] in front,
-            }
-        )
-    rows.sort(key=lambda x: (x["rank"], -x["value"] if ranking_hib(records) else x["value"], x["id"]))
+        if reasons[r["id"]] is None:
+            continue
+        head = r["metrics"]["regimes"][r["metrics"]["headline_regime"]]
+        blank = {"value": head["value"], "rank": None, "rank_low": None, "rank_high": None, "tie_group": None}
+        unranked.append({**_row(r, blank, False), "reason": reasons[r["id"]]})
     facts = {
         "primary_metric": primary,
-        "higher_is_better": ranking_hib(records),
+        "higher_is_better": hib,
         "split": split,
         "sites": sorted({s for r in records for s in r["evaluation"]["sites"]}),
-        "n_cases": ranking.n_cases,
-        "n_patients": ranking.n_patients,
+        "n_cases": ranking.n_cases if ranking else len(key.df),
+        "n_patients": ranking.n_patients if ranking else int(key.df["patient_id"].nunique()),
         "n_boot": cfg.bootstrap.n,
-        "n_boot_used": ranking.n_boot_used,
+        "n_boot_used": ranking.n_boot_used if ranking else 0,
         "notes": notes,
+        "not_ranked": unranked,
+        "answer_key": _key_facts(cfg),
     }
     return rows, facts
+
+
+def _key_facts(cfg: LeaderboardConfig) -> dict[str, Any]:
+    assert cfg.answer_key is not None
+    p = key_path(cfg.folder, cfg.answer_key.path)
+    inside = p.resolve().is_relative_to(cfg.folder.resolve())
+    return {
+        "file": p.relative_to(cfg.folder).as_posix() if inside else None,
+        "sha256": cfg.answer_key.sha256,
+        "published": inside,
+    }
+
+
+def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any]:
+    m = r["metrics"]
+    head = m["regimes"][m["headline_regime"]]
+    priv = r.get("privacy") or {}
+    worst = m.get("worst_subgroup")
+    gap = m.get("largest_gap")
+    return {
+        "id": r["id"],
+        "name": display_name(r),
+        "kind": r["kind"],
+        "version": r["generator"].get("version"),
+        "link": r["generator"].get("link"),
+        "submitter": r["submitter"]["name"],
+        "created": r["created"],
+        **rank,
+        "headline_regime": m["headline_regime"],
+        "utility": {"value": head["value"], "ci_low": head["ci_low"], "ci_high": head["ci_high"]},
+        "n_seeds": head["n_seeds"],
+        "ratio": _est(m.get("utility_ratio")),
+        "gain": _est(m.get("gain_mixed")) and {**_est(m["gain_mixed"]), "regime": m["gain_mixed"]["regime"]},
+        "rescue": _est(m.get("scarcity_rescue"))
+        and {**_est(m["scarcity_rescue"]), "regime": m["scarcity_rescue"]["regime"]},
+        "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
+        "gap": _est(gap) and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
+        **metric_columns(m),
+        "memorization": None
+        if priv.get("memorization_rate") is None
+        else {
+            "value": priv["memorization_rate"],
+            "ci_low": priv.get("ci_low"),
+            "ci_high": priv.get("ci_high"),
+            "flagged": priv.get("flagged"),
+        },
+        "contamination": (priv.get("contamination") or {}).get("status") if priv else None,
+        "pareto": pareto,
+    }
 
 
 def ranking_hib(records: list[dict[str, Any]]) -> bool:
@@ -211,8 +409,8 @@ def build(board: str | Path) -> tuple[Path, Path]:
     rows, facts = board_rows(cfg, records)
     md = render_markdown(cfg, rows, facts)
     html = render_html(cfg, rows, facts)
-    readme = write_text(cfg.folder / "README.md", md)
-    index = write_text(cfg.folder / "index.html", html)
+    readme = write_text(cfg.folder / "README.md", md, PUBLISHED_MODE)
+    index = write_text(cfg.folder / "index.html", html, PUBLISHED_MODE)
     return readme, index
 
 

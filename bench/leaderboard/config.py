@@ -7,12 +7,17 @@ hashes of the real manifest and of the evaluation case set, and the primary metr
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from bench.errors import BadInput
+from bench.leaderboard.key import AnswerKey, key_path
 from bench.schema import Strict, read_yaml_mapping, validate_model
+from bench.tasks import Task, load_task
 
 CONFIG_FILE = "leaderboard.yaml"
 DEFAULT_MAX_ARCHIVE_BYTES = 2 * 1024**3
@@ -48,6 +53,21 @@ class Bootstrap(Strict):
     seed: int = 0
 
 
+class AnswerKeyRef(Strict):
+    path: str = Field(
+        description="the answer key (Parquet), relative to this file's folder or absolute (a path the host controls)"
+    )
+    sha256: str | None = Field(None, description="SHA-256 of the key file; null: not checked")
+
+
+class Eligibility(Strict):
+    """Which generators are ranked. `exclude`: listed under "not ranked" with the reason, never ranked or drawn on
+    the Pareto front; `show`: ranked, with the flag shown in its column."""
+
+    privacy_flagged: Literal["exclude", "show"] = "exclude"
+    contamination: Literal["exclude", "show"] = "exclude"
+
+
 class LeaderboardConfig(Strict):
     schema_version: str = "1.0"
     title: str = ""
@@ -60,6 +80,11 @@ class LeaderboardConfig(Strict):
     )
     bootstrap: Bootstrap = Bootstrap()
     require_privacy: bool = True
+    answer_key: AnswerKeyRef | None = Field(
+        None,
+        description="the reference of every evaluation case; scoring reads labels, sites and subgroups here",
+    )
+    eligibility: Eligibility = Eligibility()
     max_archive_bytes: int = Field(DEFAULT_MAX_ARCHIVE_BYTES, gt=0)
     path: Path | None = Field(default=None, exclude=True)
 
@@ -76,6 +101,38 @@ class LeaderboardConfig(Strict):
     def predictions_dir(self) -> Path:
         return self.folder / "predictions"
 
+    @property
+    def task_file(self) -> Path:
+        """A task definition kept with the leaderboard (used instead of the installed task when present)."""
+        return self.folder / "task.yaml"
+
+
+def load_key(cfg: LeaderboardConfig) -> AnswerKey:
+    """The leaderboard's answer key, checked against the sha256 in leaderboard.yaml."""
+    if cfg.answer_key is None:
+        raise BadInput(
+            f"{cfg.path}: no answer_key: a leaderboard scores against its own answer key "
+            "(write one with `medsynbench leaderboard key BOARD --real MANIFEST`)"
+        )
+    return AnswerKey.read(key_path(cfg.folder, cfg.answer_key.path), cfg.answer_key.sha256)
+
+
+def load_board_task(cfg: LeaderboardConfig, check_spec: bool = True) -> Task:
+    """The task the leaderboard scores with: its own task.yaml, else the installed task of that name; the name,
+    version and (with `check_spec`, when pinned) spec hash must match leaderboard.yaml. Building pages does not
+    need the spec check: a task that scores differently makes the re-scored numbers disagree anyway."""
+    from bench.leaderboard.submit import task_spec_sha256
+
+    task = load_task(cfg.task_file if cfg.task_file.is_file() else cfg.task.name)
+    where = cfg.task_file if cfg.task_file.is_file() else f"installed task {cfg.task.name!r}"
+    if (task.name, task.version) != (cfg.task.name, cfg.task.version):
+        raise BadInput(
+            f"{where}: task {task.name} {task.version} is not the leaderboard's {cfg.task.name} {cfg.task.version}"
+        )
+    if check_spec and cfg.task.spec_sha256 and task_spec_sha256(task) != cfg.task.spec_sha256:
+        raise BadInput(f"{where}: the task definition differs from the one {cfg.path} pins (spec_sha256)")
+    return task
+
 
 def load_config(board: str | Path) -> LeaderboardConfig:
     """Read `board/leaderboard.yaml` (or the file itself). Problems name the file and the field."""
@@ -88,3 +145,28 @@ def load_config(board: str | Path) -> LeaderboardConfig:
         raw["task"]["version"] = str(raw["task"]["version"])
     cfg = validate_model(LeaderboardConfig, raw, path, "leaderboard file")
     return cfg.model_copy(update={"path": path.resolve()})
+
+
+def set_answer_key(board: str | Path, key: AnswerKey, path: str | Path | None = None) -> Path:
+    """Write `key` (default: answer_key.parquet beside leaderboard.yaml) and point leaderboard.yaml at it with
+    its sha256, keeping the file's comments. Returns the key file."""
+    from bench.leaderboard.key import KEY_FILE
+
+    cfg = load_config(board)
+    assert cfg.path is not None
+    target = Path(path) if path is not None else cfg.folder / KEY_FILE
+    target = target if target.is_absolute() else cfg.folder / target
+    sha = key.write(target)
+    try:
+        shown = target.resolve().relative_to(cfg.folder.resolve()).as_posix()
+    except ValueError:
+        shown = str(target.resolve())
+    block = f"answer_key:\n  path: {shown}\n  sha256: {sha}\n"
+    text = cfg.path.read_text(encoding="utf-8")
+    pattern = re.compile(r"(?m)^answer_key:.*\n(?:[ \t]+.*\n?)*")
+    text = pattern.sub(block, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + block
+    tmp = cfg.path.with_name(f".{cfg.path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, cfg.path)
+    load_config(board)  # the edited file must still be valid
+    return target

@@ -22,6 +22,11 @@ from bench.runfolder import BASELINE
 
 SCHEMA_VERSION = "1.0"
 REFERENCE_LABEL = "real-only"
+# Records, predictions and pages are published: readable by everyone, writable by the owner.
+PUBLISHED_MODE = 0o644
+# An absolute path inside longer text: a "/" that does not follow a word character, ":" or "/" (URLs, ratios).
+_EMBEDDED = re.compile(r"(?<![\w.:/~])/(?:[\w.@+-]+/)+[\w.@+-]*")
+_ABSOLUTE = re.compile(r"^(?:/|~[/\\]|[A-Za-z]:[/\\]|\\\\)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,3 +130,73 @@ def redact(obj: Any, secrets_: Iterable[str], placeholder: str = "<redacted>") -
         return v
 
     return fix(obj)
+
+
+def _sha_of_file(path: str, roots: Iterable[Path]) -> str | None:
+    from bench.io import sha256_file
+
+    p = Path(path).expanduser()
+    for cand in [p] if p.is_absolute() else [Path(r) / p for r in roots]:
+        if cand.is_file():
+            return sha256_file(cand)
+    return None
+
+
+def scrub_local_paths(obj: Any, roots: Iterable[Path] = ()) -> Any:
+    """The same data without anything that names a place on the submitter's machine.
+
+    A mapping's `path` (a preset, protocol or manifest file) becomes the file's `sha256` (kept if given, else
+    computed when the file is found as given or under one of `roots`; null otherwise): the content identifies
+    the file, its location does not. Any other absolute path keeps only its file name, and the text of `roots`
+    and the home folder inside longer strings is cut out.
+    """
+    roots = [Path(r) for r in roots]
+    prefixes = sorted(
+        {str(r.resolve()) for r in roots} | {str(Path.home())} - {"/", ""}, key=len, reverse=True
+    )
+
+    def text(v: str) -> str:
+        if _ABSOLUTE.match(v):
+            return re.split(r"[/\\]", v.rstrip("/\\"))[-1] or "<local path>"
+        for pre in prefixes:
+            v = v.replace(pre, "<local>")
+        return _EMBEDDED.sub("<local path>", v)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return text(v)
+        if isinstance(v, dict):
+            out = {k: fix(x) for k, x in v.items() if k != "path"}
+            if "path" in v:
+                given = v.get("sha256")
+                path = v["path"]
+                out["sha256"] = (
+                    given
+                    if isinstance(given, str)
+                    else (_sha_of_file(path, roots) if isinstance(path, str) and path else None)
+                )
+            return out
+        if isinstance(v, list | tuple):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(obj)
+
+
+def local_paths(obj: Any, where: str = "") -> list[str]:
+    """Fields of `obj` that hold an absolute path or a `path` entry (what `scrub_local_paths` removes)."""
+    out = []
+    if isinstance(obj, str):
+        if _ABSOLUTE.match(obj) or _EMBEDDED.search(obj) or str(Path.home()) in obj:
+            out.append(f"field {where or '(top level)'!r}: {obj!r}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{where}.{k}" if where else str(k)
+            if k == "path" and v not in (None, ""):
+                out.append(f"field {sub!r}: a local path ({v!r})")
+            else:
+                out += local_paths(v, sub)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            out += local_paths(v, f"{where}.{i}")
+    return out

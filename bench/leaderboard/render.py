@@ -69,9 +69,9 @@ def est_text(e: dict[str, Any] | None, digits: int = 3) -> str:
 def cell_text(row: dict[str, Any], key: str) -> str:
     v = row.get(key)
     if key == "rank":
-        return f"{row['rank']} [{row['rank_low']}, {row['rank_high']}]"
+        return "–" if row.get("rank") is None else f"{row['rank']} [{row['rank_low']}, {row['rank_high']}]"
     if key == "tie_group":
-        return str(row["tie_group"])
+        return "–" if row.get("tie_group") is None else str(row["tie_group"])
     if key == "name":
         suffix = f" {row['version']}" if row.get("version") else ""
         return f"{row['name']}{suffix}" + (" (reference)" if row["kind"] == "reference" else "")
@@ -105,7 +105,7 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
         f"Task `{cfg.task.name}` version {cfg.task.version}. " + _method_text(facts),
         "",
     ]
-    if not rows:
+    if not rows and not facts.get("not_ranked"):
         lines += ["No records yet. Add one with `medsynbench submit RUN --leaderboard <this folder>`.", ""]
         return "\n".join(lines)
     cols = columns()
@@ -126,7 +126,10 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
     ]
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
-    lines += ["", "Records: " + ", ".join(f"`records/{r['id']}.json`" for r in rows), ""]
+    lines += not_ranked_markdown(facts)
+    lines += ["", key_text(facts), ""]
+    every = [*rows, *(facts.get("not_ranked") or [])]
+    lines += ["", "Records: " + ", ".join(f"`records/{r['id']}.json`" for r in every), ""]
     lines += [
         "To add a result: `medsynbench submit RUN --leaderboard <this folder>` (a run folder, .zip or .tar.gz), then "
         "`medsynbench leaderboard build <this folder>`. Submissions are checked against `leaderboard.yaml` and "
@@ -136,6 +139,52 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
     return "\n".join(lines)
 
 
+NOT_RANKED_COLUMNS = [
+    ("name", "Generator"),
+    ("utility", "Utility"),
+    ("memorization", "Memorization rate"),
+    ("contamination", "Contamination"),
+]
+
+
+def not_ranked_markdown(facts: dict[str, Any]) -> list[str]:
+    """Generators the eligibility rules keep out of the ranking and off the Pareto front, each with its reason."""
+    rows = facts.get("not_ranked") or []
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Not ranked",
+        "",
+        "Shown for reference only, by the eligibility rules of `leaderboard.yaml`: not ranked, not on the Pareto "
+        "front.",
+        "",
+        "| " + " | ".join(h for _, h in NOT_RANKED_COLUMNS) + " | Reason |",
+        "|" + "---|" * (len(NOT_RANKED_COLUMNS) + 1),
+    ]
+    for r in rows:
+        cells = [_md_escape(cell_text(r, k)) for k, _ in NOT_RANKED_COLUMNS] + [_md_escape(r["reason"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def key_text(facts: dict[str, Any]) -> str:
+    k = facts.get("answer_key") or {}
+    if not k:
+        return ""
+    sha = f" (sha256 {k['sha256'][:12]}...)" if k.get("sha256") else ""
+    where = (
+        f"`{k['file']}`{sha}, published with this board: it holds the labels of the evaluation cases, which is "
+        "acceptable only because the board is on public data"
+        if k.get("published")
+        else f"a file the host keeps{sha}, not published"
+    )
+    return (
+        f"Every number shown is re-computed at build time from the records' stored predictions joined to the "
+        f"answer key, {where}. Labels, sites, splits and subgroups come from the key, never from a submission."
+    )
+
+
 def _method_text(facts: dict[str, Any]) -> str:
     if not facts.get("n_cases"):
         return ""
@@ -143,7 +192,7 @@ def _method_text(facts: dict[str, Any]) -> str:
     direction = "higher is better" if facts.get("higher_is_better", True) else "lower is better"
     return (
         f"Ranked by `{facts['primary_metric']}` ({direction}) on the {facts['split']} split ({sites}; "
-        f"{facts['n_cases']} cases, {facts['n_patients']} patients), re-scored from each record's predictions. "
+        f"{facts['n_cases']} cases, {facts['n_patients']} patients), re-scored at build time from each record's predictions and the answer key. "
         f"Rank intervals: 95% percentile intervals over {facts['n_boot']} paired bootstrap replicates resampling "
         f"patients within site x label strata ({facts.get('n_boot_used', facts['n_boot'])} defined). Intervals in "
         f"brackets are 95% patient-bootstrap intervals."
@@ -337,6 +386,25 @@ def pareto_svg(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def not_ranked_html(facts: dict[str, Any]) -> str:
+    rows = facts.get("not_ranked") or []
+    if not rows:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h in NOT_RANKED_COLUMNS) + "<th>Reason</th>"
+    body = "".join(
+        f'<tr data-record="{e(r["id"])}">'
+        + "".join(f"<td>{e(cell_text(r, k))}</td>" for k, _ in NOT_RANKED_COLUMNS)
+        + f"<td>{e(r['reason'])}</td></tr>"
+        for r in rows
+    )
+    return (
+        '<h2>Not ranked</h2><p class="legend">Shown for reference only, by the eligibility rules of '
+        "leaderboard.yaml: not ranked, not on the Pareto front.</p>"
+        f'<table id="not-ranked"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
 def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     e = html.escape
     title = cfg.title or f"{cfg.task.name} {cfg.task.version}"
@@ -366,6 +434,8 @@ def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[
 <noscript><p>This table is drawn by the page's own script; README.md beside this file holds the same table.</p></noscript>
 <table id="board"><thead><tr>{head_cells}</tr></thead><tbody></tbody></table>
 <ul class="cols">{colhelp}</ul>
+{not_ranked_html(facts)}
+<p class="meta">{e(key_text(facts).replace("`", ""))}</p>
 <h2>Utility, fairness and privacy</h2>
 <p class="legend">Each generator: utility against its largest subgroup gap, coloured by memorization rate. Ringed points
 are not dominated on all three at once (higher utility, smaller gap, lower memorization).</p>

@@ -26,13 +26,17 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
-from bench.leaderboard.config import LeaderboardConfig, load_config
+from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
+from bench.leaderboard.key import AnswerKey, hash_ids
 from bench.leaderboard.record import (
+    PUBLISHED_MODE,
     SCHEMA_VERSION,
     check_record,
+    local_paths,
     new_record_id,
     now_iso,
     redact,
+    scrub_local_paths,
 )
 from bench.leaderboard.score import score_all, score_submission
 from bench.runfolder import (
@@ -72,19 +76,6 @@ def task_spec_sha256(task: Task) -> str:
 
 def eval_cases_sha256(case_ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, case_ids))).encode()).hexdigest()
-
-
-def hash_ids(values: pd.Series, salt: str) -> pd.Series:
-    """Salted SHA-256 of identifiers: stable within a leaderboard (records pair up), useless as a lookup table."""
-    cache: dict[str, str] = {}
-
-    def h(v: Any) -> str:
-        s = str(v)
-        if s not in cache:
-            cache[s] = hashlib.sha256(f"{salt}\x1f{s}".encode()).hexdigest()[:32]
-        return cache[s]
-
-    return values.map(h)
 
 
 @dataclass
@@ -469,8 +460,8 @@ def _resolved_config(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return common
 
 
-def _stored_predictions(preds: pd.DataFrame, task: Task, salt: str) -> pd.DataFrame:
-    """The contract columns only, with case and patient ids replaced by salted hashes."""
+def _stored_predictions(preds: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """The contract columns only (ids already salted), in a stable order."""
     cols = [
         "case_id",
         "patient_id",
@@ -482,8 +473,6 @@ def _stored_predictions(preds: pd.DataFrame, task: Task, salt: str) -> pd.DataFr
         *RUN_KEYS,
     ]
     out = preds[[c for c in cols if c in preds.columns]].copy()
-    out["case_id"] = hash_ids(out["case_id"].astype(str), salt)
-    out["patient_id"] = hash_ids(out["patient_id"].astype(str), salt)
     for c in ["site", "split", "y_true", "generator", "regime", "backbone", *task.subgroups.columns]:
         if c in out.columns:
             out[c] = out[c].astype(str)
@@ -493,11 +482,49 @@ def _stored_predictions(preds: pd.DataFrame, task: Task, salt: str) -> pd.DataFr
     )
 
 
+def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: str) -> pd.DataFrame:
+    """The runs' probabilities on the answer key's cases, carrying the key's labels, sites, splits, patients and
+    subgroups. A submitted value that disagrees with the key is a problem naming the file and row."""
+    raw = pd.concat([r.preds for r in runs], ignore_index=True)
+    names = pd.Series(
+        [
+            f"{r.folder.name}/predictions.parquet row {i} (case {c})"
+            for r in runs
+            for i, c in enumerate(r.preds["case_id"].astype(str))
+        ],
+        index=raw.index,
+    )
+    salted = raw.assign(
+        case_id=hash_ids(raw["case_id"].astype(str), salt),
+        patient_id=hash_ids(raw["patient_id"].astype(str), salt),
+    )
+    problems = key.cross_check(salted, names)
+    if problems:
+        raise BadInput(
+            f"{sub.root}: submission rejected: the predictions disagree with the leaderboard's answer key "
+            "(labels, sites, splits, patients and subgroups come from the key, never from a submission)",
+            problems,
+        )
+    try:
+        joined = key.join(salted, source=f"{sub.root}: predictions")
+    except BadInput as e:
+        raise BadInput(f"{sub.root}: submission rejected: {e.args[0]}", e.problems) from None
+    return _stored_predictions(joined, sub.task)
+
+
 def build_records(
-    sub: Submission, cfg: LeaderboardConfig, *, submitter: str, contact: str | None = None
+    sub: Submission,
+    cfg: LeaderboardConfig,
+    *,
+    submitter: str,
+    contact: str | None = None,
+    key: AnswerKey | None = None,
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    """Score every generator of the submission (and the real-only reference); nothing is written here."""
+    """Score every generator of the submission (and the real-only reference) against the answer key; nothing is
+    written here."""
     from bench import __version__
+
+    key = key if key is not None else load_key(cfg)
 
     primary = cfg.primary_metric or sub.task.metrics.primary
     n_boot, boot_seed = cfg.bootstrap.n, cfg.bootstrap.seed
@@ -509,9 +536,7 @@ def build_records(
 
     wanted = [BASELINE, *sub.generators]
     use = [r for r in sub.runs if r.keys[0] in wanted]
-    everything = _stored_predictions(
-        pd.concat([r.preds for r in use], ignore_index=True), sub.task, cfg.id_salt
-    )
+    everything = keyed_predictions(sub, use, key, cfg.id_salt)
     scored = score_all(everything, sub.task, primary=primary, n_boot=n_boot, seed=boot_seed)
     out = []
     for g in wanted:
@@ -563,7 +588,9 @@ def build_records(
                 "regimes": sorted({r.keys[1] for r in own}),
                 "seeds": sorted({r.keys[2] for r in own}),
                 "backbone": sub.backbone or own[0].keys[3],
-                "config": _resolved_config([r.config for r in own]),
+                "config": scrub_local_paths(
+                    _resolved_config([r.config for r in own]), [sub.root, Path.cwd()]
+                ),
                 "hpo_budget": _hpo_budget(sub.matrix, [r.config for r in own]),
             },
             "environment": env,
@@ -589,7 +616,10 @@ def build_records(
         }
         if sub.notes:
             record["notes"] = list(sub.notes)
-        record = redact(record, secrets_)
+        record = scrub_local_paths(redact(record, secrets_), [sub.root, Path.cwd()])
+        left = local_paths(record)
+        if left:
+            raise BadInput(f"record for {g}: local path(s) would be published", left)
         out.append((record, stored))
     return out
 
@@ -659,7 +689,7 @@ def write_records(
                 while (cfg.records_dir / f"{rid}.json").exists():
                     rid = new_record_id(rec["generator"]["name"])
                 pred_path = cfg.predictions_dir / f"{rid}.parquet"
-                write_table(pred_path, stored)
+                write_table(pred_path, stored, PUBLISHED_MODE)
                 written.append(pred_path)
                 rec = {
                     **rec,
@@ -670,7 +700,7 @@ def write_records(
                 check_record(rec, f"record {rid}")
                 done.append(rec)
             for rec in done:
-                write_json(cfg.records_dir / f"{rec['id']}.json", rec)
+                write_json(cfg.records_dir / f"{rec['id']}.json", rec, PUBLISHED_MODE)
                 written.append(cfg.records_dir / f"{rec['id']}.json")
         except BaseException:
             for p in written:
@@ -693,10 +723,11 @@ def submit(
     """Validate, re-score and add the records of a run folder or bundle; returns the records (ids set unless
     `dry_run`)."""
     cfg = load_config(board)
+    key = load_key(cfg)
     limit = max_archive_bytes or cfg.max_archive_bytes
     with opened_run(run, limit) as root:
         sub = collect(root, cfg, generators)
-        scored = build_records(sub, cfg, submitter=submitter, contact=contact)
+        scored = build_records(sub, cfg, submitter=submitter, contact=contact, key=key)
     for rec, _ in scored:
         check_record({**rec, "id": "dry-run-00000000"}, f"record for {rec['generator']['name']}")
     if dry_run:
