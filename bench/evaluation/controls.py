@@ -260,3 +260,26 @@ def controls_blocks(results: list[ControlResult]) -> list[tuple[str, Any]]:
     )
     blocks.append(("table", controls_table(results)))
     return blocks
+
+
+def controls_from_predictions(
+    preds: pd.DataFrame,
+    task: Task,
+    generators: Mapping[str, str],
+    privacy: Mapping[str, Mapping[str, Any]],
+    *,
+    n_boot: int | None = None,
+    seed: int = 0,
+) -> list[ControlResult]:
+    """`check_controls` scored from predictions alone (the controls' runs and the real-only baseline; no subgroups),
+    as a leaderboard re-scores a submission without trusting its evaluation folder."""
+    from bench.metrics.compare import compare_to_baseline
+    from bench.metrics.evaluate import evaluate_predictions
+
+    keep = preds["generator"].astype(str).isin([BASELINE, *generators])
+    sub = preds[keep].reset_index(drop=True)
+    if sub.empty or not (sub["generator"].astype(str) == BASELINE).any():
+        return check_controls(pd.DataFrame(columns=["metric", "split"]), None, privacy, task, {})
+    table = evaluate_predictions(sub, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
+    comps = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[task.metrics.primary])
+    return check_controls(table, comps, privacy, task, generators)
