@@ -25,7 +25,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
-from bench.io read_json, sha256_file, write_json, write_table
+from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.config import LeaderboardConfig, load_config
 from bench.leaderboard.record import (
