@@ -76,7 +76,14 @@ def _task(**splits) -> Task:
 
 def _reserve_task(root) -> tuple[Task, object]:
     spec = json.loads(json.dumps(TINY_TASK))
-    spec["splits"] = {"unit": "patient_id", "train": 0.4, "reserve": 0.3, "val": 0.15, "test": 0.15, "seed": 0}
+    spec["splits"] = {
+        "unit": "patient_id",
+        "train": 0.4,
+        "reserve": 0.3,
+        "val": 0.15,
+        "test": 0.15,
+        "seed": 0,
+    }
     d = root / "tasks" / "tiny"
     d.mkdir(parents=True)
     (d / "task.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -112,13 +112,15 @@ def _one(
         return ControlResult(**base, status=status, reason=reason, **kw)
 
     if gen is None:
-        if control.regimes and REAL_HOLDOUT == name and task.splits.reserve <= 0:
+        if control.regimes and name == REAL_HOLDOUT and task.splits.reserve <= 0:
             return res(NOT_RUN, f"task {task.name} sets no reserve patients (splits.reserve = 0)")
         return res(NOT_RUN, f"no generator of this control in the run (generate it with --generator {name})")
     if check.kind == "privacy_flagged":
         audit = privacy.get(gen)
         if audit is None:
-            return res(NOT_RUN, f"no privacy audit for {gen} (medsynbench privacy ... --out RUN/privacy/{gen})")
+            return res(
+                NOT_RUN, f"no privacy audit for {gen} (medsynbench privacy ... --out RUN/privacy/{gen})"
+            )
         rate = _num(audit.get("memorization_rate"))
         flagged = audit.get("flagged") is True
         return res(
@@ -143,7 +145,9 @@ def _one(
         r = t.sort_values("backbone").iloc[0]
         lo, hi, v = _num(r["ci_low"]), _num(r["ci_high"]), _num(r["value"])
         if lo is None or hi is None:
-            return res(NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v)
+            return res(
+                NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
+            )
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
@@ -160,7 +164,10 @@ def _one(
             ]
         if c.empty:
             return res(
-                NOT_RUN, f"no {check.regime} run of {gen} compared with {BASELINE}", metric=primary, split=split
+                NOT_RUN,
+                f"no {check.regime} run of {gen} compared with {BASELINE}",
+                metric=primary,
+                split=split,
             )
         r = c.sort_values("backbone").iloc[0]
         if check.kind == "gain_contains_zero":
@@ -170,7 +177,9 @@ def _one(
             v, lo, hi, target = _num(r["ratio"]), _num(r["ratio_ci_low"]), _num(r["ratio_ci_high"]), 1.0
             metric = f"{primary} ratio to real"
         if lo is None or hi is None:
-            return res(NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v)
+            return res(
+                NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
+            )
         ok = _contains(lo, hi, target)
         why = "" if ok else f"the interval excludes {target:g}"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)

@@ -85,7 +85,9 @@ class Report:
             if kind == "h2":
                 parts.append(f"<h2>{html.escape(obj)}</h2>")
             elif kind == "banner":
-                parts.append(f"<div class='banner' role='alert'><strong>WARNING:</strong> {_inline_html(obj)}</div>")
+                parts.append(
+                    f"<div class='banner' role='alert'><strong>WARNING:</strong> {_inline_html(obj)}</div>"
+                )
             elif kind == "p":
                 parts.append(f"<p>{_inline_html(obj)}</p>")
             elif kind == "table":

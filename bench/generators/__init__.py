@@ -16,7 +16,6 @@ import numpy as np
 from bench.errors import BadInput
 from bench.registry import Registry
 
-
 CHECK_KINDS = ("gain_contains_zero", "privacy_flagged", "chance", "ratio_contains_one")
 
 

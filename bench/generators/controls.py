@@ -42,11 +42,7 @@ class LabelShuffle(Generator):
     control = Control(
         "negative",
         "images whose labels carry no information: a working pipeline trains a classifier at chance on them",
-        (
-            ControlCheck(
-                "chance", "synthetic", "synthetic-only macro AUROC: interval contains 0.5 (chance)"
-            ),
-        ),
+        (ControlCheck("chance", "synthetic", "synthetic-only macro AUROC: interval contains 0.5 (chance)"),),
     )
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:

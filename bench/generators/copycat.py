@@ -18,7 +18,9 @@ class Copycat(Generator):
         "negative",
         "copies of the training images carry no information beyond the real data, and no privacy",
         (
-            ControlCheck("gain_contains_zero", "augment:1", "augment:1 gain over real-only: interval contains 0"),
+            ControlCheck(
+                "gain_contains_zero", "augment:1", "augment:1 gain over real-only: interval contains 0"
+            ),
             ControlCheck("privacy_flagged", None, "privacy audit: flagged as memorizing"),
         ),
     )

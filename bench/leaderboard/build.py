@@ -219,7 +219,8 @@ def build(board: str | Path) -> tuple[Path, Path]:
     failed = failures(controls)
     if failed:
         raise BadInput(
-            f"{cfg.records_dir}: not published: the reference run fails {len(failed)} control check(s)", failed
+            f"{cfg.records_dir}: not published: the reference run fails {len(failed)} control check(s)",
+            failed,
         )
     rows, facts = board_rows(cfg, records)
     facts["controls"] = controls

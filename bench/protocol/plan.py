@@ -283,7 +283,8 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
         cards[name] = (card, cpath)
 
     control_regimes = {
-        name: expand_regimes(list(regs), proto.ratios or task.protocol.ratios) for name, regs in proto.controls.items()
+        name: expand_regimes(list(regs), proto.ratios or task.protocol.ratios)
+        for name, regs in proto.controls.items()
     }
     rdf = real_m.df
     n_real_train = int(((rdf["split"] == "train") & rdf["site"].isin(task.sites.train)).sum())
@@ -318,6 +319,7 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
 
     runs: list[RunSpec] = []
     studies: dict[str, StudySpec] = {}
+
     def runs_regime(gen: str, reg: Any) -> bool:
         if gen == BASELINE or gen not in control_regimes:
             return True
@@ -325,7 +327,9 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
 
     # A control runs its own regimes, even those the protocol's list leaves out (e.g. `synthetic` in a mixing-only
     # protocol); every other generator runs the protocol's.
-    extra = [r for regs in control_regimes.values() for r in regs if r.name not in {x.name for x in regime_list}]
+    extra = [
+        r for regs in control_regimes.values() for r in regs if r.name not in {x.name for x in regime_list}
+    ]
     all_regimes = regime_list + [r for i, r in enumerate(extra) if r.name not in {x.name for x in extra[:i]}]
     for seed in seed_list:
         for reg in all_regimes:
