@@ -105,6 +105,9 @@ def _control_observed(c: dict[str, Any]) -> str:
 def _controls_markdown(controls: list[dict[str, Any]]) -> list[str]:
     if not controls:
         return []
+    if all(c["status"] == "NOT RUN" for c in controls):
+        names = sorted({c["control"] for c in controls})
+        return [f"Controls of the reference run: none run ({', '.join(names)} NOT RUN).", ""]
     lines = [
         "## Controls of the reference run",
         "",
@@ -149,7 +152,6 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
         f"Task `{cfg.task.name}` version {cfg.task.version}. " + _method_text(facts),
         "",
     ]
-    lines += _controls_markdown(facts.get("controls") or [])
     if not rows:
         lines += ["No records yet. Add one with `medsynbench submit RUN --leaderboard <this folder>`.", ""]
         return "\n".join(lines)
@@ -169,6 +171,7 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
         f"Pareto front (utility up, subgroup gap down, memorization down): {', '.join(front) or 'none'}.",
         "",
     ]
+    lines += _controls_markdown(facts.get("controls") or [])
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
     lines += ["", "Records: " + ", ".join(f"`records/{r['id']}.json`" for r in rows), ""]
