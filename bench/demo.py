@@ -19,6 +19,8 @@ from bench.errors import BadInput
 
 TASK = "mediastinal-neoplasm"
 GENERATORS = ("copycat", "pca-gmm", "ddpm")
+# Controls with a known answer (see bench/evaluation/controls.py); the protocol runs them on `synthetic` only.
+CONTROLS = ("label-shuffle", "real-holdout")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class DemoPreset:
 PRESETS = {
     "smoke": DemoPreset(
         "smoke",
-        150,
+        200,
         2,
         64,
         "smoke",
@@ -52,7 +54,8 @@ PRESETS = {
         workers=2,
         ddpm_args=("--set", "train_steps=300"),
     ),
-    "cpu": DemoPreset("cpu", 300, 2, 64, "demo", 32, "demo", "tiny", 500, workers=2),
+    # 400 patients: the task reserves 35% of the training-site patients for the positive control.
+    "cpu": DemoPreset("cpu", 400, 2, 64, "demo", 32, "demo", "tiny", 500, workers=2),
     "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", None, "default", "full", 1000),
 }
 
@@ -125,7 +128,7 @@ def run_demo(
     step("Validate the manifest", ["data", "validate", str(real), "--task", TASK])
     # The leaderboard scores against its own answer key, never against the labels a submission carries.
     step("Answer key of the demo leaderboard", ["leaderboard", "key", str(board), "--real", str(real)])
-    for g in GENERATORS:
+    for g in (*GENERATORS, *CONTROLS):
         args = [
             "generate",
             "--task",
@@ -146,7 +149,7 @@ def run_demo(
             args += ["--config", p.ddpm_config, *p.ddpm_args]
             if p.ddpm_config != "tiny":
                 args += size_args
-        step(f"Reference generator {g}", args)
+        step(f"{'Control' if g in CONTROLS else 'Reference generator'} {g}", args)
     run_args = [
         "run",
         "--task",
@@ -164,13 +167,9 @@ def run_demo(
         "--workers",
         str(p.workers),
     ]
-    for g in GENERATORS:
+    for g in (*GENERATORS, *CONTROLS):
         run_args += ["--synthetic", f"{g}={out / 'synthetic' / g / 'manifest.parquet'}"]
     step("Protocol matrix (regimes x generators x seeds)", run_args + list(p.extra_run_args))
-    step(
-        "Evaluation with patient-clustered intervals",
-        ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)],
-    )
 
     def privacy_args(g: str) -> list[str]:
         # Classifier features come from the real-only model the matrix just trained (no downloaded weights).
@@ -196,6 +195,11 @@ def run_demo(
 
     for g in GENERATORS:
         step(f"Privacy audit of {g}", lambda g=g: privacy_args(g))
+    # After the audits: the Controls section checks that copycat is flagged.
+    step(
+        "Evaluation with patient-clustered intervals and controls",
+        ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)],
+    )
     step(
         "Submit to the demo leaderboard",
         ["submit", str(run), "--leaderboard", str(board), "--submitter", "demo"],

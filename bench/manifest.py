@@ -19,8 +19,10 @@ from bench.tasks import Task
 
 REQUIRED = ["case_id", "patient_id", "image", "label", "site", "origin", "split"]
 ORIGINS = ("real", "synthetic")
-SPLITS = ("train", "val", "test", "external")
-TRAINING_SPLITS = ("train", "val", "test")
+# `reserve`: training-site patients set aside by the task (`splits.reserve`), never trained on or evaluated; the
+# positive control `real-holdout` draws from them.
+SPLITS = ("train", "val", "test", "external", "reserve")
+TRAINING_SPLITS = ("train", "val", "test", "reserve")
 
 
 def manifest_hash(df: pd.DataFrame) -> str:

@@ -331,3 +331,54 @@ def describe(rows: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
         "by_class": by_class,
         "counts": counts,
     }
+
+
+# -- training budget ---------------------------------------------------------------------------------------------
+
+BUDGET_UNITS = ("steps", "epochs")
+
+
+def training_budget(
+    n_real_train: int,
+    epochs: int,
+    batch_size: int,
+    *,
+    unit: str = "steps",
+    pretrain_epochs: int | None = None,
+) -> dict[str, Any]:
+    """The optimizer-step budget every regime of a protocol trains for.
+
+    `unit="steps"`: the budget is `epochs x ceil(n_real_train / batch_size)` optimizer steps, where `n_real_train`
+    is the size of the real training split of the training sites, whatever the regime trains on. A scarce run
+    takes as many steps on fewer images, an augmented one as many on more, so a regime's effect is the data's and
+    not extra training. Validation (checkpoint selection, early stopping) happens every `steps_per_real_epoch`
+    steps in every regime. For `pretrain` the synthetic stage gets `pretrain_epochs` real epochs of the budget
+    (None: half) and fine-tuning the rest; the total is the budget.
+
+    `unit="epochs"`: the legacy behaviour, each regime `epochs` passes over its own training set (so augmented
+    runs train longer); kept to reproduce old numbers, not for comparisons.
+    """
+    if unit not in BUDGET_UNITS:
+        raise BadInput(f"budget unit {unit!r}: expected one of {list(BUDGET_UNITS)}")
+    if n_real_train < 1:
+        raise BadInput("training budget: the real training split is empty")
+    per_epoch = max(1, math.ceil(n_real_train / max(1, min(batch_size, n_real_train))))
+    steps = int(epochs) * per_epoch
+    out: dict[str, Any] = {
+        "unit": unit,
+        "real_epochs": int(epochs),
+        "n_real_train": int(n_real_train),
+        "batch_size": int(batch_size),
+        "steps_per_real_epoch": int(per_epoch),
+        "steps": steps if unit == "steps" else None,
+        "samples_seen": steps * int(batch_size) if unit == "steps" else None,
+        "derived": "epochs x ceil(n_real_train / batch_size) optimizer steps for every regime"
+        if unit == "steps"
+        else "epochs passes over each regime's own training set",
+    }
+    if unit == "steps":
+        pre = int(pretrain_epochs) if pretrain_epochs is not None else max(1, int(epochs) // 2)
+        # Both stages need at least one step; only a one-step budget is exceeded (by one step) for that.
+        pre_steps = max(1, min(pre * per_epoch, steps - 1))
+        out["pretrain_split"] = {"pretrain": pre_steps, "finetune": max(1, steps - pre_steps)}
+    return out

@@ -156,6 +156,8 @@ class MatrixProtocol(_Lenient):
     balance: str | None = None
     preset: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    controls: dict[str, list[str]] = Field(default_factory=dict)
     tune: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -57,10 +57,20 @@ def assign_splits(df: pd.DataFrame, task: Task) -> pd.DataFrame:
         n = len(ids)
         n_val = int(round(n * spec.val))
         n_test = int(round(n * spec.test))
+        n_res = int(round(n * spec.reserve))
         if n >= 3:
             n_val, n_test = max(n_val, 1), max(n_test, 1)
+        n_res = min(n_res, max(n - n_val - n_test - 1, 0))  # at least one training unit stays
         for k, j in enumerate(order):
-            assignment[ids[j]] = "val" if k < n_val else "test" if k < n_val + n_test else "train"
+            assignment[ids[j]] = (
+                "val"
+                if k < n_val
+                else "test"
+                if k < n_val + n_test
+                else "reserve"
+                if k < n_val + n_test + n_res
+                else "train"
+            )
 
     site_pool: dict[str, list[str]] = {}
     for (site, _label), grp in per_unit.groupby(["site", "label"], sort=True):

@@ -84,6 +84,13 @@ class Splits(Strict):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
+    reserve: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="patients of the training sites set aside in split `reserve`, never trained on or evaluated: "
+        "the pool of the positive control `real-holdout`; 0 = no positive control for this task",
+    )
     seed: int = 0
     from_column: str | None = Field(
         None,
@@ -93,8 +100,9 @@ class Splits(Strict):
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> Splits:
-        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
-            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        total = self.train + self.val + self.test + self.reserve
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test + reserve must be 1, got {total:g}")
         return self
 
 

@@ -178,6 +178,12 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     return out
 
 
+def _batch_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Batches of successive permutations, without end: a step budget may end inside a pass."""
+    while True:
+        yield from _batches(n, batch_size, gen)
+
+
 # -- fit / predict -----------------------------------------------------------------------------------------------
 
 
@@ -210,6 +216,8 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: Any = False,
     label: str = "train",
+    steps: int | None = None,
+    eval_every: int | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train `model_name` and return the checkpoint with the best validation macro AUROC, plus its history.
 
@@ -217,6 +225,12 @@ def fit(
     early stopping (`patience` epochs without improvement). `init` starts from given weights (fine-tuning).
     `on_epoch(record)` is called after every epoch with the history record; it may raise (e.g. optuna pruning).
     `progress`: False, True (own bars) or a rich Progress to add bars to.
+
+    `steps`: a fixed optimizer-step budget (see `bench.regimes.training_budget`), validated every `eval_every`
+    steps; batches come from successive seeded permutations of the training set, so a small set is cycled and a
+    large one is seen partly. Without `steps`: `epochs` passes over the training set, validated after each.
+    Either way one history record is one validation round (`epoch` counts rounds; `step` is the optimizer steps so
+    far, `samples_seen` the images) and the cosine learning-rate schedule spans the whole budget.
     """
     # Labels are copied (small, and torch wants writable memory); images stay as given until moved to the device.
     x_train, y_train = np.asarray(x_train), np.array(y_train, dtype=np.int64)
@@ -225,6 +239,8 @@ def fit(
     _check_xy("x_val", x_val, y_val, num_classes)
     if len(x_train) < 2:
         raise BadInput(f"training set has {len(x_train)} image(s); at least 2 are needed")
+    if steps is not None and (steps < 1 or (eval_every is not None and eval_every < 1)):
+        raise BadInput(f"training budget out of range: steps={steps} (>=1), eval_every={eval_every} (>=1)")
     if epochs < 1 or batch_size < 2 or lr <= 0 or weight_decay < 0 or aug_strength < 0:
         raise BadInput(
             f"training settings out of range: epochs={epochs} (>=1), batch_size={batch_size} (>=2), lr={lr} (>0), "
@@ -251,20 +267,28 @@ def fit(
         aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
         batch_size = min(batch_size, len(xtr))
-        steps_per_epoch = len(_batches(len(xtr), batch_size, torch.Generator().manual_seed(0)))
+        own_epoch = len(_batches(len(xtr), batch_size, torch.Generator().manual_seed(0)))
+        if steps is None:
+            total, steps_per_epoch = epochs * own_epoch, own_epoch
+        else:
+            total, steps_per_epoch = int(steps), int(eval_every or own_epoch)
+        rounds = math.ceil(total / steps_per_epoch)
+        stream = _batch_stream(len(xtr), batch_size, order_gen)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        total = epochs * steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         history: list[dict[str, Any]] = []
         best_key, best_state, best_epoch, stale = None, None, 0, 0
-        with _Bars(progress, epochs, steps_per_epoch, label) as bars:
-            for epoch in range(1, epochs + 1):
+        done_steps, samples = 0, 0
+        with _Bars(progress, rounds, steps_per_epoch, label) as bars:
+            for epoch in range(1, rounds + 1):
                 model.train()
                 t0 = time.perf_counter()
                 loss_sum, seen = 0.0, 0
-                for idx in _batches(len(xtr), batch_size, order_gen):
+                n_this = min(steps_per_epoch, total - done_steps)
+                for _ in range(n_this):
+                    idx = next(stream)
                     xb = _to_float(xtr.batch(idx))
                     if cuda:
                         xb = xb.contiguous(memory_format=torch.channels_last)
@@ -279,11 +303,15 @@ def fit(
                     loss_sum += float(loss.detach()) * len(idx)
                     seen += len(idx)
                     bars.step()
+                done_steps += n_this
+                samples += seen
                 if cuda:
                     torch.cuda.synchronize(dev)
                 train_s = time.perf_counter() - t0
                 rec: dict[str, Any] = {
                     "epoch": epoch,
+                    "step": done_steps,
+                    "samples_seen": samples,
                     "train_loss": loss_sum / max(seen, 1),
                     "lr": opt.param_groups[0]["lr"],
                     "train_seconds": train_s,
@@ -308,7 +336,7 @@ def fit(
                     stale += 1
                 rec["best_epoch"] = best_epoch
                 history.append(rec)
-                bars.epoch(f"{label} epoch {epoch}/{epochs} val AUROC {rec['val_auroc_macro']:.3f}")
+                bars.epoch(f"{label} round {epoch}/{rounds} val AUROC {rec['val_auroc_macro']:.3f}")
                 if on_epoch is not None:
                     on_epoch(dict(rec))
                 if patience is not None and stale >= patience:

@@ -122,6 +122,19 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     assert real_ext > pca_ext
     # The external hospitals are harder than the internal test split for real-only.
     assert real_ext < real_test
+    # The controls come out as declared (equal budgets make copycat's mixing gain vanish).
+    controls = json.loads((out / "run" / "evaluation" / "summary.json").read_text())["controls"]
+    status = {(c["control"], c["check"]): c for c in controls}
+    for key in [
+        ("copycat", "gain_contains_zero"),
+        ("copycat", "privacy_flagged"),
+        ("label-shuffle", "chance"),
+        ("real-holdout", "ratio_contains_one"),
+    ]:
+        assert status[key]["status"] == "PASS", status[key]
+    gain = status[("copycat", "gain_contains_zero")]
+    assert gain["ci_low"] <= 0 <= gain["ci_high"]
+    assert "Controls" in (out / "run" / "evaluation" / "report.md").read_text().split("## Settings")[0]
 
 
 def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path, capsys):

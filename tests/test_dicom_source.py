@@ -141,7 +141,7 @@ def test_manifest_then_validate(export, tmp_path, capsys):
     assert rc == 0 and out.is_file()
     assert main(["data", "validate", str(out), "--task", TASK]) == 0
     m = pd.read_parquet(out)
-    assert set(m["split"]) <= {"train", "val", "test", "external"}
+    assert set(m["split"]) <= {"train", "val", "test", "external", "reserve"}
     assert (m.loc[m["site"].isin(["hospital_d", "hospital_e"]), "split"] == "external").all()
     assert {"sex", "age", "age_group", "contrast", "slice"} <= set(m.columns)
 

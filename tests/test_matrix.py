@@ -259,6 +259,7 @@ def test_composition_json_is_what_compose_promised(matrix, world):
     train = real[real["split"] == "train"]
     for r, regime in zip(RUNS, ["real", "augment:1", "pretrain"], strict=True):
         comp = json.loads((matrix / r / "composition.json").read_text())
+        assert comp.pop("budget")["steps"] == 2  # 48 real training images, batch 32, one epoch
         _, expected = compose(regime, train, syn if regime != "real" else None, 0, classes=task.classes)
         assert comp == json.loads(json.dumps(expected))
     comp = json.loads((matrix / RUNS[1] / "composition.json").read_text())
@@ -559,15 +560,32 @@ def test_every_regime_runs_and_writes_its_composition(world, tmp_path):
     train = real[real["split"] == "train"]
     from bench.regimes import parse_regime
 
+    # Equal budgets (smoke preset, one real epoch): every regime takes ceil(n_real_train / batch_size) optimizer
+    # steps, whatever its training set holds, validated after each real epoch's worth of steps.
+    batch = 32
+    want_steps = -(-len(train) // batch)
+    steps, sizes = {}, {}
     for regime in regimes:
         reg = parse_regime(regime)
         gen = "shapes" if reg.uses_synthetic else "none"
         d = out / f"{gen}__{reg.slug}__resnet10t__seed0"
         assert (d / "DONE").is_file()
         comp = json.loads((d / "composition.json").read_text())
+        budget = comp.pop("budget")
         _, expected = compose(regime, train, syn if reg.uses_synthetic else None, 0, classes=CLASSES)
         assert comp == json.loads(json.dumps(expected))
         assert set(pd.read_parquet(d / "predictions.parquet")["regime"]) == {regime}
+        assert budget["steps"] == want_steps and budget["n_real_train"] == len(train)
+        hist = pd.read_csv(d / "history.csv")
+        steps[regime] = int(hist.groupby("stage", sort=False)["step"].max().sum())
+        sizes[regime] = comp["n_total"]
+        config = json.loads((d / "config.json").read_text())
+        assert config["budget"]["steps"] == want_steps and config["budget"]["steps_run"] == steps[regime]
+    assert set(steps.values()) == {want_steps}, steps
+    # ... although the regimes train on sets of different sizes.
+    assert sizes["scarce:0.5"] < sizes["real"] < sizes["augment:1"]
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["protocol"]["budget"]["steps"] == want_steps
 
 
 @pytest.mark.slow

@@ -63,6 +63,8 @@ class Report:
         for kind, obj in self.blocks:
             if kind == "h2":
                 out += [f"## {obj}", ""]
+            elif kind == "banner":
+                out += [f"> **WARNING: {obj}**", ""]
             elif kind == "p":
                 out += [obj, ""]
             elif kind == "table":
@@ -82,6 +84,10 @@ class Report:
         for kind, obj in self.blocks:
             if kind == "h2":
                 parts.append(f"<h2>{html.escape(obj)}</h2>")
+            elif kind == "banner":
+                parts.append(
+                    f"<div class='banner' role='alert'><strong>WARNING:</strong> {_inline_html(obj)}</div>"
+                )
             elif kind == "p":
                 parts.append(f"<p>{_inline_html(obj)}</p>")
             elif kind == "table":
@@ -102,6 +108,7 @@ _CSS = (
     "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}th,td{padding:3px 8px;border-bottom:1px solid #ddd;"
     "text-align:left}th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}"
     "code{background:#f3f3f3;padding:0 3px}"
+    ".banner{background:#b00020;color:#fff;padding:0.8em 1em;margin:1em 0;font-size:1.1em;border-radius:4px}"
 )
 
 

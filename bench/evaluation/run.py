@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.evaluation.controls import check_controls, controls_blocks, read_privacy, run_controls
 from bench.evaluation.report import Settings, build_report
 from bench.io import atomic_dir, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline, summarize
@@ -76,8 +77,13 @@ def evaluate_run(
         ece_bins=task.metrics.ece_bins,
         runs=[r.path.name for r in RunDir(run).finished_runs()],
     )
+    ctl_gens = run_controls(run)
+    controls = check_controls(table, comps, read_privacy(run, list(ctl_gens)), task, ctl_gens)
+    summary["controls"] = [c.to_dict() for c in controls]
     prepared = prepare_predictions(preds, task, source=src)
     report = build_report(table, comps, summary, task, Settings(n_boot, seed, mp, mpos, source=src), prepared)
+    # Controls come first: a failed control matters more than any ranking below it.
+    report.blocks[0:0] = controls_blocks(controls)
     with atomic_dir(out, overwrite=True) as tmp:
         write_tables(tmp, "metrics", table)
         write_tables(tmp, "comparisons", comps)

@@ -8,12 +8,49 @@ contract: PNG images + a synthetic manifest + the exact training manifest + a ge
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bench.errors import BadInput
 from bench.registry import Registry
+
+CHECK_KINDS = ("gain_contains_zero", "privacy_flagged", "chance", "ratio_contains_one")
+
+
+@dataclass(frozen=True)
+class ControlCheck:
+    """One expected outcome of a control, checked by `bench.evaluation.controls`.
+
+    `kind`: `gain_contains_zero` (the 95% interval of `regime` minus real-only on the primary metric contains 0),
+    `privacy_flagged` (the privacy audit flags the set), `chance` (the 95% interval of `regime`'s macro AUROC
+    contains 0.5) or `ratio_contains_one` (the interval of `regime` / real-only contains 1).
+    """
+
+    kind: str
+    regime: str | None
+    expected: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "regime": self.regime, "expected": self.expected}
+
+
+@dataclass(frozen=True)
+class Control:
+    """A generator whose right answer is known: `role` is `negative` or `positive`; `checks` its outcomes."""
+
+    role: str
+    purpose: str
+    checks: tuple[ControlCheck, ...]
+
+    @property
+    def regimes(self) -> list[str]:
+        """The regimes its checks need (besides the real-only baseline)."""
+        return list(dict.fromkeys(c.regime for c in self.checks if c.regime))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "purpose": self.purpose, "checks": [c.to_dict() for c in self.checks]}
 
 
 class Generator:
@@ -27,6 +64,11 @@ class Generator:
     version: str = "1.0"
     presets: dict[str, dict[str, Any]] = {"tiny": {}, "full": {}}
     default_preset: str = "tiny"
+    # A control declares what it must show; None for a generator under test.
+    control: Control | None = None
+    # The real split it learns from: `train` for every generator, `reserve` for the positive control (patients of
+    # the training sites that no run trains on).
+    source_split: str = "train"
 
     def __init__(self, config: str | dict[str, Any] | None = None, seed: int = 0, device: str | None = None):
         self.config = self.resolve_config(config)
@@ -79,7 +121,12 @@ def _as_generator(name: str, obj: object) -> type[Generator]:
 GENERATORS: Registry[type[Generator]] = Registry(
     "generator",
     group="medsynbench.generators",
-    builtins=("bench.generators.copycat", "bench.generators.pca_gmm", "bench.generators.ddpm"),
+    builtins=(
+        "bench.generators.copycat",
+        "bench.generators.controls",
+        "bench.generators.pca_gmm",
+        "bench.generators.ddpm",
+    ),
     coerce=_as_generator,
 )
 
@@ -96,6 +143,17 @@ def list_generators() -> list[str]:
 def get_generator(name: str) -> type[Generator]:
     """The generator class registered as `name`; an unknown name is bad input with the closest known names."""
     return GENERATORS.get(name, what="--generator")
+
+
+def control_of(name: str | None) -> Control | None:
+    """The control a registered generator name declares; None for other generators and unknown names."""
+    if not name or name not in GENERATORS.names():
+        return None
+    return GENERATORS.get(name).control
+
+
+def list_controls() -> list[str]:
+    return [n for n in GENERATORS.names() if GENERATORS.get(n).control is not None]
 
 
 def _cuda() -> bool:
@@ -123,7 +181,11 @@ def import_synthetic(*args: Any, **kwargs: Any):
 
 __all__ = [
     "GENERATORS",
+    "Control",
+    "ControlCheck",
     "Generator",
+    "control_of",
+    "list_controls",
     "register_generator",
     "list_generators",
     "get_generator",

@@ -88,6 +88,9 @@ class GeneratorCard(StrictMutable):
     only: dict[str, str] | None = None
     training: Training
     config: dict[str, Any] = Field(default_factory=dict)
+    control: dict[str, Any] | None = Field(
+        None, description="for a control generator: its role, purpose and expected outcomes (checks)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

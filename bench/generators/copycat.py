@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.generators import Generator, register_generator
+from bench.generators import Control, ControlCheck, Generator, register_generator
 
 
 @register_generator("copycat")
 class Copycat(Generator):
     version = "1.0"
+    control = Control(
+        "negative",
+        "copies of the training images carry no information beyond the real data, and no privacy",
+        (
+            ControlCheck(
+                "gain_contains_zero", "augment:1", "augment:1 gain over real-only: interval contains 0"
+            ),
+            ControlCheck("privacy_flagged", None, "privacy audit: flagged as memorizing"),
+        ),
+    )
     # noise_std in gray levels (0-255); max_shift in pixels along each axis.
     presets = {"tiny": {"noise_std": 2.0, "max_shift": 1}, "full": {"noise_std": 2.0, "max_shift": 1}}
 

@@ -48,10 +48,13 @@ def parse_only(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def training_rows(m: Manifest, task: Task, only: dict[str, str] | None = None) -> pd.DataFrame:
-    """The real rows a generator may learn from: split == train, a training site, origin real, `only` applied."""
+def training_rows(
+    m: Manifest, task: Task, only: dict[str, str] | None = None, split: str = "train"
+) -> pd.DataFrame:
+    """The real rows a generator may learn from: `split` (train; reserve for the positive control), a training
+    site, origin real, `only` applied."""
     df = m.df
-    keep = (df["split"] == "train") & df["site"].isin(task.sites.train) & (df["origin"] == "real")
+    keep = (df["split"] == split) & df["site"].isin(task.sites.train) & (df["origin"] == "real")
     rows = df[keep]
     for col, val in (only or {}).items():
         if col not in rows.columns:
@@ -61,6 +64,12 @@ def training_rows(m: Manifest, task: Task, only: dict[str, str] | None = None) -
         rows = rows[rows[col].astype(str) == val]
     if rows.empty:
         extra = f" with {only}" if only else ""
+        if split == "reserve":
+            raise BadInput(
+                f"{m.path}: no reserve rows (split 'reserve', sites {task.sites.train}){extra}; the positive "
+                f"control needs a task with `splits.reserve` > 0 (task {task.name!r} has "
+                f"{task.splits.reserve:g}) and a manifest built with it"
+            )
         raise BadInput(f"{m.path}: no real training rows (split 'train', sites {task.sites.train}){extra}")
     return rows.reset_index(drop=True)
 
@@ -164,7 +173,11 @@ def generate(
 
     m = load_valid_manifest(real, task)
     only = dict(only or {})
-    rows = training_rows(m, task, only)
+    rows = training_rows(m, task, only, cls.source_split)
+    if cls.source_split != "train" and n is None and per_class is None:
+        # Sizes matched: as many images as the real training set, in the pool's class proportions (the pool is
+        # drawn without replacement first, then the shortfall with replacement).
+        n = len(training_rows(m, task, only))
     counts = class_counts(rows["label"], task.classes, n, per_class)
     have = rows["label"].value_counts()
     short = [f"{c} ({int(have.get(c, 0))})" for c, k in counts.items() if k > 0 and have.get(c, 0) < 2]
@@ -247,8 +260,9 @@ def generate(
                 "patients": sorted({hash_id(p) for p in rows["patient_id"]}),
                 "n_images": int(len(rows)),
                 "n_patients": int(rows["patient_id"].nunique()),
-                "splits": ["train"],
+                "splits": [cls.source_split],
             },
+            control=cls.control.to_dict() if cls.control is not None else None,
             config={
                 **gen.config,
                 **({"fitted": _fitted(gen, task)} if getattr(gen, "fitted_", None) else {}),

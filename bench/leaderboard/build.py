@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.evaluation.controls import failures
 from bench.io import read_json, sha256_file, write_json, write_text
 from bench.leaderboard.config import LeaderboardConfig, load_board_task, load_config, load_key
 from bench.leaderboard.key import AnswerKey, key_path
@@ -402,11 +403,25 @@ def ranking_hib(records: list[dict[str, Any]]) -> bool:
     return bool(records[0]["evaluation"]["higher_is_better"]) if records else True
 
 
+def reference_controls(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The control checks the reference records carry (one reference per submitted run)."""
+    return [c for r in records if r.get("kind") == "reference" for c in (r.get("controls") or [])]
+
+
 def build(board: str | Path) -> tuple[Path, Path]:
-    """Render README.md and index.html from the records; both written atomically."""
+    """Render README.md and index.html from the records; both written atomically. A reference run whose controls
+    fail is not published (BadInput naming the control)."""
     cfg = load_config(board)
     records = read_records(cfg.records_dir)
+    controls = reference_controls(records)
+    failed = failures(controls)
+    if failed:
+        raise BadInput(
+            f"{cfg.records_dir}: not published: the reference run fails {len(failed)} control check(s)",
+            failed,
+        )
     rows, facts = board_rows(cfg, records)
+    facts["controls"] = controls
     md = render_markdown(cfg, rows, facts)
     html = render_html(cfg, rows, facts)
     readme = write_text(cfg.folder / "README.md", md, PUBLISHED_MODE)

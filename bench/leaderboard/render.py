@@ -95,6 +95,53 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def _control_observed(c: dict[str, Any]) -> str:
+    v, lo, hi = c.get("value"), c.get("ci_low"), c.get("ci_high")
+    if v is None:
+        return "–"
+    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _controls_markdown(controls: list[dict[str, Any]]) -> list[str]:
+    if not controls:
+        return []
+    if all(c["status"] == "NOT RUN" for c in controls):
+        names = sorted({c["control"] for c in controls})
+        return [f"Controls of the reference run: none run ({', '.join(names)} NOT RUN).", ""]
+    lines = [
+        "## Controls of the reference run",
+        "",
+        "| control | generator | expected | observed | result |",
+        "|---|---|---|---|---|",
+    ]
+    for c in controls:
+        res = c["status"] + (f" ({c['reason']})" if c.get("reason") and c["status"] != "PASS" else "")
+        lines.append(
+            "| "
+            + " | ".join(
+                _md_escape(x)
+                for x in (c["control"], c.get("generator") or "–", c["expected"], _control_observed(c), res)
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def _controls_html(controls: list[dict[str, Any]]) -> str:
+    if not controls:
+        return ""
+    e = html.escape
+    body = "".join(
+        f"<tr><td>{e(c['control'])}</td><td>{e(c.get('generator') or '–')}</td><td>{e(c['expected'])}</td>"
+        f"<td>{e(_control_observed(c))}</td><td><b>{e(c['status'])}</b> {e(c.get('reason') or '')}</td></tr>"
+        for c in controls
+    )
+    return (
+        "<h2>Controls of the reference run</h2><table class='controls'><thead><tr><th>control</th>"
+        f"<th>generator</th><th>expected</th><th>observed</th><th>result</th></tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
 def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     title = cfg.title or f"{cfg.task.name} {cfg.task.version}"
     lines = [
@@ -124,6 +171,7 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
         f"Pareto front (utility up, subgroup gap down, memorization down): {', '.join(front) or 'none'}.",
         "",
     ]
+    lines += _controls_markdown(facts.get("controls") or [])
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
     lines += not_ranked_markdown(facts)
@@ -430,6 +478,7 @@ def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[
 <body data-rendered-rows="0" data-expected-rows="{len(rows)}">
 <h1>Leaderboard: {e(title)}</h1>
 <p class="meta">Task <code>{e(cfg.task.name)}</code> version {e(cfg.task.version)}. {e(_method_text(facts).replace("`", ""))}</p>
+{_controls_html(facts.get("controls") or [])}
 {notes}
 <noscript><p>This table is drawn by the page's own script; README.md beside this file holds the same table.</p></noscript>
 <table id="board"><thead><tr>{head_cells}</tr></thead><tbody></tbody></table>

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
@@ -100,6 +101,7 @@ class Submission:
     eval_ids: list[str]
     backbone: str
     notes: list[str]
+    controls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _regime(name: str) -> tuple[str, bool]:
@@ -224,7 +226,11 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             )
         gens = [g for g in all_gens if g in only]
     else:
-        gens = all_gens
+        # Controls that run only the regimes their checks need are checked below, not ranked as entries.
+        control_only = set(matrix.protocol.controls)
+        gens = [g for g in all_gens if g not in control_only]
+        if control_only & set(all_gens):
+            notes.append(f"control run(s) {sorted(control_only & set(all_gens))} checked, not ranked")
 
     def need(gen: str, regimes: list[str]) -> None:
         for r in regimes:
@@ -287,9 +293,45 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
         notes.append("no generator runs: only the real-only reference is submitted")
     if problems:
         raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
+    controls = reference_controls(root, task, runs, cfg)
     return Submission(
-        root, task, matrix, runs, gens, cards, privacy, manifests, sorted(universe), backbone, notes
+        root,
+        task,
+        matrix,
+        runs,
+        gens,
+        cards,
+        privacy,
+        manifests,
+        sorted(universe),
+        backbone,
+        notes,
+        [c.to_dict() for c in controls],
     )
+
+
+def reference_controls(root: Path, task: Task, runs: list[Run], cfg: LeaderboardConfig) -> list[Any]:
+    """The run's controls, re-scored from its predictions; a failed control refuses the submission (exit 2)."""
+    ctl = run_controls(root)
+    preds = [r.preds for r in runs if r.keys[0] in (BASELINE, *ctl)]
+    if not preds:
+        return []
+    results = controls_from_predictions(
+        pd.concat(preds, ignore_index=True),
+        task,
+        ctl,
+        read_privacy(root, list(ctl)),
+        n_boot=cfg.bootstrap.n,
+        seed=cfg.bootstrap.seed,
+    )
+    failed = failures(results)
+    if failed:
+        raise BadInput(
+            f"{root}: not published: the reference run fails {len(failed)} control check(s); a benchmark whose "
+            "controls fail cannot rank generators",
+            failed,
+        )
+    return results
 
 
 def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
@@ -592,6 +634,7 @@ def build_records(
                     _resolved_config([r.config for r in own]), [sub.root, Path.cwd()]
                 ),
                 "hpo_budget": _hpo_budget(sub.matrix, [r.config for r in own]),
+                "budget": sub.matrix.protocol.budget,
             },
             "environment": env,
             "evaluation": {
@@ -616,6 +659,8 @@ def build_records(
         }
         if sub.notes:
             record["notes"] = list(sub.notes)
+        if is_ref and sub.controls:
+            record["controls"] = list(sub.controls)
         record = scrub_local_paths(redact(record, secrets_), [sub.root, Path.cwd()])
         left = local_paths(record)
         if left:

@@ -46,6 +46,17 @@ class TrainOverrides(Strict):
     pretrain_epochs: int | None = Field(None, ge=1)
 
 
+class Budget(Strict):
+    """How long every run of the protocol trains (see `bench.regimes.training_budget`)."""
+
+    unit: Literal["steps", "epochs"] = Field(
+        "steps",
+        description="steps: every regime trains epochs x ceil(n_real_train / batch_size) optimizer steps, where "
+        "n_real_train is the real training split of the training sites; epochs: the legacy behaviour, each regime "
+        "`epochs` passes over its own training set (augmented runs train longer)",
+    )
+
+
 class Protocol(Strict):
     """A protocol YAML (`configs/protocols/*.yaml`); anything left out falls back to the task's `protocol`."""
 
@@ -58,6 +69,12 @@ class Protocol(Strict):
     preset: str | None = None
     balance: Literal["real", "synthetic"] = Field("real", description="class balance of the synthetic draw")
     train: TrainOverrides = TrainOverrides()
+    budget: Budget = Budget()
+    controls: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="control generators (by --synthetic name) and the only regimes they run; a generator not "
+        "listed runs every regime. Missing controls are reported NOT RUN by `evaluate`.",
+    )
     tune: TuneSpec = TuneSpec()
 
 

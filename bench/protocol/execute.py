@@ -23,7 +23,7 @@ from bench.io import atomic_dir, read_json, write_json, write_table, write_text
 from bench.manifest import read_manifest
 from bench.metrics.core import auroc_macro
 from bench.protocol.plan import MatrixContext, RunSpec, StudySpec, environment
-from bench.regimes import compose
+from bench.regimes import compose, training_budget
 from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
 from bench.tasks import Task, load_task
 from bench.tune import run_study
@@ -118,6 +118,15 @@ def train_regime(
         regime, train_df, syn.df if syn else None, seed, classes=classes, balance=data.ctx.balance
     )
     x_val, y_val = real.take(val_df["case_id"]), _labels(val_df, classes)
+    # The budget comes from the real training split, the same for every regime of the protocol.
+    budget = training_budget(
+        len(train_df),
+        int(settings["epochs"]),
+        int(settings["batch_size"]),
+        unit=str(settings.get("budget_unit") or "steps"),
+        pretrain_epochs=settings.get("pretrain_epochs"),
+    )
+    comp["budget"] = budget
     common = dict(
         lr=settings["lr"],
         weight_decay=settings["weight_decay"],
@@ -138,6 +147,9 @@ def train_regime(
         epochs = (
             (settings["pretrain_epochs"] or settings["epochs"]) if stage == "pretrain" else settings["epochs"]
         )
+        steps = budget["steps"]
+        if steps is not None and len(stages) > 1:
+            steps = budget["pretrain_split"][stage]
 
         def cb(rec: dict[str, Any], stage: str = stage) -> None:
             if on_epoch is not None:
@@ -150,6 +162,8 @@ def train_regime(
             x_val,
             y_val,
             epochs=int(epochs),
+            steps=steps,
+            eval_every=budget["steps_per_real_epoch"] if steps is not None else None,
             init=init,
             on_epoch=cb,
             label=stage,
@@ -158,6 +172,14 @@ def train_regime(
         history += [{"stage": stage, **h} for h in hist]
         init = model
     return model, history, comp, real
+
+
+def _stage_ends(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last history record of each stage (its `step` is the stage's optimizer steps)."""
+    last: dict[str, dict[str, Any]] = {}
+    for h in history:
+        last[h["stage"]] = h
+    return list(last.values())
 
 
 def run_metrics(preds: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
@@ -307,6 +329,10 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
             backbone=spec.backbone,
         )
         metrics = run_metrics(preds, task.classes)
+        config["budget"] = {
+            **comp["budget"],
+            "steps_run": int(sum(h["step"] for h in _stage_ends(history))),
+        }
         best = next((h for h in reversed(history) if h.get("selected")), history[-1])
         train_s = sum(h["train_seconds"] for h in history)
         n_img = sum(h["images_per_second"] * h["train_seconds"] for h in history)
@@ -318,6 +344,7 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
             backbone=spec.backbone,
             best_epoch=int(best["epoch"]),
             epochs_run=len(history),
+            steps_run=config["budget"]["steps_run"],
             timing={
                 "train_seconds": train_s,
                 "train_images_per_second": n_img / train_s if train_s > 0 else None,

@@ -94,10 +94,11 @@ def load_synthetic(
             f"field 'training.sites': the generator was trained on data from external site(s) {ext}; external "
             "sites must stay unseen"
         )
-    bad_splits = sorted(set(map(str, training.get("splits") or [])) - {"train"})
+    bad_splits = sorted(set(map(str, training.get("splits") or [])) - {"train", "reserve"})
     if bad_splits:
         problems.append(
-            f"field 'training.splits': the generator was trained on split(s) {bad_splits}; only 'train'"
+            f"field 'training.splits': the generator was trained on split(s) {bad_splits}; only 'train' (or "
+            "'reserve', the patients the positive control draws from)"
         )
     hashed = set(map(str, training.get("patients") or []))
     if hashed:

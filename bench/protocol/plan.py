@@ -17,7 +17,7 @@ from bench.io import sha256_file
 from bench.manifest import Manifest
 from bench.protocol.config import Protocol, TrainSettings, default_preset_name, load_preset, load_protocol
 from bench.protocol.inputs import load_real, load_synthetic
-from bench.regimes import expand_regimes
+from bench.regimes import expand_regimes, training_budget
 from bench.runfolder import BASELINE, SCHEMA_VERSION, ManifestRef, RunDir, run_name, study_key
 from bench.tasks import Task, load_task
 from bench.tune import TuneSpec, default_storage
@@ -249,6 +249,7 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
     proto, proto_path = load_protocol(options.protocol) if options.protocol else (Protocol(), None)
     preset_ref = options.preset or proto.preset or default_preset_name()
     (pre, preset_path), settings = _settings(options, task, proto, preset_ref)
+    settings["budget_unit"] = proto.budget.unit
     bb = settings["backbone"]
 
     regime_list = expand_regimes(
@@ -281,6 +282,20 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
         syn_m[name] = m
         cards[name] = (card, cpath)
 
+    control_regimes = {
+        name: expand_regimes(list(regs), proto.ratios or task.protocol.ratios)
+        for name, regs in proto.controls.items()
+    }
+    rdf = real_m.df
+    n_real_train = int(((rdf["split"] == "train") & rdf["site"].isin(task.sites.train)).sum())
+    budget = training_budget(
+        n_real_train,
+        int(settings["epochs"]),
+        int(settings["batch_size"]),
+        unit=proto.budget.unit,
+        pretrain_epochs=settings["pretrain_epochs"],
+    )
+
     workers = max(1, int(options.workers))
     if options.threads is not None and options.threads < 1:
         raise BadInput(f"--threads {options.threads}: must be at least 1")
@@ -304,9 +319,24 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
 
     runs: list[RunSpec] = []
     studies: dict[str, StudySpec] = {}
+
+    def runs_regime(gen: str, reg: Any) -> bool:
+        if gen == BASELINE or gen not in control_regimes:
+            return True
+        return reg.name in {r.name for r in control_regimes[gen]}
+
+    # A control runs its own regimes, even those the protocol's list leaves out (e.g. `synthetic` in a mixing-only
+    # protocol); every other generator runs the protocol's.
+    extra = [
+        r for regs in control_regimes.values() for r in regs if r.name not in {x.name for x in regime_list}
+    ]
+    all_regimes = regime_list + [r for i, r in enumerate(extra) if r.name not in {x.name for x in extra[:i]}]
     for seed in seed_list:
-        for reg in regime_list:
-            for gen in list(syn_paths) if reg.uses_synthetic else [BASELINE]:
+        for reg in all_regimes:
+            gens = [g for g in syn_paths if runs_regime(g, reg)] if reg.uses_synthetic else [BASELINE]
+            if reg not in regime_list:
+                gens = [g for g in gens if g in control_regimes]
+            for gen in gens:
                 ident = _hash(
                     {
                         "schema": SCHEMA_VERSION,
@@ -343,6 +373,8 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
             "balance": proto.balance,
             "preset": pre.name,
             "settings": settings,
+            "budget": budget,
+            "controls": {n: [r.name for r in regs] for n, regs in control_regimes.items()},
             "tune": {"trials": tune_spec.trials, **(tune_dump or {})} if tuning_on else {"trials": 0},
         },
         "manifests": manifests,

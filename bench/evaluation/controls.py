@@ -1,0 +1,294 @@
+"""Controls: generators whose right answer is known, checked before anything is ranked.
+
+Each registered control (`bench.generators.list_controls()`: `copycat`, `label-shuffle`, `real-holdout`) declares
+checks (`bench.generators.ControlCheck`). `check_controls` evaluates every check against a run's metric table,
+comparisons and privacy audits and returns one `ControlResult` per check: PASS, FAIL (with the numbers) or NOT RUN
+(with the reason: the control is not in the run, a regime is missing, an interval is undefined, no audit).
+A run's generators are matched to controls by the registered generator name on their card (else their run name).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.generators import Control, ControlCheck, control_of, list_controls
+from bench.io import read_json
+from bench.metrics.compare import auroc_metric, headline_split
+from bench.runfolder import BASELINE, RunDir
+from bench.tasks import Task
+
+PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
+REAL_HOLDOUT = "real-holdout"
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    control: str  # the registered control name
+    generator: str | None  # its name in the run (None: not in the run)
+    role: str
+    check: str
+    regime: str | None
+    expected: str
+    status: str  # PASS | FAIL | NOT RUN
+    metric: str | None = None
+    split: str | None = None
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def observed(self) -> str:
+        if self.value is None:
+            return "—"
+        if self.ci_low is None or self.ci_high is None:
+            return f"{self.value:.3f}"
+        return f"{self.value:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
+
+
+def run_controls(run: str | Path) -> dict[str, str]:
+    """{generator name in RUN: control name} from the run's matrix (card names first, then run names)."""
+    rd = RunDir(run)
+    out: dict[str, str] = {}
+    if not rd.matrix_file.is_file():
+        return out
+    for gen, entry in rd.matrix().generators.items():
+        card = entry.card or {}
+        name = card.get("name") if isinstance(card, dict) else None
+        for candidate in (name, gen):
+            if control_of(candidate) is not None:
+                out[gen] = str(candidate)
+                break
+    return out
+
+
+def read_privacy(run: str | Path, generators: list[str]) -> dict[str, dict[str, Any]]:
+    """Each generator's RUN/privacy/<generator>/privacy.json, where the audit was run."""
+    rd = RunDir(run)
+    out = {}
+    for g in generators:
+        p = rd.privacy_file(g)
+        if p.is_file():
+            out[g] = read_json(p)
+    return out
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _contains(lo: float | None, hi: float | None, x: float) -> bool:
+    return lo is not None and hi is not None and lo <= x <= hi
+
+
+def _one(
+    name: str,
+    gen: str | None,
+    control: Control,
+    check: ControlCheck,
+    table: pd.DataFrame,
+    comparisons: pd.DataFrame | None,
+    privacy: Mapping[str, Mapping[str, Any]],
+    task: Task,
+    split: str,
+) -> ControlResult:
+    base = dict(control=name, generator=gen, role=control.role, check=check.kind, regime=check.regime)
+    base["expected"] = check.expected
+
+    def res(status: str, reason: str = "", **kw: Any) -> ControlResult:
+        return ControlResult(**base, status=status, reason=reason, **kw)
+
+    if gen is None:
+        if control.regimes and name == REAL_HOLDOUT and task.splits.reserve <= 0:
+            return res(NOT_RUN, f"task {task.name} sets no reserve patients (splits.reserve = 0)")
+        return res(NOT_RUN, f"no generator of this control in the run (generate it with --generator {name})")
+    if check.kind == "privacy_flagged":
+        audit = privacy.get(gen)
+        if audit is None:
+            return res(
+                NOT_RUN, f"no privacy audit for {gen} (medsynbench privacy ... --out RUN/privacy/{gen})"
+            )
+        rate = _num(audit.get("memorization_rate"))
+        flagged = audit.get("flagged") is True
+        return res(
+            PASS if flagged else FAIL,
+            "" if flagged else "the privacy audit did not flag copies of the training images",
+            metric="memorization_rate",
+            value=rate,
+            ci_low=_num(audit.get("ci_low")),
+            ci_high=_num(audit.get("ci_high")),
+        )
+    if check.kind == "chance":
+        metric = "auroc_macro" if (table["metric"] == "auroc_macro").any() else auroc_metric(task)
+        t = table[
+            (table["generator"] == gen)
+            & (table["regime"] == check.regime)
+            & (table["metric"] == metric)
+            & (table["split"] == split)
+            & (table["scope"] == "overall")
+        ]
+        if t.empty:
+            return res(NOT_RUN, f"no {check.regime} run of {gen}", metric=metric, split=split)
+        r = t.sort_values("backbone").iloc[0]
+        lo, hi, v = _num(r["ci_low"]), _num(r["ci_high"]), _num(r["value"])
+        if lo is None or hi is None:
+            return res(
+                NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
+            )
+        ok = _contains(lo, hi, 0.5)
+        why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
+        return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
+    if check.kind in ("gain_contains_zero", "ratio_contains_one"):
+        primary = task.metrics.primary
+        c = pd.DataFrame() if comparisons is None else comparisons
+        if len(c):
+            c = c[
+                (c["generator"] == gen)
+                & (c["regime"] == check.regime)
+                & (c["metric"] == primary)
+                & (c["split"] == split)
+                & (c["scope"] == "overall")
+            ]
+        if c.empty:
+            return res(
+                NOT_RUN,
+                f"no {check.regime} run of {gen} compared with {BASELINE}",
+                metric=primary,
+                split=split,
+            )
+        r = c.sort_values("backbone").iloc[0]
+        if check.kind == "gain_contains_zero":
+            v, lo, hi, target = _num(r["diff"]), _num(r["ci_low"]), _num(r["ci_high"]), 0.0
+            metric = f"{primary} diff vs real"
+        else:
+            v, lo, hi, target = _num(r["ratio"]), _num(r["ratio_ci_low"]), _num(r["ratio_ci_high"]), 1.0
+            metric = f"{primary} ratio to real"
+        if lo is None or hi is None:
+            return res(
+                NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
+            )
+        ok = _contains(lo, hi, target)
+        why = "" if ok else f"the interval excludes {target:g}"
+        return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
+    return res(NOT_RUN, f"unknown check kind {check.kind!r}")
+
+
+def check_controls(
+    table: pd.DataFrame,
+    comparisons: pd.DataFrame | None,
+    privacy: Mapping[str, Mapping[str, Any]],
+    task: Task,
+    generators: Mapping[str, str],
+) -> list[ControlResult]:
+    """Every check of every registered control; `generators` maps a run's generator name to its control name."""
+    split = headline_split(table) if len(table) else "test"
+    by_control: dict[str, list[str]] = {}
+    for gen, name in generators.items():
+        by_control.setdefault(name, []).append(gen)
+    out = []
+    for name in list_controls():
+        control = control_of(name)
+        assert control is not None
+        for gen in sorted(by_control.get(name, [])) or [None]:
+            for check in control.checks:
+                out.append(_one(name, gen, control, check, table, comparisons, privacy, task, split))
+    return out
+
+
+def failures(results: list[ControlResult] | list[dict[str, Any]]) -> list[str]:
+    """One line per failed check, naming the control (for refusals and banners)."""
+    rows = [r.to_dict() if isinstance(r, ControlResult) else dict(r) for r in results]
+    return [
+        f"control {r['control']} ({r.get('generator') or '-'}): {r['expected']}: FAIL, observed "
+        f"{_fmt(r)}{' (' + r['reason'] + ')' if r.get('reason') else ''}"
+        for r in rows
+        if r.get("status") == FAIL
+    ]
+
+
+def _fmt(r: Mapping[str, Any]) -> str:
+    v, lo, hi = r.get("value"), r.get("ci_low"), r.get("ci_high")
+    if v is None:
+        return "—"
+    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def controls_table(results: list[ControlResult] | list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows the report and the leaderboard page show."""
+    rows = [r.to_dict() if isinstance(r, ControlResult) else dict(r) for r in results]
+    return pd.DataFrame(
+        [
+            {
+                "control": r["control"],
+                "generator": r.get("generator") or "—",
+                "role": r["role"],
+                "expected": r["expected"],
+                "observed": _fmt(r),
+                "result": r["status"],
+                "note": r.get("reason") or "",
+            }
+            for r in rows
+        ],
+        columns=["control", "generator", "role", "expected", "observed", "result", "note"],
+    )
+
+
+def controls_blocks(results: list[ControlResult]) -> list[tuple[str, Any]]:
+    """Report blocks of the Controls section: a banner first when a control failed, then the table."""
+    blocks: list[tuple[str, Any]] = [("h2", "Controls")]
+    failed = failures(results)
+    if failed:
+        blocks.append(
+            (
+                "banner",
+                f"{len(failed)} control check(s) FAILED: the numbers below are not trustworthy until this is "
+                "explained. " + " ".join(failed),
+            )
+        )
+    blocks.append(
+        (
+            "p",
+            "Generators with a known right answer (negative: copies and shuffled labels add nothing; positive: "
+            "unseen real patients of the same hospitals are as good as the real training set). PASS: the "
+            "observed 95% interval agrees with the expected outcome; NOT RUN: the control or what it needs is "
+            "missing from this run.",
+        )
+    )
+    blocks.append(("table", controls_table(results)))
+    return blocks
+
+
+def controls_from_predictions(
+    preds: pd.DataFrame,
+    task: Task,
+    generators: Mapping[str, str],
+    privacy: Mapping[str, Mapping[str, Any]],
+    *,
+    n_boot: int | None = None,
+    seed: int = 0,
+) -> list[ControlResult]:
+    """`check_controls` scored from predictions alone (the controls' runs and the real-only baseline; no subgroups),
+    as a leaderboard re-scores a submission without trusting its evaluation folder."""
+    from bench.metrics.compare import compare_to_baseline
+    from bench.metrics.evaluate import evaluate_predictions
+
+    keep = preds["generator"].astype(str).isin([BASELINE, *generators])
+    sub = preds[keep].reset_index(drop=True)
+    if sub.empty or not (sub["generator"].astype(str) == BASELINE).any():
+        return check_controls(pd.DataFrame(columns=["metric", "split"]), None, privacy, task, {})
+    table = evaluate_predictions(sub, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
+    comps = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[task.metrics.primary])
+    return check_controls(table, comps, privacy, task, generators)

@@ -1,0 +1,83 @@
+"""Controls with a known right answer: `label-shuffle` (negative) and `real-holdout` (positive).
+
+`copycat` (the memorization control) lives in its own module. A benchmark whose controls do not come out as
+declared is broken, whatever it says about the generators under test: `evaluate` checks them and the leaderboard
+refuses to publish when one fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.generators import Control, ControlCheck, Generator, register_generator
+
+
+def _draw(pools: dict[int, np.ndarray], labels: np.ndarray, rng: np.random.Generator, who: str) -> np.ndarray:
+    """One pool image per requested class index; every image of a class used once before any is used twice."""
+    labels = np.asarray(labels, dtype=int)
+    first = next(v for v in pools.values() if len(v))
+    out = np.empty((len(labels),) + first.shape[1:], dtype=np.uint8)
+    for c in np.unique(labels):
+        pool = pools.get(int(c))
+        if pool is None or len(pool) == 0:
+            raise ValueError(f"{who}: no images of class index {c} to draw from")
+        where = np.flatnonzero(labels == c)
+        reps = -(-len(where) // len(pool))
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(reps)])[: len(where)]
+        out[where] = pool[order]
+    return out
+
+
+def shuffled_labels(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation of `labels`: the class counts stay, the link between image and label goes."""
+    return np.asarray(labels)[np.random.default_rng([int(seed), 104729]).permutation(len(labels))]
+
+
+@register_generator("label-shuffle")
+class LabelShuffle(Generator):
+    """Negative control: the real training images with their labels permuted; trained on alone, a model is at chance."""
+
+    version = "1.0"
+    presets = {"tiny": {}, "full": {}}
+    control = Control(
+        "negative",
+        "images whose labels carry no information: a working pipeline trains a classifier at chance on them",
+        (ControlCheck("chance", "synthetic", "synthetic-only macro AUROC: interval contains 0.5 (chance)"),),
+    )
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        fake = shuffled_labels(labels, self.seed)
+        self._by_class = {c: images[fake == c] for c in range(num_classes)}
+        self.fitted_ = {
+            "kept_label": float(np.mean(fake == np.asarray(labels))),
+            "n_images": int(len(labels)),
+        }
+
+    def sample(self, labels: np.ndarray) -> np.ndarray:
+        return _draw(self._by_class, labels, np.random.default_rng(self.seed), "label-shuffle")
+
+
+@register_generator("real-holdout")
+class RealHoldout(Generator):
+    """Positive control: real images of training-site patients that no run trains on (the task's reserve split)."""
+
+    version = "1.0"
+    presets = {"tiny": {}, "full": {}}
+    source_split = "reserve"
+    control = Control(
+        "positive",
+        "real patients from the same hospitals, as many as the real training set: as good as the real data",
+        (
+            ControlCheck(
+                "ratio_contains_one",
+                "synthetic",
+                "synthetic-only / real-only macro AUROC ratio: interval contains 1",
+            ),
+        ),
+    )
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        self._by_class = {c: images[labels == c] for c in range(num_classes)}
+
+    def sample(self, labels: np.ndarray) -> np.ndarray:
+        return _draw(self._by_class, labels, np.random.default_rng(self.seed), "real-holdout")
