@@ -94,6 +94,24 @@ class Problem(BaseModel):
 _bearer = HTTPBearer(auto_error=False, description="the team's API token (`medsynbench host token add`)")
 
 
+def current_team(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> db.Team:
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise HTTPException(
+            401, "missing API token (Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"}
+        )
+    host: Host = request.app.state.host
+    with host.sessions() as s:
+        t = db.team_for_token(s, creds.credentials)
+    if t is None:
+        raise HTTPException(401, "unknown or revoked API token", {"WWW-Authenticate": "Bearer"})
+    return t
+
+
+Team = Annotated[db.Team, Depends(current_team)]
+
+
 def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
     host = host or Host(settings)
     host.init()
@@ -118,19 +136,6 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             },
             status_code=400,
         )
-
-    def team(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> db.Team:
-        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-            raise HTTPException(
-                401, "missing API token (Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"}
-            )
-        with host.sessions() as s:
-            t = db.team_for_token(s, creds.credentials)
-        if t is None:
-            raise HTTPException(401, "unknown or revoked API token", {"WWW-Authenticate": "Bearer"})
-        return t
-
-    Team = Annotated[db.Team, Depends(team)]
 
     def out(s: Any, sub: db.Submission, team_name: str) -> SubmissionOut:
         part, _ = db.visible_part(s)
@@ -169,7 +174,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
 
     @app.get("/api/me", responses=errors)
     def me(t: Team) -> TeamOut:
-        lim = settings.limits
+        lim = host.settings.limits
         with host.sessions() as s:
             n, _ = db.recent_submissions(s, t.id, db.now() - lim.quota_period_s)
         return TeamOut(
@@ -191,7 +196,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             UploadFile, File(description="synthetic bundle (.zip/.tar.gz) or predictions (.csv/.parquet)")
         ],
     ) -> SubmissionOut:
-        lim = settings.limits
+        lim = host.settings.limits
         filename = Path(file.filename or "").name
         if not filename:
             raise BadInput("field 'file': the upload has no file name")
@@ -211,7 +216,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
         sid = uuid.uuid4().hex
         ext = ".tar.gz" if filename.lower().endswith(".tar.gz") else Path(filename).suffix.lower()
         dest = host.uploads / f"{sid}{ext}"
-        part_file = dest.with_name(dest.name + ".part")
+        part_file = dest.with_name(f".part-{dest.name}")  # keeps the suffix the checks read
         h, size = hashlib.sha256(), 0
         try:
             with open(part_file, "wb") as f:
