@@ -330,3 +330,25 @@ def test_redaction_hides_ids_and_host_paths(service):
     text = host.redact(f"case {cid} at {host.settings.real_manifest} failed")
     assert cid not in text and str(host.settings.real_manifest) not in text
     assert np.isfinite(len(text))
+
+
+def test_host_commands_set_up_a_service(tmp_path, capsys):
+    from bench.cli import main
+
+    config = make_service(tmp_path / "a")
+    key = load_settings(config).answer_key
+    key.unlink()
+    assert main(["host", "init", "--config", str(config)]) == 0
+    assert key.is_file() and "wrote answer key" in capsys.readouterr().out
+    assert main(["host", "team-add", "gamma", "--config", str(config)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token.startswith(db.TOKEN_PREFIX)
+    assert main(["host", "team-add", "gamma", "--config", str(config)]) == 2  # names are unique
+    assert main(["host", "teams", "--config", str(config)]) == 0
+    assert f"gamma: {token[:12]}..." in capsys.readouterr().out
+    assert main(["host", "phase-open", "dev", "--config", str(config)]) == 0
+    assert main(["host", "phase-open", "dev2", "--config", str(config)]) == 2  # one open phase at a time
+    assert main(["host", "phase-close", "--config", str(config)]) == 0
+    assert main(["host", "token-revoke", token[:12], "--config", str(config)]) == 0
+    assert main(["submit", str(config)]) == 2  # neither --leaderboard nor --server
+    assert "--server URL" in capsys.readouterr().err
