@@ -231,12 +231,10 @@ def test_bad_predictions_are_400_with_every_problem(service):
     bad.loc[bad.index[1], "prob_disc"] = 1.7
     r = submit(c, token, "predictions", "p.csv", bad.to_csv(index=False).encode())
     assert r.status_code == 400
-    problems = " | ".join(r.json()["problems"])
-    assert (
-        "not evaluation cases" in problems
-        and "have no prediction" in problems
-        and "outside [0, 1]" in problems
-    )
+    problems = r.json()["detail"] + " | ".join(r.json()["problems"])
+    assert "does not hold" in problems and "outside [0, 1]" in problems
+    r = submit(c, token, "predictions", "p.csv", df.iloc[3:].to_csv(index=False).encode())
+    assert r.status_code == 400 and "3 of the" in " ".join(r.json()["problems"])  # 3 cases not predicted
     r = submit(c, token, "predictions", "p.csv", b"\xff\xfe\x00garbage")
     assert r.status_code == 400
     r = submit(c, token, "predictions", "big.csv", b"x" * 2_100_000)

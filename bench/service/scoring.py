@@ -25,13 +25,15 @@ from bench.tasks import Task
 PARTS = ("public", "private")
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stand-in for bench.leaderboard.key.AnswerKey (to be replaced by `from bench.leaderboard.key import AnswerKey`).
-# It implements only what this module uses: build_from_manifest, read, write, join, cross_check, .df.
+# Stand-in for bench.leaderboard.key.AnswerKey, used only while that module is absent (delete it once it lands).
+# It implements only what this module uses: build_from_manifest, read, write, part, join, cross_check, .df.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class AnswerKey:
-    """Hidden labels of the evaluation cases (stand-in; see the note above)."""
+class _StandInAnswerKey:
+    """Hidden labels of the evaluation cases (stand-in; see the note above). Same semantics as the real key:
+    `cross_check` names submitted keyed values that disagree; `join` raises for unknown or missing cases and
+    returns the key's columns with `label` as `y_true` and without `part`; `part(name)` is a sub-key."""
 
     def __init__(self, df: pd.DataFrame) -> None:
         self.df = df.reset_index(drop=True)
@@ -44,77 +46,91 @@ class AnswerKey:
         salt: str,
         private_fraction: float = 0.5,
         seed: int = 0,
-    ) -> AnswerKey:
-        from bench.manifest import load_valid_manifest
+    ) -> _StandInAnswerKey:
+        from bench.manifest import read_manifest
 
-        m = load_valid_manifest(real_manifest, task)
-        df = m.df
+        df = read_manifest(real_manifest).df
         if "origin" in df.columns:
             df = df[df["origin"].astype(str) == "real"]
         df = df[df["split"].astype(str).isin(SCORED_SPLITS)].copy()
         if df.empty:
-            raise BadInput(
-                f"{real_manifest}: no real {'/'.join(SCORED_SPLITS)} rows to build an answer key from"
-            )
+            raise BadInput(f"{real_manifest}: no test or external cases: nothing to build an answer key from")
+        df = task.add_subgroup_columns(df)
         # Whole patients go to one part, so the two parts are independent samples of patients.
-        patients = np.array(sorted(df["patient_id"].astype(str).unique()))
+        pats = hash_ids(df["patient_id"].astype(str), salt)
         rng = np.random.default_rng(seed)
-        n_private = int(round(private_fraction * len(patients)))
-        private = set(rng.permutation(patients)[:n_private])
-        part = df["patient_id"].astype(str).map(lambda p: "private" if p in private else "public")
-        cols = ["label", "site", "split", *task.subgroups.columns]
-        out = pd.DataFrame(
-            {
-                "case_id": hash_ids(df["case_id"].astype(str), salt),
-                "patient_id": hash_ids(df["patient_id"].astype(str), salt),
-            }
-        )
-        for c in cols:
-            out[c] = df[c].astype(str).to_numpy() if c in df.columns else "unknown"
-        out["part"] = part.to_numpy()
+        private: set[str] = set()
+        for _, g in pats.groupby(df["site"].astype(str), sort=True):
+            u = np.array(sorted(g.unique()))
+            private |= set(rng.permutation(u)[: int(round(private_fraction * len(u)))].tolist())
+        out = pd.DataFrame({"case_id": hash_ids(df["case_id"].astype(str), salt), "patient_id": pats})
+        for c in ["label", "site", "split", *task.subgroups.columns]:
+            out[c] = df[c].astype(str).to_numpy()
+        out["part"] = np.where(out["patient_id"].isin(private), "private", "public")
         return cls(out.sort_values("case_id", kind="mergesort"))
 
     @classmethod
-    def read(cls, path: str | Path) -> AnswerKey:
+    def read(cls, path: str | Path) -> _StandInAnswerKey:
         p = Path(path)
         if not p.is_file():
-            raise BadInput(f"{p}: answer key not found (build it with `medsynbench host init`)")
-        return cls(pd.read_parquet(p))
+            raise BadInput(f"{p}: answer key not found")
+        return cls(pd.read_parquet(p).astype(str))
 
-    def write(self, path: str | Path) -> Path:
-        from bench.io import write_table
+    def write(self, path: str | Path) -> str:
+        from bench.io import sha256_file, write_table
 
-        return write_table(Path(path), self.df)
+        write_table(Path(path), self.df)
+        return sha256_file(path)
+
+    def part(self, name: str) -> _StandInAnswerKey:
+        return _StandInAnswerKey(self.df[self.df["part"] == name])
 
     def cross_check(self, predictions: pd.DataFrame) -> list[str]:
-        problems = []
-        if "case_id" not in predictions.columns:
-            return ["column 'case_id' is missing"]
+        ref = self.df.set_index("case_id")
         ids = predictions["case_id"].astype(str)
-        dup = ids[ids.duplicated()]
-        if len(dup):
-            problems.append(
-                f"{dup.nunique()} case id(s) appear more than once, e.g. row {int(dup.index[0]) + 2}"
-            )
-        known = set(self.df["case_id"])
-        unknown = ~ids.isin(known)
-        if unknown.any():
-            rows = [int(i) + 2 for i in ids.index[unknown][:10]]
-            problems.append(f"{int(unknown.sum())} case id(s) are not evaluation cases (rows {rows})")
-        missing = len(known - set(ids))
-        if missing:
-            problems.append(f"{missing} evaluation case(s) have no prediction")
+        known = ids.isin(ref.index)
+        problems = []
+        for col, kcol in {
+            "y_true": "label",
+            "patient_id": "patient_id",
+            "site": "site",
+            "split": "split",
+        }.items():
+            if col in predictions.columns:
+                bad = (
+                    predictions.loc[known, col].astype(str).to_numpy() != ref.loc[ids[known], kcol].to_numpy()
+                )
+                if bad.any():
+                    problems.append(
+                        f"column {col!r} disagrees with the answer key in {int(bad.sum())} row(s)"
+                    )
         return problems
 
-    def join(self, predictions: pd.DataFrame) -> pd.DataFrame:
-        problems = self.cross_check(predictions)
+    def join(self, predictions: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
+        ids = predictions["case_id"].astype(str)
+        keyed = set(self.df["case_id"])
+        unknown = ids[~ids.isin(keyed)].unique()
+        if len(unknown):
+            raise BadInput(f"{source}: {len(unknown)} case(s) predicted that the answer key does not hold")
+        problems = []
+        if ids.duplicated().any():
+            problems.append(f"{int(ids.duplicated().sum())} case(s) predicted more than once")
+        missing = keyed - set(ids)
+        if missing:
+            problems.append(f"{len(missing)} of the {len(keyed)} evaluation case(s) not predicted")
         if problems:
-            raise BadInput(
-                f"predictions do not match the evaluation cases: {len(problems)} problem(s)", problems
-            )
-        preds = predictions.assign(case_id=predictions["case_id"].astype(str))
-        keep = [c for c in preds.columns if c.startswith("prob_")] + ["case_id"]
-        return self.df.merge(preds[keep], on="case_id", how="left", validate="one_to_one")
+            raise BadInput(f"{source}: does not cover the answer key", problems)
+        own = predictions.drop(
+            columns=[c for c in ("patient_id", "y_true", "site", "split") if c in predictions]
+        )
+        ref = self.df.rename(columns={"label": "y_true"}).drop(columns=["part"])
+        return own.assign(case_id=ids).merge(ref, on="case_id", how="left", validate="many_to_one")
+
+
+try:
+    from bench.leaderboard.key import AnswerKey
+except ImportError:  # until the leaderboard's answer key lands
+    AnswerKey = _StandInAnswerKey  # type: ignore[misc,assignment]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,7 +176,15 @@ def check_probabilities(preds: pd.DataFrame, task: Task) -> list[str]:
 
 
 def validate_predictions(key: AnswerKey, preds: pd.DataFrame, task: Task) -> list[str]:
-    return key.cross_check(preds) + check_probabilities(preds, task)
+    """Every problem of a predictions table: columns, probabilities, coverage of the key's cases."""
+    if "case_id" not in preds.columns:
+        return ["column 'case_id' is missing"]
+    problems = check_probabilities(preds, task) + key.cross_check(preds)
+    try:
+        key.join(preds)
+    except BadInput as e:
+        problems += [e.args[0], *e.problems]
+    return problems
 
 
 def _score_frame(df: pd.DataFrame, task: Task, n_boot: int, seed: int) -> dict[str, Any]:
@@ -172,11 +196,11 @@ def _score_frame(df: pd.DataFrame, task: Task, n_boot: int, seed: int) -> dict[s
     metric = get_metric(name, task.classes).for_task(task.metrics)
     probs = df[[f"prob_{c}" for c in task.classes]].astype(float).to_numpy()
     if metric.target == "multiclass":
-        y = pd.Categorical(df["label"], categories=task.classes).codes.astype(np.int64)
+        y = pd.Categorical(df["y_true"], categories=task.classes).codes.astype(np.int64)
         score: Any = probs
     else:
         pos = positive_classes(task)
-        y = df["label"].isin(pos).to_numpy().astype(np.int64)
+        y = df["y_true"].isin(pos).to_numpy().astype(np.int64)
         score = df[[f"prob_{c}" for c in pos]].astype(float).sum(axis=1).to_numpy()
     value = metric(y, score)
     patients, pidx = np.unique(df["patient_id"].astype(str).to_numpy(), return_inverse=True)
@@ -201,5 +225,10 @@ def score_parts(
     problems = check_probabilities(preds, task)
     if problems:
         raise BadInput(f"predictions: {len(problems)} problem(s)", problems)
-    joined = key.join(preds)
-    return {part: _score_frame(joined[joined["part"] == part], task, n_boot, seed) for part in PARTS}
+    key.join(preds)  # the whole key first: a missing case is named once, not once per part
+    out = {}
+    for part in PARTS:
+        sub = key.part(part)
+        mine = preds[preds["case_id"].astype(str).isin(set(sub.df["case_id"]))]
+        out[part] = _score_frame(sub.join(mine), task, n_boot, seed)
+    return out
