@@ -29,6 +29,8 @@ COMMAND_MODULES = [
     "privacy",
     "submit",
     "leaderboard",
+    "serve",
+    "host",
     "demo",
 ]
 

@@ -1,0 +1,90 @@
+"""What a team may upload, checked before it is queued, and unpacked safely when a worker takes it.
+
+A synthetic bundle is a .zip or .tar.gz holding `labels.csv` (columns `image`, `label`, optionally `sex`, `age`),
+the images it lists and the generator card (`card.yaml` or `card.json`), at the top level or in one folder.
+Prediction files are .csv or .parquet with `case_id` and one `prob_<class>` column per class.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from bench.errors import BadInput
+from bench.leaderboard.archive import extract_archive, inspect_archive, is_archive
+
+KINDS = ("synthetic", "predictions")
+PREDICTION_SUFFIXES = (".csv", ".parquet")
+LABELS_FILE = "labels.csv"
+CARD_FILES = ("card.yaml", "card.yml", "card.json")
+
+
+def check_filename(kind: str, filename: str) -> None:
+    if kind not in KINDS:
+        raise BadInput(f"field 'kind': {kind!r} is not one of {list(KINDS)}")
+    name = filename.lower()
+    if kind == "synthetic" and not is_archive(name):
+        raise BadInput(f"{filename}: a synthetic bundle must be a .zip or .tar.gz archive")
+    if kind == "predictions" and not name.endswith(PREDICTION_SUFFIXES):
+        raise BadInput(f"{filename}: predictions must be a .csv or .parquet file")
+
+
+def _top(names: list[str]) -> str | None:
+    """The folder the bundle's files sit in: '' for the top level, 'x' for a single folder."""
+    for base in ("", *sorted({PurePosixPath(n).parts[0] for n in names if len(PurePosixPath(n).parts) > 1})):
+        prefix = f"{base}/" if base else ""
+        if f"{prefix}{LABELS_FILE}" in names and any(f"{prefix}{c}" in names for c in CARD_FILES):
+            return base
+    return None
+
+
+def check_bundle(path: Path, filename: str, max_unpacked: int) -> None:
+    """Reject an unsafe or incomplete bundle before it is queued; messages name the uploaded file, not our copy."""
+    try:
+        members = inspect_archive(path, max_unpacked)
+    except BadInput as e:
+        raise rename(e, path, filename) from None
+    files = [str(PurePosixPath(m.name.replace("\\", "/"))) for m in members if m.kind == "file"]
+    if _top(files) is None:
+        raise BadInput(
+            f"{filename}: no {LABELS_FILE} with a generator card ({' or '.join(CARD_FILES)}) beside it, at the top "
+            "level or in one folder"
+        )
+
+
+def unpack_bundle(path: Path, dest: Path, max_unpacked: int) -> tuple[Path, Path, Path]:
+    """Unpack into `dest`; returns (image root, labels.csv, card)."""
+    extract_archive(path, dest, max_unpacked)
+    files = [str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()]
+    base = _top(files)
+    if base is None:
+        raise BadInput(f"{path.name}: no {LABELS_FILE} with a generator card beside it")
+    root = dest / base if base else dest
+    card = next(root / c for c in CARD_FILES if (root / c).is_file())
+    return root, root / LABELS_FILE, card
+
+
+def read_predictions(data: bytes | Path, filename: str) -> pd.DataFrame:
+    """A predictions table; BadInput naming the file when it cannot be read."""
+    src = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        if filename.lower().endswith(".parquet"):
+            df = pd.read_parquet(src)
+        else:
+            df = pd.read_csv(src, dtype={"case_id": str})
+    except Exception as e:  # noqa: BLE001 - any parser failure is the file's fault
+        raise BadInput(
+            f"{filename}: not a readable {Path(filename).suffix[1:]} table: {type(e).__name__}"
+        ) from e
+    if df.empty:
+        raise BadInput(f"{filename}: no rows")
+    return df
+
+
+def rename(e: BadInput, path: Path, filename: str) -> BadInput:
+    def fix(t: str) -> str:
+        return t.replace(str(path), filename)
+
+    return BadInput(fix(e.args[0] if e.args else ""), [fix(p) for p in e.problems])

@@ -1,0 +1,94 @@
+"""What the app and the workers share: settings, the database engine, the task, the answer key, redaction."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from bench.service import db
+from bench.service.scoring import AnswerKey, load_key, secret_ids
+from bench.service.settings import ServiceSettings, load_settings
+from bench.tasks import Task, load_task
+
+HIDDEN = "<hidden>"
+
+
+class Host:
+    def __init__(self, settings: ServiceSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine if engine is not None else db.make_engine(settings.database)
+        self.sessions = db.sessions(self.engine)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Host:
+        return cls(load_settings(path))
+
+    def init(self) -> None:
+        db.init_db(self.engine)
+        for d in (self.uploads, self.records, self.page_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uploads(self) -> Path:
+        return self.settings.storage / "uploads"
+
+    @property
+    def records(self) -> Path:
+        return self.settings.storage / "records"
+
+    @property
+    def page_dir(self) -> Path:
+        return self.settings.storage / "page"
+
+    @property
+    def work(self) -> Path:
+        return self.settings.storage / "work"
+
+    @property
+    def cache(self) -> Path:
+        return self.settings.storage / "cache"
+
+    @functools.cached_property
+    def task(self) -> Task:
+        return load_task(self.settings.task)
+
+    @functools.cached_property
+    def key(self) -> AnswerKey:
+        return load_key(self.settings.answer_key)
+
+    @functools.cached_property
+    def _secrets(self) -> re.Pattern[str] | None:
+        ids = set(secret_ids(self.key))
+        try:
+            from bench.manifest import read_manifest
+
+            df = read_manifest(self.settings.real_manifest).df
+            ids |= set(df["case_id"].astype(str)) | set(df["patient_id"].astype(str))
+        except Exception:  # noqa: BLE001 - redaction must work even if the manifest moved
+            pass
+        long_ids = sorted((i for i in ids if len(i) >= 4), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, long_ids))) if long_ids else None
+
+    def redact(self, text: str) -> str:
+        """A message safe to show a team: no host paths, no real identifiers."""
+        for p in self.settings.host_paths():
+            text = text.replace(p, "<host>")
+        pat = self._secrets
+        return pat.sub(HIDDEN, text) if pat else text
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj

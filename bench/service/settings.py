@@ -1,0 +1,112 @@
+"""The service's configuration file (`service.yaml`): where its database, storage and the host's real data live.
+
+Relative paths are read against the folder holding the file, so a service folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from bench.schema import Strict, load_yaml_model
+
+
+class ProtocolSettings(Strict):
+    """How a synthetic submission is trained and evaluated on the host's real data."""
+
+    regimes: list[str] = Field(default_factory=lambda: ["synthetic"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    backbone: str | None = None
+    preset: str | None = None
+    epochs: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+    device: str | None = None
+
+
+class PrivacySettings(Strict):
+    enabled: bool = True
+    features: list[str] = Field(default_factory=lambda: ["pixel"], min_length=1)
+    bootstrap: int = Field(200, ge=10)
+    percentile: float = Field(5.0, gt=0, lt=50)
+
+
+class Limits(Strict):
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    quota_submissions: int = Field(5, ge=1, description="submissions per team per quota period")
+    quota_period_s: float = Field(86400.0, gt=0)
+
+
+class WorkerSettings(Strict):
+    lease_s: float = Field(
+        120.0, gt=0, description="a job whose worker sent no heartbeat for this long is retried"
+    )
+    max_attempts: int = Field(3, ge=1)
+    poll_s: float = Field(1.0, gt=0)
+    # Testing aid: a worker sleeps this long after claiming a job (so a test can kill it mid-job).
+    hold_s: float = Field(0.0, ge=0)
+
+
+class ScoringSettings(Strict):
+    n_boot: int = Field(500, ge=10)
+    seed: int = 0
+
+
+class ServiceSettings(Strict):
+    title: str = "medsynbench hosted leaderboard"
+    database: str = Field(
+        "sqlite:///service.db", description="SQLAlchemy URL; sqlite:///FILE or postgresql://..."
+    )
+    storage: Path = Path("storage")
+    task: str
+    real_manifest: Path
+    answer_key: Path = Path("answer_key.parquet")
+    id_salt: str = Field(min_length=8)
+    private_fraction: float = Field(0.5, gt=0, lt=1)
+    protocol: ProtocolSettings = ProtocolSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    limits: Limits = Limits()
+    worker: WorkerSettings = WorkerSettings()
+    scoring: ScoringSettings = ScoringSettings()
+
+    def resolved(self, base: Path) -> ServiceSettings:
+        """Paths (and a relative SQLite file) read against `base`."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        db = self.database
+        prefix = "sqlite:///"
+        if db.startswith(prefix) and not db.startswith(prefix + "/") and db != "sqlite:///:memory:":
+            db = prefix + str(fix(Path(db[len(prefix) :])))
+        task = self.task
+        if task.endswith((".yaml", ".yml")) or "/" in task:
+            task = str(fix(Path(task)))
+        return self.model_copy(
+            update={
+                "database": db,
+                "storage": fix(self.storage),
+                "task": task,
+                "real_manifest": fix(self.real_manifest),
+                "answer_key": fix(self.answer_key),
+            }
+        )
+
+    def host_paths(self) -> list[str]:
+        """Host paths no response may show."""
+        paths = {
+            str(self.storage),
+            str(self.real_manifest),
+            str(self.real_manifest.parent),
+            str(self.answer_key),
+        }
+        if "/" in self.task:
+            paths.add(str(Path(self.task).parent))
+        return sorted(paths, key=len, reverse=True)
+
+
+def load_settings(path: str | Path) -> ServiceSettings:
+    path = Path(path)
+    s = load_yaml_model(path, ServiceSettings, "service settings")
+    return s.resolved(path.resolve().parent)

@@ -1,0 +1,270 @@
+"""Workers: claim a queued submission, evaluate it against the host's hidden data, write the result once.
+
+Several workers may run at once, on one machine (`medsynbench worker` several times) or many (Ray). A worker
+renews its lease with a heartbeat; one that is killed stops renewing, its lease expires and the next worker takes
+the job over. `db.finish` writes the result only while the writer holds the lease, so a job is scored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.errors import BadInput
+from bench.service import db
+from bench.service.bundle import read_predictions, unpack_bundle
+from bench.service.host import Host, json_safe
+from bench.service.scoring import salt_ids, score_parts
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, host: Host, job: str, worker: str) -> None:
+        super().__init__(daemon=True)
+        self.host, self.job, self.worker = host, job, worker
+        self.stop = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        lease = self.host.settings.worker.lease_s
+        while not self.stop.wait(max(lease / 3, 0.05)):
+            try:
+                if not db.heartbeat(self.host.engine, self.job, self.worker, lease):
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+                log.warning("heartbeat for %s failed", self.job, exc_info=True)
+
+
+# -- the work ------------------------------------------------------------------------------------------------------
+
+
+def score_prediction_file(host: Host, path: Path, filename: str) -> dict[str, Any]:
+    preds = read_predictions(path, filename)
+    s = host.settings.scoring
+    return {"scores": score_parts(host.key, preds, host.task, n_boot=s.n_boot, seed=s.seed)}
+
+
+def _host_train_manifest(host: Host, out: Path) -> Path:
+    """The host's real training rows: what the privacy audit compares the synthetic images with."""
+    from bench.manifest import read_manifest, write_manifest
+
+    m = read_manifest(host.settings.real_manifest)
+    df = m.df.assign(image=[str(p) for p in m.image_paths()])
+    keep = df["split"].astype(str) == "train"
+    if "origin" in df.columns:
+        keep &= df["origin"].astype(str) == "real"
+    return write_manifest(df[keep].reset_index(drop=True), out)
+
+
+def _privacy(host: Host, synthetic: Path, work: Path) -> dict[str, Any] | None:
+    """Memorization of the host's training images; only summary numbers leave this function."""
+    from bench.generators.card import read_card, write_card
+    from bench.manifest import manifest_hash, read_manifest
+    from bench.privacy import audit
+
+    p = host.settings.privacy
+    if not p.enabled:
+        return None
+    train = _host_train_manifest(host, work / "host_train.parquet")
+    card_path = synthetic.with_name(synthetic.stem + ".card.yaml")
+    card = read_card(card_path)
+    # The team never saw the host's data, so its card cannot name it; the audit asks whether the images copy it.
+    card.training.manifest_sha256 = manifest_hash(read_manifest(train).df)
+    card.training.manifest = None
+    card.training.patients = []
+    audit_card = write_card(work / "audit.card.yaml", card)
+    r = audit(
+        host.task,
+        synthetic,
+        train,
+        host.settings.real_manifest,
+        work / "privacy",
+        card=audit_card,
+        features=tuple(p.features),
+        percentile=p.percentile,
+        n_boot=p.bootstrap,
+        device="cpu",
+        cache_dir=host.cache,
+    )
+    cont = r.get("contamination") or {}
+    return json_safe(
+        {
+            "feature": r.get("feature"),
+            "memorization_rate": r.get("memorization_rate"),
+            "ci_low": r.get("ci_low"),
+            "ci_high": r.get("ci_high"),
+            "nominal_rate": r.get("nominal_rate"),
+            "flagged": bool(r.get("flagged")),
+            "contamination": cont.get("status", "unknown"),
+            "contamination_problems": len(cont.get("problems") or []),
+        }
+    )
+
+
+def score_synthetic_bundle(host: Host, path: Path, work: Path) -> dict[str, Any]:
+    from bench.generators.card import read_card
+    from bench.generators.importer import import_synthetic
+    from bench.protocol import MatrixOptions, run_matrix
+    from bench.runfolder import check_generator_name
+
+    st = host.settings
+    root, labels, card = unpack_bundle(path, work / "bundle", st.limits.max_unpacked_bytes)
+    gen = check_generator_name(read_card(card).name, "generator card field 'name'")
+    synthetic = import_synthetic(host.task, root, labels, card, work / "synthetic.parquet")
+    pr = st.protocol
+    run = work / "run"
+    run_matrix(
+        MatrixOptions(
+            task=st.task,
+            real=st.real_manifest,
+            out=run,
+            synthetic={gen: synthetic},
+            regimes=pr.regimes,
+            seeds=pr.seeds,
+            backbone=pr.backbone,
+            preset=pr.preset,
+            epochs=pr.epochs,
+            threads=pr.threads,
+            device=pr.device,
+            wandb="disabled",
+            progress=False,
+            cache_dir=host.cache,
+        )
+    )
+    from bench.runfolder import RunDir
+
+    regime = pr.regimes[0]
+    frames = [
+        pd.read_parquet(r.predictions)
+        for r in RunDir(run).finished_runs()
+        if r.config().generator == gen and r.config().regime == regime
+    ]
+    if not frames:
+        raise RuntimeError(f"no finished run of regime {regime!r} for generator {gen!r}")
+    preds = pd.concat(frames, ignore_index=True)
+    probs = [f"prob_{c}" for c in host.task.classes]
+    preds = preds.assign(case_id=salt_ids(preds["case_id"], st.id_salt).to_numpy())
+    preds = preds[preds["case_id"].isin(set(host.key.df["case_id"]))]
+    # Several seeds: score the seed-averaged probabilities (one prediction per case, as the key expects).
+    preds = preds.groupby("case_id", as_index=False)[probs].mean()
+    s = st.scoring
+    return {
+        "scores": score_parts(host.key, preds, host.task, n_boot=s.n_boot, seed=s.seed),
+        "generator": gen,
+        "regime": regime,
+        "privacy": _privacy(host, synthetic, work),
+    }
+
+
+# -- one job -------------------------------------------------------------------------------------------------------
+
+
+def write_record(host: Host, sub: db.Submission, team: str, result: dict[str, Any]) -> Path:
+    from bench.io import write_json
+
+    rec = {
+        "submission": sub.id,
+        "team": team,
+        "kind": sub.kind,
+        "created": sub.created_at,
+        "scored": db.now(),
+        "upload_sha256": sub.upload_sha256,
+        **result,
+    }
+    return write_json(host.records / f"{sub.id}.json", json_safe(rec))
+
+
+def process(host: Host, job: str, worker: str) -> str:
+    """Run one claimed job to its end; returns the status written (or 'lost' when the lease was taken over)."""
+    from bench.service.pages import write_page
+
+    beat = _Heartbeat(host, job, worker)
+    beat.start()
+    work = host.work / f"{job}-{uuid.uuid4().hex[:8]}"
+    status = "lost"
+    try:
+        if host.settings.worker.hold_s:
+            time.sleep(host.settings.worker.hold_s)
+        with host.sessions() as s:
+            sub = s.get(db.Submission, job)
+            assert sub is not None
+            team = s.get(db.Team, sub.team_id)
+            team_name = team.name if team else "?"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            if sub.kind == "predictions":
+                result = score_prediction_file(host, Path(sub.upload_path), sub.filename)
+            else:
+                result = score_synthetic_bundle(host, Path(sub.upload_path), work)
+        except BadInput as e:
+            reason = host.redact(str(e))
+            if db.finish(host.engine, job, worker, scores=None, summary=None, reason=reason):
+                status = db.FAILED
+            return status
+        except Exception:
+            log.exception("submission %s: evaluation failed", job)
+            reason = f"the evaluation failed on the host's side (submission {job}); the host has the details"
+            if db.finish(host.engine, job, worker, scores=None, summary=None, reason=reason):
+                status = db.FAILED
+            return status
+        summary = {k: v for k, v in result.items() if k != "scores"}
+        if beat.lost or not db.finish(host.engine, job, worker, scores=result["scores"], summary=summary):
+            log.warning("submission %s: lease lost to another worker; result dropped", job)
+            return status
+        status = db.SCORED
+        write_record(host, sub, team_name, result)
+        write_page(host)
+        return status
+    finally:
+        beat.stop.set()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_worker(
+    host: Host, *, once: bool = False, max_jobs: int | None = None, idle_exit: bool = False
+) -> int:
+    """Take jobs until stopped: `once` processes at most one; `idle_exit` stops when the queue is empty."""
+    wid = worker_id()
+    w = host.settings.worker
+    done = 0
+    while True:
+        job = db.claim(host.engine, wid, w.lease_s, w.max_attempts)
+        if job is None:
+            if once or idle_exit:
+                return done
+            time.sleep(w.poll_s)
+            continue
+        log.info("worker %s: submission %s", wid, job)
+        status = process(host, job, wid)
+        log.info("worker %s: submission %s %s", wid, job, status)
+        done += 1
+        if once or (max_jobs is not None and done >= max_jobs):
+            return done
+
+
+def run_on_ray(config: str | Path, workers: int, address: str | None) -> None:
+    """Start `workers` worker loops as Ray tasks (one per CPU they ask for) and wait for them."""
+    import ray  # the optional `ray` extra; only this entry point needs it
+
+    ray.init(address=address, ignore_reinit_error=True)
+
+    @ray.remote(num_cpus=1)
+    def loop(path: str) -> int:
+        return run_worker(Host.from_file(path))
+
+    ray.get([loop.remote(str(Path(config).resolve())) for _ in range(workers)])

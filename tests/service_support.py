@@ -1,0 +1,242 @@
+"""A hosted service on the tiny task: settings, answer key, teams, uploads; shared by the service tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from conftest import TINY_TASK, draw_shape, make_tiny_dataset, write_tiny_task
+
+REPO = Path(__file__).resolve().parents[1]
+POSTGRES_ENV = "MEDSYNBENCH_TEST_POSTGRES_URL"
+
+
+def make_service(tmp: Path, database: str | None = None, **overrides) -> Path:
+    """A service folder: task, real data, service.yaml, database and answer key; returns service.yaml."""
+    from bench.service.host import Host
+    from bench.service.scoring import build_key
+    from bench.tasks import load_task
+
+    task_file = write_tiny_task(tmp / "hostdata")
+    task = load_task(task_file)
+    manifest = make_tiny_dataset(tmp / "hostdata" / "real", task)
+    cfg = {
+        "title": "tiny hosted board",
+        "database": database or "sqlite:///service.db",
+        "storage": "storage",
+        "task": str(task_file),
+        "real_manifest": str(manifest),
+        "answer_key": "answer_key.parquet",
+        "id_salt": "test-salt-0123",
+        "protocol": {
+            "regimes": ["synthetic"],
+            "seeds": [0],
+            "backbone": "resnet10t",
+            "preset": "smoke",
+            "epochs": 1,
+            "threads": 1,
+            "device": "cpu",
+        },
+        "privacy": {"features": ["pixel"], "bootstrap": 50},
+        "limits": {"quota_submissions": 50, "quota_period_s": 3600, "max_upload_bytes": 2_000_000},
+        "worker": {"lease_s": 30, "poll_s": 0.2},
+        "scoring": {"n_boot": 50},
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            cfg[k] = {**cfg.get(k, {}), **v}
+        else:
+            cfg[k] = v
+    svc = tmp / "service"
+    svc.mkdir(parents=True, exist_ok=True)
+    path = svc / "service.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    host = Host.from_file(path)
+    if database:  # a shared server: start from empty tables
+        from bench.service.db import Base
+
+        Base.metadata.drop_all(host.engine)
+    host.init()
+    st = host.settings
+    build_key(st.real_manifest, host.task, st.id_salt, st.private_fraction).write(st.answer_key)
+    host.dispose()
+    return path
+
+
+def add_team(config: Path, name: str) -> str:
+    from bench.service import db
+    from bench.service.host import Host
+
+    host = Host.from_file(config)
+    with host.sessions() as s, s.begin():
+        token = db.issue_token(s, db.add_team(s, name))
+    host.dispose()
+    return token
+
+
+def predictions_csv(config: Path, skill: float = 2.0, seed: int = 0) -> bytes:
+    """Predictions for every evaluation case of the key; `skill` > 0 puts weight on the true label."""
+    from bench.service.host import Host
+
+    key = Host.from_file(config).key.df
+    classes = TINY_TASK["labels"]["classes"]
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, (len(key), len(classes)))
+    logits[np.arange(len(key)), [classes.index(c) for c in key["label"]]] += skill
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    df = pd.DataFrame({"case_id": key["case_id"]})
+    for i, c in enumerate(classes):
+        df[f"prob_{c}"] = p[:, i]
+    return df.to_csv(index=False).encode()
+
+
+def synthetic_bundle(n_per_class: int = 8, seed: int = 1, name: str = "shapes") -> bytes:
+    """A zip of synthetic images, labels.csv and a generator card, as a team would send it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    rows = []
+    with zipfile.ZipFile(buf, "w") as z:
+        for label in TINY_TASK["labels"]["classes"]:
+            for i in range(n_per_class):
+                img = io.BytesIO()
+                Image.fromarray(draw_shape(label, rng)).save(img, format="PNG")
+                rel = f"images/{label}_{i}.png"
+                z.writestr(f"bundle/{rel}", img.getvalue())
+                rows.append(f"{rel},{label}")
+        z.writestr("bundle/labels.csv", "image,label\n" + "\n".join(rows) + "\n")
+        card = {
+            "name": name,
+            "version": "1.0",
+            "task": {"name": "tiny", "version": "1.0"},
+            "training": {"sites": ["s1"], "n_images": 10},
+        }
+        z.writestr("bundle/card.yaml", yaml.safe_dump(card))
+    return buf.getvalue()
+
+
+def secrets_of(config: Path) -> list[str]:
+    """Strings no response may contain: the key's ids, the real manifest's ids and paths, label-by-case pairs."""
+    from bench.manifest import read_manifest
+    from bench.service.host import Host
+
+    host = Host.from_file(config)
+    key = host.key.df
+    real = read_manifest(host.settings.real_manifest).df
+    out = set(key["case_id"]) | set(key["patient_id"]) | set(real["case_id"]) | set(real["patient_id"])
+    out |= {f"{c},{lab}" for c, lab in zip(key["case_id"], key["label"], strict=True)}
+    out |= {f'"{c}":"{lab}"' for c, lab in zip(key["case_id"], key["label"], strict=True)}
+    out |= {
+        str(host.settings.real_manifest.parent),
+        str(host.settings.answer_key),
+        str(host.settings.storage),
+    }
+    host.dispose()
+    return sorted(out)
+
+
+def leaked(body: str, secrets: list[str]) -> list[str]:
+    return [s for s in secrets if s in body]
+
+
+# -- a real server on loopback --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`medsynbench serve` as a subprocess on 127.0.0.1."""
+
+    def __init__(self, config: Path, port: int | None = None) -> None:
+        self.config, self.port = config, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench", "serve", "--config", str(self.config), "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("service did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def worker_process(config: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", "worker", "--config", str(config), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def submit(client, token: str, kind: str, name: str, data: bytes):
+    return client.post(
+        "/api/submissions",
+        headers={"Authorization": f"Bearer {token}"},
+        data={"kind": kind},
+        files={"file": (name, data)},
+    )
+
+
+def wait_status(client, token: str, sid: str, want=("scored", "failed"), timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"/api/submissions/{sid}", headers={"Authorization": f"Bearer {token}"})
+        body = r.json()
+        if body["status"] in want:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"submission {sid} still {body['status']} after {timeout} s")
+
+
+def in_thread(fn, *args):
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def dump(obj) -> str:
+    return json.dumps(obj)
