@@ -181,12 +181,27 @@ def test_comparisons(task, preds):
 
 
 def test_identical_candidate_has_zero_difference(task, preds):
-    base = preds[preds["generator"] == "none"]
+    # One seed per arm: no seed stage, so identical predictions give an interval of exactly zero.
+    base = preds[(preds["generator"] == "none") & (preds["seed"] == 0)]
     twin = base.assign(generator="twin", regime="synthetic")
     comp = compare_to_baseline(pd.concat([base, twin]), task, n_boot=50, seed=0)
     ok = comp[comp["metric"] == "auroc"]
     assert np.allclose(ok["diff"], 0) and np.allclose(ok["ci_low"], 0) and np.allclose(ok["ci_high"], 0)
     assert np.allclose(ok["p_boot"], 1.0) and np.allclose(ok["p_delong"], 1.0)
+    assert ok["seed_note"].str.startswith("few_seeds").all()
+
+
+def test_same_procedure_with_two_seeds_keeps_seed_variance_in_the_interval(task, preds):
+    # The same two models under another name: the point difference is zero, but the interval must carry the
+    # seed-to-seed variation (a rerun with new seeds would not reproduce these two models), so it is not [0, 0].
+    base = preds[preds["generator"] == "none"]
+    twin = base.assign(generator="twin", regime="synthetic")
+    comp = compare_to_baseline(pd.concat([base, twin]), task, n_boot=200, seed=0)
+    ok = comp[(comp["metric"] == "auroc") & (comp["scope"] == "overall")]
+    assert np.allclose(ok["diff"], 0)
+    assert (ok["ci_low"] < 0).all() and (ok["ci_high"] > 0).all() and (ok["p_boot"] > 0.5).all()
+    assert np.allclose(ok["p_delong"], 1.0)  # a zero difference is no evidence, whatever the variance
+    assert ok["seed_note"].str.startswith("few_seeds: 2 and 2").all()
 
 
 def test_summary_has_intervals_and_n(task, preds, table):

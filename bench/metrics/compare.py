@@ -7,14 +7,21 @@ the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
 - `metric`, `scope` (overall | site), `split` (test | external), `group_by`, `group`;
 - `value` (candidate), `baseline_value`, `diff` = value - baseline_value with its 95% paired bootstrap interval
   `ci_low`/`ci_high` (the same patient replicates for both, training seeds averaged inside each replicate);
-- `p_boot`: two-sided paired bootstrap p-value; `p_delong`: DeLong's test on the binary-view AUROC (metric `auroc`
-  only; scores averaged over training seeds per case; cases treated as independent); `p_boot_holm`,
+- `p_boot`: two-sided paired bootstrap p-value; `p_delong`: clustered DeLong test (Obuchowski 1997, patients as
+  clusters) on the binary-view AUROC (metric `auroc` only), each arm's AUROC its mean over training seeds, with the
+  seed-to-seed variance of both arms added (`bench.metrics.delong.delong_seeds`); `p_boot_holm`,
   `p_delong_holm`: Holm-adjusted across the family of candidates compared on the same metric, scope, split and
   group;
 - `ratio` = value / baseline_value with `ratio_ci_low`/`ratio_ci_high` (higher-is-better metrics only). For the
   primary metric on external data and regime `synthetic` this is the utility ratio (synthetic-only / real-only);
 - `n_cases`, `n_patients`, `n_pos`, `n_seeds`, `baseline_n_seeds`, `status` (ok | insufficient | undefined),
-  `reason`.
+  `reason`;
+- `seed_note`: empty, or `few_seeds: ...` when an arm has fewer than 3 training seeds (`MIN_SEEDS`): the
+  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether).
+
+Intervals and p-values are a two-stage bootstrap: each replicate resamples patients within site x label strata
+(shared by both arms, so the comparison is paired), then each arm's training seeds with replacement (independently
+per arm); see `bench.metrics.bootstrap.combine_seeds` and docs/STATISTICS.md.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import core
-from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval
-from bench.metrics.delong import delong_test
+from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval, seed_note
+from bench.metrics.delong import delong_seeds
 from bench.metrics.evaluate import GROUP_COLUMNS, Engine, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
@@ -62,6 +69,7 @@ COMPARISON_COLUMNS = [
     "baseline_n_seeds",
     "status",
     "reason",
+    "seed_note",
 ]
 
 
@@ -140,6 +148,7 @@ def _empty(key: dict, metric: str, reason: str) -> dict[str, Any]:
         baseline_n_seeds=0,
         status="undefined",
         reason=reason,
+        seed_note="",
     )
     return row
 
@@ -166,8 +175,9 @@ def _compare_one(
     ]
     rc = engine.compute(vc, names, cells)
     rb = engine.compute(vb, names, cells)
-    sc = _seed_mean_scores(vc)
-    sb = _seed_mean_scores(vb)
+    sc = _seed_scores(vc)
+    sb = _seed_scores(vb)
+    note = seed_note(len(vc), len(vb))
     rows = []
     for cell in cells:
         info = _group_info(vc, cell)
@@ -196,8 +206,11 @@ def _compare_one(
             p_delong = np.nan
             if m == "auroc":
                 cases = cell_cases.intersection(sc.index).intersection(sb.index)
-                res = delong_test(
-                    sc.loc[cases, "_ybin"].to_numpy(bool), sc.loc[cases, "_sbin"], sb.loc[cases, "_sbin"]
+                res = delong_seeds(
+                    sc.loc[cases, "_ybin"].to_numpy(bool),
+                    sc.loc[cases].drop(columns=["_ybin", "_pid"]).to_numpy(float).T,
+                    sb.loc[cases].drop(columns=["_ybin", "_pid"]).to_numpy(float).T,
+                    sc.loc[cases, "_pid"].to_numpy(),
                 )
                 p_delong = res.p_value
             if not (np.isfinite(val) and np.isfinite(bval)):
@@ -240,14 +253,19 @@ def _compare_one(
                     baseline_n_seeds=len(vb),
                     status=status,
                     reason=reason,
+                    seed_note=note,
                 )
             )
     return rows
 
 
-def _seed_mean_scores(views: list) -> pd.DataFrame:
-    f = pd.concat([v.frame[["case_id", "_ybin", "_sbin"]] for v in views])
-    return f.groupby("case_id").agg(_ybin=("_ybin", "first"), _sbin=("_sbin", "mean"))
+def _seed_scores(views: list) -> pd.DataFrame:
+    """Per case: binary truth, patient and one binary-view score column per training seed (cases all seeds scored)."""
+    first = pd.concat([v.frame[["case_id", "_ybin", "patient_id"]] for v in views]).drop_duplicates("case_id")
+    out = first.set_index("case_id").rename(columns={"patient_id": "_pid"})
+    for k, v in enumerate(views):
+        out[f"s{k}"] = v.frame.set_index("case_id")["_sbin"]
+    return out.dropna()
 
 
 # --------------------------------------------------------------------------------------------- summary

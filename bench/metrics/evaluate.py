@@ -48,7 +48,15 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.metrics import core
-from bench.metrics.bootstrap import chunks, patient_strata, patient_weights, percentile_interval
+from bench.metrics.bootstrap import (
+    chunks,
+    combine_seeds,
+    patient_strata,
+    patient_weights,
+    percentile_interval,
+    seed_weights,
+    stream_id,
+)
 from bench.metrics.validate import ROW_NOTE, prob_column, validate_predictions
 from bench.runfolder import ARM_KEYS, RUN_KEYS, SCORED_SPLITS
 from bench.tasks import Task
@@ -201,8 +209,10 @@ class Engine:
         subgroup_columns: Sequence[str],
         intersections: Sequence[Sequence[str]],
         threshold: float | None = None,
+        seed_stage: bool = True,
     ):
         self.task = task
+        self.seed_stage = seed_stage
         self.df = df
         self.n_boot = int(n_boot)
         self.seed = int(seed)
@@ -269,8 +279,13 @@ class Engine:
         return m.kernel(view.y[idx], view.P[idx])
 
     def compute(
-        self, views: list[SeedView], metrics: Sequence[str], cells: Iterable[Cell] | None = None
+        self,
+        views: list[SeedView],
+        metrics: Sequence[str],
+        cells: Iterable[Cell] | None = None,
+        arm: str | None = None,
     ) -> dict[tuple[Cell, str], CellResult]:
+        """Point values per seed and two-stage replicates (patients, then the arm's training seeds)."""
         all_cells = sorted(set().union(*(v.cells for v in views))) if views else []
         if cells is not None:
             wanted = set(cells)
@@ -297,8 +312,16 @@ class Engine:
                 if s not in cache:
                     cache = {s: Wp[:, views[s].pidx]}
                 reps[(c, m)][s, a:b] = kern(cache[s][:, idx])
-        with np.errstate(all="ignore"):
-            return {k: CellResult(point[k], _nanmean0(reps[k])) for k in point}
+        stream = stream_id(arm if arm is not None else _arm_of(views))
+        sw = seed_weights(n_seeds, self.n_boot, self.seed, stream) if self.seed_stage else None
+        return {k: CellResult(point[k], combine_seeds(reps[k], sw)) for k in point}
+
+
+def _arm_of(views: list[SeedView]) -> str:
+    for v in views:
+        if len(v.frame):
+            return "|".join(str(v.frame[k].iloc[0]) for k in ARM_KEYS if k in v.frame.columns)
+    return ""
 
 
 def _nanmean0(a: np.ndarray) -> np.ndarray:
