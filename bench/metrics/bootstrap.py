@@ -150,7 +150,9 @@ def bootstrap_group_auroc(
 
 # --------------------------------------------------------------------------------------------- training seeds
 
-MIN_SEEDS = 3  # below this many training seeds per arm the seed stage rests on too few models (flag `few_seeds`)
+MIN_SEEDS = (
+    3  # below this many training seeds per arm the seed stage rests on too few models (flag `few_seeds`)
+)
 
 
 def stream_id(key: str) -> int:

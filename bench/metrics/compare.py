@@ -35,7 +35,7 @@ import pandas as pd
 from bench.metrics import core
 from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval, seed_note
 from bench.metrics.delong import delong_seeds
-from bench.metrics.evaluate import GROUP_COLUMNS, Engine, _group_info, _mean_sd, prepare_predictions
+from bench.metrics.evaluate import GROUP_COLUMNS, Engine, Limits, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
 
@@ -88,6 +88,7 @@ def compare_to_baseline(
     metrics: Sequence[str] | None = None,
     min_patients: int | None = None,
     min_positives: int | None = None,
+    min_negatives: int | None = None,
     source: str = "predictions",
 ) -> pd.DataFrame:
     """Each (generator, regime, backbone) against the real-only baseline; see the module docstring for columns."""
@@ -95,6 +96,11 @@ def compare_to_baseline(
     n_boot = int(task.metrics.bootstrap if n_boot is None else n_boot)
     min_patients = int(task.metrics.min_patients if min_patients is None else min_patients)
     min_positives = int(task.metrics.min_positives if min_positives is None else min_positives)
+    limits = Limits(
+        min_patients,
+        min_positives,
+        int(task.metrics.min_negatives if min_negatives is None else min_negatives),
+    )
     names = list(metrics or comparison_metrics(task))
     for m in names:
         core.get_metric(m, task.classes)  # unknown names fail early, before any work
@@ -120,7 +126,7 @@ def compare_to_baseline(
                 )
             )
             continue
-        rows += _compare_one(engine, cand_df, base_df, key, names, min_patients, min_positives)
+        rows += _compare_one(engine, cand_df, base_df, key, names, limits)
     out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     if out.empty:
         return out
@@ -159,8 +165,7 @@ def _compare_one(
     base_df: pd.DataFrame,
     key: dict,
     names: list[str],
-    min_patients: int,
-    min_positives: int,
+    limits: Limits,
 ) -> list[dict]:
     ev = lambda d: set(d.loc[d["split"].isin(SCORED_SPLITS), "case_id"])  # noqa: E731
     common = ev(cand_df) & ev(base_df)
@@ -181,13 +186,7 @@ def _compare_one(
     rows = []
     for cell in cells:
         info = _group_info(vc, cell)
-        small = []
-        if info.n_patients < min_patients:
-            small.append(f"{info.n_patients} patients < min_patients {min_patients}")
-        if info.n_pos_patients < min_positives:
-            small.append(
-                f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}"
-            )
+        small = limits.problems(info)
         cell_cases = pd.Index(
             pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique()
         )
@@ -221,7 +220,9 @@ def _compare_one(
                 )
                 lo = hi = p_boot = np.nan
             elif small:
+                # no interval or test for too small a group (see the metric table)
                 status, reason = "insufficient", "; ".join(small)
+                lo = hi = rlo = rhi = p_boot = p_delong = np.nan
             else:
                 status, reason = "ok", ""
             rows.append(
