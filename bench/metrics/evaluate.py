@@ -601,12 +601,17 @@ def _table_rows(
     for (scope, split, group_by), members in sorted(families.items()):
         fam_cell = Cell(scope, split, group_by, "")
         perm_metrics = {}
+        design: dict = {}
         for m in names:
             metric = core.get_metric(m, task.classes)
             if not metric.fairness:
                 continue
             elig = [c for c in members if status_of[(c, m)] == "ok" and not _excluded(task, c)]
-            perm = permutation_gaps(engine, views, elig, m, n_perm) if len(elig) >= 2 and n_perm else None
+            perm = (
+                permutation_gaps(engine, views, elig, m, n_perm, design)
+                if len(elig) >= 2 and n_perm
+                else None
+            )
             perm_metrics[m] = (elig, perm)
             rows += _summary_rows(
                 m, metric.higher_is_better, fam_cell, elig, res, infos, key, engine.n_boot, members, perm
@@ -625,12 +630,12 @@ def _table_rows(
             sens = (
                 ps[1]
                 if ps and ps[0] == elig
-                else permutation_gaps(engine, views, elig, "sensitivity", n_perm)
+                else permutation_gaps(engine, views, elig, "sensitivity", n_perm, design)
             )
             spec = (
                 sp[1]
                 if sp and sp[0] == elig
-                else permutation_gaps(engine, views, elig, "specificity", n_perm)
+                else permutation_gaps(engine, views, elig, "specificity", n_perm, design)
             )
             perm = (sens, spec)
         rows += _fairness_rows(fam_cell, elig, res, infos, key, thr_reason, engine.n_boot, perm)
@@ -869,7 +874,12 @@ def permutation_p(gaps: np.ndarray) -> float:
 
 
 def permutation_gaps(
-    engine: Engine, views: list[SeedView], elig: list[Cell], metric: str, n_perm: int
+    engine: Engine,
+    views: list[SeedView],
+    elig: list[Cell],
+    metric: str,
+    n_perm: int,
+    cache: dict | None = None,
 ) -> np.ndarray:
     """The gap (max - min over `elig` groups of the seed-averaged metric) with the observed group labels (entry 0)
     and under `n_perm` permutations of the labels.
@@ -877,48 +887,21 @@ def permutation_gaps(
     Labels are permuted between patients within strata of patient label x site (label only when the groups are
     sites), so a permutation keeps each stratum's case mix and every patient's cases together. Where a patient's
     cases fall in several groups (an image-level attribute), case labels are permuted instead, within the same
-    strata. Permutation r of one evaluation is drawn from (seed, r, family), so it is reproducible.
+    strata. The permutations of a family are drawn once from (seed, family) and shared by its metrics.
     """
-    frames = []
-    for v in views:
-        code = np.full(len(v.frame), -1, dtype=np.int64)
-        for gi, c in enumerate(elig):
-            code[v.cells[c]] = gi
-        keep = code >= 0
-        frames.append((v, np.flatnonzero(keep), code[keep]))
-    allc = pd.concat(
-        [
-            pd.DataFrame({"case": v.frame["case_id"].to_numpy()[i], "p": v.pidx[i], "g": g})
-            for v, i, g in frames
-        ]
-    ).drop_duplicates("case")
-    per_patient = allc.groupby("p")["g"].nunique().max() <= 1
-    unit_key = "p" if per_patient else "case"
-    units = allc.drop_duplicates(unit_key).reset_index(drop=True)
-    unit_index = pd.Series(np.arange(len(units)), index=units[unit_key].to_numpy())
-    pat = engine.patients.iloc[units["p"].to_numpy()]
-    by = ["label"] if elig[0].group_by == "site" else ["site", "label"]
-    strata = patient_strata(pat.reset_index(drop=True), by)
-    G = np.empty((n_perm + 1, len(units)), dtype=np.int64)
-    G[0] = units["g"].to_numpy()
-    stream = stream_id(f"{elig[0].scope}|{elig[0].split}|{elig[0].group_by}")
-    order = np.argsort(strata, kind="stable")
-    bounds = np.flatnonzero(np.diff(strata[order])) + 1
-    blocks = np.split(order, bounds)
-    for r in range(1, n_perm + 1):
-        rng = np.random.default_rng([engine.seed, r, stream, 2])
-        row = G[0].copy()
-        for b in blocks:
-            row[b] = G[0][rng.permutation(b)]
-        G[r] = row
+    key = tuple(elig)
+    if cache is not None and key in cache:
+        G, per_seed = cache[key]
+    else:
+        G, per_seed = _permutation_design(engine, views, elig, n_perm)
+        if cache is not None:
+            cache[key] = (G, per_seed)
     k = len(elig)
-    vals = np.full((len(views), k, n_perm + 1), np.nan)
-    for s, (v, idx, _) in enumerate(frames):
-        keys = v.frame["case_id"].to_numpy()[idx] if unit_key == "case" else v.pidx[idx]
-        u = unit_index.reindex(keys).to_numpy(np.int64)
+    vals = np.full((len(views), k, G.shape[0]), np.nan)
+    for s, (v, (idx, u)) in enumerate(zip(views, per_seed, strict=True)):
         kern = engine.kernel(metric, v, idx)
         size = max(1, _CELL_BUDGET // max(len(idx), 1))
-        for a, b in chunks(n_perm + 1, size):
+        for a, b in chunks(G.shape[0], size):
             Gu = G[a:b][:, u]
             for gi in range(k):
                 vals[s, gi, a:b] = kern((Gu == gi).astype(float))
@@ -926,6 +909,45 @@ def permutation_gaps(
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(vals, axis=0)  # groups x permutations
         return np.max(mean, axis=0) - np.min(mean, axis=0)
+
+
+def _permutation_design(
+    engine: Engine, views: list[SeedView], elig: list[Cell], n_perm: int
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """(permutations + 1, units) group codes (row 0 observed) and, per seed, the rows used and their unit."""
+    frames = []
+    for v in views:
+        code = np.full(len(v.frame), -1, dtype=np.int64)
+        for gi, c in enumerate(elig):
+            code[v.cells[c]] = gi
+        keep = np.flatnonzero(code >= 0)
+        frames.append((v, keep, code[keep]))
+    allc = pd.concat(
+        [
+            pd.DataFrame({"case": v.frame["case_id"].to_numpy()[i], "p": v.pidx[i], "g": g})
+            for v, i, g in frames
+        ]
+    ).drop_duplicates("case")
+    unit_key = "p" if allc.groupby("p")["g"].nunique().max() <= 1 else "case"
+    units = allc.drop_duplicates(unit_key).reset_index(drop=True)
+    unit_index = pd.Series(np.arange(len(units)), index=units[unit_key].to_numpy())
+    pat = engine.patients.iloc[units["p"].to_numpy()].reset_index(drop=True)
+    strata = patient_strata(pat, ["label"] if elig[0].group_by == "site" else ["site", "label"])
+    g0 = units["g"].to_numpy()
+    rng = np.random.default_rng(
+        [engine.seed, stream_id(f"{elig[0].scope}|{elig[0].split}|{elig[0].group_by}"), 2]
+    )
+    # sorting stratum + U(0, 1) keys shuffles units within each stratum; the strata blocks stay in place
+    base = np.argsort(strata, kind="stable")
+    shuffled = np.argsort(strata[None, :] + rng.random((n_perm, len(units))), axis=1)
+    G = np.empty((n_perm + 1, len(units)), dtype=np.int64)
+    G[0] = g0
+    G[1:, base] = g0[shuffled]
+    per_seed = []
+    for v, idx, _ in frames:
+        keys = v.frame["case_id"].to_numpy()[idx] if unit_key == "case" else v.pidx[idx]
+        per_seed.append((idx, unit_index.reindex(keys).to_numpy(np.int64)))
+    return G, per_seed
 
 
 def _order(table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
