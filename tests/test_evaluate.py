@@ -315,7 +315,9 @@ def test_group_below_min_negatives_is_insufficient_without_interval(task, preds)
     p["sex"] = np.where(p["patient_id"].isin(pos + neg), "X", "F")
     t = evaluate_predictions(p, task, n_boot=20, seed=0, min_negatives=5, min_patients=3, min_positives=2)
     r = t[(t["group_by"] == "sex") & (t["group"] == "X") & (t["metric"] == "specificity")].iloc[0]
-    assert r["status"] == "insufficient" and "1 patients with a negative case < min_negatives 5" in r["reason"]
+    assert (
+        r["status"] == "insufficient" and "1 patients with a negative case < min_negatives 5" in r["reason"]
+    )
     assert np.isnan(r["ci_low"]) and np.isnan(r["ci_high"])
     eod = t[(t["group_by"] == "sex") & (t["metric"] == "equalized_odds_difference") & (t["split"] == "test")]
     assert (eod["status"] == "insufficient").all()  # X is out; one eligible group is left

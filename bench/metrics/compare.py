@@ -304,6 +304,7 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
     """Headline numbers per (generator, regime, backbone), each {value, ci_low, ci_high, n_cases, n_patients, status}.
 
     Keys of each run: `external_primary` (primary metric, external sites pooled), `test_primary` (internal test),
+    `patient_primary` (tasks with `metrics.patient_aggregation`: primary metric per patient, headline split),
     `worst_subgroup_auroc` and `largest_subgroup_gap` (over the task's subgroup columns on the headline split, with
     `group_by`, `group`, `worst_group` and `best_group`), one key per metric registered with `headline=True`
     (overall, headline split; `ece` among the built-ins), `fnr_gap` (largest over subgroup columns, headline split),
@@ -334,6 +335,8 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
         run: dict[str, Any] = dict(generator=gen, regime=reg, backbone=bb)
         run["external_primary"] = summary_entry(one(primary, "external"))
         run["test_primary"] = summary_entry(one(primary, "test"))
+        if (t["scope"] == "patient").any():
+            run["patient_primary"] = summary_entry(one(primary, split, "patient"))
         where = ("group_by", "group", *GROUP_COLUMNS)
         run["worst_subgroup_auroc"] = summary_entry(extreme(f"{am}_worst", True), where)
         run["largest_subgroup_gap"] = summary_entry(extreme(f"{am}_gap", False), where)

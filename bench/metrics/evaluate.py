@@ -1,8 +1,8 @@
 """The tidy metric table: every metric, scope and group with a patient-clustered interval and its n.
 
 Table columns (`TABLE_COLUMNS`): metric, scope, split, group_by, group, worst_group, best_group, value, ci_low,
-ci_high, n_cases, n_patients, n_pos, status, reason, seed_sd, generator, regime, backbone. The metrics and their
-order come from the metric registry (`bench.metrics.core.METRICS`).
+ci_high, n_cases, n_patients, n_pos, status, reason, seed_sd, generator, regime, backbone, n_undefined, p_gap. The
+metrics and their order come from the metric registry (`bench.metrics.core.METRICS`). Method: docs/STATISTICS.md.
 
 Rows
 ----
@@ -11,6 +11,8 @@ Rows
 - scope `site`: group_by "site", one row per site within each split.
 - scope `subgroup`: group_by a subgroup column of the task (e.g. "sex"), one row per value, within each split.
 - scope `intersection`: group_by the columns joined by "&" (e.g. "sex&age_group"), group the values joined by "&".
+- scope `patient` (tasks with `metrics.patient_aggregation` other than `none`): split test / external, group "all",
+  each patient scored once with the mean of its cases' class probabilities; n_cases counts patients.
 - Group summaries, in the same scope/split/group_by as the groups they summarise (site, subgroup, intersection):
   `<metric>_worst` (value of the worst eligible group; `group` and `worst_group` name it), `<metric>_gap` (best
   minus worst eligible group; `worst_group` and `best_group` name both; `group` reads "best vs worst" for people),
@@ -24,13 +26,17 @@ Rows
 Numbers
 -------
 - `value`: the metric averaged over training seeds; `seed_sd` the standard deviation across seeds (NaN with one
-  seed). `ci_low`/`ci_high`: 95% percentile interval of a bootstrap that resamples patients within strata of
-  site x patient label (the most frequent class of the patient's cases); training seeds are averaged inside each
-  replicate. Replicates in which a metric is undefined are left out and the reason says how many were used.
+  seed). `ci_low`/`ci_high`: 95% percentile interval of a two-stage bootstrap: patients resampled within strata of
+  site x patient label (the most frequent class of the patient's cases), then the arm's training seeds resampled
+  with replacement. Replicates in which a metric is undefined are left out; `n_undefined` counts them (for worst
+  and gap: replicates in which any eligible group was undefined) and the reason says so.
+- `p_gap` (gap rows, `fnr_gap`, `equalized_odds_difference`): permutation p-value of "no gap", group labels
+  permuted between patients within site x label strata (`metrics.permutations`); NaN on other rows.
 - `n_cases`, `n_patients`: cases and patients in the group; `n_pos`: cases positive in the task's binary view.
-- `status`: `undefined` (no value: one class only, no positives, no validation data for a threshold; `reason` says
-  which), `insufficient` (fewer than `min_patients` patients or fewer than `min_positives` patients with a positive
-  case; shown, left out of worst and gap), otherwise `ok`.
+- `status`: `undefined` (no value: one class only, no positives, a class absent for macro AUROC, no validation data
+  for a threshold; `reason` says which), `insufficient` (fewer than `min_patients` patients, `min_positives`
+  patients with a positive case or `min_negatives` patients with a negative case; value shown without an
+  interval, left out of worst and gap), otherwise `ok`.
 - Thresholds: per training seed, chosen on that model's validation predictions (binary view) as the most sensitive
   operating point whose specificity reaches `task.metrics.target_specificity`, then applied unchanged to test and
   external cases.
