@@ -113,9 +113,11 @@ def bootstrap_group_auroc(
     """Patient-clustered bootstrap AUROC per group: value, 95% percentile interval, n.
 
     `strata` (per case; e.g. site) is combined with the patient's label (any positive case) for stratification.
+    `score` may be (seeds, cases), one row per training seed: the value is the mean over seeds and the interval the
+    evaluation's two-stage bootstrap (patients, then seeds; `combine_seeds`).
     """
     y = np.asarray(y).astype(bool)
-    score = np.asarray(score, dtype=float)
+    scores = np.atleast_2d(np.asarray(score, dtype=float))
     pid_codes, pid_uniques = pd.factorize(pd.Series(patient_id), sort=True)
     group = pd.Series(group).astype(str).to_numpy()
     pat = pd.DataFrame({"p": pid_codes, "y": y, "s": strata if strata is not None else 0})
@@ -125,20 +127,23 @@ def bootstrap_group_auroc(
     kernels = {}
     for g in groups:
         m = group == g
-        kernels[g] = (np.flatnonzero(m), AurocKernel(y[m], score[m]))
+        kernels[g] = (np.flatnonzero(m), [AurocKernel(y[m], s[m]) for s in scores])
+    n_seeds = len(scores)
     reps = {g: np.empty(n_boot) for g in groups}
     for a, b in chunks(n_boot, chunk):
         Wp = patient_weights(st, n_boot, seed, a, b)
         Wc = Wp[:, pid_codes]
-        for g, (idx, kern) in kernels.items():
-            reps[g][a:b] = kern(Wc[:, idx])
+        sw = seed_weights(n_seeds, n_boot, seed, 0, a, b) if n_seeds > 1 else None
+        for g, (idx, kerns) in kernels.items():
+            Wg = Wc[:, idx]
+            reps[g][a:b] = combine_seeds(np.vstack([k(Wg) for k in kerns]), sw)
     rows = []
-    for g, (idx, kern) in kernels.items():
+    for g, (idx, kerns) in kernels.items():
         lo, hi, _ = percentile_interval(reps[g])
         rows.append(
             dict(
                 group=g,
-                value=float(kern(np.ones((1, len(idx))))[0]),
+                value=float(np.mean([k(np.ones((1, len(idx))))[0] for k in kerns])),
                 ci_low=lo,
                 ci_high=hi,
                 n_cases=len(idx),
