@@ -332,3 +332,21 @@ def test_gap_p_value_and_undefined_replicates(task, preds):
     # a gap's interval leaves out, and counts, replicates where an eligible group is undefined
     noted = gaps[gaps["n_undefined"] > 0]
     assert noted["reason"].str.contains("had an undefined eligible group").all()
+
+
+def test_patient_scope_scores_mean_probabilities_per_patient(preds):
+    from sklearn.metrics import roc_auc_score
+
+    spec = {**SPEC, "metrics": {**SPEC["metrics"], "patient_aggregation": "mean"}}
+    task = Task.model_validate(spec)
+    p = preds[(preds["generator"] == "none") & (preds["seed"] == 0)]
+    t = evaluate_predictions(p, task, n_boot=20, seed=0, n_perm=0)
+    r = t[(t["scope"] == "patient") & (t["split"] == "test") & (t["metric"] == "auroc")].iloc[0]
+    test = p[p["split"] == "test"]
+    agg = test.groupby("patient_id")[["prob_blank", "prob_disc", "prob_bar"]].mean()
+    label = test.groupby("patient_id")["y_true"].first()
+    assert r["n_cases"] == r["n_patients"] == len(agg)
+    assert r["value"] == pytest.approx(roc_auc_score(label != "blank", 1 - agg["prob_blank"]), abs=1e-12)
+    # the case-level rows are still there, unchanged by the setting
+    base = evaluate_predictions(p, Task.model_validate(SPEC), n_boot=20, seed=0, n_perm=0)
+    assert len(t[t["scope"] != "patient"]) == len(base)
