@@ -138,6 +138,17 @@ class Metrics(Strict):
     target_specificity: float = Field(0.9, gt=0, lt=1)
     min_patients: int = Field(10, ge=1, description="groups with fewer patients are `insufficient`")
     min_positives: int = Field(5, ge=1, description="groups with fewer positive patients are `insufficient`")
+    min_negatives: int = Field(
+        5, ge=1, description="groups with fewer patients with a negative case are `insufficient`"
+    )
+    permutations: int = Field(
+        500, ge=0, description="group-label permutations for the p-value of 'no gap' (0: not computed)"
+    )
+    patient_aggregation: Literal["none", "mean"] = Field(
+        "none",
+        description="`mean`: also score patients (scope `patient`), each with the mean of its cases' class "
+        "probabilities and the most frequent class of its cases",
+    )
     bootstrap: int = Field(1000, ge=10)
     ece_bins: int = Field(15, ge=2)
 

@@ -42,9 +42,19 @@ def bench_bootstrap(n: int, boot: int, skip_fairlearn: bool) -> None:
     y, s, pid, g, site = make_data(n, 8, 4)
     t0 = time.perf_counter()
     ours = bootstrap_group_auroc(y, s, pid, g, strata=site, n_boot=boot, seed=0)
+    t_one = time.perf_counter() - t0
+    # The evaluation's method: two-stage bootstrap (patients, then training seeds), here with 3 seeds, i.e. three
+    # times the AUROC work of the single-model reference below.
+    rng = np.random.default_rng(3)
+    seeds3 = np.vstack(
+        [s, np.round(s + rng.normal(0, 0.2, len(s)), 3), np.round(s + rng.normal(0, 0.2, len(s)), 3)]
+    )
+    t0 = time.perf_counter()
+    bootstrap_group_auroc(y, seeds3, pid, g, strata=site, n_boot=boot, seed=0)
     t_ours = time.perf_counter() - t0
     print(f"[bootstrap] {n} predictions, {len(np.unique(pid))} patients, 8 groups, {boot} replicates")
-    print(f"  medsynbench patient-clustered bootstrap: {t_ours:.2f} s")
+    print(f"  medsynbench patient-clustered bootstrap, one model: {t_one:.2f} s")
+    print(f"  medsynbench two-stage bootstrap (patients, then 3 training seeds): {t_ours:.2f} s")
     if skip_fairlearn:
         return
     from fairlearn.metrics import MetricFrame
@@ -65,7 +75,9 @@ def bench_bootstrap(n: int, boot: int, skip_fairlearn: bool) -> None:
     diff = max(abs(mine[str(k)] - v) for k, v in ref.items())
     identical = all(mine[str(k)] == v for k, v in ref.items())
     print(f"  fairlearn MetricFrame(n_boot={boot}) + roc_auc_score (rows resampled): {t_ref:.2f} s")
-    print(f"  speed-up: {t_ref / t_ours:.1f}x (target >= 30x)")
+    print(
+        f"  speed-up, two-stage with 3 seeds: {t_ref / t_ours:.1f}x (target >= 50x); one model: {t_ref / t_one:.1f}x"
+    )
     print(f"  point estimates identical: {identical} (max |difference| {diff:.2e})")
     # Which of the two is the exact value? Count pairs with integers and round the rational once.
     exact = {}
@@ -125,6 +137,10 @@ def bench_delong(n: int) -> None:
         got = delong_test(yy, a, b)
         worst = max(worst, abs(got.z - z), abs(got.p_value - p))
     print(f"  equal to the O(n^2) definition on 20 tied inputs of 300: max |difference| {worst:.1e}")
+    pid = np.arange(n) // 4
+    t0 = time.perf_counter()
+    delong_test(y, s1, s2, cluster=pid)
+    print(f"  clustered (Obuchowski, 4 cases per patient): {time.perf_counter() - t0:.2f} s")
 
 
 def main() -> None:

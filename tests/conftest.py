@@ -47,6 +47,8 @@ TINY_TASK = {
         "target_specificity": 0.8,
         "min_patients": 3,
         "min_positives": 2,
+        "min_negatives": 2,
+        "permutations": 100,
         "bootstrap": 50,
     },
     "protocol": {"regimes": ["real"], "seeds": [0], "backbone": "resnet18"},

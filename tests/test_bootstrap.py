@@ -108,3 +108,20 @@ def test_image_level_resampling_would_be_wrong_here():
     width = lambda r: float(r.ci_high[0] - r.ci_low[0])  # noqa: E731
     assert width(by_patient) > 1.5 * width(by_image)
     assert isinstance(by_patient, pd.DataFrame)
+
+
+def test_seed_stage_variance_is_the_unbiased_variance_of_a_seed_mean():
+    from bench.metrics.bootstrap import combine_seeds, seed_note, seed_weights
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5):
+        x = rng.normal(0, 1, n)
+        reps = np.repeat(x[:, None], 20000, axis=1)  # the same value on every patient replicate
+        out = combine_seeds(reps, seed_weights(n, 20000, 0, 7))
+        assert out.mean() == pytest.approx(x.mean(), abs=0.02)
+        assert out.var() == pytest.approx(np.var(x, ddof=1) / n, rel=0.05)
+    # one seed, or no seed stage: the plain mean over seeds
+    assert np.allclose(combine_seeds(np.array([[0.3, 0.4]]), seed_weights(1, 2, 0, 1)), [0.3, 0.4])
+    assert np.allclose(combine_seeds(np.array([[0.0, 1.0], [1.0, np.nan]]), None), [0.5, 1.0])
+    assert seed_note(3, 5) == "" and seed_note(2, 5).startswith("few_seeds: 2 and 5")
+    assert "not estimable" in seed_note(1, 3)

@@ -59,3 +59,49 @@ def test_identical_scores_give_p_one_and_undefined_gives_nan():
 
 def test_midrank_hand_worked():
     assert midrank(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_clustered_delong_equals_delong_with_one_case_per_cluster():
+    rng = np.random.default_rng(3)
+    y = rng.random(300) < 0.4
+    s1 = y + rng.normal(0, 1, 300)
+    s2 = 0.5 * y + rng.normal(0, 1, 300)
+    plain = delong_test(y, s1, s2)
+    clus = delong_test(y, s1, s2, cluster=np.arange(300))
+    assert clus.se == pytest.approx(plain.se, rel=1e-12) and clus.p_value == pytest.approx(plain.p_value)
+
+
+def test_clustered_delong_widens_with_shared_patient_errors():
+    # Four images per patient share the patient's error: the clustered standard error is larger than DeLong's,
+    # which counts every image as an independent case.
+    rng = np.random.default_rng(4)
+    n_pat, per = 150, 4
+    yp = rng.random(n_pat) < 0.5
+    pid = np.repeat(np.arange(n_pat), per)
+    y = yp[pid]
+    u1, u2 = rng.normal(0, 1, n_pat), rng.normal(0, 1, n_pat)
+    s1 = y + u1[pid] + rng.normal(0, 0.2, len(y))
+    s2 = y + u2[pid] + rng.normal(0, 0.2, len(y))
+    plain = delong_test(y, s1, s2)
+    clus = delong_test(y, s1, s2, cluster=pid)
+    assert clus.se > 1.5 * plain.se
+
+
+def test_delong_seeds_adds_seed_variance():
+    from bench.metrics.delong import delong_seeds
+
+    rng = np.random.default_rng(5)
+    y = rng.random(400) < 0.5
+    A = np.vstack([y + rng.normal(0, 1, 400) for _ in range(3)])
+    B = np.vstack([y + rng.normal(0, 1, 400) for _ in range(3)])
+    pid = np.arange(400)
+    res = delong_seeds(y, A, B, pid)
+    aucs = [roc_auc_score(y, a) for a in A], [roc_auc_score(y, b) for b in B]
+    assert res.auc1 == pytest.approx(np.mean(aucs[0])) and res.auc2 == pytest.approx(np.mean(aucs[1]))
+    seed_var = np.var(aucs[0], ddof=1) / 3 + np.var(aucs[1], ddof=1) / 3
+    # by hand from the definition: DeLong's variance of the difference of the seed-averaged components
+    n, m = (~y).sum(), y.sum()
+    v10 = [np.mean([_psi(a[y], a[~y]).mean(axis=1) for a in X], axis=0) for X in (A, B)]
+    v01 = [np.mean([_psi(a[y], a[~y]).mean(axis=0) for a in X], axis=0) for X in (A, B)]
+    test_var = np.var(v10[0] - v10[1], ddof=1) / m + np.var(v01[0] - v01[1], ddof=1) / n
+    assert res.se**2 == pytest.approx(test_var + seed_var, rel=1e-9)

@@ -181,12 +181,27 @@ def test_comparisons(task, preds):
 
 
 def test_identical_candidate_has_zero_difference(task, preds):
-    base = preds[preds["generator"] == "none"]
+    # One seed per arm: no seed stage, so identical predictions give an interval of exactly zero.
+    base = preds[(preds["generator"] == "none") & (preds["seed"] == 0)]
     twin = base.assign(generator="twin", regime="synthetic")
     comp = compare_to_baseline(pd.concat([base, twin]), task, n_boot=50, seed=0)
     ok = comp[comp["metric"] == "auroc"]
     assert np.allclose(ok["diff"], 0) and np.allclose(ok["ci_low"], 0) and np.allclose(ok["ci_high"], 0)
     assert np.allclose(ok["p_boot"], 1.0) and np.allclose(ok["p_delong"], 1.0)
+    assert ok["seed_note"].str.startswith("few_seeds").all()
+
+
+def test_same_procedure_with_two_seeds_keeps_seed_variance_in_the_interval(task, preds):
+    # The same two models under another name: the point difference is zero, but the interval must carry the
+    # seed-to-seed variation (a rerun with new seeds would not reproduce these two models), so it is not [0, 0].
+    base = preds[(preds["generator"] == "none") & (preds["seed"] < 2)]
+    twin = base.assign(generator="twin", regime="synthetic")
+    comp = compare_to_baseline(pd.concat([base, twin]), task, n_boot=200, seed=0)
+    ok = comp[(comp["metric"] == "auroc") & (comp["scope"] == "overall")]
+    assert np.allclose(ok["diff"], 0)
+    assert (ok["ci_low"] < 0).all() and (ok["ci_high"] > 0).all() and (ok["p_boot"] > 0.5).all()
+    assert np.allclose(ok["p_delong"], 1.0)  # a zero difference is no evidence, whatever the variance
+    assert ok["seed_note"].str.startswith("few_seeds: 2 and 2").all()
 
 
 def test_summary_has_intervals_and_n(task, preds, table):
@@ -275,3 +290,63 @@ def test_evaluate_command_without_finished_runs_exit_2(tmp_path, capsys):
     assert main(["evaluate", str(run)]) == 2
     assert "no finished runs" in capsys.readouterr().err
     assert not (run / "evaluation").exists()
+
+
+def test_patient_in_two_splits_is_rejected(task, preds):
+    from bench.errors import BadInput
+    from bench.metrics import validate_predictions
+
+    p = preds.copy()
+    val_pid = p.loc[p["split"] == "val", "patient_id"].iloc[0]
+    row = p.index[(p["patient_id"] == val_pid)][0]
+    p.loc[row, "split"] = "test"
+    problems = validate_predictions(p, task.classes, subgroup_columns=["sex", "age_group"])
+    assert any(repr(val_pid) in m and "more than one split" in m for m in problems)
+    with pytest.raises(BadInput, match="problem"):
+        evaluate_predictions(p, task, n_boot=10)
+
+
+def test_group_below_min_negatives_is_insufficient_without_interval(task, preds):
+    # the case: a group of 11 positive patients and 1 negative patient
+    p = preds[(preds["generator"] == "none") & (preds["split"].isin(["val", "test"]))].copy()
+    test_p = p[p["split"] == "test"].drop_duplicates("patient_id")
+    pos = test_p[test_p["y_true"] != "blank"]["patient_id"].iloc[:11].tolist()
+    neg = test_p[test_p["y_true"] == "blank"]["patient_id"].iloc[:1].tolist()
+    p["sex"] = np.where(p["patient_id"].isin(pos + neg), "X", "F")
+    t = evaluate_predictions(p, task, n_boot=20, seed=0, min_negatives=5, min_patients=3, min_positives=2)
+    r = t[(t["group_by"] == "sex") & (t["group"] == "X") & (t["metric"] == "specificity")].iloc[0]
+    assert (
+        r["status"] == "insufficient" and "1 patients with a negative case < min_negatives 5" in r["reason"]
+    )
+    assert np.isnan(r["ci_low"]) and np.isnan(r["ci_high"])
+    eod = t[(t["group_by"] == "sex") & (t["metric"] == "equalized_odds_difference") & (t["split"] == "test")]
+    assert (eod["status"] == "insufficient").all()  # X is out; one eligible group is left
+
+
+def test_gap_p_value_and_undefined_replicates(task, preds):
+    t = evaluate_predictions(preds, task, n_boot=100, seed=0, n_perm=99)
+    gaps = t[t["metric"].str.endswith("_gap") & (t["status"] == "ok")]
+    assert gaps["p_gap"].between(0.01, 1).all()
+    assert (t.loc[t["metric"].str.endswith("_worst"), "p_gap"].isna()).all()
+    assert (t["n_undefined"] >= 0).all() and (t["n_undefined"] <= 100).all()
+    # a gap's interval leaves out, and counts, replicates where an eligible group is undefined
+    noted = gaps[gaps["n_undefined"] > 0]
+    assert noted["reason"].str.contains("had an undefined eligible group").all()
+
+
+def test_patient_scope_scores_mean_probabilities_per_patient(preds):
+    from sklearn.metrics import roc_auc_score
+
+    spec = {**SPEC, "metrics": {**SPEC["metrics"], "patient_aggregation": "mean"}}
+    task = Task.model_validate(spec)
+    p = preds[(preds["generator"] == "none") & (preds["seed"] == 0)]
+    t = evaluate_predictions(p, task, n_boot=20, seed=0, n_perm=0)
+    r = t[(t["scope"] == "patient") & (t["split"] == "test") & (t["metric"] == "auroc")].iloc[0]
+    test = p[p["split"] == "test"]
+    agg = test.groupby("patient_id")[["prob_blank", "prob_disc", "prob_bar"]].mean()
+    label = test.groupby("patient_id")["y_true"].first()
+    assert r["n_cases"] == r["n_patients"] == len(agg)
+    assert r["value"] == pytest.approx(roc_auc_score(label != "blank", 1 - agg["prob_blank"]), abs=1e-12)
+    # the case-level rows are still there, unchanged by the setting
+    base = evaluate_predictions(p, Task.model_validate(SPEC), n_boot=20, seed=0, n_perm=0)
+    assert len(t[t["scope"] != "patient"]) == len(base)

@@ -124,7 +124,16 @@ def test_registry_directions_and_unknown_names():
         get_metric("f1")
 
 
-def test_macro_auroc_skips_absent_class():
+def test_macro_auroc_is_over_the_fixed_class_set():
+    # class 2 has no cases: the macro AUROC over the task's three classes is undefined, not a mean over two
     y = np.array([0, 0, 1, 1])
     P = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
-    assert auroc_macro(y, P) == pytest.approx(1.0)
+    assert np.isnan(auroc_macro(y, P))
+    y3 = np.array([0, 0, 1, 1, 2, 2])
+    P3 = np.vstack([P, [[0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]])
+    assert auroc_macro(y3, P3) == pytest.approx(roc_auc_score(y3, P3, multi_class="ovr", average="macro"))
+    # in a bootstrap replicate that loses class 2 the value is undefined (and counted), never a 2-class mean
+    kern = auroc_macro.kernel(y3, P3)
+    W = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=float)
+    out = kern(W)
+    assert np.isfinite(out[0]) and np.isnan(out[1])

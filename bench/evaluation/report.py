@@ -332,6 +332,108 @@ def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     return _png(fig)
 
 
+def plot_differences(comparisons: pd.DataFrame, metric: str, split: str) -> bytes | None:
+    """Each (generator, regime) minus real-only on `metric` with its 95% two-stage bootstrap interval."""
+    c = comparisons[
+        (comparisons["metric"] == metric)
+        & (comparisons["split"] == split)
+        & (comparisons["scope"] == "overall")
+    ]
+    c = c[c["diff"].notna()]
+    if c.empty:
+        return None
+    labels = [f"{g} / {r} / {b}" for g, r, b in zip(c["generator"], c["regime"], c["backbone"], strict=True)]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(c) + 1.4))
+    y = np.arange(len(c))
+    err = np.vstack([c["diff"] - c["ci_low"], c["ci_high"] - c["diff"]]).clip(min=0)
+    flagged = (c["seed_note"].astype(str) != "").to_numpy() if "seed_note" in c else np.zeros(len(c), bool)
+    ax.errorbar(c["diff"], y, xerr=np.nan_to_num(err), fmt="none", color="C0", lw=1.2, capsize=3)
+    ax.scatter(c["diff"][~flagged], y[~flagged], color="C0", s=22, zorder=3)
+    ax.scatter(c["diff"][flagged], y[flagged], facecolors="white", edgecolors="C0", s=22, zorder=3)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} difference vs real-only (95% interval over patients and training seeds)")
+    ax.set_title(f"Difference from real-only, {split} (hollow: fewer than 3 seeds per arm)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task: Task, split: str) -> None:
+    """The report's one-glance figure: every (generator, regime) against real-only, with seed counts and method."""
+    if comparisons is None or comparisons.empty:
+        return
+    primary = task.metrics.primary
+    c = comparisons[
+        (comparisons["metric"] == primary)
+        & (comparisons["split"] == split)
+        & (comparisons["scope"] == "overall")
+    ]
+    if c.empty:
+        return
+    rep.h("At a glance: difference from real-only")
+    rep.figure(
+        f"{primary} of each (generator, regime) minus real-only, {split}", plot_differences(c, primary, split)
+    )
+    n_c = sorted({int(n) for n in c["n_seeds"].dropna()})
+    n_b = sorted({int(n) for n in c["baseline_n_seeds"].dropna()})
+    flagged = int((c.get("seed_note", pd.Series("", index=c.index)).astype(str) != "").sum())
+    rep.table(
+        pd.DataFrame(
+            {
+                "generator": c["generator"],
+                "regime": c["regime"],
+                "backbone": c["backbone"],
+                f"{primary} diff [95% CI]": [
+                    fmt_interval(d, lo, hi)
+                    for d, lo, hi in zip(c["diff"], c["ci_low"], c["ci_high"], strict=True)
+                ],
+                "seeds (candidate / real)": [
+                    f"{int(a)} / {int(b)}" for a, b in zip(c["n_seeds"], c["baseline_n_seeds"], strict=True)
+                ],
+                "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
+            }
+        )
+    )
+    rep.p(
+        f"Training seeds per arm: candidates {', '.join(map(str, n_c))}, real-only {', '.join(map(str, n_b))}. "
+        "Intervals and p-values come from a two-stage bootstrap: each replicate resamples patients within "
+        "site x label strata (shared by both arms, so the comparison is paired), then each arm's training seeds "
+        "with replacement, so that seed-to-seed variation is part of every interval (docs/STATISTICS.md)."
+        + (
+            f" {flagged} comparison(s) have fewer than 3 seeds in an arm (`few_seeds`): their seed stage rests "
+            "on too few models and the interval may be too narrow."
+            if flagged
+            else ""
+        )
+    )
+
+
+def add_patient_level(rep: Report, table: pd.DataFrame, task: Task) -> None:
+    """Patient-level scores (scope `patient`) of tasks that aggregate several images per patient."""
+    t = table[(table["scope"] == "patient") & (table["metric"] == task.metrics.primary)]
+    if t.empty:
+        return
+    rep.h("Patient-level scores")
+    rep.table(
+        pd.DataFrame(
+            {
+                "generator": t["generator"],
+                "regime": t["regime"],
+                "backbone": t["backbone"],
+                "split": t["split"],
+                f"{task.metrics.primary} per patient [95% CI] n": [_fmt_row(r) for _, r in t.iterrows()],
+            }
+        )
+    )
+    rep.p(
+        f"Each patient scored once with the {task.metrics.patient_aggregation} of its images' class probabilities "
+        "(task setting `metrics.patient_aggregation`) and the most frequent class of its images; n counts patients."
+    )
+
+
 def synthetic_ratio(regime: str) -> float | None:
     """Synthetic share implied by a regime name: real 0, augment:r -> r (synthetic per real), synthetic -> inf."""
     if regime == BASELINE_REGIME:
@@ -445,6 +547,9 @@ def build_report(
     rep = Report(
         title or (f"Fairness audit: {task.name}" if audit else f"Evaluation: {task.name} {task.version}")
     )
+    if not audit:
+        add_difference_overview(rep, comparisons, task, split)
+        add_patient_level(rep, table, task)
     rep.h("Settings")
     rep.p(_settings_text(task, settings))
     if settings.source:

@@ -3,7 +3,9 @@
 Each record is scored on its headline regime (synthetic-only for a generator, real for the real-only reference)
 with the leaderboard's primary metric, on the evaluation cases all records share. One patient-clustered bootstrap
 (patients resampled within site x label strata) is applied to every record at once, so each replicate compares all
-records on the same resampled patients (paired). Within a replicate, a record's rank is 1 + the number of records
+records on the same resampled patients (paired). Each record's training seeds are then resampled with replacement
+within the replicate (independently per record; `bench.metrics.bootstrap.combine_seeds`), so that rank intervals
+carry seed-to-seed variation too; a record with fewer than 3 seeds is named in a note. Within a replicate, a record's rank is 1 + the number of records
 strictly better; its 95% rank interval is the 2.5th to 97.5th percentile of those ranks.
 
 Tie groups: walking down the point ranking, a record joins the current group when its rank interval overlaps the
@@ -20,7 +22,15 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.metrics.bootstrap import chunks, patient_strata, patient_weights
+from bench.metrics.bootstrap import (
+    MIN_SEEDS,
+    chunks,
+    combine_seeds,
+    patient_strata,
+    patient_weights,
+    seed_weights,
+    stream_id,
+)
 from bench.metrics.core import Metric, get_metric
 
 CHUNK = 200
@@ -114,7 +124,9 @@ def rank_entries(
     for a, b in chunks(n_boot, CHUNK):
         W = patient_weights(strata, n_boot, seed, a, b)[:, codes]
         for j, ks in enumerate(kernels):
-            reps[a:b, j] = np.mean(np.column_stack([k(W) for k in ks]), axis=1)
+            per_seed = np.vstack([k(W) for k in ks])  # seeds x replicates
+            sw = seed_weights(len(ks), n_boot, seed, stream_id(entries[j].key), a, b)
+            reps[a:b, j] = combine_seeds(per_seed, sw)
     ok = ~np.isnan(reps).any(axis=1)
     hib = metric.higher_is_better
     rank = competition_ranks(np.nan_to_num(point, nan=-np.inf if hib else np.inf), hib)[0]
@@ -190,6 +202,12 @@ def rank_predictions(
         def score_fn(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return yb, P[:, idx].sum(axis=1)
 
+    few = [e.key for e in entries if len(e.probs) < MIN_SEEDS]
+    if few:
+        notes.append(
+            f"few_seeds: {', '.join(few)} ha{'s' if len(few) == 1 else 've'} fewer than {MIN_SEEDS} training seeds; "
+            "their rank intervals understate seed-to-seed variation"
+        )
     ranking = rank_entries(
         entries,
         y,

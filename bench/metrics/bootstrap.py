@@ -8,6 +8,7 @@ gaps and paired differences are computed replicate by replicate.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -112,9 +113,11 @@ def bootstrap_group_auroc(
     """Patient-clustered bootstrap AUROC per group: value, 95% percentile interval, n.
 
     `strata` (per case; e.g. site) is combined with the patient's label (any positive case) for stratification.
+    `score` may be (seeds, cases), one row per training seed: the value is the mean over seeds and the interval the
+    evaluation's two-stage bootstrap (patients, then seeds; `combine_seeds`).
     """
     y = np.asarray(y).astype(bool)
-    score = np.asarray(score, dtype=float)
+    scores = np.atleast_2d(np.asarray(score, dtype=float))
     pid_codes, pid_uniques = pd.factorize(pd.Series(patient_id), sort=True)
     group = pd.Series(group).astype(str).to_numpy()
     pat = pd.DataFrame({"p": pid_codes, "y": y, "s": strata if strata is not None else 0})
@@ -124,20 +127,23 @@ def bootstrap_group_auroc(
     kernels = {}
     for g in groups:
         m = group == g
-        kernels[g] = (np.flatnonzero(m), AurocKernel(y[m], score[m]))
+        kernels[g] = (np.flatnonzero(m), [AurocKernel(y[m], s[m]) for s in scores])
+    n_seeds = len(scores)
     reps = {g: np.empty(n_boot) for g in groups}
     for a, b in chunks(n_boot, chunk):
         Wp = patient_weights(st, n_boot, seed, a, b)
         Wc = Wp[:, pid_codes]
-        for g, (idx, kern) in kernels.items():
-            reps[g][a:b] = kern(Wc[:, idx])
+        sw = seed_weights(n_seeds, n_boot, seed, 0, a, b) if n_seeds > 1 else None
+        for g, (idx, kerns) in kernels.items():
+            Wg = Wc[:, idx]
+            reps[g][a:b] = combine_seeds(np.vstack([k(Wg) for k in kerns]), sw)
     rows = []
-    for g, (idx, kern) in kernels.items():
+    for g, (idx, kerns) in kernels.items():
         lo, hi, _ = percentile_interval(reps[g])
         rows.append(
             dict(
                 group=g,
-                value=float(kern(np.ones((1, len(idx))))[0]),
+                value=float(np.mean([k(np.ones((1, len(idx))))[0] for k in kerns])),
                 ci_low=lo,
                 ci_high=hi,
                 n_cases=len(idx),
@@ -145,3 +151,68 @@ def bootstrap_group_auroc(
             )
         )
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- training seeds
+
+MIN_SEEDS = (
+    3  # below this many training seeds per arm the seed stage rests on too few models (flag `few_seeds`)
+)
+
+
+def stream_id(key: str) -> int:
+    """A stable integer for a run key, so that each arm draws its own seed replicates."""
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def seed_weights(
+    n_seeds: int, n_boot: int, seed: int, stream: int, start: int = 0, stop: int | None = None
+) -> np.ndarray:
+    """(replicates, seeds) multiplicities: the training seeds of one arm resampled with replacement.
+
+    Replicate r of arm `stream` is drawn from its own stream (seed, r, stream), so chunks are reproducible and two
+    arms (candidate, baseline) draw independently of each other while sharing the patient replicates.
+    """
+    stop = n_boot if stop is None else min(stop, n_boot)
+    out = np.zeros((max(stop - start, 0), n_seeds))
+    for i, r in enumerate(range(start, stop)):
+        rng = np.random.default_rng([seed, r, stream, 1])
+        out[i] = np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds)
+    return out
+
+
+def combine_seeds(per_seed: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Second stage of the two-stage bootstrap: one value per replicate from per-seed replicate values.
+
+    `per_seed` is (seeds, replicates) on shared patient replicates (NaN where a seed lacks a value), `weights`
+    (replicates, seeds) from `seed_weights`. A replicate's value is the mean over seeds plus the resampled mean of
+    the seeds' deviations from it, the deviations inflated by sqrt(n / (n - 1)) (n seeds with a value) so that the
+    seed stage's variance is the unbiased variance of a mean of n seeds rather than (n - 1) / n of it. With
+    `weights` None, or a single seed, it is the plain mean over seeds (no seed stage).
+    """
+    x = np.asarray(per_seed, dtype=float)
+    ok = ~np.isnan(x)
+    cnt = ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(cnt > 0, np.where(ok, x, 0.0).sum(axis=0) / np.maximum(cnt, 1), np.nan)
+        if weights is None or x.shape[0] < 2:
+            return mean
+        w = np.where(ok, np.asarray(weights, dtype=float).T, 0.0)
+        wsum = w.sum(axis=0)
+        dev = np.where(ok, x - mean, 0.0)
+        shift = np.where(wsum > 0, (w * dev).sum(axis=0) / np.where(wsum > 0, wsum, 1.0), 0.0)
+        infl = np.sqrt(np.where(cnt > 1, cnt / np.maximum(cnt - 1, 1), 1.0))
+        return mean + infl * shift
+
+
+def seed_note(n_candidate: int, n_baseline: int | None = None) -> str:
+    """'' when every arm has at least MIN_SEEDS training seeds, otherwise a `few_seeds: ...` flag."""
+    ns = [n_candidate] if n_baseline is None else [n_candidate, n_baseline]
+    if min(ns) >= MIN_SEEDS:
+        return ""
+    counts = " and ".join(str(n) for n in ns)
+    if min(ns) < 2:
+        what = "seed-to-seed variance is not estimable with one seed and is missing from the interval"
+    else:
+        what = "the seed stage of the interval rests on fewer than 3 seeds and may be too narrow"
+    return f"few_seeds: {counts} training seed(s); {what}"

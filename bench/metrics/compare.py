@@ -7,14 +7,21 @@ the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
 - `metric`, `scope` (overall | site), `split` (test | external), `group_by`, `group`;
 - `value` (candidate), `baseline_value`, `diff` = value - baseline_value with its 95% paired bootstrap interval
   `ci_low`/`ci_high` (the same patient replicates for both, training seeds averaged inside each replicate);
-- `p_boot`: two-sided paired bootstrap p-value; `p_delong`: DeLong's test on the binary-view AUROC (metric `auroc`
-  only; scores averaged over training seeds per case; cases treated as independent); `p_boot_holm`,
+- `p_boot`: two-sided paired bootstrap p-value; `p_delong`: clustered DeLong test (Obuchowski 1997, patients as
+  clusters) on the binary-view AUROC (metric `auroc` only), each arm's AUROC its mean over training seeds, with the
+  seed-to-seed variance of both arms added (`bench.metrics.delong.delong_seeds`); `p_boot_holm`,
   `p_delong_holm`: Holm-adjusted across the family of candidates compared on the same metric, scope, split and
   group;
 - `ratio` = value / baseline_value with `ratio_ci_low`/`ratio_ci_high` (higher-is-better metrics only). For the
   primary metric on external data and regime `synthetic` this is the utility ratio (synthetic-only / real-only);
 - `n_cases`, `n_patients`, `n_pos`, `n_seeds`, `baseline_n_seeds`, `status` (ok | insufficient | undefined),
-  `reason`.
+  `reason`;
+- `seed_note`: empty, or `few_seeds: ...` when an arm has fewer than 3 training seeds (`MIN_SEEDS`): the
+  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether).
+
+Intervals and p-values are a two-stage bootstrap: each replicate resamples patients within site x label strata
+(shared by both arms, so the comparison is paired), then each arm's training seeds with replacement (independently
+per arm); see `bench.metrics.bootstrap.combine_seeds` and docs/STATISTICS.md.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import core
-from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval
-from bench.metrics.delong import delong_test
-from bench.metrics.evaluate import GROUP_COLUMNS, Engine, _group_info, _mean_sd, prepare_predictions
+from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval, seed_note
+from bench.metrics.delong import delong_seeds
+from bench.metrics.evaluate import GROUP_COLUMNS, Engine, Limits, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
 
@@ -62,6 +69,7 @@ COMPARISON_COLUMNS = [
     "baseline_n_seeds",
     "status",
     "reason",
+    "seed_note",
 ]
 
 
@@ -80,6 +88,7 @@ def compare_to_baseline(
     metrics: Sequence[str] | None = None,
     min_patients: int | None = None,
     min_positives: int | None = None,
+    min_negatives: int | None = None,
     source: str = "predictions",
 ) -> pd.DataFrame:
     """Each (generator, regime, backbone) against the real-only baseline; see the module docstring for columns."""
@@ -87,6 +96,11 @@ def compare_to_baseline(
     n_boot = int(task.metrics.bootstrap if n_boot is None else n_boot)
     min_patients = int(task.metrics.min_patients if min_patients is None else min_patients)
     min_positives = int(task.metrics.min_positives if min_positives is None else min_positives)
+    limits = Limits(
+        min_patients,
+        min_positives,
+        int(task.metrics.min_negatives if min_negatives is None else min_negatives),
+    )
     names = list(metrics or comparison_metrics(task))
     for m in names:
         core.get_metric(m, task.classes)  # unknown names fail early, before any work
@@ -112,7 +126,7 @@ def compare_to_baseline(
                 )
             )
             continue
-        rows += _compare_one(engine, cand_df, base_df, key, names, min_patients, min_positives)
+        rows += _compare_one(engine, cand_df, base_df, key, names, limits)
     out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     if out.empty:
         return out
@@ -140,6 +154,7 @@ def _empty(key: dict, metric: str, reason: str) -> dict[str, Any]:
         baseline_n_seeds=0,
         status="undefined",
         reason=reason,
+        seed_note="",
     )
     return row
 
@@ -150,8 +165,7 @@ def _compare_one(
     base_df: pd.DataFrame,
     key: dict,
     names: list[str],
-    min_patients: int,
-    min_positives: int,
+    limits: Limits,
 ) -> list[dict]:
     ev = lambda d: set(d.loc[d["split"].isin(SCORED_SPLITS), "case_id"])  # noqa: E731
     common = ev(cand_df) & ev(base_df)
@@ -166,18 +180,13 @@ def _compare_one(
     ]
     rc = engine.compute(vc, names, cells)
     rb = engine.compute(vb, names, cells)
-    sc = _seed_mean_scores(vc)
-    sb = _seed_mean_scores(vb)
+    sc = _seed_scores(vc)
+    sb = _seed_scores(vb)
+    note = seed_note(len(vc), len(vb))
     rows = []
     for cell in cells:
         info = _group_info(vc, cell)
-        small = []
-        if info.n_patients < min_patients:
-            small.append(f"{info.n_patients} patients < min_patients {min_patients}")
-        if info.n_pos_patients < min_positives:
-            small.append(
-                f"{info.n_pos_patients} patients with a positive case < min_positives {min_positives}"
-            )
+        small = limits.problems(info)
         cell_cases = pd.Index(
             pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique()
         )
@@ -196,8 +205,11 @@ def _compare_one(
             p_delong = np.nan
             if m == "auroc":
                 cases = cell_cases.intersection(sc.index).intersection(sb.index)
-                res = delong_test(
-                    sc.loc[cases, "_ybin"].to_numpy(bool), sc.loc[cases, "_sbin"], sb.loc[cases, "_sbin"]
+                res = delong_seeds(
+                    sc.loc[cases, "_ybin"].to_numpy(bool),
+                    sc.loc[cases].drop(columns=["_ybin", "_pid"]).to_numpy(float).T,
+                    sb.loc[cases].drop(columns=["_ybin", "_pid"]).to_numpy(float).T,
+                    sc.loc[cases, "_pid"].to_numpy(),
                 )
                 p_delong = res.p_value
             if not (np.isfinite(val) and np.isfinite(bval)):
@@ -208,7 +220,9 @@ def _compare_one(
                 )
                 lo = hi = p_boot = np.nan
             elif small:
+                # no interval or test for too small a group (see the metric table)
                 status, reason = "insufficient", "; ".join(small)
+                lo = hi = rlo = rhi = p_boot = p_delong = np.nan
             else:
                 status, reason = "ok", ""
             rows.append(
@@ -240,14 +254,19 @@ def _compare_one(
                     baseline_n_seeds=len(vb),
                     status=status,
                     reason=reason,
+                    seed_note=note,
                 )
             )
     return rows
 
 
-def _seed_mean_scores(views: list) -> pd.DataFrame:
-    f = pd.concat([v.frame[["case_id", "_ybin", "_sbin"]] for v in views])
-    return f.groupby("case_id").agg(_ybin=("_ybin", "first"), _sbin=("_sbin", "mean"))
+def _seed_scores(views: list) -> pd.DataFrame:
+    """Per case: binary truth, patient and one binary-view score column per training seed (cases all seeds scored)."""
+    first = pd.concat([v.frame[["case_id", "_ybin", "patient_id"]] for v in views]).drop_duplicates("case_id")
+    out = first.set_index("case_id").rename(columns={"patient_id": "_pid"})
+    for k, v in enumerate(views):
+        out[f"s{k}"] = v.frame.set_index("case_id")["_sbin"]
+    return out.dropna()
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -285,6 +304,7 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
     """Headline numbers per (generator, regime, backbone), each {value, ci_low, ci_high, n_cases, n_patients, status}.
 
     Keys of each run: `external_primary` (primary metric, external sites pooled), `test_primary` (internal test),
+    `patient_primary` (tasks with `metrics.patient_aggregation`: primary metric per patient, headline split),
     `worst_subgroup_auroc` and `largest_subgroup_gap` (over the task's subgroup columns on the headline split, with
     `group_by`, `group`, `worst_group` and `best_group`), one key per metric registered with `headline=True`
     (overall, headline split; `ece` among the built-ins), `fnr_gap` (largest over subgroup columns, headline split),
@@ -315,6 +335,8 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
         run: dict[str, Any] = dict(generator=gen, regime=reg, backbone=bb)
         run["external_primary"] = summary_entry(one(primary, "external"))
         run["test_primary"] = summary_entry(one(primary, "test"))
+        if (t["scope"] == "patient").any():
+            run["patient_primary"] = summary_entry(one(primary, split, "patient"))
         where = ("group_by", "group", *GROUP_COLUMNS)
         run["worst_subgroup_auroc"] = summary_entry(extreme(f"{am}_worst", True), where)
         run["largest_subgroup_gap"] = summary_entry(extreme(f"{am}_gap", False), where)

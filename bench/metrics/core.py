@@ -14,8 +14,9 @@ Conventions
   indices 0..K-1 and `y_score` is an (n, K) probability matrix. A 1-D score is read as a two-class matrix
   `[1 - p, p]`.
 - AUROC counts ties as one half (mid-ranks), as scikit-learn does.
-- `auroc_macro` is the unweighted mean of one-vs-rest AUROCs over the classes that are present with both positives
-  and negatives (all classes in a full test set; a subgroup lacking a class averages over the others).
+- `auroc_macro` is the unweighted mean of one-vs-rest AUROCs over the task's fixed class set (the columns of
+  `y_score`); it is undefined (NaN) where a class has no cases or is the only class, so that groups and bootstrap
+  replicates never average over different sets of classes.
 - `balanced_accuracy` is the mean recall of the arg-max prediction over the classes present in `y_true`.
 - `ece` is the top-label expected calibration error: confidence = largest class probability, correct = the arg-max
   class is the true class, `n_bins` equal-width bins over [0, 1] (right-closed; 15 unless the task says otherwise),
@@ -115,8 +116,10 @@ def _macro_auroc_kernel(y_true: Any, y_score: Any) -> Kernel:
     y = np.asarray(y_true)
     kernels = [AurocKernel(y == k, P[:, k]) for k in range(P.shape[1])]
 
+    # Over the fixed class set: a replicate (or group) in which a class has no cases has no macro AUROC, rather
+    # than a mean over a different set of classes.
     def run(W: np.ndarray) -> np.ndarray:
-        return _nanmean_rows(np.column_stack([kern(W) for kern in kernels]))
+        return np.column_stack([kern(W) for kern in kernels]).mean(axis=1)
 
     return run
 
@@ -319,7 +322,7 @@ auroc_macro = register_metric(
         True,
         "multiclass",
         _macro_auroc_kernel,
-        description="one-vs-rest macro AUROC",
+        description="one-vs-rest macro AUROC over the task's classes",
         requires=("two classes",),
         order=10,
         label="macro AUROC",

@@ -1,8 +1,11 @@
 """DeLong's test for AUROC (DeLong, DeLong & Clarke-Pearson 1988), in O(n log n) via mid-ranks (Sun & Xu 2014),
 with one sort per score.
 
-Cases are taken as independent here; the patient-clustered paired bootstrap in `compare` is the clustered
-counterpart, and reports use both.
+`delong_test(..., cluster=patient_id)` is Obuchowski's (1997) clustered form: structural components are summed
+per patient, so several images of one patient are not counted as independent evidence; with one case per cluster
+it equals DeLong's. `delong_seeds` compares two training procedures, each with several training seeds: the AUROC
+of an arm is the mean over its seeds (as in the metric table), its components are the seed-averaged components,
+and the seed-to-seed variance of each arm's mean (sample variance / seeds) is added to the clustered variance.
 """
 
 from __future__ import annotations
@@ -92,20 +95,32 @@ def delong_variance(y_true: Any, score: Any) -> tuple[float, float]:
     return float(aucs[0]), float(var)
 
 
-def delong_test(y_true: Any, score1: Any, score2: Any) -> DeLongResult:
-    """Paired two-sided test of AUROC(score1) == AUROC(score2) on the same cases. Undefined cases give NaN."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.vstack([np.asarray(score1, dtype=float), np.asarray(score2, dtype=float)])
-    m, n = int(y.sum()), int((~y).sum())
-    if m < 2 or n < 2:
-        nan = float("nan")
-        return DeLongResult(nan, nan, nan, nan, nan, nan, m, n)
-    aucs, v10, v01 = _components(y, s)
-    s10 = np.cov(v10)
-    s01 = np.cov(v01)
-    cov = s10 / m + s01 / n
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+def clustered_covariance(
+    y: np.ndarray, aucs: np.ndarray, v10: np.ndarray, v01: np.ndarray, cluster: Any
+) -> np.ndarray:
+    """Obuchowski's (1997) covariance matrix of the AUROCs from per-case structural components and cluster ids."""
+    codes = np.unique(np.asarray(cluster), return_inverse=True)[1].ravel()
+    n_cl = int(codes.max()) + 1
+    pos, neg = codes[y], codes[~y]
+    m, n = len(pos), len(neg)
+    mi = np.bincount(pos, minlength=n_cl).astype(float)
+    ni = np.bincount(neg, minlength=n_cl).astype(float)
+    X = np.vstack([np.bincount(pos, weights=v, minlength=n_cl) for v in v10]) - aucs[:, None] * mi
+    Y = np.vstack([np.bincount(neg, weights=v, minlength=n_cl) for v in v01]) - aucs[:, None] * ni
+    i10, i01, i_all = int((mi > 0).sum()), int((ni > 0).sum()), int(((mi + ni) > 0).sum())
+    if i10 < 2 or i01 < 2:
+        return np.full((len(aucs), len(aucs)), np.nan)
+    s10 = i10 / ((i10 - 1) * m) * (X @ X.T)
+    s01 = i01 / ((i01 - 1) * n) * (Y @ Y.T)
+    s11 = i_all / (i_all - 1) * (X @ Y.T)
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+def _result(aucs: np.ndarray, var: float, m: int, n: int) -> DeLongResult:
     diff = float(aucs[0] - aucs[1])
+    if not np.isfinite(var):
+        nan = float("nan")
+        return DeLongResult(float(aucs[0]), float(aucs[1]), diff, nan, nan, nan, m, n)
     if var <= 0:
         # identical rankings: no evidence of a difference
         z = 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
@@ -115,3 +130,48 @@ def delong_test(y_true: Any, score1: Any, score2: Any) -> DeLongResult:
         z = diff / se
     p = float(2 * norm.sf(abs(z)))
     return DeLongResult(float(aucs[0]), float(aucs[1]), diff, se, z, p, m, n)
+
+
+def delong_test(y_true: Any, score1: Any, score2: Any, cluster: Any = None) -> DeLongResult:
+    """Paired two-sided test of AUROC(score1) == AUROC(score2) on the same cases. Undefined cases give NaN.
+
+    `cluster` (e.g. patient ids, one per case) gives Obuchowski's clustered variance.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.vstack([np.asarray(score1, dtype=float), np.asarray(score2, dtype=float)])
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        nan = float("nan")
+        return DeLongResult(nan, nan, nan, nan, nan, nan, m, n)
+    aucs, v10, v01 = _components(y, s)
+    if cluster is None:
+        cov = np.cov(v10) / m + np.cov(v01) / n
+    else:
+        cov = clustered_covariance(y, aucs, v10, v01, cluster)
+    return _result(aucs, float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), m, n)
+
+
+def delong_seeds(y_true: Any, scores1: Any, scores2: Any, cluster: Any) -> DeLongResult:
+    """Clustered DeLong test of two training procedures given (seeds, cases) score matrices of each arm.
+
+    Each arm's AUROC is its mean over seeds; the variance is Obuchowski's clustered variance of the seed-averaged
+    components plus var_seeds(AUROC) / seeds for each arm (zero for an arm with one seed: flag such comparisons).
+    """
+    y = np.asarray(y_true).astype(bool)
+    a = np.atleast_2d(np.asarray(scores1, dtype=float))
+    b = np.atleast_2d(np.asarray(scores2, dtype=float))
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        nan = float("nan")
+        return DeLongResult(nan, nan, nan, nan, nan, nan, m, n)
+    auc_a, v10_a, v01_a = _components(y, a)
+    auc_b, v10_b, v01_b = _components(y, b)
+    aucs = np.array([auc_a.mean(), auc_b.mean()])
+    v10 = np.vstack([v10_a.mean(axis=0), v10_b.mean(axis=0)])
+    v01 = np.vstack([v01_a.mean(axis=0), v01_b.mean(axis=0)])
+    cov = clustered_covariance(y, aucs, v10, v01, cluster)
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    for arm in (auc_a, auc_b):
+        if len(arm) > 1:
+            var += float(np.var(arm, ddof=1)) / len(arm)
+    return _result(aucs, var, m, n)

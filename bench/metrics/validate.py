@@ -112,6 +112,22 @@ def validate_predictions(
                         f"probabilities do not sum to 1 (tolerance {SUM_TOLERANCE:g}; largest deviation {worst:.3g})",
                     )
                 )
+    if "patient_id" in df.columns and "split" in df.columns:
+        # a patient scored in one split and seen in another (validation picks the operating point) leaks
+        ok = df["patient_id"].notna() & df["split"].notna()
+        n_splits = df[ok].groupby("patient_id")["split"].transform("nunique")
+        both = pd.Series(False, index=df.index)
+        both[n_splits.index] = n_splits.to_numpy() > 1
+        if both.any():
+            pats = sorted(df.loc[both, "patient_id"].astype(str).unique())
+            shown = ", ".join(map(repr, pats[:_SHOW])) + (
+                f" and {len(pats) - _SHOW} more" if len(pats) > _SHOW else ""
+            )
+            problems.append(
+                describe_rows(
+                    df, both, f"patient(s) {shown} appear in more than one split (splits are by patient)"
+                )
+            )
     if "case_id" in df.columns:
         keys = [k for k in run_keys if k in df.columns]
         dup = df.duplicated([*keys, "case_id"], keep=False) & df["case_id"].notna()

@@ -1,0 +1,151 @@
+"""Simulation tests of the evaluation engine itself (slow): interval coverage and type-I error under clustering
+(several images per patient sharing an error) and training-seed noise (each seed shifts the model's signal).
+
+Model: patient label y ~ Bernoulli(0.4); patient effect u ~ N(0, su^2) shared by the patient's images; image noise
+e ~ N(0, se^2); a training seed s draws its signal mu_s ~ N(mu, tau^2) and per-image noise N(0, sn^2). The score of
+an image is mu_s * y + u + e + noise. Positives and negatives are different patients, so a seed's population AUROC
+is Phi(mu_s / sqrt(2 (su^2 + se^2 + sn^2))) and the procedure's expected AUROC is its mean over mu_s.
+
+Counts and Monte-Carlo error are in each test; the seeds of the simulations are fixed, so the tests are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from bench.metrics import compare_to_baseline, evaluate_predictions
+from bench.tasks import Task
+
+SU, SE, SN, TAU = 0.7, 0.5, 0.4, 0.15
+SIG = np.sqrt(2 * (SU**2 + SE**2 + SN**2))
+TASK = Task.model_validate(
+    {
+        "name": "sim",
+        "version": "1.0.0",
+        "modality": "sim",
+        "labels": {"classes": ["neg", "pos"]},
+        "sites": {"train": ["a", "b"], "external": []},
+        "subgroups": {"columns": ["sex"]},
+        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
+        "source": {"kind": "folder", "options": {}},
+    }
+)
+
+
+def expected_auroc(mu: float) -> float:
+    x, w = np.polynomial.hermite_e.hermegauss(40)
+    return float(np.sum(w * norm.cdf((mu + TAU * x) / SIG)) / np.sum(w))
+
+
+def simulate(rng, arms: dict[str, float], n_pat: int, per: int, n_seeds: int, group_effect: float = 0.0):
+    y = rng.random(n_pat) < 0.4
+    site = np.where(np.arange(n_pat) % 2 == 0, "a", "b")
+    sex = np.where(rng.random(n_pat) < 0.5, "F", "M")
+    u = rng.normal(0, SU, n_pat)
+    pid = np.repeat(np.arange(n_pat), per)
+    e = rng.normal(0, SE, len(pid))
+    split = np.where(np.arange(n_pat) % 5 == 0, "val", "test")[pid]
+    base = pd.DataFrame(
+        {
+            "case_id": [f"c{i}" for i in range(len(pid))],
+            "patient_id": [f"p{p}" for p in pid],
+            "site": site[pid],
+            "split": split,
+            "sex": sex[pid],
+            "y_true": np.where(y[pid], "pos", "neg"),
+        }
+    )
+    frames = []
+    for (gen, reg), mu in arms.items():
+        for s in range(n_seeds):
+            mu_s = mu + rng.normal(0, TAU)
+            shift = np.where(sex[pid] == "F", group_effect, 0.0) * y[pid]
+            z = (mu_s + shift) * y[pid] + u[pid] + e + rng.normal(0, SN, len(pid))
+            p = 1 / (1 + np.exp(-z))
+            frames.append(
+                base.assign(prob_neg=1 - p, prob_pos=p, generator=gen, regime=reg, seed=s, backbone="m")
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+ARMS_NULL = {("none", "real"): 1.2, ("twin", "synthetic"): 1.2}
+
+
+@pytest.mark.slow
+def test_coverage_and_type_one_error_of_the_comparison_with_seed_noise_and_clusters():
+    # 250 simulations, 200 replicates each; 120 patients x 4 images; 5 training seeds per arm, same procedure.
+    # Monte-Carlo standard error of a 95% coverage and of a 5% rejection rate: 1.4 points.
+    # Measured: difference 95.6%, ratio 95.6%; type-I bootstrap 4.0%, clustered DeLong 6.4%.
+    n_sim = 250
+    hits = {"diff": 0, "ratio": 0}
+    rej_boot = rej_delong = 0
+    for sim in range(n_sim):
+        rng = np.random.default_rng(7000 + sim)
+        preds = simulate(rng, ARMS_NULL, 120, 4, 5)
+        comp = compare_to_baseline(preds, TASK, n_boot=200, seed=sim, metrics=["auroc"])
+        r = comp[(comp["scope"] == "overall")].iloc[0]
+        hits["diff"] += bool(r["ci_low"] <= 0 <= r["ci_high"])
+        hits["ratio"] += bool(r["ratio_ci_low"] <= 1 <= r["ratio_ci_high"])
+        rej_boot += bool(r["p_boot"] < 0.05)
+        rej_delong += bool(r["p_delong"] < 0.05)
+    cov = {k: v / n_sim for k, v in hits.items()}
+    print(f"coverage {cov}; type-I bootstrap {rej_boot / n_sim:.3f}, DeLong {rej_delong / n_sim:.3f}")
+    for k, c in cov.items():
+        assert 0.93 <= c <= 0.97, (k, c)
+    assert 0.035 <= rej_boot / n_sim <= 0.065
+    assert 0.035 <= rej_delong / n_sim <= 0.065
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known shortfall: single-arm percentile intervals under-cover at this size (measured 92.8% overall "
+    "with 96 test patients, 90.4% for a subgroup of about 48); see docs/STATISTICS.md",
+)
+def test_coverage_of_the_metric_table_with_seed_noise_and_clusters():
+    # 125 simulations (the same data as the first 125 even-numbered ones above); MC standard error 1.9 points.
+    truth = expected_auroc(1.2)
+    hits = {"auroc": 0, "subgroup": 0}
+    n_sim = 125
+    for sim in range(0, 2 * n_sim, 2):
+        rng = np.random.default_rng(7000 + sim)
+        preds = simulate(rng, ARMS_NULL, 120, 4, 5)
+        t = evaluate_predictions(preds[preds["generator"] == "none"], TASK, n_boot=200, seed=sim, n_perm=0)
+        o = t[(t["metric"] == "auroc") & (t["scope"] == "overall")].iloc[0]
+        g = t[(t["metric"] == "auroc") & (t["group_by"] == "sex") & (t["group"] == "F")].iloc[0]
+        hits["auroc"] += bool(o["ci_low"] <= truth <= o["ci_high"])
+        hits["subgroup"] += bool(g["ci_low"] <= truth <= g["ci_high"])
+    cov = {k: v / n_sim for k, v in hits.items()}
+    print(f"coverage {cov}")
+    for k, c in cov.items():
+        assert 0.93 <= c <= 0.97, (k, c)
+
+
+@pytest.mark.slow
+def test_gap_permutation_test_type_one_error_and_power():
+    # No gap between sexes: the permutation p-value rejects at 5% in 3.5-6.5% of 200 simulations (MC SE 1.5
+    # points). A gap (sensitivity of F's signal +1.0): power is reported and must be clearly above the level.
+    n_sim = 200
+    rej = 0
+    for sim in range(n_sim):
+        rng = np.random.default_rng(9000 + sim)
+        preds = simulate(rng, {("none", "real"): 1.2}, 120, 4, 3)
+        t = evaluate_predictions(preds, TASK, n_boot=10, seed=sim, n_perm=199)
+        g = t[(t["metric"] == "auroc_gap") & (t["group_by"] == "sex")].iloc[0]
+        rej += bool(g["p_gap"] < 0.05)
+    power = 0
+    n_pow = 40
+    for sim in range(n_pow):
+        rng = np.random.default_rng(19000 + sim)
+        preds = simulate(rng, {("none", "real"): 1.2}, 120, 4, 3, group_effect=1.0)
+        t = evaluate_predictions(preds, TASK, n_boot=10, seed=sim, n_perm=199)
+        g = t[(t["metric"] == "auroc_gap") & (t["group_by"] == "sex")].iloc[0]
+        power += bool(g["p_gap"] < 0.05)
+    # measured: type-I 3.5%, power 0.72
+    print(f"gap test: type-I {rej / n_sim:.3f} ({n_sim} sims), power {power / n_pow:.2f} ({n_pow} sims)")
+    assert 0.035 <= rej / n_sim <= 0.065
+    assert power / n_pow > 0.5
