@@ -184,3 +184,10 @@ def test_rank_correlation():
     assert got["ci_low"] <= got["rho"] <= got["ci_high"] <= 1
     assert got["n"] == 6 and 0 < got["n_boot_used"] <= 500
     assert F.rank_correlation([1, 2], [1, 2])["rho"] is None
+
+
+def test_frechet_few_images_many_dimensions_matches_covariance_route():
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(20, 50)), rng.normal(size=(30, 50)) + 0.2
+    ref = _fid_sqrtm(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert F.frechet_features(a, b).value == pytest.approx(ref, rel=1e-6)

@@ -15,6 +15,7 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.io import sha256_file, write_text
 from bench.leaderboard.config import LeaderboardConfig, load_config
+from bench.leaderboard.fidelity import fidelity_cells
 from bench.leaderboard.rank import rank_predictions
 from bench.leaderboard.record import display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
@@ -173,6 +174,7 @@ def board_rows(
                 "gap": _est(gap)
                 and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
                 **metric_columns(m),
+                **fidelity_cells(r),
                 "memorization": None
                 if priv.get("memorization_rate") is None
                 else {

@@ -27,6 +27,7 @@ from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.config import LeaderboardConfig, load_config
+from bench.leaderboard.fidelity import record_fidelity
 from bench.leaderboard.record import (
     SCHEMA_VERSION,
     check_record,
@@ -589,6 +590,9 @@ def build_records(
         }
         if sub.notes:
             record["notes"] = list(sub.notes)
+        fid = None if is_ref else record_fidelity(RunDir(sub.root), g)
+        if fid is not None:
+            record["fidelity"] = fid
         record = redact(record, secrets_)
         out.append((record, stored))
     return out

@@ -102,14 +102,22 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
-def _moments(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance, optionally with integer (bootstrap) weights summing to n."""
+def _factor(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and a factor A with A^T A = the unbiased covariance (integer bootstrap weights summing to n allowed)."""
     n = len(x)
-    if w is None:
-        return x.mean(0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
+    w = np.ones(n) if w is None else np.asarray(w, float)
     mu = w @ x / n
-    xc = x - mu
-    return mu, (xc * w[:, None]).T @ xc / (n - 1)
+    return mu, np.sqrt(w / (n - 1))[:, None] * (x - mu)
+
+
+def _frechet_factored(mu1: np.ndarray, a1: np.ndarray, mu2: np.ndarray, a2: np.ndarray) -> float:
+    # With S = A^T A, Tr((S1 S2)^1/2) is the nuclear norm of A1 A2^T (the nonzero eigenvalues of S1 S2 are those
+    # of (A1 A2^T)(A1 A2^T)^T): an n1 x n2 problem, cheaper than d x d when a set has fewer images than dimensions.
+    if min(len(a1), len(a2)) >= a1.shape[1]:
+        return frechet_distance(mu1, a1.T @ a1, mu2, a2.T @ a2)
+    nuclear = float(np.linalg.svd(a1 @ a2.T, compute_uv=False).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2.0 * nuclear)
 
 
 def frechet_features(real: Any, synthetic: Any, *, n_boot: int = 0, seed: int = 0) -> Estimate:
@@ -118,12 +126,12 @@ def frechet_features(real: Any, synthetic: Any, *, n_boot: int = 0, seed: int = 
     r, s = _as2d(real, "real").astype(np.float64), _as2d(synthetic, "synthetic").astype(np.float64)
     if len(r) < 2 or len(s) < 2:
         return Estimate(math.nan)
-    value = frechet_distance(*_moments(r), *_moments(s))
+    value = _frechet_factored(*_factor(r), *_factor(s))
     if n_boot <= 0:
         return Estimate(value)
     rng = np.random.default_rng(seed)
     wr, ws = _multinomial_weights(len(r), n_boot, rng), _multinomial_weights(len(s), n_boot, rng)
-    reps = np.array([frechet_distance(*_moments(r, wr[b]), *_moments(s, ws[b])) for b in range(n_boot)])
+    reps = np.array([_frechet_factored(*_factor(r, wr[b]), *_factor(s, ws[b])) for b in range(n_boot)])
     return Estimate(value, *_percentile_ci(reps))
 
 
