@@ -165,6 +165,21 @@ def run_demo(
     for g in GENERATORS:
         run_args += ["--synthetic", f"{g}={out / 'synthetic' / g / 'manifest.parquet'}"]
     step("Protocol matrix (regimes x generators x seeds)", run_args + list(p.extra_run_args))
+    # Before the evaluation, so the report shows fidelity beside utility; features of the run's real-only model.
+    step(
+        "Fidelity, diversity and label fidelity",
+        [
+            "fidelity",
+            "--run",
+            str(run),
+            "--n-boot",
+            str(min(p.n_boot, 200)),
+            "--kid-subsets",
+            "20",
+            "--fd-boot",
+            "20",
+        ],
+    )
     step(
         "Evaluation with patient-clustered intervals",
         ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)],
