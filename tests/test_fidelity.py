@@ -99,7 +99,7 @@ def env(tmp_path_factory):
     manifests = {}
     # copycat: the training images themselves; label-shuffle: the same images with permuted labels.
     manifests["copycat"] = _synthetic(train, "copycat", paths, labels)
-    manifests["label-shuffle"] = _synthetic(train, "label-shuffle", paths, list(np.roll(labels, 1)))
+    manifests["label-shuffle"] = _synthetic(train, "label-shuffle", paths, list(rng.permutation(labels)))
     # better: fresh draws of the same shapes; crude: each class's blurred mean image plus noise.
     fresh = [draw_shape(lab, rng, site_shift=8.0 * (i % 3)) for i, lab in enumerate(labels)]
     manifests["better"] = _synthetic(train, "better", _write_images(root / "better", fresh), labels)
@@ -119,7 +119,7 @@ def env(tmp_path_factory):
         out = root / "out" / name
         args = ["fidelity", "--task", str(task_path), "--synthetic", str(f), "--real", str(real_path)]
         args += ["--out", str(out), "--checkpoint", str(ckpt), "--device", "cpu", "--n-boot", "200"]
-        args += ["--kid-subsets", "20", "--kid-subset-size", "50", "--fd-boot", "20"]
+        args += ["--kid-subsets", "10", "--kid-subset-size", "50", "--fd-boot", "10"]
         assert main(args) == 0
         results[name] = (
             json.loads((out / "fidelity.json").read_text()),
@@ -171,7 +171,8 @@ def test_outputs_and_feature_space(env):
 def test_copycat_has_zero_distance_and_full_manifold(env):
     crude = _m(env, "crude", "frechet_distance")["value"]
     assert _m(env, "copycat", "frechet_distance")["value"] < 1e-3 * crude
-    assert abs(_m(env, "copycat", "kid")["value"]) < 1e-3 * _m(env, "crude", "kid")["value"]
+    # Unbiased KID of a set against itself is slightly negative (the cross term keeps the identical pairs).
+    assert abs(_m(env, "copycat", "kid")["value"]) < 0.01 * _m(env, "crude", "kid")["value"]
     for metric in ("precision", "recall", "coverage"):
         assert _m(env, "copycat", metric)["value"] == 1.0
     assert _m(env, "copycat", "spread_ratio")["value"] == pytest.approx(1.0)
@@ -184,9 +185,9 @@ def test_label_shuffle_keeps_image_fidelity_but_not_labels(env):
             _m(env, "copycat", metric)["value"], abs=1e-6
         )
     acc, auc = _m(env, "label-shuffle", "label_accuracy"), _m(env, "label-shuffle", "label_auroc")
-    # Rolled labels: a (near-)derangement of a class-cycled list, so accuracy falls to about chance or below.
-    assert acc["ci_low"] < 1 / 3 + 0.1 and acc["value"] < _m(env, "copycat", "label_accuracy")["ci_low"]
-    assert auc["value"] < 0.65 < _m(env, "copycat", "label_auroc")["ci_low"]
+    # Chance: accuracy 1/3, AUROC 0.5, both inside their intervals; far below the correctly labelled copies.
+    assert acc["ci_low"] < 1 / 3 < acc["ci_high"] < _m(env, "copycat", "label_accuracy")["ci_low"]
+    assert auc["ci_low"] < 0.5 < auc["ci_high"] < _m(env, "copycat", "label_auroc")["ci_low"]
 
 
 def test_crude_generator_is_worse_than_better_one(env):

@@ -191,3 +191,10 @@ def test_frechet_few_images_many_dimensions_matches_covariance_route():
     a, b = rng.normal(size=(20, 50)), rng.normal(size=(30, 50)) + 0.2
     ref = _fid_sqrtm(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert F.frechet_features(a, b).value == pytest.approx(ref, rel=1e-6)
+
+
+def test_frechet_interval_covers_zero_for_identical_sets():
+    rng = np.random.default_rng(10)
+    a = rng.normal(size=(80, 6))
+    est = F.frechet_features(a, a.copy(), n_boot=50)
+    assert est.value == pytest.approx(0, abs=1e-9) and est.ci_low == 0.0 and est.ci_high > 0

@@ -280,7 +280,8 @@ def compute_fidelity(
         "metrics": _overall(table),
         **extra,
         "definitions": {
-            "frechet_distance": "||mu_r - mu_s||^2 + Tr(S_r + S_s - 2 (S_r S_s)^1/2); interval: image bootstrap",
+            "frechet_distance": "||mu_r - mu_s||^2 + Tr(S_r + S_s - 2 (S_r S_s)^1/2); interval: image bootstrap "
+            "percentiles shifted by the bootstrap bias estimate, clipped at 0",
             "kid": "unbiased MMD^2, kernel (x.y/d + 1)^3, mean over subsets; interval: 2.5-97.5 percentile of subsets",
             "prdc": f"k-NN balls (k={k}, point inside when distance <= radius); intervals resample scored points",
             "spread_ratio": "synthetic / real sqrt(2 tr S) of class-centred features (1: as diverse as real)",
