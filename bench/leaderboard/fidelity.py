@@ -163,9 +163,9 @@ def fidelity_svg(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
         out.append(
             f'<rect x="{ox + ml}" y="{oy + mt}" width="{iw}" height="{ih}" fill="#fbfcfd" stroke="#d0d7de"/>'
         )
-        out.append(f'<text x="{ox + ml}" y="{oy + ph - 18}" font-size="10">{x0 + px:.{dg}g}</text>')
+        out.append(f'<text x="{ox + ml}" y="{oy + ph - 18}" font-size="10">{x0 + px:.{dg}f}</text>')
         out.append(
-            f'<text x="{ox + ml + iw}" y="{oy + ph - 18}" font-size="10" text-anchor="end">{x1 - px:.{dg}g}</text>'
+            f'<text x="{ox + ml + iw}" y="{oy + ph - 18}" font-size="10" text-anchor="end">{x1 - px:.{dg}f}</text>'
         )
         out.append(
             f'<text x="{ox + ml - 4}" y="{oy + mt + ih:.0f}" font-size="10" text-anchor="end">{y0 + py:.2f}</text>'
