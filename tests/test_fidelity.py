@@ -171,8 +171,10 @@ def test_outputs_and_feature_space(env):
 def test_copycat_has_zero_distance_and_full_manifold(env):
     crude = _m(env, "crude", "frechet_distance")["value"]
     assert _m(env, "copycat", "frechet_distance")["value"] < 1e-3 * crude
-    # Unbiased KID of a set against itself is slightly negative (the cross term keeps the identical pairs).
-    assert abs(_m(env, "copycat", "kid")["value"]) < 0.01 * _m(env, "crude", "kid")["value"]
+    # Unbiased KID of a set against itself is slightly negative: subsets drawn from the same images share some,
+    # and the cross term keeps those identical pairs.
+    kid = _m(env, "copycat", "kid")
+    assert abs(kid["value"]) < 0.05 * _m(env, "crude", "kid")["value"] and kid["ci_low"] <= 0
     for metric in ("precision", "recall", "coverage"):
         assert _m(env, "copycat", metric)["value"] == 1.0
     assert _m(env, "copycat", "spread_ratio")["value"] == pytest.approx(1.0)
