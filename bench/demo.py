@@ -170,6 +170,21 @@ def run_demo(
     for g in (*GENERATORS, *CONTROLS):
         run_args += ["--synthetic", f"{g}={out / 'synthetic' / g / 'manifest.parquet'}"]
     step("Protocol matrix (regimes x generators x seeds)", run_args + list(p.extra_run_args))
+    # Before the evaluation, so the report shows fidelity beside utility; features of the run's real-only model.
+    step(
+        "Fidelity, diversity and label fidelity",
+        [
+            "fidelity",
+            "--run",
+            str(run),
+            "--n-boot",
+            str(min(p.n_boot, 200)),
+            "--kid-subsets",
+            "20",
+            "--fd-boot",
+            "20",
+        ],
+    )
 
     def privacy_args(g: str) -> list[str]:
         # Classifier features come from the real-only model the matrix just trained (no downloaded weights).

@@ -10,6 +10,7 @@ RUN/<generator>__<regime>__<backbone>__seed<k>/
     config.json composition.json predictions.parquet metrics.json checkpoint.pt history.csv DONE
 RUN/evaluation/                      `medsynbench evaluate RUN`
 RUN/privacy/<generator>/privacy.json `medsynbench privacy ... --out RUN/privacy/<generator>`
+RUN/fidelity/<generator>/fidelity.json, fidelity.parquet   `medsynbench fidelity --run RUN`
 ```
 
 A run folder is complete when it holds `DONE`; it is built under a temporary name (`.<name>.*`) and renamed into
@@ -58,6 +59,9 @@ WANDB_DIR = "wandb"
 EVALUATION_DIR = "evaluation"
 PRIVACY_DIR = "privacy"
 PRIVACY_FILE = "privacy.json"
+FIDELITY_DIR = "fidelity"
+FIDELITY_FILE = "fidelity.json"
+FIDELITY_TABLE = "fidelity.parquet"
 
 SCHEMA_VERSION = 1
 SEP = "__"
@@ -310,6 +314,19 @@ class RunDir:
 
     def privacy_file(self, generator: str) -> Path:
         return self.privacy_dir(generator) / PRIVACY_FILE
+
+    def fidelity_dir(self, generator: str) -> Path:
+        return self.path / FIDELITY_DIR / generator
+
+    def fidelity_file(self, generator: str) -> Path:
+        return self.fidelity_dir(generator) / FIDELITY_FILE
+
+    def fidelity_files(self) -> dict[str, Path]:
+        """Every generator's `fidelity.json` present in the run, by generator name."""
+        root = self.path / FIDELITY_DIR
+        if not root.is_dir():
+            return {}
+        return {d.name: d / FIDELITY_FILE for d in sorted(root.iterdir()) if (d / FIDELITY_FILE).is_file()}
 
     def run(self, name: RunName | str) -> RunFolder:
         rn = name if isinstance(name, RunName) else RunName.parse(name)

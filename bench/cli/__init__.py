@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "evaluate",
     "audit",
     "privacy",
+    "fidelity",
     "submit",
     "leaderboard",
     "serve",

@@ -10,7 +10,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.evaluation.controls import check_controls, controls_blocks, read_privacy, run_controls
-from bench.evaluation.report import Settings, build_report
+from bench.evaluation.report import Settings, build_report, fidelity_section
 from bench.io import atomic_dir, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline, summarize
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
@@ -84,6 +84,7 @@ def evaluate_run(
     report = build_report(table, comps, summary, task, Settings(n_boot, seed, mp, mpos, source=src), prepared)
     # Controls come first: a failed control matters more than any ranking below it.
     report.blocks[0:0] = controls_blocks(controls)
+    fidelity_section(report, read_fidelity(run), summary)
     with atomic_dir(out, overwrite=True) as tmp:
         write_tables(tmp, "metrics", table)
         write_tables(tmp, "comparisons", comps)
@@ -92,6 +93,19 @@ def evaluate_run(
         write_text(tmp / "report.html", report.html())
     log.info("wrote %s", out)
     return summary
+
+
+def read_fidelity(run: str | Path) -> dict[str, dict[str, Any]]:
+    """RUN/fidelity/<generator>/fidelity.json of every generator that has one (`medsynbench fidelity --run RUN`)."""
+    from bench.io import read_json
+
+    out = {}
+    for g, path in RunDir(run).fidelity_files().items():
+        try:
+            out[g] = read_json(path)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{path}: not readable JSON: {e}") from None
+    return out
 
 
 def write_tables(folder: Path, stem: str, df: pd.DataFrame) -> None:

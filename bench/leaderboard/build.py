@@ -23,6 +23,7 @@ from bench.errors import BadInput
 from bench.evaluation.controls import failures
 from bench.io import read_json, sha256_file, write_json, write_text
 from bench.leaderboard.config import LeaderboardConfig, load_board_task, load_config, load_key
+from bench.leaderboard.fidelity import fidelity_cells
 from bench.leaderboard.key import AnswerKey, key_path
 from bench.leaderboard.rank import rank_predictions
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, local_paths, read_records
@@ -386,6 +387,7 @@ def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any
         "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
         "gap": _est(gap) and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
         **metric_columns(m),
+        **fidelity_cells(r),
         "memorization": None
         if priv.get("memorization_rate") is None
         else {

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from bench.leaderboard import fidelity as fid
 from bench.leaderboard.config import LeaderboardConfig
 from bench.metrics import reported
 
@@ -46,11 +47,11 @@ TAIL_COLUMNS: list[tuple[str, str, str]] = [
 def columns() -> list[tuple[str, str, str]]:
     """The board's columns: the fixed ones around one per metric registered with a leaderboard header."""
     metric_cols = [(m.name, m.leaderboard or m.display, m.leaderboard_help) for m in reported("leaderboard")]
-    return [*HEAD_COLUMNS, *metric_cols, *TAIL_COLUMNS]
+    return [*HEAD_COLUMNS, *metric_cols, *fid.columns(), *TAIL_COLUMNS]
 
 
 def _digits(key: str) -> int:
-    return next((m.digits for m in reported("leaderboard") if m.name == key), 3)
+    return fid.digits(key) or next((m.digits for m in reported("leaderboard") if m.name == key), 3)
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -172,6 +173,7 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
         "",
     ]
     lines += _controls_markdown(facts.get("controls") or [])
+    lines += fid.markdown_lines(rows)
     for n in facts.get("notes") or []:
         lines.append(f"Note: {n}.")
     lines += not_ranked_markdown(facts)
@@ -489,6 +491,8 @@ def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[
 <p class="legend">Each generator: utility against its largest subgroup gap, coloured by memorization rate. Ringed points
 are not dominated on all three at once (higher utility, smaller gap, lower memorization).</p>
 {pareto_svg(rows, facts)}
+<h2>Does fidelity predict utility here?</h2>
+{fid.fidelity_svg(rows, facts)}
 <script type="application/json" id="board-data">{_json_script(data)}</script>
 <script>{_JS}</script>
 </body>

@@ -28,6 +28,7 @@ from bench.evaluation.controls import controls_from_predictions, failures, read_
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
+from bench.leaderboard.fidelity import record_fidelity
 from bench.leaderboard.key import AnswerKey, hash_ids
 from bench.leaderboard.record import (
     PUBLISHED_MODE,
@@ -659,6 +660,9 @@ def build_records(
         }
         if sub.notes:
             record["notes"] = list(sub.notes)
+        fid = None if is_ref else record_fidelity(RunDir(sub.root), g)
+        if fid is not None:
+            record["fidelity"] = fid
         if is_ref and sub.controls:
             record["controls"] = list(sub.controls)
         record = scrub_local_paths(redact(record, secrets_), [sub.root, Path.cwd()])
