@@ -380,6 +380,7 @@ def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any
         "headline_regime": m["headline_regime"],
         "utility": {"value": head["value"], "ci_low": head["ci_low"], "ci_high": head["ci_high"]},
         "n_seeds": head["n_seeds"],
+        "patient": _est(m.get("patient_level")),
         "ratio": _est(m.get("utility_ratio")),
         "gain": _est(m.get("gain_mixed")) and {**_est(m["gain_mixed"]), "regime": m["gain_mixed"]["regime"]},
         "rescue": _est(m.get("scarcity_rescue"))

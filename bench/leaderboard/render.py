@@ -27,6 +27,11 @@ HEAD_COLUMNS: list[tuple[str, str, str]] = [
         "Utility",
         "primary metric on the evaluation split: synthetic-only for generators, real for the real-only reference",
     ),
+    (
+        "patient",
+        "Utility per patient",
+        "the same with one case per patient, its images' probabilities averaged (tasks with several images each)",
+    ),
     ("ratio", "Ratio to real-only", "synthetic-only / real-only of the same run"),
     ("gain", "Gain when mixed", "best augment:R regime minus real"),
     ("rescue", "Scarcity rescue", "scarce:F+synthetic minus scarce:F"),

@@ -199,6 +199,23 @@ def score_submission(
             **_est(e["value"], e["ci_low"], e["ci_high"]),
         }
 
+    # Tasks with several images per patient also score patients (mean of their images' probabilities).
+    patient = None
+    prow = table[
+        (table["generator"] == gen_of[headline])
+        & (table["regime"] == headline)
+        & (table["metric"] == primary)
+        & (table["split"] == split)
+        & (table["scope"] == "patient")
+    ]
+    if len(prow):
+        patient = {
+            "metric": primary,
+            "aggregation": task.metrics.patient_aggregation,
+            "n_patients": int(prow["n_patients"].iloc[0]),
+            **_est(prow["value"].iloc[0], prow["ci_low"].iloc[0], prow["ci_high"].iloc[0]),
+        }
+
     columns = {}
     for m in reported("leaderboard"):
         r = table[
@@ -225,6 +242,8 @@ def score_submission(
         "calibration_error": ece,
         "columns": columns,
     }
+    if patient is not None:
+        metrics["patient_level"] = patient
     return metrics, split
 
 
