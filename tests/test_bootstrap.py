@@ -125,3 +125,37 @@ def test_seed_stage_variance_is_the_unbiased_variance_of_a_seed_mean():
     assert np.allclose(combine_seeds(np.array([[0.0, 1.0], [1.0, np.nan]]), None), [0.5, 1.0])
     assert seed_note(3, 5) == "" and seed_note(2, 5).startswith("few_seeds: 2 and 5")
     assert "not estimable" in seed_note(1, 3)
+
+
+def test_bca_interval_hand_worked_cases():
+    from scipy.stats import skew
+    from scipy.stats import t as t_dist
+
+    from bench.metrics.bootstrap import acceleration, bca_interval, expanded_z, jackknife_weights
+
+    # expansion: sqrt(n / (n - 1)) t_{n-1}; none without a sample size
+    assert expanded_z(10)[1] == pytest.approx(np.sqrt(10 / 9) * t_dist.ppf(0.975, 9))
+    assert expanded_z(None)[1] == pytest.approx(norm.ppf(0.975))
+    # no bias (point at the median), no skewness: the percentile interval at the expanded levels
+    reps = np.linspace(0, 1, 10001)
+    lo, hi, used = bca_interval(reps, 0.5, np.array([-1.0, 0.0, 1.0]), None)
+    assert (lo, hi, used) == (pytest.approx(0.025), pytest.approx(0.975), 10001)
+    # bias only: point at the 30th percentile of uniform replicates -> z0 = Phi^-1(0.3)
+    z0 = norm.ppf(0.3)
+    lo, hi, _ = bca_interval(reps, 0.3, np.zeros(5), None)
+    assert (lo, hi) == (
+        pytest.approx(norm.cdf(2 * z0 - 1.959964), abs=1e-4),
+        pytest.approx(norm.cdf(2 * z0 + 1.959964), abs=1e-4),
+    )
+    # the point outside the replicates' central 95%: the percentile interval, not both limits at one end
+    assert bca_interval(reps, 0.01, np.zeros(5), None)[:2] == (pytest.approx(0.025), pytest.approx(0.975))
+    # acceleration of the mean from the leave-one-out jackknife is skewness / (6 sqrt(n)) (biased skewness)
+    x = np.random.default_rng(0).exponential(size=50)
+    jack = (x.sum() - x) / (len(x) - 1)
+    assert acceleration(jack) == pytest.approx(skew(x) / (6 * np.sqrt(len(x))), rel=1e-9)
+    # delete-a-group jackknife: leave-one-out below the block count, each patient left out exactly once
+    W = jackknife_weights(np.array([0, 1, 0, 1, 1]), blocks=100)
+    assert W.shape == (5, 5) and np.all((1 - W).sum(axis=0) == 1) and np.all((1 - W).sum(axis=1) == 1)
+    W = jackknife_weights(np.repeat([0, 1], [300, 100]), blocks=100)
+    assert W.shape == (100, 400) and np.all((1 - W).sum(axis=0) == 1)
+    assert np.all((1 - W)[:, :300].sum(axis=1) == 3)  # every group draws from every stratum

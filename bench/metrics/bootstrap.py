@@ -14,10 +14,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
+from scipy.stats import t as t_dist
 
 from bench.metrics.core import AurocKernel
 
 ALPHA = 0.05
+# Delete-a-group jackknife for the BCa acceleration: at most this many groups of patients (leave-one-patient-out
+# below it). The acceleration from g groups estimates the same skewness as from single patients, at g / n_boot of
+# the bootstrap's kernel work.
+JACKKNIFE_BLOCKS = 100
 
 
 def patient_strata(patients: pd.DataFrame, by: Sequence[str]) -> np.ndarray:
@@ -69,6 +75,79 @@ def percentile_interval(reps: np.ndarray, alpha: float = ALPHA) -> tuple[float, 
     return float(lo), float(hi), int(len(r))
 
 
+def jackknife_weights(strata: Any, blocks: int = JACKKNIFE_BLOCKS) -> np.ndarray:
+    """(groups, patients) weights of a delete-a-group jackknife: row g is 0 for the patients of group g, else 1.
+
+    Patients are dealt to min(patients, `blocks`) groups in turn in stratum order, so each group draws from every
+    stratum; with fewer patients than `blocks` it is the leave-one-patient-out jackknife.
+    """
+    strata = np.asarray(strata, dtype=np.int64)
+    n = len(strata)
+    g = min(n, int(blocks))
+    block = np.empty(n, dtype=np.int64)
+    block[np.argsort(strata, kind="stable")] = np.arange(n) % max(g, 1)
+    return (block[None, :] != np.arange(g)[:, None]).astype(np.float64)
+
+
+def acceleration(jack: Any) -> float:
+    """BCa acceleration from jackknife values: sum(d^3) / (6 sum(d^2)^1.5), d = mean - value (0 if degenerate)."""
+    j = np.asarray(jack, dtype=float)
+    j = j[~np.isnan(j)]
+    if len(j) < 3:
+        return 0.0
+    d = j.mean() - j
+    ss = float(np.sum(d**2))
+    if ss <= 0:
+        return 0.0
+    return float(np.sum(d**3) / (6 * ss**1.5))
+
+
+def expanded_z(n_units: int | None, alpha: float = ALPHA) -> np.ndarray:
+    """Normal quantiles (lower, upper) of a two-sided interval, expanded for a sample of `n_units` resampled units.
+
+    Hesterberg's expansion: sqrt(n / (n - 1)) * t quantile with n - 1 degrees of freedom in place of the normal
+    quantile, for the bootstrap's divisor-n variance and for the variability of the interval's own width; it
+    fades as n grows (1.2% wider at 100 units, 0.1% at 1,000). None or fewer than 2 units: no expansion.
+    """
+    q = np.array([alpha / 2, 1 - alpha / 2])
+    if n_units is None or n_units < 2:
+        return norm.ppf(q)
+    return np.sqrt(n_units / (n_units - 1)) * t_dist.ppf(q, n_units - 1)
+
+
+def bca_interval(
+    reps: Any, point: float, jack: Any, n_units: int | None = None, alpha: float = ALPHA
+) -> tuple[float, float, int]:
+    """(low, high, replicates used) of the expanded BCa interval, ignoring replicates where the value is undefined.
+
+    Bias correction z0 = Phi^-1(share of replicates below the point value, ties counted half); acceleration from
+    the jackknife values `jack` (`acceleration`); the interval takes the replicate quantiles at
+    Phi(z0 + (z0 + z) / (1 - a (z0 + z))) for the expanded quantiles z of `expanded_z(n_units)`. With no bias
+    and no skewness it is the percentile interval, expanded; so it is when the point value lies outside the
+    replicates' central 1 - alpha range, where a bias correction is not to be trusted.
+    """
+    r = np.asarray(reps, dtype=float)
+    r = r[~np.isnan(r)]
+    b = len(r)
+    if b == 0:
+        return float("nan"), float("nan"), 0
+    z = expanded_z(n_units, alpha)
+    share = 0.5 if np.isnan(point) else (np.sum(r < point) + 0.5 * np.sum(r == point)) / b
+    if not alpha / 2 <= share <= 1 - alpha / 2:
+        # The point lies outside the replicates' central range (a bootstrap biased as a whole, as for a binned
+        # calibration error): the bias correction would push both limits to one end of the replicates, so the
+        # interval is the (expanded) percentile interval.
+        lo, hi = np.quantile(r, norm.cdf(z))
+        return float(lo), float(hi), int(b)
+    z0 = float(norm.ppf(share))
+    a = acceleration(jack)
+    # a denominator at or below 0 means the level runs off the end: the limit is the extreme replicate
+    denom = np.maximum(1 - a * (z0 + z), 1e-12)
+    levels = norm.cdf(z0 + (z0 + z) / denom)
+    lo, hi = np.quantile(r, levels)
+    return float(lo), float(hi), int(b)
+
+
 def bootstrap_p_value(diff_reps: np.ndarray) -> float:
     """Two-sided p-value of 'no difference' from paired bootstrap differences.
 
@@ -110,7 +189,7 @@ def bootstrap_group_auroc(
     seed: int = 0,
     chunk: int = 250,
 ) -> pd.DataFrame:
-    """Patient-clustered bootstrap AUROC per group: value, 95% percentile interval, n.
+    """Patient-clustered bootstrap AUROC per group: value, 95% interval (expanded BCa, `bca_interval`), n.
 
     `strata` (per case; e.g. site) is combined with the patient's label (any positive case) for stratification.
     `score` may be (seeds, cases), one row per training seed: the value is the mean over seeds and the interval the
@@ -137,17 +216,21 @@ def bootstrap_group_auroc(
         for g, (idx, kerns) in kernels.items():
             Wg = Wc[:, idx]
             reps[g][a:b] = combine_seeds(np.vstack([k(Wg) for k in kerns]), sw)
+    Wj = jackknife_weights(st)[:, pid_codes]
     rows = []
     for g, (idx, kerns) in kernels.items():
-        lo, hi, _ = percentile_interval(reps[g])
+        value = float(np.mean([k(np.ones((1, len(idx))))[0] for k in kerns]))
+        jack = combine_seeds(np.vstack([k(Wj[:, idx]) for k in kerns]), None)
+        n_pat = len(np.unique(pid_codes[idx]))
+        lo, hi, _ = bca_interval(reps[g], value, jack, n_pat)
         rows.append(
             dict(
                 group=g,
-                value=float(np.mean([k(np.ones((1, len(idx))))[0] for k in kerns])),
+                value=value,
                 ci_low=lo,
                 ci_high=hi,
                 n_cases=len(idx),
-                n_patients=len(np.unique(pid_codes[idx])),
+                n_patients=n_pat,
             )
         )
     return pd.DataFrame(rows)

@@ -178,8 +178,8 @@ def _compare_one(
         for c in sorted(set().union(*(v.cells for v in vc)))
         if c.scope == "overall" or (c.scope == "site" and c.split == "external")
     ]
-    rc = engine.compute(vc, names, cells)
-    rb = engine.compute(vb, names, cells)
+    rc = engine.compute(vc, names, cells, jackknife=False)
+    rb = engine.compute(vb, names, cells, jackknife=False)
     sc = _seed_scores(vc)
     sb = _seed_scores(vb)
     note = seed_note(len(vc), len(vb))

@@ -55,8 +55,10 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.metrics import core
 from bench.metrics.bootstrap import (
+    bca_interval,
     chunks,
     combine_seeds,
+    jackknife_weights,
     patient_strata,
     patient_weights,
     percentile_interval,
@@ -202,6 +204,7 @@ class SeedView:
 class CellResult:
     point: np.ndarray  # per seed (NaN where the seed lacks the cell or the metric is undefined)
     reps: np.ndarray  # per replicate, averaged over seeds
+    jack: np.ndarray | None = None  # delete-a-group jackknife values, averaged over seeds (BCa acceleration)
 
 
 class Engine:
@@ -236,6 +239,7 @@ class Engine:
         self.patients = pd.DataFrame({"site": site, "label": label}).sort_index()
         self.patient_index = pd.Series(np.arange(len(self.patients)), index=self.patients.index)
         self.strata = patient_strata(self.patients, ["site", "label"])
+        self.jackknife = jackknife_weights(self.strata)
 
     # views -------------------------------------------------------------------------------------------------
     def views(self, key_df: pd.DataFrame, case_filter: Iterable[str] | None = None) -> list[SeedView]:
@@ -292,8 +296,12 @@ class Engine:
         metrics: Sequence[str],
         cells: Iterable[Cell] | None = None,
         arm: str | None = None,
+        jackknife: bool = True,
     ) -> dict[tuple[Cell, str], CellResult]:
-        """Point values per seed and two-stage replicates (patients, then the arm's training seeds)."""
+        """Point values per seed and two-stage replicates (patients, then the arm's training seeds).
+
+        With `jackknife`, also the delete-a-group jackknife values that the table's BCa intervals need.
+        """
         all_cells = sorted(set().union(*(v.cells for v in views))) if views else []
         if cells is not None:
             wanted = set(cells)
@@ -320,9 +328,18 @@ class Engine:
                 if s not in cache:
                     cache = {s: Wp[:, views[s].pidx]}
                 reps[(c, m)][s, a:b] = kern(cache[s][:, idx])
+        jack = {k: np.full((n_seeds, self.jackknife.shape[0] if jackknife else 0), np.nan) for k in point}
+        cache = {}
+        for s, c, m, kern, idx in jobs if jackknife else []:
+            if s not in cache:
+                cache = {s: self.jackknife[:, views[s].pidx]}
+            jack[(c, m)][s] = kern(cache[s][:, idx])
         stream = stream_id(arm if arm is not None else _arm_of(views))
         sw = seed_weights(n_seeds, self.n_boot, self.seed, stream) if self.seed_stage else None
-        return {k: CellResult(point[k], combine_seeds(reps[k], sw)) for k in point}
+        return {
+            k: CellResult(point[k], combine_seeds(reps[k], sw), _nanmean0(jack[k]) if jackknife else None)
+            for k in point
+        }
 
 
 def _arm_of(views: list[SeedView]) -> str:
@@ -556,7 +573,7 @@ def _table_rows(
         for m in names:
             r = res[(c, m)]
             value, sd = _mean_sd(r.point)
-            lo, hi, used = percentile_interval(r.reps)
+            lo, hi, used = bca_interval(r.reps, value, r.jack, info.n_patients)
             notes = []
             if np.isnan(value):
                 status = "undefined"
