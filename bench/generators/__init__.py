@@ -27,6 +27,8 @@ class Generator:
     version: str = "1.0"
     presets: dict[str, dict[str, Any]] = {"tiny": {}, "full": {}}
     default_preset: str = "tiny"
+    # Whether fit/sample run torch ops: `generate` then sets torch's CPU thread count for them (`--threads`).
+    uses_torch: bool = False
 
     def __init__(self, config: str | dict[str, Any] | None = None, seed: int = 0, device: str | None = None):
         self.config = self.resolve_config(config)
