@@ -129,6 +129,11 @@ def _lesion_stats(label: str, contrast: str | None = None, n: int = 6, seed: int
     return out
 
 
+def _iqr(v: np.ndarray) -> float:
+    q1, q3 = np.percentile(v, [25, 75])
+    return float(q3 - q1)
+
+
 def _core_and_rim(h: np.ndarray, m: np.ndarray) -> tuple[float, float]:
     """Median HU of the inner and outer halves of a lesion (by distance from its edge), middle slice."""
     k = len(m) // 2
@@ -139,7 +144,8 @@ def _core_and_rim(h: np.ndarray, m: np.ndarray) -> tuple[float, float]:
 
 def test_lesion_structure_follows_radiology():
     cysts = _lesion_stats("benign_cyst")
-    assert all(np.std(h[m]) < 15 for h, m, _ in cysts)  # homogeneous fluid
+    # Interquartile ranges: the spine, drawn after the lesion, may cover a corner of a paravertebral one.
+    assert all(_iqr(h[m]) < 32 for h, m, _ in cysts)  # homogeneous fluid: scanner noise only
     germ = _lesion_stats("germ_cell_tumor", n=8)
     assert sum((h[m] < -60).sum() > 0 for h, m, _ in germ) >= 6  # fat foci
     assert sum((h[m] > 300).sum() > 0 for h, m, _ in germ) >= 6  # calcification
@@ -148,21 +154,27 @@ def test_lesion_structure_follows_radiology():
     neuro = [_core_and_rim(h, m) for h, m, _ in _lesion_stats("neurogenic_tumor")]
     assert all(core > rim + 40 for core, rim in neuro), neuro  # target sign
     thy = _lesion_stats("thymoma")
-    assert all(np.std(h[m]) > 30 for h, m, _ in thy)  # lobules and septa
+    assert all(_iqr(h[m]) > 60 for h, m, _ in thy)  # lobules and septa
 
 
 def test_lesion_classes_share_first_order_statistics():
     """Mean attenuation, area and position carry no class: a classifier has to look at structure."""
-    lesion_classes = [c for c in CLASSES if c != "normal"]
     mean_hu, area, row = {}, {}, {}
-    for c in lesion_classes:
-        stats = _lesion_stats(c, n=12)
-        mean_hu[c] = np.mean([np.clip(h[m], -160, 240).mean() for h, m, _ in stats])
-        area[c] = np.mean([m.sum() for _, m, _ in stats])
-        row[c] = np.mean([np.nonzero(m)[1].mean() for _, m, _ in stats])
-    assert max(mean_hu.values()) - min(mean_hu.values()) < 10, mean_hu
+    for c in CLASSES[1:]:
+        vals = []
+        for i in range(4000):
+            p = plan_patient(0, i)
+            if p.label != c or p.contrast != "PL" or p.site not in TRAIN_SITES:
+                continue
+            hu, geo = render_patient(p, 1, 128, 0)
+            m = geo["lesion"]
+            vals.append((np.clip(hu[m] - geo["hu_offset"], -160, 240).mean(), m.sum(), np.nonzero(m)[1].mean()))
+            if len(vals) == 15:
+                break
+        mean_hu[c], area[c], row[c] = np.mean(vals, axis=0)
+    assert max(mean_hu.values()) - min(mean_hu.values()) < 12, mean_hu
     assert max(area.values()) < 1.5 * min(area.values()), area
-    assert max(row.values()) - min(row.values()) < 30, row  # of 256 rows
+    assert max(row.values()) - min(row.values()) < 15, row  # of 128 rows
 
 
 def test_normal_anatomy_hu():
