@@ -168,7 +168,9 @@ def test_lesion_classes_share_first_order_statistics():
                 continue
             hu, geo = render_patient(p, 1, 128, 0)
             m = geo["lesion"]
-            vals.append((np.clip(hu[m] - geo["hu_offset"], -160, 240).mean(), m.sum(), np.nonzero(m)[1].mean()))
+            vals.append(
+                (np.clip(hu[m] - geo["hu_offset"], -160, 240).mean(), m.sum(), np.nonzero(m)[1].mean())
+            )
             if len(vals) == 15:
                 break
         mean_hu[c], area[c], row[c] = np.mean(vals, axis=0)
