@@ -7,6 +7,7 @@ leaves its files behind for inspection.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.errors import BadInput
+from bench.threads import WAIT_POLICY, available_cores, threads_per_process
 
 TASK = "mediastinal-neoplasm"
 GENERATORS = ("copycat", "pca-gmm", "ddpm")
@@ -238,6 +240,7 @@ def run_demo(
         "preset": p.name,
         "seconds": round(total, 1),
         "stages": timings,
+        "threads": _threads_used(p),
         "report": str(run / "evaluation" / "report.html"),
         "leaderboard": str(board / "index.html"),
     }
@@ -250,6 +253,17 @@ def run_demo(
     console.print(f"leaderboard: {summary['leaderboard']}")
     console.print(f"wall time:   {total:.0f} s (preset {p.name})")
     return summary
+
+
+def _threads_used(p: DemoPreset) -> dict:
+    """CPU threads the stages ran with (the stage timings depend on them)."""
+    return {
+        "cores": available_cores(),
+        "generate": threads_per_process(1),
+        "run_workers": p.workers,
+        "run_threads_per_worker": threads_per_process(p.workers),
+        WAIT_POLICY[0]: os.environ.get(WAIT_POLICY[0], ""),
+    }
 
 
 def _init_leaderboard(board: Path, p: DemoPreset) -> None:

@@ -51,7 +51,7 @@ from bench.io import atomic_dir
 log = logging.getLogger(__name__)
 
 # Bump whenever a change could alter a written pixel or header (the default-root cache is keyed on it).
-PHANTOM_VERSION = "2"
+PHANTOM_VERSION = "3"
 
 CLASSES = ("normal", "thymoma", "benign_cyst", "germ_cell_tumor", "neurogenic_tumor", "thymic_carcinoma")
 LABEL_COLUMNS = ("patient_id", "label", "site", "sex", "age", "contrast")
@@ -86,14 +86,17 @@ class SiteSpec:
     mrn_prefix: str
 
 
+# The training hospitals share one class mix, so a site's look (noise, field of view) is no shortcut to the class; the
+# external hospitals' mixes differ, a prevalence shift the external evaluation has to absorb.
+_TRAIN_PREVALENCE = (0.28, 0.16, 0.15, 0.14, 0.14, 0.13)
 # fmt: off
 SITES: tuple[SiteSpec, ...] = (
     SiteSpec("hospital_a", False, 0.25, "SIEMENS", "SOMATOM Definition AS", "I30f", 12.0, 0.8, 1.0, 0.0,
-             380.0, 5.0, 0.70, -1024, (0.28, 0.18, 0.14, 0.14, 0.13, 0.13), 50, 16, 0.52, "HA"),
+             380.0, 5.0, 0.70, -1024, _TRAIN_PREVALENCE, 50, 16, 0.52, "HA"),
     SiteSpec("hospital_b", False, 0.22, "GE MEDICAL SYSTEMS", "Revolution CT", "STANDARD", 16.0, 1.1, 1.3, 4.0,
-             420.0, 5.0, 0.40, 0, (0.35, 0.16, 0.16, 0.12, 0.13, 0.08), 54, 17, 0.48, "HB"),
+             420.0, 5.0, 0.40, 0, _TRAIN_PREVALENCE, 54, 17, 0.48, "HB"),
     SiteSpec("hospital_c", False, 0.20, "Philips", "iCT 256", "B", 10.0, 0.6, 0.9, -3.0,
-             360.0, 3.0, 0.85, -1024, (0.21, 0.20, 0.10, 0.17, 0.12, 0.20), 52, 15, 0.55, "HC"),
+             360.0, 3.0, 0.85, -1024, _TRAIN_PREVALENCE, 52, 15, 0.55, "HC"),
     SiteSpec("hospital_d", True, 0.17, "TOSHIBA", "Aquilion ONE", "FC08", 55.0, 2.6, 2.0, 45.0,
              500.0, 5.0, 0.50, -1024, (0.31, 0.18, 0.17, 0.12, 0.13, 0.09), 57, 16, 0.50, "HD"),
     SiteSpec("hospital_e", True, 0.16, "SIEMENS", "SOMATOM go.Up", "Br40", 60.0, 0.4, 0.6, -45.0,
@@ -136,13 +139,13 @@ def _class_multipliers(sex: str, age: int) -> np.ndarray:
     """Relative class risk for a patient, so that subgroups differ in prevalence as they do clinically."""
     young, old = age < 40, age >= 55
     m = np.ones(len(CLASSES))
-    m[1] = 0.35 if age < 30 else 0.8 if age < 40 else 1.3  # thymoma: 40-60 years
-    m[5] = (0.2 if age < 35 else 0.9 if age < 50 else 1.4) * (1.2 if sex == "M" else 0.85)  # thymic carcinoma
+    m[1] = 0.6 if age < 30 else 0.9 if age < 40 else 1.2  # thymoma: 40-60 years
+    m[5] = (0.5 if age < 35 else 0.9 if age < 50 else 1.2) * (1.1 if sex == "M" else 0.9)  # thymic carcinoma
     if sex == "M":  # germ cell tumours: young men
-        m[3] = 5.0 if young else 1.3 if age < 50 else 0.3
+        m[3] = 2.5 if young else 1.2 if age < 50 else 0.5
     else:
-        m[3] = 0.5 if young else 0.1
-    m[4] = 1.5 if young else 0.8 if old else 1.0  # neurogenic tumours: younger adults
+        m[3] = 0.6 if young else 0.3
+    m[4] = 1.2 if young else 0.9 if old else 1.0  # neurogenic tumours: younger adults
     return m
 
 
@@ -202,14 +205,6 @@ def _gauss_gain(sigma: float) -> float:
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
     return float((k**2).sum())
-
-
-_LESION_ZONE = {
-    "thymoma": "anterior",
-    "germ_cell_tumor": "anterior",
-    "thymic_carcinoma": "anterior",
-    "neurogenic_tumor": "posterior",
-}
 
 
 def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -329,91 +324,111 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
     return hu.astype(np.float32), geometry
 
 
+# Every lesion class shares one distribution of position, size, elongation and mean attenuation (`_LESION_SIZE_MM`,
+# `_lesion_place`, `_LESION_MEAN_HU`): the class lives in the lesion's internal structure and margin, which a
+# linear or mixture model of pixels cannot reproduce, not in how bright, large or where the lesion is.
+_LESION_SIZE_MM = (36.0, 56.0)  # in-plane radius
+_LESION_MEAN_HU = (26.0, 40.0)  # mean attenuation inside the lesion on a plain series (window-clipped)
+_LESION_ENHANCE_HU = (4.0, 16.0)  # added on a contrast-enhanced series, the same for every class
+_ZONES = (("anterior", 0.5), ("middle", 0.3), ("posterior", 0.2))
+
+
+def _lesion_place(
+    rng: np.random.Generator, r0: float, s: float, cav_y: float, cy_: float
+) -> tuple[float, float]:
+    """Lesion centre (mm): prevascular, paratracheal/subcarinal or paravertebral, whatever the class."""
+    zone = _ZONES[int(rng.choice(len(_ZONES), p=[w for _, w in _ZONES]))][0]
+    if zone == "anterior":
+        return rng.uniform(-22, 18), cav_y - 0.62 * cy_ + 0.45 * r0 + rng.uniform(-4, 8)
+    if zone == "middle":
+        return rng.choice([-1, 1]) * rng.uniform(12, 26) * s, cav_y + rng.uniform(10, 32) * s
+    side = -1.0 if rng.random() < 0.5 else 1.0  # paravertebral gutter, either side of the spine
+    return side * (15 * s + r0 * 0.8 + 2), cav_y + 0.74 * cy_ + rng.uniform(-6, 6)
+
+
+def _blobs(
+    rng: np.random.Generator,
+    X: np.ndarray,
+    Y: np.ndarray,
+    lx: float,
+    ly: float,
+    r0: float,
+    n: int,
+    radius: tuple[float, float],
+    reach: float,
+) -> np.ndarray:
+    """Union of `n` round foci at random positions within `reach * r0` of the lesion centre."""
+    m = np.zeros(np.broadcast_shapes(X.shape, Y.shape), dtype=bool)
+    for _ in range(n):
+        ang, dist = rng.uniform(0, 2 * np.pi), reach * r0 * np.sqrt(rng.random())
+        fr = rng.uniform(*radius)
+        m |= _ell(X, Y, lx + dist * np.cos(ang), ly + dist * np.sin(ang), fr, fr)
+    return m
+
+
 def _draw_lesion(hu, label, rng, X, Y, z, s, cav_y, cy_, ce, spacing, shape, slices, site) -> np.ndarray:
     if label == "normal":
         return np.zeros(shape, dtype=bool)
-    radius = {
-        "thymoma": (16, 32),
-        "benign_cyst": (13, 28),
-        "germ_cell_tumor": (22, 42),
-        "neurogenic_tumor": (14, 28),
-        "thymic_carcinoma": (26, 46),
-    }[label]
-    r0 = rng.uniform(*radius) * (0.9 + 0.1 * s)
-    zone = _LESION_ZONE.get(label) or ("anterior" if rng.random() < 0.6 else "middle")
-    if zone == "anterior":
-        lx, ly = rng.uniform(-14, 12), cav_y - 0.62 * cy_ + 0.45 * r0 + rng.uniform(-4, 6)
-    elif zone == "middle":
-        lx, ly = rng.choice([-1, 1]) * rng.uniform(12, 24) * s, cav_y + rng.uniform(14, 32) * s
-    else:  # paravertebral gutter, either side of the spine
-        side = -1.0 if rng.random() < 0.5 else 1.0
-        lx, ly = side * (15 * s + r0 * 0.85 + 2), cav_y + 0.74 * cy_ + rng.uniform(-4, 4)
+    r0 = rng.uniform(*_LESION_SIZE_MM) * (0.9 + 0.1 * s)
+    lx, ly = _lesion_place(rng, r0, s, cav_y, cy_)
     # An ellipsoid along z, long enough to show in every slice, centred off the middle slice.
     span = (slices - 1) / 2 * site.thickness_mm
     rz = max(r0 * rng.uniform(0.8, 1.3), (span + 3) / 0.8)
     zc = rng.uniform(-0.25, 0.25) * rz
     sec = np.sqrt(np.clip(1 - ((z - zc) / rz) ** 2, 0.1, 1.0))  # cross-section scale per slice
     ax_ratio = rng.uniform(0.8, 1.25)
-    dx, dy = X - lx, Y - ly
+    tilt = rng.uniform(0, np.pi)
+    dx0, dy0 = X - lx, Y - ly
+    dx, dy = dx0 * np.cos(tilt) + dy0 * np.sin(tilt), -dx0 * np.sin(tilt) + dy0 * np.cos(tilt)
     theta = np.arctan2(dy, dx)
     rho = np.sqrt((dx / ax_ratio) ** 2 + (dy * ax_ratio) ** 2)
+    # Margin: thymic carcinoma spiculated (many short spikes), thymoma lobulated, the others smooth.
     if label == "thymic_carcinoma":
-        ks, amp = np.arange(3, 12), rng.uniform(0.04, 0.09, 9)
-    elif label == "benign_cyst":
-        ks, amp = np.arange(2, 4), rng.uniform(0.0, 0.03, 2)
+        ks, amp = np.arange(6, 14), rng.uniform(0.05, 0.12, 8)
     elif label == "thymoma":
-        ks, amp = np.arange(2, 6), rng.uniform(0.02, 0.07, 4)
+        ks, amp = np.arange(3, 6), rng.uniform(0.06, 0.12, 3)
     else:
-        ks, amp = np.arange(2, 5), rng.uniform(0.0, 0.05, 3)
+        ks, amp = np.arange(2, 4), rng.uniform(0.0, 0.03, 2)
     phase = rng.uniform(0, 2 * np.pi, len(ks))
     edge = 1 + sum(a * np.cos(k * theta + p) for k, a, p in zip(ks, amp, phase, strict=True))
     r = r0 * sec * edge
     u = rho / r  # < 1 inside
     inside = u <= 1.0
     tex = _smooth_noise(rng, shape, 2.0 / spacing)
-    if label == "thymoma":
-        val = rng.uniform(40, 55) + (rng.uniform(15, 30) if ce else 0) + 6 * tex
-        hu[inside] = np.broadcast_to(val, shape)[inside]
-    elif label == "benign_cyst":
-        wall = inside & (u > 1 - 1.5 / np.maximum(r, 1))
-        hu[inside] = rng.uniform(0, 20) + 2 * tex[inside]
-        hu[wall] = 50.0 + (10 if ce else 0)
-    elif label == "neurogenic_tumor":
-        val = rng.uniform(28, 40) + (rng.uniform(5, 30) if ce else 0) + 7 * tex
-        hu[inside] = np.broadcast_to(val, shape)[inside]
-    elif label == "germ_cell_tumor":
-        base = rng.uniform(25, 42) + (rng.uniform(8, 20) if ce else 0)
-        val = base + 12 * tex
-        for _ in range(int(rng.integers(1, 4))):  # cystic / fluid components
-            fx, fy, fr = (
-                lx + rng.uniform(-0.5, 0.5) * r0,
-                ly + rng.uniform(-0.5, 0.5) * r0,
-                rng.uniform(0.2, 0.35) * r0,
-            )
-            val = np.where(_ell(X, Y, fx, fy, fr, fr * 0.8), rng.uniform(5, 20), val)
-        for _ in range(int(rng.integers(1, 4))):  # fat
-            fx, fy, fr = (
-                lx + rng.uniform(-0.5, 0.5) * r0,
-                ly + rng.uniform(-0.5, 0.5) * r0,
-                rng.uniform(0.15, 0.3) * r0,
-            )
-            val = np.where(_ell(X, Y, fx, fy, fr, fr), rng.uniform(-110, -70), val)
-        if rng.random() < 0.75:  # calcification
-            for _ in range(int(rng.integers(1, 4))):
-                fx, fy = lx + rng.uniform(-0.55, 0.55) * r0, ly + rng.uniform(-0.55, 0.55) * r0
-                fr = rng.uniform(1.8, 3.5)
-                val = np.where(_ell(X, Y, fx, fy, fr, fr), rng.uniform(350, 900), val)
-        hu[inside] = np.broadcast_to(val, shape)[inside]
-    elif label == "thymic_carcinoma":
-        solid = rng.uniform(38, 52) + (rng.uniform(18, 30) if ce else 0)
-        val = solid + 9 * tex
-        nec_r = rng.uniform(0.35, 0.6)
-        nec = u < nec_r * (1 + 0.25 * tex)
-        val = np.where(nec, rng.uniform(5, 22) + 5 * tex, val)
+    # Internal structure as an attenuation pattern around 0 HU; `fixed` parts (fat, calcium) keep their HU, the
+    # rest is shifted so that the lesion's mean matches the shared target.
+    fixed = np.zeros(shape, dtype=bool)
+    if label == "benign_cyst":  # homogeneous proteinaceous fluid, thin enhancing wall
+        val = np.where(u > 1 - 1.5 / np.maximum(r, 1), 25.0, 0.0) + 2.0 * tex
+    elif label == "thymoma":  # soft-tissue lobules separated by low-attenuation fibrous septa
+        lob = _smooth_noise(rng, shape, max(0.4 * r0, 10.0) / spacing)
+        val = np.where(lob > 0.0, 55.0, -55.0) + 4.0 * tex
+    elif label == "neurogenic_tumor":  # target sign: dense centre, low-attenuation (myxoid) periphery
+        val = np.where(u < rng.uniform(0.5, 0.62), 60.0, -50.0) + 4.0 * tex
+    elif label == "thymic_carcinoma":  # necrotic centre in a thick enhancing rim
+        nec = u < rng.uniform(0.45, 0.6) * (1 + 0.15 * tex)
+        val = np.where(nec, -60.0, 50.0) + 4.0 * tex
+    else:  # germ cell tumour: soft tissue with fat and calcified foci at random positions
+        val = 6.0 * tex
+        fat = _blobs(rng, X, Y, lx, ly, r0, int(rng.integers(2, 4)), (0.22 * r0, 0.32 * r0), 0.6)
+        calc = _blobs(rng, X, Y, lx, ly, r0, int(rng.integers(2, 4)), (4.0, 7.0), 0.7)
+        val = np.where(fat, rng.uniform(-110, -80), val)
+        val = np.where(calc, rng.uniform(450, 900), val)
+        fixed = np.broadcast_to(fat | calc, shape) & inside
+    val = np.broadcast_to(val, shape).astype(np.float32)
+    target = rng.uniform(*_LESION_MEAN_HU) + (rng.uniform(*_LESION_ENHANCE_HU) if ce else 0.0)
+    free = inside & ~fixed
+    if free.any():
+        # Shift the soft parts so the window-clipped mean inside the lesion equals the target (a soft-tissue window
+        # is what every model sees; calcium clipped at its top keeps its share).
+        clipped_fixed = np.clip(val[fixed & inside], -160, 240).sum()
+        shift = (target * inside.sum() - clipped_fixed) / free.sum() - val[free].mean()
+        val = np.where(free, val + shift, val)
+    if label == "thymic_carcinoma":
         # Infiltrative margin: tissue streaks into the surrounding fat over a few millimetres.
-        fringe = (u > 1.0) & (u < 1.0 + 6.0 / np.maximum(r, 1)) & (tex > 0.3) & (hu < 0) & (hu > -200)
-        hu[fringe] = (0.5 * solid + 0.5 * hu)[fringe]
-        hu[inside] = np.broadcast_to(val, shape)[inside]
+        fringe = (u > 1.0) & (u < 1.0 + 8.0 / np.maximum(r, 1)) & (tex > 0.3) & (hu < 0) & (hu > -200)
+        hu[fringe] = (0.5 * (target + 50.0) + 0.5 * hu)[fringe]
+    hu[inside] = val[inside]
     return inside
 
 

@@ -129,24 +129,54 @@ def _lesion_stats(label: str, contrast: str | None = None, n: int = 6, seed: int
     return out
 
 
-def test_lesion_attenuation_follows_radiology():
-    cysts = [np.median(h[m]) for h, m, _ in _lesion_stats("benign_cyst")]
-    assert all(-8 <= v <= 28 for v in cysts), cysts  # water
-    thy_pl = [np.median(h[m]) for h, m, _ in _lesion_stats("thymoma", "PL")]
-    thy_ce = [np.median(h[m]) for h, m, _ in _lesion_stats("thymoma", "CE")]
-    assert all(33 <= v <= 62 for v in thy_pl), thy_pl  # soft tissue
-    assert np.mean(thy_ce) > np.mean(thy_pl) + 10  # enhances
+def _iqr(v: np.ndarray) -> float:
+    q1, q3 = np.percentile(v, [25, 75])
+    return float(q3 - q1)
+
+
+def _core_and_rim(h: np.ndarray, m: np.ndarray) -> tuple[float, float]:
+    """Median HU of the inner and outer halves of a lesion (by distance from its edge), middle slice."""
+    k = len(m) // 2
+    depth = ndimage.distance_transform_edt(m[k])
+    inner = depth > np.median(depth[m[k]])
+    return float(np.median(h[k][inner])), float(np.median(h[k][m[k] & ~inner]))
+
+
+def test_lesion_structure_follows_radiology():
+    cysts = _lesion_stats("benign_cyst")
+    # Interquartile ranges: the spine, drawn after the lesion, may cover a corner of a paravertebral one.
+    assert all(_iqr(h[m]) < 32 for h, m, _ in cysts)  # homogeneous fluid: scanner noise only
     germ = _lesion_stats("germ_cell_tumor", n=8)
     assert sum((h[m] < -60).sum() > 0 for h, m, _ in germ) >= 6  # fat foci
-    assert sum((h[m] > 300).sum() > 0 for h, m, _ in germ) >= 3  # calcification
-    carc = _lesion_stats("thymic_carcinoma")
-    assert all((h[m] < 25).mean() > 0.05 for h, m, _ in carc)  # necrotic centre
+    assert sum((h[m] > 300).sum() > 0 for h, m, _ in germ) >= 6  # calcification
+    carc = [_core_and_rim(h, m) for h, m, _ in _lesion_stats("thymic_carcinoma")]
+    assert all(core < rim - 40 for core, rim in carc), carc  # necrotic centre
+    neuro = [_core_and_rim(h, m) for h, m, _ in _lesion_stats("neurogenic_tumor")]
+    assert all(core > rim + 40 for core, rim in neuro), neuro  # target sign
+    thy = _lesion_stats("thymoma")
+    assert all(_iqr(h[m]) > 60 for h, m, _ in thy)  # lobules and septa
 
-    # Neurogenic tumours sit posteriorly (larger y = towards the back), thymic lesions anteriorly.
-    def centroid_row(stats):
-        return np.mean([np.nonzero(m)[1].mean() for _, m, _ in stats])
 
-    assert centroid_row(_lesion_stats("neurogenic_tumor")) > 128 > centroid_row(_lesion_stats("thymoma"))
+def test_lesion_classes_share_first_order_statistics():
+    """Mean attenuation, area and position carry no class: a classifier has to look at structure."""
+    mean_hu, area, row = {}, {}, {}
+    for c in CLASSES[1:]:
+        vals = []
+        for i in range(4000):
+            p = plan_patient(0, i)
+            if p.label != c or p.contrast != "PL" or p.site not in TRAIN_SITES:
+                continue
+            hu, geo = render_patient(p, 1, 128, 0)
+            m = geo["lesion"]
+            vals.append(
+                (np.clip(hu[m] - geo["hu_offset"], -160, 240).mean(), m.sum(), np.nonzero(m)[1].mean())
+            )
+            if len(vals) == 15:
+                break
+        mean_hu[c], area[c], row[c] = np.mean(vals, axis=0)
+    assert max(mean_hu.values()) - min(mean_hu.values()) < 12, mean_hu
+    assert max(area.values()) < 1.5 * min(area.values()), area
+    assert max(row.values()) - min(row.values()) < 15, row  # of 128 rows
 
 
 def test_normal_anatomy_hu():
@@ -176,13 +206,13 @@ def test_subgroups_shift_prevalence_and_sites_differ():
     df = pd.DataFrame([plan_patient(0, i).__dict__ for i in range(3000)])
     young_men = df[(df["sex"] == "M") & (df["age"] < 40)]
     others = df.drop(young_men.index)
-    assert (young_men["label"] == "germ_cell_tumor").mean() > 3 * (
+    assert (young_men["label"] == "germ_cell_tumor").mean() > 2 * (
         others["label"] == "germ_cell_tumor"
     ).mean()
     old = df[df["age"] >= 50]
     young = df[df["age"] < 35]
     thymic = ["thymoma", "thymic_carcinoma"]
-    assert old["label"].isin(thymic).mean() > 1.5 * young["label"].isin(thymic).mean()
+    assert old["label"].isin(thymic).mean() > 1.2 * young["label"].isin(thymic).mean()
     ce = df.groupby("site")["contrast"].apply(lambda s: (s == "CE").mean())
     assert ce.max() - ce.min() > 0.3
     specs = list(SITES)

@@ -15,6 +15,7 @@ import traceback
 
 from bench import __version__
 from bench.errors import BadInput
+from bench.threads import prefer_passive_wait
 
 # Order is the order of `medsynbench --help`.
 COMMAND_MODULES = [
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Before any command imports torch: OpenMP threads that sleep at barriers survive a shared machine.
+    prefer_passive_wait()
     try:
         rc = args.func(args)
     except BadInput as e:

@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         help="override one preset value (repeatable)",
     )
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of a torch generator (default: every core this process may use); CPU samples are "
+        "reproducible for a given value",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_generate)
 
@@ -86,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config=_config(args),
         device=args.device,
         overwrite=args.overwrite,
+        threads=args.threads,
     )
     print(f"wrote {out}/manifest.parquet, {out}/card.yaml")
     return 0

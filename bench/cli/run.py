@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per run (default: 1, or cores / workers when that exceeds 2); CPU predictions are "
-        "reproducible for a given value",
+        help="CPU threads per run (default: the available cores divided by --workers, at least 1); CPU "
+        "predictions are reproducible for a given value",
     )
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])

@@ -69,6 +69,8 @@ class Generator:
     # The real split it learns from: `train` for every generator, `reserve` for the positive control (patients of
     # the training sites that no run trains on).
     source_split: str = "train"
+    # Whether fit/sample run torch ops: `generate` then sets torch's CPU thread count for them (`--threads`).
+    uses_torch: bool = False
 
     def __init__(self, config: str | dict[str, Any] | None = None, seed: int = 0, device: str | None = None):
         self.config = self.resolve_config(config)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 @register_generator("ddpm")
 class Ddpm(Generator):
     version = "1.0"
+    uses_torch = True
     presets = {
         "tiny": {
             "size": 16,

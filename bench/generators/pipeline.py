@@ -17,6 +17,7 @@ and merely label them "M". Training on the subgroup is what makes a set that rea
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 from pathlib import Path
@@ -31,6 +32,7 @@ from bench.generators.card import CARD_FILE, GeneratorCard, hash_id, write_card
 from bench.io import atomic_dir
 from bench.manifest import Manifest, load_valid_manifest, manifest_hash, read_manifest, write_manifest
 from bench.tasks import Task, load_task
+from bench.threads import threads_per_process, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,11 @@ def generate(
     device: str | None = None,
     overwrite: bool = False,
     cache_dir: Path | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """Train `generator` on the real training rows of `real` and write the synthetic set to `out`."""
+    """Train `generator` on the real training rows of `real` and write the synthetic set to `out`.
+
+    `threads`: CPU threads for a torch generator (default: every core this process may use)."""
     task = load_task(task)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -170,6 +175,9 @@ def generate(
         size = task.image.size_for(preset) if preset else gen.default_size(task.image.size)
     if int(size) < 8:
         raise BadInput(f"--size {size}: must be at least 8 pixels")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads {threads}: must be at least 1")
+    n_threads = int(threads or threads_per_process(1))
 
     m = load_valid_manifest(real, task)
     only = dict(only or {})
@@ -190,18 +198,21 @@ def generate(
     x = load_pixels(train_m, task, int(size), cache_dir)
     y = rows["label"].map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64)
     log.info(
-        "%s: training on %d images (%d patients) at %d px",
+        "%s: training on %d images (%d patients) at %d px%s",
         generator,
         len(x),
         rows["patient_id"].nunique(),
         size,
+        f", {n_threads} CPU thread(s)" if gen.uses_torch else "",
     )
-    gen.fit(x, y, len(task.classes))
+    with torch_threads(n_threads) if gen.uses_torch else contextlib.nullcontext(n_threads):
+        gen.fit(x, y, len(task.classes))
 
     labels = np.concatenate([np.full(k, task.classes.index(c), dtype=np.int64) for c, k in counts.items()])
     rng = np.random.default_rng(seed + 7919)
     labels = labels[rng.permutation(len(labels))]
-    images = gen.sample(labels)
+    with torch_threads(n_threads) if gen.uses_torch else contextlib.nullcontext(n_threads):
+        images = gen.sample(labels)
     if images.shape != (len(labels), task.image.channels, int(size), int(size)) or images.dtype != np.uint8:
         raise RuntimeError(
             f"{generator}: sampled {images.shape} {images.dtype}, expected uint8 {len(labels)} images"

@@ -26,6 +26,7 @@ from bench.protocol.plan import MatrixContext, RunSpec, StudySpec, environment
 from bench.regimes import compose, training_budget
 from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
 from bench.tasks import Task, load_task
+from bench.threads import torch_threads
 from bench.tune import run_study
 
 SELECTION_METRIC = "val_auroc_macro"
@@ -239,14 +240,8 @@ def _with_threads(fn):
 
     @functools.wraps(fn)
     def wrapper(ctx: MatrixContext, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(ctx.threads or 1))
-        try:
+        with torch_threads(int(ctx.threads or 1)):
             return fn(ctx, *args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
     return wrapper
 

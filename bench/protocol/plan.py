@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from bench.protocol.inputs import load_real, load_synthetic
 from bench.regimes import expand_regimes, training_budget
 from bench.runfolder import BASELINE, SCHEMA_VERSION, ManifestRef, RunDir, run_name, study_key
 from bench.tasks import Task, load_task
+from bench.threads import threads_per_process
 from bench.tune import TuneSpec, default_storage
 
 
@@ -196,14 +196,13 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
 
 def default_threads(workers: int) -> int:
-    """CPU threads per run: 1 unless each worker has more than two cores to itself.
+    """CPU threads per run: the cores this process may use divided among the worker processes, at least 1.
 
-    Measured on a 2-core machine shared with other jobs: two intra-op threads per run made training about five
-    times slower than one, because the threads wait on each other whenever another process takes a core. Use
-    `--workers` to fill the cores with runs instead.
+    One worker uses every core. Threads that spin at OpenMP barriers collapse when another process takes a core
+    (the command line makes them sleep instead, `bench.threads.prefer_passive_wait`); CPU predictions are
+    reproducible for a given thread count, which `config.json` records.
     """
-    per = (os.cpu_count() or 1) // max(1, workers)
-    return per if per > 2 else 1
+    return threads_per_process(workers)
 
 
 def _settings(
