@@ -350,3 +350,30 @@ def test_host_commands_set_up_a_service(tmp_path, capsys):
     assert main(["host", "token-revoke", token[:12], "--config", str(config)]) == 0
     assert main(["submit", str(config)]) == 2  # neither --leaderboard nor --server
     assert "--server URL" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_worker_loops_on_a_local_ray_cluster_score_every_submission(tmp_path):
+    ray = pytest.importorskip("ray")
+    from bench.service.worker import run_on_ray
+
+    config = make_service(tmp_path, None)
+    settings = load_settings(config)
+    host = Host(settings)
+    c = Checked(create_app(settings, host), secrets_of(config))
+    tokens = [add_team(config, name) for name in ("alpha", "beta", "gamma")]
+    ids = []
+    for k, token in enumerate(tokens):
+        r = submit(c, token, "predictions", "preds.csv", predictions_csv(config, skill=1.0 + k))
+        assert r.status_code == 202, r.text
+        ids.append((token, r.json()["id"]))
+    try:
+        assert run_on_ray(config, 2, None, idle_exit=True) == len(ids)
+    finally:
+        ray.shutdown()
+    for token, sid in ids:
+        body = c.get(f"/api/submissions/{sid}", headers=auth(token)).json()
+        assert body["status"] == "scored" and body["attempts"] == 1, body
+    with host.sessions() as s:
+        assert s.query(db.Score).count() == 2 * len(ids)  # one score per part, written once
+    host.dispose()

@@ -52,7 +52,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.ray:
         if args.workers < 1:
             raise BadInput(f"--workers {args.workers}: must be at least 1")
-        run_on_ray(args.config, args.workers, None if args.ray == "local" else args.ray)
+        n = run_on_ray(
+            args.config, args.workers, None if args.ray == "local" else args.ray, idle_exit=args.drain
+        )
+        print(f"processed {n} submission(s)")
         return 0
     host = Host.from_file(args.config)
     host.init()

@@ -257,14 +257,21 @@ def run_worker(
             return done
 
 
-def run_on_ray(config: str | Path, workers: int, address: str | None) -> None:
-    """Start `workers` worker loops as Ray tasks (one per CPU they ask for) and wait for them."""
+def run_on_ray(config: str | Path, workers: int, address: str | None, *, idle_exit: bool = False) -> int:
+    """Start `workers` worker loops as Ray tasks (one per CPU they ask for), wait for them and return the number
+    of submissions they processed. Each loop claims jobs through the database like any other worker, so Ray only
+    places the loops; `idle_exit` ends each loop when the queue is empty."""
     import ray  # the optional `ray` extra; only this entry point needs it
 
     ray.init(address=address, ignore_reinit_error=True)
 
     @ray.remote(num_cpus=1)
-    def loop(path: str) -> int:
-        return run_worker(Host.from_file(path))
+    def loop(path: str, drain: bool) -> int:
+        host = Host.from_file(path)
+        try:
+            return run_worker(host, idle_exit=drain)
+        finally:
+            host.dispose()
 
-    ray.get([loop.remote(str(Path(config).resolve())) for _ in range(workers)])
+    path = str(Path(config).resolve())
+    return int(sum(ray.get([loop.remote(path, idle_exit) for _ in range(workers)])))
