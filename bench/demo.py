@@ -234,6 +234,11 @@ def run_demo(
         ts = time.perf_counter()
         rc = cli(args)
         timings[title] = round(time.perf_counter() - ts, 1)
+        if rc == 2:
+            # The stage refused its input and said why above (e.g. a control failed, so nothing is published).
+            raise BadInput(
+                f"demo stage {i}/{len(stages)} {title!r} stopped with exit code 2; its reason is above"
+            )
         if rc != 0:
             raise RuntimeError(f"demo stage {title!r} failed with exit code {rc}")
     total = time.perf_counter() - t0

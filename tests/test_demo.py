@@ -163,3 +163,25 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--preset", "smoke", "--out", str(out)]) == 2
     assert "not a demo output folder" in capsys.readouterr().err
     assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+def test_a_stage_that_refuses_its_input_stops_the_demo_with_exit_2(tmp_path, monkeypatch, capsys):
+    # A stage that exits 2 (a failing control makes `submit` refuse to publish) is the run's verdict, not a fault of
+    # ours: the demo stops with exit 2 naming the stage, and stages after it do not run.
+    import bench.cli as cli_mod
+
+    real_main = cli_mod.main
+    calls = []
+
+    def fake(argv=None):
+        argv = list(argv or [])
+        if argv and argv[0] == "demo":
+            return real_main(argv)
+        calls.append(argv[0])
+        return 2 if argv[0] == "data" and argv[1] == "validate" else 0
+
+    monkeypatch.setattr(cli_mod, "main", fake)
+    assert real_main(["demo", "--preset", "smoke", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "Validate the manifest" in err and "exit code 2" in err
+    assert "generate" not in calls and "run" not in calls
