@@ -16,7 +16,6 @@ import os
 import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from bench.leaderboard.record import (
     scrub_local_paths,
 )
 from bench.leaderboard.score import score_all, score_submission
+from bench.protocol.plan import package_versions
 from bench.runfolder import (
     BASELINE,
     CARD_FILE,
@@ -54,19 +54,6 @@ from bench.runfolder import (
 from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
-
-# Packages whose versions decide the numbers; recorded when the run itself recorded none.
-ENV_PACKAGES = (
-    "medsynbench",
-    "torch",
-    "torchvision",
-    "timm",
-    "monai",
-    "numpy",
-    "scikit-learn",
-    "pandas",
-    "pydicom",
-)
 
 
 def task_spec_sha256(task: Task) -> str:
@@ -470,10 +457,8 @@ def _environment(sub: Submission) -> dict[str, Any]:
             "device": str(env["device"]) if env.get("device") else None,
             "source": "run",
         }
-    pk = {}
-    for name in ENV_PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            pk[name] = metadata.version(name)
+    # The run recorded none: the versions installed where it is submitted, as the protocol records them.
+    pk = {k: v for k, v in package_versions().items() if v is not None}
     return {"packages": pk, "git": None, "device": platform.machine() or None, "source": "submit"}
 
 

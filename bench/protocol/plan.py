@@ -168,18 +168,24 @@ ENV_PACKAGES = (
 )
 
 
-def environment(device: str | None = None) -> dict[str, Any]:
-    """Package versions, device, threads and git commit: what a run's numbers may depend on."""
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages whose versions decide the numbers (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
-    pkgs = {}
+    pkgs: dict[str, str | None] = {}
     for p in ENV_PACKAGES:
         try:
             pkgs[p] = version(p)
         except PackageNotFoundError:
             pkgs[p] = None
+    return pkgs
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Package versions, device, threads and git commit: what a run's numbers may depend on."""
+    import torch
+
+    pkgs = package_versions()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     env: dict[str, Any] = {
         "python": platform.python_version(),
