@@ -7,7 +7,6 @@ leaves its files behind for inspection.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.errors import BadInput
-from bench.threads import WAIT_POLICY, available_cores, threads_per_process
+from bench.threads import available_cores, threads_per_process, wait_policy
 
 TASK = "mediastinal-neoplasm"
 GENERATORS = ("copycat", "pca-gmm", "ddpm")
@@ -268,7 +267,7 @@ def _threads_used(p: DemoPreset) -> dict:
         "generate": threads_per_process(1),
         "run_workers": p.workers,
         "run_threads_per_worker": threads_per_process(p.workers),
-        WAIT_POLICY[0]: os.environ.get(WAIT_POLICY[0], ""),
+        "openmp_wait": wait_policy(),
     }
 
 

@@ -53,7 +53,7 @@ def test_controls_are_registered_with_expected_outcomes():
     assert kinds == {
         "copycat": ["gain_contains_zero", "privacy_flagged"],
         "label-shuffle": ["chance"],
-        "real-holdout": ["ratio_contains_one"],
+        "real-holdout": ["ratio_near_one"],
     }
     assert control_of("label-shuffle").regimes == ["synthetic"]
     assert control_of("real-holdout").role == "positive"
@@ -225,7 +225,7 @@ def test_controls_pass_on_the_expected_numbers():
         ({"gain_ci": (0.04, 0.09)}, "copycat", "gain_contains_zero"),  # copies "gain": the budget is unequal
         ({"flagged": False}, "copycat", "privacy_flagged"),
         ({"shuffle_ci": (0.56, 0.66)}, "label-shuffle", "chance"),
-        ({"ratio_ci": (0.7, 0.9)}, "real-holdout", "ratio_contains_one"),
+        ({"ratio_ci": (0.7, 0.9)}, "real-holdout", "ratio_near_one"),
     ],
 )
 def test_each_control_fails_on_its_own_wrong_number(over, control, check):
@@ -238,6 +238,28 @@ def test_each_control_fails_on_its_own_wrong_number(over, control, check):
     assert line.startswith(f"control {control} ")
 
 
+@pytest.mark.parametrize(
+    ("ratio_ci", "status"),
+    [
+        ((0.93, 1.04), PASS),  # contains 1
+        ((0.88, 0.96), PASS),  # misses 1 but reaches the band 0.95-1.05: two draws of patients differ that much
+        ((0.87, 0.95), PASS),  # the band's edge itself
+        ((0.86, 0.949), FAIL),  # wholly below the band
+        ((1.051, 1.12), FAIL),  # wholly above it: the control beats real data, the pipeline is not even
+    ],
+)
+def test_positive_control_allows_the_declared_draw_margin_and_no_more(ratio_ci, status):
+    from bench.generators.controls import HOLDOUT_MARGIN
+
+    assert HOLDOUT_MARGIN == 0.05  # the hand-worked cases below assume it
+    task = _task(reserve=0.2, train=0.4)
+    table, comps, privacy, gens = _inputs(ratio_ci=ratio_ci)
+    (r,) = [r for r in check_controls(table, comps, privacy, task, gens) if r.control == "real-holdout"]
+    assert r.status == status, r.to_dict()
+    if status == FAIL:
+        assert "0.95 to 1.05" in r.reason
+
+
 def test_missing_controls_and_audits_are_not_run_with_a_reason():
     task = Task.model_validate(TINY_TASK)
     table, comps, _, _ = _inputs()
@@ -246,7 +268,7 @@ def test_missing_controls_and_audits_are_not_run_with_a_reason():
     assert by[("copycat", "privacy_flagged")].status == NOT_RUN
     assert "privacy" in by[("copycat", "privacy_flagged")].reason
     assert by[("label-shuffle", "chance")].status == NOT_RUN
-    assert "reserve" in by[("real-holdout", "ratio_contains_one")].reason  # the tiny task sets no reserve
+    assert "reserve" in by[("real-holdout", "ratio_near_one")].reason  # the tiny task sets no reserve
     assert failures(res) == []
 
 

@@ -35,17 +35,52 @@ def test_torch_threads_restores_the_callers_count():
     assert torch.get_num_threads() == before
 
 
-def test_passive_wait_is_set_before_torch_and_never_overrides_the_user():
+def _policy_in_fresh_process(env: dict[str, str], busy: str) -> list[str]:
+    """OMP_WAIT_POLICY and the recorded choice in a process that has not loaded torch, with a faked load."""
     code = (
-        "import os, bench.threads as t; ok = t.prefer_passive_wait(); "
-        "print(os.environ.get('OMP_WAIT_POLICY'), ok)"
+        "import os, bench.threads as t; "
+        f"t.busy_cores = lambda window_s=0.2: {busy}; "
+        "chosen = t.choose_wait_policy(); "
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'), '|', chosen, '|', t.wait_policy())"
     )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return [part.strip() for part in out.stdout.split("|")]
+
+
+@pytest.mark.parametrize(
+    ("busy", "env_policy", "chosen"),
+    [
+        ("1.5", "PASSIVE", "PASSIVE (1.5 cores busy elsewhere)"),  # a competitor: threads sleep
+        ("0.5", "PASSIVE", "PASSIVE (0.5 cores busy elsewhere)"),  # the threshold itself counts as busy
+        ("0.1", "-", "default (0.1 cores busy elsewhere)"),  # quiet: OpenMP's spinning default is twice as fast
+        ("None", "PASSIVE", "PASSIVE (load unknown)"),  # no /proc/stat: the choice that never collapses
+    ],
+)
+def test_wait_policy_follows_the_load_when_the_command_starts(busy, env_policy, chosen):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["PASSIVE", "True"]
+    assert _policy_in_fresh_process(env, busy) == [env_policy, chosen, chosen]
+
+
+def test_wait_policy_never_overrides_the_user():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["ACTIVE", "False"]
+    assert _policy_in_fresh_process(env, "1.5") == ["ACTIVE"] + ["ACTIVE (from the environment)"] * 2
+
+
+def test_wait_policy_is_left_alone_once_torch_is_loaded(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "_chosen", {})
+    monkeypatch.setattr(threads, "busy_cores", lambda window_s=0.2: 1.5)
+    assert "torch" in sys.modules  # imported at the top of this file
+    assert threads.choose_wait_policy() == "default (OpenMP already started)"
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_busy_cores_reads_this_machine():
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this platform")
+    busy = threads.busy_cores(0.05)
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
 
 
 def test_generate_rejects_zero_threads(tmp_path):

@@ -15,7 +15,7 @@ import traceback
 
 from bench import __version__
 from bench.errors import BadInput
-from bench.threads import prefer_passive_wait
+from bench.threads import choose_wait_policy
 
 # Order is the order of `medsynbench --help`.
 COMMAND_MODULES = [
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # Before any command imports torch: OpenMP threads that sleep at barriers survive a shared machine.
-    prefer_passive_wait()
+    # Before any command imports torch: on a shared machine OpenMP threads must sleep at barriers, not spin.
+    choose_wait_policy()
     try:
         rc = args.func(args)
     except BadInput as e:

@@ -90,8 +90,9 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def _contains(lo: float | None, hi: float | None, x: float) -> bool:
-    return lo is not None and hi is not None and lo <= x <= hi
+def _contains(lo: float | None, hi: float | None, x: float, margin: float = 0.0) -> bool:
+    """Whether [lo, hi] reaches the band x +/- margin (with margin 0: contains x)."""
+    return lo is not None and hi is not None and lo <= x + margin and hi >= x - margin
 
 
 def _one(
@@ -151,7 +152,7 @@ def _one(
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
-    if check.kind in ("gain_contains_zero", "ratio_contains_one"):
+    if check.kind in ("gain_contains_zero", "ratio_near_one"):
         primary = task.metrics.primary
         c = pd.DataFrame() if comparisons is None else comparisons
         if len(c):
@@ -180,8 +181,9 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        ok = _contains(lo, hi, target)
-        why = "" if ok else f"the interval excludes {target:g}"
+        ok = _contains(lo, hi, target, check.margin)
+        band = f"{target:g}" if not check.margin else f"{target - check.margin:g} to {target + check.margin:g}"
+        why = "" if ok else f"the interval does not reach {band}"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
     return res(NOT_RUN, f"unknown check kind {check.kind!r}")
 

@@ -11,6 +11,12 @@ import numpy as np
 
 from bench.generators import Control, ControlCheck, Generator, register_generator
 
+# How far the positive control's ratio may sit from 1 before it fails. Its interval covers test patients and
+# training seeds; it cannot cover that the control trains on other patients than real-only does. Measured on the
+# cpu demo's phantom (scripts/measure_holdout_draws.py): the ratio of two disjoint equal draws of ~170 training
+# patients spread with a standard deviation of about 0.04 across split seeds, centred on 1.
+HOLDOUT_MARGIN = 0.05
+
 
 def _draw(pools: dict[int, np.ndarray], labels: np.ndarray, rng: np.random.Generator, who: str) -> np.ndarray:
     """One pool image per requested class index; every image of a class used once before any is used twice."""
@@ -69,9 +75,11 @@ class RealHoldout(Generator):
         "real patients from the same hospitals, as many as the real training set: as good as the real data",
         (
             ControlCheck(
-                "ratio_contains_one",
+                "ratio_near_one",
                 "synthetic",
-                "synthetic-only / real-only macro AUROC ratio: interval contains 1",
+                f"synthetic-only / real-only macro AUROC ratio: interval reaches 1 +/- {HOLDOUT_MARGIN:g} (two draws "
+                "of training patients differ by about that much; the interval does not cover which were drawn)",
+                margin=HOLDOUT_MARGIN,
             ),
         ),
     )

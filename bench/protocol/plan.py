@@ -205,8 +205,8 @@ def default_threads(workers: int) -> int:
     """CPU threads per run: the cores this process may use divided among the worker processes, at least 1.
 
     One worker uses every core. Threads that spin at OpenMP barriers collapse when another process takes a core
-    (the command line makes them sleep instead, `bench.threads.prefer_passive_wait`); CPU predictions are
-    reproducible for a given thread count, which `config.json` records.
+    (the command line makes them sleep when it starts on a loaded machine, `bench.threads.choose_wait_policy`);
+    CPU predictions are reproducible for a given thread count, which `config.json` records.
     """
     return threads_per_process(workers)
 
