@@ -78,7 +78,9 @@ def main() -> None:
         for k in args.split_seeds:
             ratios = one_draw(work, phantom, k, args)
             rows.append({"split_seed": k, **ratios})
-            print(f"split seed {k}: " + ", ".join(f"{s} {v:.3f}" for s, v in sorted(ratios.items())), flush=True)
+            print(
+                f"split seed {k}: " + ", ".join(f"{s} {v:.3f}" for s, v in sorted(ratios.items())), flush=True
+            )
     df = pd.DataFrame(rows).set_index("split_seed")
     print("\nreal-holdout / real-only, macro AUROC, per split seed:")
     print(df.round(3).to_string())

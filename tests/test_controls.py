@@ -242,7 +242,10 @@ def test_each_control_fails_on_its_own_wrong_number(over, control, check):
     ("ratio_ci", "status"),
     [
         ((0.93, 1.04), PASS),  # contains 1
-        ((0.88, 0.96), PASS),  # misses 1 but reaches the band 0.95-1.05: two draws of patients differ that much
+        (
+            (0.88, 0.96),
+            PASS,
+        ),  # misses 1 but reaches the band 0.95-1.05: two draws of patients differ that much
         ((0.87, 0.95), PASS),  # the band's edge itself
         ((0.86, 0.949), FAIL),  # wholly below the band
         ((1.051, 1.12), FAIL),  # wholly above it: the control beats real data, the pipeline is not even

@@ -1,4 +1,4 @@
-"""Golden test: a fixed small matrix must reproduce committed predictions and metric table exactly.
+"""Golden test: a fixed small matrix must reproduce committed predictions and metric table (to 1e-5: see ATOL).
 
 The files in tests/golden/ were written by this module (`MEDSYNBENCH_WRITE_GOLDEN=1 pytest tests/test_golden.py`)
 from code whose numbers are the reference. Tables may gain columns (compared: the golden columns, in their order);
@@ -69,6 +69,11 @@ def _sorted(t: pd.DataFrame) -> pd.DataFrame:
     return t.sort_values(keys, key=lambda s: s.astype(str)).reset_index(drop=True)
 
 
+# float32 kernels are not bitwise the same on every CPU (oneDNN picks them by instruction set): predictions of the
+# same code agree to about 1e-7 between machines, while any change of what is computed moves them by far more.
+ATOL = {"predictions": 1e-5, "metrics": 1e-5, "comparisons": 1e-5}
+
+
 def _compare(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
     # Columns added after the golden files were written are allowed; every golden column must keep its values.
     missing = [c for c in want.columns if c not in got.columns]
@@ -80,7 +85,11 @@ def _compare(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
     for c in want.columns:
         if pd.api.types.is_float_dtype(want[c]):
             np.testing.assert_allclose(
-                got[c].to_numpy(float), want[c].to_numpy(float), rtol=0, atol=1e-9, err_msg=f"{what}: {c}"
+                got[c].to_numpy(float),
+                want[c].to_numpy(float),
+                rtol=0,
+                atol=ATOL[what],
+                err_msg=f"{what}: {c}",
             )
         else:
             assert got[c].astype(str).tolist() == want[c].astype(str).tolist(), f"{what}: column {c} changed"

@@ -52,7 +52,11 @@ def _policy_in_fresh_process(env: dict[str, str], busy: str) -> list[str]:
     [
         ("1.5", "PASSIVE", "PASSIVE (1.5 cores busy elsewhere)"),  # a competitor: threads sleep
         ("0.5", "PASSIVE", "PASSIVE (0.5 cores busy elsewhere)"),  # the threshold itself counts as busy
-        ("0.1", "-", "default (0.1 cores busy elsewhere)"),  # quiet: OpenMP's spinning default is twice as fast
+        (
+            "0.1",
+            "-",
+            "default (0.1 cores busy elsewhere)",
+        ),  # quiet: OpenMP's spinning default is twice as fast
         ("None", "PASSIVE", "PASSIVE (load unknown)"),  # no /proc/stat: the choice that never collapses
     ],
 )

@@ -182,7 +182,9 @@ def _one(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
         ok = _contains(lo, hi, target, check.margin)
-        band = f"{target:g}" if not check.margin else f"{target - check.margin:g} to {target + check.margin:g}"
+        band = (
+            f"{target:g}" if not check.margin else f"{target - check.margin:g} to {target + check.margin:g}"
+        )
         why = "" if ok else f"the interval does not reach {band}"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
     return res(NOT_RUN, f"unknown check kind {check.kind!r}")
