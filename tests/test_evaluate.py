@@ -306,6 +306,24 @@ def test_patient_in_two_splits_is_rejected(task, preds):
         evaluate_predictions(p, task, n_boot=10)
 
 
+def test_probability_problems_are_the_same_alone_and_in_a_predictions_table(task, preds):
+    from bench.metrics import validate_predictions, validate_probabilities
+
+    p = preds.reset_index(drop=True).copy()
+    p.loc[4, "prob_disc"] = np.nan
+    p.loc[9, "prob_bar"] = -0.3
+    p.loc[[12, 20], "prob_blank"] += 0.05
+    alone = validate_probabilities(p[["case_id", *[f"prob_{c}" for c in task.classes]]], task.classes)
+    assert [m.split(":")[0].split(" (")[0] for m in alone] == ["row 5", "row 10", "rows 10, 13, 21"]
+    assert "NaN" in alone[0] and "negative" in alone[1] and "do not sum to 1" in alone[2]
+    full = validate_predictions(p, task.classes, subgroup_columns=["sex", "age_group"])
+    assert full == alone  # the table has no other problem: the same messages, in the same order
+    assert (
+        validate_probabilities(p.drop(columns=["prob_bar"]), task.classes)[0] == "missing column(s): prob_bar"
+    )
+    assert validate_probabilities(preds, task.classes) == []
+
+
 def test_group_below_min_negatives_is_insufficient_without_interval(task, preds):
     # the case: a group of 11 positive patients and 1 negative patient
     p = preds[(preds["generator"] == "none") & (preds["split"].isin(["val", "test"]))].copy()

@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_TASK
 from service_support import (
     POSTGRES_ENV,
     add_team,
@@ -28,11 +29,14 @@ from service_support import (
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from bench.metrics import evaluate_predictions  # noqa: E402
 from bench.service import db  # noqa: E402
 from bench.service.app import create_app  # noqa: E402
 from bench.service.host import Host  # noqa: E402
+from bench.service.scoring import AnswerKey, score_parts, validate_predictions  # noqa: E402
 from bench.service.settings import load_settings  # noqa: E402
 from bench.service.worker import run_worker  # noqa: E402
+from bench.tasks import Task  # noqa: E402
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -113,13 +117,15 @@ def test_predictions_are_scored_on_both_parts_and_only_the_public_part_is_shown(
     body = c.get(f"/api/submissions/{sid}", headers=auth(token)).json()
     assert body["status"] == "scored" and body["attempts"] == 1
     assert body["score"]["part"] == "public"
-    # The stored public score is the task's primary metric on the public cases, by hand with scikit-learn.
+    # The stored public score is the task's primary metric on the public external cases (the board's split), by
+    # hand with scikit-learn.
     from sklearn.metrics import roc_auc_score
 
     key = host.key.df
     preds = pd.read_csv(io.BytesIO(predictions_csv(config, skill=3.0)))
     j = key.merge(preds, on="case_id")
-    pub = j[j["part"] == "public"]
+    pub = j[(j["part"] == "public") & (j["split"] == "external")]
+    assert 0 < len(pub) < (j["part"] == "public").sum()  # the public part also holds internal test cases
     classes = ["blank", "disc", "bar"]
     want = roc_auc_score(
         pub["label"].map(classes.index), pub[[f"prob_{k}" for k in classes]].to_numpy(), multi_class="ovr"
@@ -232,7 +238,11 @@ def test_bad_predictions_are_400_with_every_problem(service):
     r = submit(c, token, "predictions", "p.csv", bad.to_csv(index=False).encode())
     assert r.status_code == 400
     problems = r.json()["detail"] + " | ".join(r.json()["problems"])
-    assert "does not hold" in problems and "outside [0, 1]" in problems
+    assert "does not hold" in problems
+    # the file's second data row holds prob_disc 1.7: named by its row, as `bench.metrics.validate` names rows
+    assert "row 2 (case_id " in problems and "a probability is above 1" in problems
+    assert "probabilities do not sum to 1" in problems
+    assert sum(p.startswith("row ") for p in r.json()["problems"]) == 2  # no other row is blamed
     r = submit(c, token, "predictions", "p.csv", df.iloc[3:].to_csv(index=False).encode())
     assert r.status_code == 400 and "3 of the" in " ".join(r.json()["problems"])  # 3 cases not predicted
     r = submit(c, token, "predictions", "p.csv", b"\xff\xfe\x00garbage")
@@ -377,3 +387,99 @@ def test_worker_loops_on_a_local_ray_cluster_score_every_submission(tmp_path):
     with host.sessions() as s:
         assert s.query(db.Score).count() == 2 * len(ids)  # one score per part, written once
     host.dispose()
+
+
+# -- scoring against the answer key, without the API ----------------------------------------------------------------
+
+
+def _key_and_predictions(seed: int, patients_per_site: int = 30):
+    """A key (two internal test sites, one external; a quarter of the patients private) and noisy predictions."""
+    task = Task.model_validate(TINY_TASK)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for site, split in (("s1", "test"), ("s2", "test"), ("x1", "external")):
+        for p in range(patients_per_site):
+            label = task.classes[p % len(task.classes)]  # every class in every part and split
+            sex, age = rng.choice(["F", "M"]), rng.choice(["<50", ">=50"])
+            for k in range(int(rng.integers(1, 4))):
+                rows.append(
+                    dict(
+                        case_id=f"c-{site}-{p}-{k}",
+                        patient_id=f"p-{site}-{p}",
+                        label=label,
+                        site=site,
+                        split=split,
+                        part="private" if p % 4 == 0 else "public",
+                        sex=sex,
+                        age_group=age,
+                    )
+                )
+    key = AnswerKey.from_frame(pd.DataFrame(rows), ["sex", "age_group"])
+    logits = rng.normal(0, 1, (len(key.df), len(task.classes)))
+    logits[np.arange(len(key.df)), key.df["label"].map(task.classes.index).to_numpy()] += 1.0
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    preds = pd.DataFrame(
+        {"case_id": key.df["case_id"], **{f"prob_{c}": p[:, i] for i, c in enumerate(task.classes)}}
+    )
+    return key, preds.sample(frac=1.0, random_state=seed).reset_index(drop=True), task
+
+
+def test_hosted_score_is_the_metric_tables_overall_row_on_the_external_split():
+    key, preds, task = _key_and_predictions(seed=5)
+    got = score_parts(key, preds, task, n_boot=200, seed=3)
+    for part in ("public", "private"):
+        # the reference: a plain merge, other run-key values, and the engine's defaults (subgroups, permutations)
+        ref = key.df[key.df["part"] == part].drop(columns="part").rename(columns={"label": "y_true"})
+        ref = ref.merge(preds, on="case_id").assign(generator="g", regime="r", seed=7, backbone="b")
+        table = evaluate_predictions(ref, task, n_boot=200, seed=3)
+        row = table[
+            (table["metric"] == task.metrics.primary)
+            & (table["scope"] == "overall")
+            & (table["split"] == "external")
+        ].iloc[0]
+        assert row["status"] == "ok"
+        s = got[part]
+        assert s["metric"] == task.metrics.primary and s["higher_is_better"] is True
+        for k in ("value", "ci_low", "ci_high"):
+            assert s[k] == pytest.approx(float(row[k]), abs=1e-12), (part, k)
+        assert s["ci_low"] < s["value"] < s["ci_high"]
+        ext = ref[ref["split"] == "external"]
+        assert (s["n_cases"], s["n_patients"]) == (len(ext), ext["patient_id"].nunique())
+        assert s["n_cases"] == int(row["n_cases"]) and s["n_patients"] == int(row["n_patients"])
+
+
+def test_hosted_value_is_scikit_learns_macro_one_vs_rest_auroc():
+    from sklearn.metrics import roc_auc_score
+
+    key, preds, task = _key_and_predictions(seed=11)
+    got = score_parts(key, preds, task, n_boot=20, seed=0)
+    j = key.df.merge(preds, on="case_id")
+    for part in ("public", "private"):
+        ext = j[(j["part"] == part) & (j["split"] == "external")]
+        want = roc_auc_score(
+            ext["label"].map(
+                task.classes.index
+            ),  # codes in task order: labels must be sorted for scikit-learn
+            ext[[f"prob_{c}" for c in task.classes]].to_numpy(),
+            multi_class="ovr",
+            average="macro",
+            labels=list(range(len(task.classes))),
+        )
+        assert got[part]["value"] == pytest.approx(want, abs=1e-12), part
+
+
+def test_a_predictions_file_holding_several_runs_is_rejected_before_scoring():
+    key, preds, task = _key_and_predictions(seed=2, patients_per_site=6)
+    two = pd.concat([preds.assign(seed=0), preds.assign(seed=1)], ignore_index=True)
+    problems = validate_predictions(key, two, task)
+    assert any(f"{len(preds)} case(s) predicted more than once" in p for p in problems), problems
+    assert validate_predictions(key, preds.assign(seed=0), task) == []
+
+
+def test_a_part_without_external_cases_has_no_score_rather_than_a_test_split_one():
+    key, preds, task = _key_and_predictions(seed=3, patients_per_site=12)
+    df = key.df.copy()
+    df.loc[df["split"] == "external", "part"] = "public"
+    got = score_parts(AnswerKey.from_frame(df, list(key.subgroup_columns)), preds, task, n_boot=20, seed=0)
+    assert got["private"]["value"] is None and got["private"]["n_cases"] == 0
+    assert got["public"]["n_cases"] == int((df["split"] == "external").sum())

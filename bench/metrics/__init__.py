@@ -31,7 +31,7 @@ from bench.metrics.core import (
 )
 from bench.metrics.delong import delong_test
 from bench.metrics.evaluate import TABLE_COLUMNS, evaluate_predictions, positive_classes, prepare_predictions
-from bench.metrics.validate import validate_predictions
+from bench.metrics.validate import validate_predictions, validate_probabilities
 
 __all__ = [
     "COMPARISON_COLUMNS",
@@ -60,4 +60,5 @@ __all__ = [
     "specificity",
     "summarize",
     "validate_predictions",
+    "validate_probabilities",
 ]

@@ -36,6 +36,53 @@ def describe_rows(df: pd.DataFrame, mask: np.ndarray | pd.Series, what: str) -> 
     return f"{word} {nums}{more}{ids}: {what}"
 
 
+def validate_probabilities(df: pd.DataFrame, classes: Sequence[str]) -> list[str]:
+    """Every problem with the prob_<class> columns of a table, as messages naming columns or rows. Empty: valid.
+
+    The checks `validate_predictions` makes of probabilities, for tables that carry nothing else to check.
+    """
+    probs = [prob_column(str(c)) for c in classes]
+    missing = [c for c in probs if c not in df.columns]
+    problems = [f"missing column(s): {', '.join(missing)}"] if missing else []
+    return problems + _probability_values(df, probs)
+
+
+def _probability_values(df: pd.DataFrame, probs: list[str]) -> list[str]:
+    # The values of the present columns only: a missing column is reported once, by the caller, among the others.
+    problems: list[str] = []
+    present = [c for c in probs if c in df.columns]
+    if not present:
+        return problems
+    P = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce") for c in present})
+    non_numeric = P.isna() & df[present].notna()
+    if non_numeric.to_numpy().any():
+        problems.append(describe_rows(df, non_numeric.any(axis=1), "a probability is not a number"))
+    nan = df[present].isna().any(axis=1)
+    if nan.any():
+        problems.append(describe_rows(df, nan, "a probability is NaN or missing"))
+    arr = P.to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        neg = (arr < 0).any(axis=1)
+        above = (arr > 1 + SUM_TOLERANCE).any(axis=1)
+    if neg.any():
+        problems.append(describe_rows(df, neg, "a probability is negative"))
+    if above.any():
+        problems.append(describe_rows(df, above, "a probability is above 1"))
+    if len(present) == len(probs):
+        s = arr.sum(axis=1)
+        off = ~np.isnan(s) & (np.abs(s - 1.0) > SUM_TOLERANCE)
+        if off.any():
+            worst = float(np.max(np.abs(s[off] - 1.0)))
+            problems.append(
+                describe_rows(
+                    df,
+                    off,
+                    f"probabilities do not sum to 1 (tolerance {SUM_TOLERANCE:g}; largest deviation {worst:.3g})",
+                )
+            )
+    return problems
+
+
 def validate_predictions(
     df: pd.DataFrame,
     classes: Sequence[str],
@@ -83,35 +130,7 @@ def validate_predictions(
                     df, bad, f"split {', '.join(map(repr, vals))} is not one of {', '.join(PREDICTED_SPLITS)}"
                 )
             )
-    present = [c for c in probs if c in df.columns]
-    if present:
-        P = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce") for c in present})
-        non_numeric = P.isna() & df[present].notna()
-        if non_numeric.to_numpy().any():
-            problems.append(describe_rows(df, non_numeric.any(axis=1), "a probability is not a number"))
-        nan = df[present].isna().any(axis=1)
-        if nan.any():
-            problems.append(describe_rows(df, nan, "a probability is NaN or missing"))
-        arr = P.to_numpy(float)
-        with np.errstate(invalid="ignore"):
-            neg = (arr < 0).any(axis=1)
-            above = (arr > 1 + SUM_TOLERANCE).any(axis=1)
-        if neg.any():
-            problems.append(describe_rows(df, neg, "a probability is negative"))
-        if above.any():
-            problems.append(describe_rows(df, above, "a probability is above 1"))
-        if len(present) == len(probs):
-            s = arr.sum(axis=1)
-            off = ~np.isnan(s) & (np.abs(s - 1.0) > SUM_TOLERANCE)
-            if off.any():
-                worst = float(np.max(np.abs(s[off] - 1.0)))
-                problems.append(
-                    describe_rows(
-                        df,
-                        off,
-                        f"probabilities do not sum to 1 (tolerance {SUM_TOLERANCE:g}; largest deviation {worst:.3g})",
-                    )
-                )
+    problems += _probability_values(df, probs)
     if "patient_id" in df.columns and "split" in df.columns:
         # a patient scored in one split and seen in another (validation picks the operating point) leaks
         ok = df["patient_id"].notna() & df["split"].notna()

@@ -18,9 +18,15 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.leaderboard.key import AnswerKey, hash_ids
+from bench.metrics import evaluate_predictions, get_metric
+from bench.metrics.compare import headline_split
+from bench.metrics.validate import ROW_NOTE, validate_probabilities
+from bench.runfolder import RUN_KEYS
 from bench.tasks import Task
 
 PARTS = ("public", "private")
+# The run keys the metric engine groups by: a hosted submission is scored as one model, trained once.
+HOSTED_RUN: dict[str, Any] = {"generator": "submission", "regime": "hosted", "seed": 0, "backbone": "hosted"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,28 +54,18 @@ def secret_ids(key: AnswerKey) -> set[str]:
     return set(key.df["case_id"].astype(str)) | set(key.df["patient_id"].astype(str))
 
 
-def check_probabilities(preds: pd.DataFrame, task: Task) -> list[str]:
-    problems = []
-    cols = [f"prob_{c}" for c in task.classes]
-    missing = [c for c in cols if c not in preds.columns]
-    if missing:
-        return [f"column(s) {missing} are missing (one prob_<class> column per class of task {task.name!r})"]
-    p = preds[cols].apply(pd.to_numeric, errors="coerce")
-    bad = p.isna().any(axis=1) | (p < 0).any(axis=1) | (p > 1).any(axis=1)
-    if bad.any():
-        problems.append(f"{int(bad.sum())} row(s) hold probabilities that are missing or outside [0, 1]")
-    sums = p.sum(axis=1)
-    off = ~bad & ((sums - 1).abs() > 1e-3)
-    if off.any():
-        problems.append(f"{int(off.sum())} row(s) have probabilities that do not sum to 1")
-    return problems
+def _one_run(preds: pd.DataFrame) -> pd.DataFrame:
+    # A hosted predictions file is one model: run keys it happens to carry would let several runs of the same
+    # cases through the key's coverage check, and they are replaced by HOSTED_RUN when scored.
+    return preds.drop(columns=[c for c in RUN_KEYS if c in preds.columns])
 
 
 def validate_predictions(key: AnswerKey, preds: pd.DataFrame, task: Task) -> list[str]:
     """Every problem of a predictions table: columns, probabilities, coverage of the key's cases."""
     if "case_id" not in preds.columns:
         return ["column 'case_id' is missing"]
-    problems = check_probabilities(preds, task) + key.cross_check(preds)
+    preds = _one_run(preds)
+    problems = validate_probabilities(preds, task.classes) + key.cross_check(preds)
     try:
         key.join(preds)
     except BadInput as e:
@@ -77,48 +73,66 @@ def validate_predictions(key: AnswerKey, preds: pd.DataFrame, task: Task) -> lis
     return problems
 
 
-def _score_frame(df: pd.DataFrame, task: Task, n_boot: int, seed: int) -> dict[str, Any]:
-    from bench.metrics.bootstrap import patient_weights, percentile_interval
-    from bench.metrics.core import get_metric
-    from bench.metrics.evaluate import positive_classes
-
+def _score_frame(df: pd.DataFrame, task: Task, split: str, n_boot: int, seed: int) -> dict[str, Any]:
     name = task.metrics.primary
-    metric = get_metric(name, task.classes).for_task(task.metrics)
-    probs = df[[f"prob_{c}" for c in task.classes]].astype(float).to_numpy()
-    if metric.target == "multiclass":
-        y = pd.Categorical(df["y_true"], categories=task.classes).codes.astype(np.int64)
-        score: Any = probs
-    else:
-        pos = positive_classes(task)
-        y = df["y_true"].isin(pos).to_numpy().astype(np.int64)
-        score = df[[f"prob_{c}" for c in pos]].astype(float).sum(axis=1).to_numpy()
-    value = metric(y, score)
-    patients, pidx = np.unique(df["patient_id"].astype(str).to_numpy(), return_inverse=True)
-    w = patient_weights(np.zeros(len(patients), dtype=np.int64), n_boot, seed)[:, pidx]
-    reps = metric.kernel(y, score)(w)
-    lo, hi, _ = percentile_interval(reps)
+    higher = bool(get_metric(name, task.classes).higher_is_better)
+    if not (df["split"] == split).any():  # a part without a case of the board's split has no score
+        return {
+            "metric": name,
+            "higher_is_better": higher,
+            "value": None,
+            "ci_low": None,
+            "ci_high": None,
+            "n_cases": 0,
+            "n_patients": 0,
+        }
+    # Permutation p-values and subgroup cells are not shown by the service; leaving them out does not change the
+    # overall rows, whose replicates depend only on the patients and their site x label strata.
+    table = evaluate_predictions(
+        df.assign(**{k: HOSTED_RUN[k] for k in RUN_KEYS}),
+        task,
+        n_boot=n_boot,
+        seed=seed,
+        n_perm=0,
+        subgroup_columns=[],
+        intersections=[],
+    )
+    r = table[(table["metric"] == name) & (table["scope"] == "overall") & (table["split"] == split)].iloc[0]
     return {
         "metric": name,
-        "higher_is_better": bool(metric.higher_is_better),
-        "value": None if np.isnan(value) else float(value),
-        "ci_low": None if np.isnan(lo) else float(lo),
-        "ci_high": None if np.isnan(hi) else float(hi),
-        "n_cases": int(len(df)),
-        "n_patients": int(len(patients)),
+        "higher_is_better": higher,
+        "value": _num(r["value"]),
+        "ci_low": _num(r["ci_low"]),
+        "ci_high": _num(r["ci_high"]),
+        "n_cases": int(r["n_cases"]),
+        "n_patients": int(r["n_patients"]),
     }
+
+
+def _num(x: Any) -> float | None:
+    f = float(x)
+    return None if np.isnan(f) else f
 
 
 def score_parts(
     key: AnswerKey, preds: pd.DataFrame, task: Task, *, n_boot: int, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """The task's primary metric with a patient bootstrap interval, on each part of the key."""
-    problems = check_probabilities(preds, task)
+    """The task's primary metric on each part of the key, as `bench.metrics.evaluate_predictions` scores it.
+
+    The value and interval are those of the metric table's overall row on the board's split: external when the key
+    holds external cases, else test (`bench.metrics.compare.headline_split`, as repository boards choose it). The
+    engine reports test and external separately and pools neither, and both parts are scored on the same split
+    so that public and private ranks measure the same thing.
+    """
+    preds = _one_run(preds)
+    problems = validate_probabilities(preds, task.classes)
     if problems:
-        raise BadInput(f"predictions: {len(problems)} problem(s)", problems)
+        raise BadInput(f"predictions: {len(problems)} problem(s) ({ROW_NOTE})", problems)
     key.join(preds)  # the whole key first: a missing case is named once, not once per part
+    split = headline_split(key.df)
     out = {}
     for part in PARTS:
         sub = key.part(part)
         mine = preds[preds["case_id"].astype(str).isin(set(sub.df["case_id"]))]
-        out[part] = _score_frame(sub.join(mine), task, n_boot, seed)
+        out[part] = _score_frame(sub.join(mine), task, split, n_boot, seed)
     return out
