@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -176,6 +178,27 @@ def test_quota_exceeded_is_429_with_retry_after(service):
     assert "quota" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
     other = add_team(config, "beta")  # quotas are per team
     assert submit(c, other, "predictions", "p.csv", data).status_code == 202
+
+
+def test_simultaneous_uploads_of_one_team_do_not_exceed_its_quota(service):
+    config, host, c = service
+    token = add_team(config, "alpha")
+    data = predictions_csv(config)
+    n = 12
+    # All start together, so that every upload passes the early check before the first is recorded.
+    start = threading.Barrier(n)
+
+    def send(_: int) -> int:
+        start.wait(timeout=30)
+        return submit(c, token, "predictions", "p.csv", data).status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(send, range(n)))
+    assert sorted(codes) == [202] * 3 + [429] * (n - 3), codes
+    with host.sessions() as s:
+        assert s.query(db.Submission).count() == 3
+    # A refused upload leaves no file behind.
+    assert len(list(host.uploads.iterdir())) == 3
 
 
 def _zip(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:

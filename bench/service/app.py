@@ -167,6 +167,17 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             details=sub.summary,
         )
 
+    def check_quota(s: Any, team_id: int) -> None:
+        lim = host.settings.limits
+        n, oldest = db.recent_submissions(s, team_id, db.now() - lim.quota_period_s)
+        if n >= lim.quota_submissions:
+            wait = max(1, math.ceil((oldest or db.now()) + lim.quota_period_s - db.now()))
+            raise HTTPException(
+                429,
+                f"quota reached: {lim.quota_submissions} submissions per {lim.quota_period_s:g} s; try again in {wait} s",
+                {"Retry-After": str(wait)},
+            )
+
     @app.get("/api/health")
     def health() -> dict[str, str]:
         db.ping(host.engine)
@@ -205,19 +216,14 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             part, phase = db.visible_part(s)
             if phase is not None and phase.closed_at is not None:
                 raise HTTPException(403, f"phase {phase.name!r} is closed: no submissions are accepted")
-            n, oldest = db.recent_submissions(s, t.id, db.now() - lim.quota_period_s)
-        if n >= lim.quota_submissions:
-            wait = max(1, math.ceil((oldest or db.now()) + lim.quota_period_s - db.now()))
-            raise HTTPException(
-                429,
-                f"quota reached: {lim.quota_submissions} submissions per {lim.quota_period_s:g} s; try again in {wait} s",
-                {"Retry-After": str(wait)},
-            )
+            # Refuses early, before the upload is read; the count that decides is taken again below, under the lock.
+            check_quota(s, t.id)
         sid = uuid.uuid4().hex
         ext = ".tar.gz" if filename.lower().endswith(".tar.gz") else Path(filename).suffix.lower()
         dest = host.uploads / f"{sid}{ext}"
         part_file = dest.with_name(f".part-{dest.name}")  # keeps the suffix the checks read
         h, size = hashlib.sha256(), 0
+        recorded = False
         try:
             with open(part_file, "wb") as f:
                 while block := file.file.read(_CHUNK):
@@ -241,8 +247,11 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
                     check_bundle(part_file, filename, lim.max_unpacked_bytes)
             except BadInput as e:
                 raise rename(e, part_file, filename) from None
-            part_file.replace(dest)
             with host.sessions() as s, s.begin():
+                db.lock_team(s, t.id)
+                check_quota(s, t.id)
+                # Before the commit: a worker may claim the job as soon as the row is visible.
+                part_file.replace(dest)
                 sub = db.Submission(
                     id=sid,
                     team_id=t.id,
@@ -257,11 +266,15 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
                     attempts=0,
                 )
                 s.add(sub)
+            recorded = True
             with host.sessions() as s:
                 return out(s, sub, t.name)
         except BaseException:
             with contextlib.suppress(OSError):
                 part_file.unlink()
+            if not recorded:
+                with contextlib.suppress(OSError):
+                    dest.unlink()
             raise
 
     @app.get("/api/submissions", responses=errors)

@@ -6,6 +6,9 @@ The queue: a worker claims a job by taking a lease (`lease_owner`, `lease_expire
 heartbeat while it works. A job whose lease expired (its worker was killed) is claimed again by the next worker.
 The result is written only if the writer still holds the lease, in the same transaction that stores the scores, and
 scores are unique per (submission, part): a job is scored once however often it is retried.
+
+A team's quota is counted and its submission inserted in one transaction that holds the team (`lock_team`):
+simultaneous uploads of one team are recorded one after the other, each counting those before it.
 """
 
 from __future__ import annotations
@@ -209,6 +212,21 @@ def recent_submissions(s: Session, team_id: int, since: float) -> tuple[int, flo
         )
     ).one()
     return int(n), oldest
+
+
+def lock_team(s: Session, team_id: int) -> None:
+    """Hold the team until `s`'s transaction ends, so that its quota count and the insert that follows are one step.
+
+    Call it first in the transaction: a concurrent upload of the same team waits here until this one commits, and
+    then counts it.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        # Under READ COMMITTED the count after the lock is a new snapshot: it sees the upload that held the lock.
+        s.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+        return
+    # SQLite has no row locks, and a transaction that reads first takes the write lock only at its first write,
+    # after its count. A write to the team row takes the database's write lock now, before the count.
+    s.execute(update(Team).where(Team.id == team_id).values(name=Team.name))
 
 
 # -- the queue -------------------------------------------------------------------------------------------------------
