@@ -70,6 +70,8 @@ def choose_wait_policy() -> str:
     OpenMP has read its settings and nothing is changed. Where the load cannot be read, threads sleep (the choice
     that never collapses)."""
     key, value = WAIT_POLICY
+    if "policy" in _chosen:  # decided once per process: the demo calls the command line once per stage
+        return _chosen["policy"]
     if key in os.environ:
         return _chosen.setdefault("policy", f"{os.environ[key]} (from the environment)")
     if "torch" in sys.modules:

@@ -71,7 +71,7 @@ def _sorted(t: pd.DataFrame) -> pd.DataFrame:
 
 # float32 kernels are not bitwise the same on every CPU (oneDNN picks them by instruction set): predictions of the
 # same code agree to about 1e-7 between machines, while any change of what is computed moves them by far more.
-ATOL = {"predictions": 1e-5, "metrics": 1e-5, "comparisons": 1e-5}
+ATOL = 1e-5
 
 
 def _compare(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
@@ -88,7 +88,7 @@ def _compare(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
                 got[c].to_numpy(float),
                 want[c].to_numpy(float),
                 rtol=0,
-                atol=ATOL[what],
+                atol=ATOL,
                 err_msg=f"{what}: {c}",
             )
         else:
