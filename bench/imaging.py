@@ -18,6 +18,12 @@ Intensity rules (what becomes [0, 1] before quantizing to uint8):
   once per process and kept (the last few stacks, keyed by file, size and mtime); each image is then a slice,
   handled like a single NPZ array.
 
+A task with `image.crop_mm` keeps a centred square of that many millimetres of the patient before resizing: the
+pixel spacing (DICOM PixelSpacing, row then column; an NPZ's `spacing` array) says how many pixels that is, and an
+image in modality units without one is refused under such a task. A field of view smaller than the crop is used
+whole. Display images (PNG / JPEG, 8-bit arrays) are not cropped: they are what a generator wrote at the task's
+field of view.
+
 Images are resized to S x S with an antialiased bilinear filter (aspect ratio is not kept) and quantized to uint8.
 
 The cache is keyed by the manifest's content hash, its image folder, each image file's size and mtime, the
@@ -162,10 +168,13 @@ class PreprocessSpec:
     intensity: str = "uint8"  # ct_window | minmax | uint8
     center: float | None = None
     width: float | None = None
+    crop_mm: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
             raise BadInput(f"image size must be a positive integer, got {self.size!r}")
+        if self.crop_mm is not None and not (np.isfinite(self.crop_mm) and self.crop_mm > 0):
+            raise BadInput(f"image crop_mm must be a positive number of millimetres, got {self.crop_mm!r}")
         if self.channels not in (1, 3):
             raise BadInput(f"image channels must be 1 or 3, got {self.channels!r}")
         if self.intensity not in ("ct_window", "minmax", "uint8"):
@@ -195,11 +204,15 @@ class PreprocessSpec:
             intensity=it.kind,
             center=float(it.center) if ct else None,
             width=float(it.width) if ct else None,
+            crop_mm=float(img.crop_mm) if img.crop_mm is not None else None,
         )
 
     def key(self) -> str:
         """A stable JSON string naming the spec (part of the cache key)."""
-        return json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        d = asdict(self)
+        if d["crop_mm"] is None:
+            del d["crop_mm"]  # specs without a crop keep the keys their caches were written under
+        return json.dumps({"format": FORMAT_VERSION, **d}, sort_keys=True, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,6 +225,8 @@ class _Raw:
     hu: bool  # values are in modality units (HU for CT): windowed by ct_window
     invert: bool = False  # MONOCHROME1: minimum displays white
     bits: int | None = None  # for display images: the bit depth their maximum corresponds to
+    spacing: tuple[float, float] | None = None  # mm per pixel, rows then columns
+    spacing_error: str | None = None  # why a spacing the file states cannot be used (raised only if needed)
 
 
 def _sniff(path: Path) -> str:
@@ -329,7 +344,33 @@ def _read_dicom(path: Path) -> _Raw:
         return _Raw(arr, hu=False, bits=bits)
     if arr.ndim != 2:
         raise Unreadable(f"unexpected DICOM pixel array shape {arr.shape}")
-    return _Raw(_modality_values(ds, arr), hu=True, invert=photometric == "MONOCHROME1")
+    spacing, problem = _pixel_spacing(ds.get("PixelSpacing", None), "PixelSpacing (0028,0030)")
+    return _Raw(
+        _modality_values(ds, arr),
+        hu=True,
+        invert=photometric == "MONOCHROME1",
+        spacing=spacing,
+        spacing_error=problem,
+    )
+
+
+def _pixel_spacing(value: Any, field: str) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, column) spacing in mm from a DICOM PixelSpacing or an NPZ `spacing` array (one value: square
+    pixels), or the reason it cannot be used."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    shown = (
+        value.tolist() if isinstance(value, np.ndarray) else list(value) if isinstance(value, list) else value
+    )
+    try:
+        vals = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=object)).ravel()]
+    except (TypeError, ValueError):
+        return None, f"{field} {shown!r} is not numeric"
+    if len(vals) == 1:
+        vals *= 2
+    if len(vals) != 2 or not all(np.isfinite(v) and v > 0 for v in vals):
+        return None, f"{field} {shown!r} is not one or two positive numbers of millimetres"
+    return (vals[0], vals[1]), None
 
 
 def _read_pil(path: Path, kind: str) -> _Raw:
@@ -356,7 +397,7 @@ def _read_pil(path: Path, kind: str) -> _Raw:
 
 
 def _read_numpy(path: Path, kind: str) -> _Raw:
-    units = None
+    units, spacing = None, None
     try:
         if kind == "npy":
             arr = np.load(path, allow_pickle=False)
@@ -365,7 +406,9 @@ def _read_numpy(path: Path, kind: str) -> _Raw:
                 keys = list(z.files)
                 if "units" in keys:
                     units = str(z["units"]).strip()
-                arrays = [k for k in keys if k != "units"]
+                if "spacing" in keys:
+                    spacing = z["spacing"]
+                arrays = [k for k in keys if k not in ("units", "spacing")]
                 if "image" in keys:
                     arr = z["image"]
                 elif len(arrays) == 1:
@@ -378,7 +421,9 @@ def _read_numpy(path: Path, kind: str) -> _Raw:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise Unreadable(f"corrupt NPZ/NPY file: {e}") from e
-    return _numpy_raw(arr, units)
+    raw = _numpy_raw(arr, units)
+    raw.spacing, raw.spacing_error = _pixel_spacing(spacing, "array 'spacing'")
+    return raw
 
 
 def _numpy_raw(arr: np.ndarray, units: str | None) -> _Raw:
@@ -522,8 +567,29 @@ def quantize(x: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _crop(raw: _Raw, crop_mm: float) -> np.ndarray:
+    """The centred crop_mm x crop_mm square of an image in modality units."""
+    if raw.spacing_error:
+        raise Unreadable(f"the task crops {crop_mm:g} mm, but {raw.spacing_error}")
+    if raw.spacing is None:
+        raise Unreadable(
+            f"the task crops {crop_mm:g} mm around the centre, so an image in modality units needs its pixel "
+            "spacing (DICOM PixelSpacing, or a 'spacing' array in the NPZ), and this one has none"
+        )
+    a = raw.array
+    out = []
+    for axis, mm in enumerate(raw.spacing):
+        n = a.shape[axis]
+        keep = min(n, max(1, int(round(crop_mm / mm))))
+        start = (n - keep) // 2
+        out.append(slice(start, start + keep))
+    return a[out[0], out[1]]
+
+
 def _load(path: Path, spec: PreprocessSpec) -> np.ndarray:
     raw = _read_raw(path)
+    if spec.crop_mm is not None and raw.hu:
+        raw.array = _crop(raw, spec.crop_mm)
     x = _to_channels(_to_unit(raw, spec), spec.channels)
     return quantize(_resize(x, spec.size))
 

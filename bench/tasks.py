@@ -40,6 +40,13 @@ class ImageSpec(Strict):
     channels: Literal[1, 3] = 1
     presets: dict[str, int] = Field(default_factory=dict, description="named sizes, e.g. cpu: 64, gpu: 224")
     intensity: Intensity = Intensity()
+    crop_mm: float | None = Field(
+        None,
+        gt=0,
+        le=2000,
+        description="centre crop of this many mm on a side (from the pixel spacing) before resizing; applies to "
+        "images in modality units (DICOM, NPZ in HU), which must then carry their pixel spacing",
+    )
 
     def size_for(self, preset: str | None) -> int:
         if preset and preset in self.presets:

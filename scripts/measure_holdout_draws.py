@@ -26,6 +26,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.demo import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "tasks" / "mediastinal-neoplasm"
 
@@ -62,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per run")
-    ap.add_argument("--patients", type=int, default=700, help="phantom patients (the cpu demo's 700)")
+    cpu = PRESETS["cpu"]
+    ap.add_argument("--patients", type=int, default=cpu.patients, help="phantom patients (the cpu demo's)")
     ap.add_argument("--preset", default=str(ROOT / "configs" / "presets" / "demo.yaml"))
     ap.add_argument("--size", type=int, default=32, help="image size of the control's export (the preset's)")
     ap.add_argument("--workers", type=int, default=2)
@@ -72,8 +75,8 @@ def main() -> None:
         work = args.work or Path(tmp)
         phantom = work / "phantom"
         if not phantom.exists():
-            cli("data", "phantom", "--out", str(phantom), "--patients", str(args.patients), "--slices", "2",
-                "--size", "64", "--seed", "0")  # fmt: skip
+            cli("data", "phantom", "--out", str(phantom), "--patients", str(args.patients),
+                "--slices", str(cpu.slices), "--size", str(cpu.phantom_size), "--seed", "0")  # fmt: skip
         rows = []
         for k in args.split_seeds:
             ratios = one_draw(work, phantom, k, args)

@@ -160,3 +160,31 @@ def test_folder_csv_not_utf8(tmp_path, tiny_task_path, folder_data, capsys):
     assert _manifest(tiny_task_path, folder_data, out) == 2
     err = capsys.readouterr().err
     assert "labels.csv" in err and "utf-8" in err.lower() and not out.exists()
+
+
+def test_ct_without_pixel_spacing_under_a_cropping_task_exit_2_names_the_file(tmp_path, capsys):
+    """The mediastinal task crops 280 mm, which needs each series' PixelSpacing: a file without it stops the image
+    cache with exit 2 naming the file and the field, and the generator's output folder is never made."""
+    import pydicom
+
+    from bench.phantom import write_phantom
+
+    root = tmp_path / "export"
+    write_phantom(root, patients=120, slices=2, size=32, seed=0, workers=1)
+    real = tmp_path / "real.parquet"
+    args = ["data", "manifest", "--task", "mediastinal-neoplasm", "--root", str(root), "--out", str(real)]
+    assert main(args) == 0
+    from bench.manifest import read_manifest
+
+    m = read_manifest(real)
+    victim = m.image_paths()[int(np.flatnonzero((m.df["split"] == "train").to_numpy())[0])]
+    ds = pydicom.dcmread(victim)
+    del ds.PixelSpacing
+    ds.save_as(victim, enforce_file_format=True)
+    capsys.readouterr()
+    out = tmp_path / "copycat"
+    gen = ["generate", "--task", "mediastinal-neoplasm", "--generator", "copycat", "--real", str(real)]
+    assert main([*gen, "--out", str(out), "--size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert str(victim.relative_to(root)) in err and "PixelSpacing" in err and "crops 280 mm" in err, err
+    assert not out.exists()

@@ -142,12 +142,10 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
         & (cmp.metric == "auroc_macro")
         & (cmp.scope == "overall")
     ].set_index("split")
-    # Measured on this preset on two machines (float32 kernels differ between CPUs): internal test -0.042
-    # [-0.092, 0.009] and -0.037 [-0.089, 0.014]; external -0.050 [-0.110, 0.006] and -0.012 [-0.063, 0.033]. At
-    # this scale the interval reaches 0 and the external point estimate moves with the machine, so what is asserted
-    # is the internal shortfall and that the crude generator is never significantly better than real data.
-    assert pca.loc["test", "diff"] < -0.02, pca.loc["test"].to_dict()
-    assert pca.loc["external", "ci_low"] < 0 and pca.loc["test", "ci_low"] < 0, pca.to_dict()
+    # Task 3.0.0 (the 280 mm crop) measured -0.082 [-0.144, -0.024] external and -0.142 [-0.193, -0.096] internal;
+    # task 2.0.0, without the crop, left the interval reaching 0 on every machine tried.
+    for split in ("external", "test"):
+        assert pca.loc[split, "ci_high"] < 0, (split, pca.loc[split].to_dict())
     # Stage timings and the threads they ran with are kept.
     assert summary["seconds"] >= sum(summary["stages"].values()) - 1
     assert summary["threads"]["cores"] >= 1 and summary["threads"]["run_threads_per_worker"] >= 1

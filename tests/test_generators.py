@@ -114,7 +114,7 @@ def test_train_manifest_and_card(env, copycat):
     assert card.training.patients == sorted(hash_id(p) for p in exp["patient_id"].unique())
     assert card.training.n_images == len(exp)
     assert card.samples_per_class == {c: int((exp["label"] == c).sum()) for c in env["task"].classes}
-    assert card.config["noise_std"] == 2.0 and card.config["max_shift"] == 1
+    assert card.config["noise_std"] == 2.0 and card.config["max_shift"] == 0  # the tiny preset
     text = (copycat / "card.yaml").read_text()
     assert not any(str(p) in text for p in exp["patient_id"]), "raw patient ids in the card"
 

@@ -206,6 +206,91 @@ def test_npz_rules(tmp_path):
         load_image(tmp_path / "nan.npz", spec())
 
 
+# ---------------------------------------------------------------------------------------------------- crop
+
+
+def _crop_spec(crop_mm, size=4) -> PreprocessSpec:
+    return PreprocessSpec(size=size, intensity="ct_window", center=0, width=1000, crop_mm=crop_mm)
+
+
+def _ct_with_spacing(path: Path, stored: np.ndarray, spacing) -> Path:
+    write_ct(path, stored, intercept=0.0)
+    ds = pydicom.dcmread(path)
+    if spacing is None:
+        del ds.PixelSpacing
+    else:
+        ds.PixelSpacing = spacing
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_crop_keeps_the_centred_millimetres_of_each_axis(tmp_path):
+    """12 x 8 pixels of 2 mm rows and 4 mm columns: a 16 mm crop keeps the central 8 rows and 4 columns."""
+    hu = np.full((12, 8), -500, dtype=np.int16)
+    hu[2:10, 2:6] = 500  # exactly the region a 16 mm crop keeps
+    f = _ct_with_spacing(tmp_path / "a.dcm", hu, [2.0, 4.0])
+    out = load_image(f, _crop_spec(16.0, size=4))
+    assert out.shape == (1, 4, 4) and (out == 255).all()
+    # Without the crop the -500 HU frame is resized in.
+    assert (load_image(f, _crop_spec(None, size=4)) < 255).any()
+    # A field of view smaller than the crop is used whole.
+    np.testing.assert_array_equal(load_image(f, _crop_spec(500.0)), load_image(f, _crop_spec(None)))
+
+
+def test_crop_hand_worked_odd_margin(tmp_path):
+    """7 pixels of 1 mm, crop 3 mm: rows and columns 2..4 (the remainder of (7 - 3) / 2 goes to neither side)."""
+    hu = np.arange(49, dtype=np.int16).reshape(7, 7) * 10
+    f = _ct_with_spacing(tmp_path / "b.dcm", hu, [1.0, 1.0])
+    got = load_image(f, PreprocessSpec(size=3, intensity="ct_window", center=250, width=500, crop_mm=3.0))[0]
+    want = np.floor(np.clip(hu[2:5, 2:5] / 500.0, 0, 1) * 255 + 0.5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_crop_needs_a_usable_pixel_spacing(tmp_path):
+    hu = np.zeros((8, 8), dtype=np.int16)
+    none = _ct_with_spacing(tmp_path / "nospacing.dcm", hu, None)
+    with pytest.raises(BadInput, match=r"nospacing\.dcm: the task crops 100 mm.*PixelSpacing.*has none"):
+        load_image(none, _crop_spec(100.0))
+    load_image(none, _crop_spec(None))  # no crop: no spacing needed
+    np.savez(tmp_path / "three.npz", image=hu, units="HU", spacing=np.array([1.0, 1.0, 2.0]))
+    with pytest.raises(
+        BadInput, match=r"three\.npz: .*\[1\.0, 1\.0, 2\.0\] is not one or two positive numbers"
+    ):
+        load_image(tmp_path / "three.npz", _crop_spec(100.0))
+    bad = _ct_with_spacing(tmp_path / "zero.dcm", hu, [0.0, 0.7])
+    with pytest.raises(BadInput, match=r"zero\.dcm: the task crops 100 mm, but PixelSpacing \(0028,0030\)"):
+        load_image(bad, _crop_spec(100.0))
+    np.savez(tmp_path / "hu.npz", image=hu, units="HU")
+    with pytest.raises(BadInput, match=r"hu\.npz: the task crops.*'spacing' array"):
+        load_image(tmp_path / "hu.npz", _crop_spec(100.0))
+    np.savez(tmp_path / "text.npz", image=hu, units="HU", spacing=np.array(["wide"]))
+    with pytest.raises(
+        BadInput, match=r"text\.npz: the task crops 100 mm, but array 'spacing' \['wide'\] is not numeric"
+    ):
+        load_image(tmp_path / "text.npz", _crop_spec(100.0))
+
+
+def test_npz_spacing_and_display_images_under_a_crop(tmp_path):
+    hu = np.full((10, 10), -500, dtype=np.float32)
+    hu[3:7, 3:7] = 500
+    np.savez(tmp_path / "sq.npz", image=hu, units="HU", spacing=np.array(2.5))  # one value: square pixels
+    assert (load_image(tmp_path / "sq.npz", _crop_spec(10.0))[0] == 255).all()
+    # A display image is what a generator wrote at the task's field of view: never cropped again.
+    png = (np.indices((8, 8)).sum(0) * 16).astype(np.uint8)
+    Image.fromarray(png).save(tmp_path / "g.png")
+    s = PreprocessSpec(size=8, crop_mm=1.0)
+    np.testing.assert_array_equal(load_image(tmp_path / "g.png", s)[0], png)
+
+
+def test_crop_is_part_of_the_cache_key_and_validated():
+    base = PreprocessSpec(size=8)
+    assert "crop_mm" not in base.key()  # caches written before crops existed keep their keys
+    assert PreprocessSpec(size=8, crop_mm=280.0).key() != base.key()
+    for bad in (0.0, -5.0, float("nan")):
+        with pytest.raises(BadInput, match="crop_mm"):
+            PreprocessSpec(size=8, crop_mm=bad)
+
+
 def test_resize_is_antialiased_and_keeps_constants(tmp_path):
     checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
     Image.fromarray(checker).save(tmp_path / "ch.png")

@@ -237,6 +237,25 @@ def test_cached_scores_are_used_only_for_the_same_inputs(built, tmp_path, monkey
     assert main(["leaderboard", "build", str(board)]) == 2
 
 
+def test_a_build_after_submit_reuses_its_scores_and_agrees_without_them(tmp_path, monkeypatch):
+    """`submit` leaves its scores where `build` looks, so the build that follows recomputes nothing; with that
+    cache gone, the build recomputes every record and agrees with what submit stored."""
+    import importlib
+
+    build_mod = importlib.import_module("bench.leaderboard.build")
+    monkeypatch.setenv("MEDSYNBENCH_CACHE", str(tmp_path / "cache"))
+    run, board = _small(tmp_path, {"weak": 0.3})
+    assert main(["submit", str(run), "--leaderboard", str(board)]) == 0
+    calls = []
+    real = build_mod.score_submission
+    monkeypatch.setattr(build_mod, "score_submission", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["leaderboard", "build", str(board)]) == 0
+    assert calls == []
+    build_mod._cache_file().unlink()
+    assert main(["leaderboard", "build", str(board)]) == 0
+    assert len(calls) == len(list((board / "records").glob("*.json"))) == 2
+
+
 def test_pages_and_records_are_world_readable(built):
     board = built[1]
     for p in [

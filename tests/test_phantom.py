@@ -179,6 +179,27 @@ def test_lesion_classes_share_first_order_statistics():
     assert max(row.values()) - min(row.values()) < 15, row  # of 128 rows
 
 
+def test_the_task_crop_holds_every_lesion():
+    """The task keeps the central `crop_mm` of each image; no lesion pixel of any class or site may fall outside."""
+    crop = load_task("mediastinal-neoplasm").image.crop_mm
+    assert crop is not None
+    farthest, seen = 0.0, set()
+    for i in range(300):
+        p = plan_patient(0, i)
+        if p.label == "normal":
+            continue
+        _, geo = render_patient(p, 2, 64, 0)
+        rows, cols = np.nonzero(geo["lesion"].any(axis=0))
+        c = (64 - 1) / 2
+        # Pixel centres, plus half a pixel: the farthest edge of a lesion pixel.
+        far = (max(np.abs(rows - c).max(), np.abs(cols - c).max()) + 0.5) * geo["spacing"]
+        farthest = max(farthest, far)
+        seen.add((p.label, p.site))
+    assert {lab for lab, _ in seen} == set(CLASSES[1:]) and {s for _, s in seen} == set(SITE_BY_NAME)
+    assert farthest <= crop / 2, (farthest, crop)
+    assert farthest > 0.4 * crop, farthest  # and the crop is not needlessly wide
+
+
 def test_normal_anatomy_hu():
     p = next(plan_patient(0, i) for i in range(100) if plan_patient(0, i).label == "normal")
     hu, geo = render_patient(p, 1, 256, 0)

@@ -13,7 +13,7 @@ from bench.generators import Control, ControlCheck, Generator, register_generato
 
 @register_generator("copycat")
 class Copycat(Generator):
-    version = "1.0"
+    version = "1.1"
     control = Control(
         "negative",
         "copies of the training images carry no information beyond the real data, and no privacy",
@@ -24,8 +24,11 @@ class Copycat(Generator):
             ControlCheck("privacy_flagged", None, "privacy audit: flagged as memorizing"),
         ),
     )
-    # noise_std in gray levels (0-255); max_shift in pixels along each axis.
-    presets = {"tiny": {"noise_std": 2.0, "max_shift": 1}, "full": {"noise_std": 2.0, "max_shift": 1}}
+    # noise_std in gray levels (0-255); max_shift in pixels along each axis. The noise alone keeps a copy from being
+    # byte-identical. tiny does not shift: at the CPU sizes (32 px of a 280 mm crop) one pixel is about 9 mm, and
+    # copies shifted by it trailed real data by 0.05 external macro AUROC on the cpu demo (4 seeds; unshifted
+    # copies tied), which a control for "no information beyond the real data" must not do.
+    presets = {"tiny": {"noise_std": 2.0, "max_shift": 0}, "full": {"noise_std": 2.0, "max_shift": 1}}
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
         self._by_class = {c: images[labels == c] for c in range(num_classes)}

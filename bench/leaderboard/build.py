@@ -104,6 +104,38 @@ def score_key(record: dict[str, Any], key_sha: str, settings: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def _write_cache(cache: dict[str, Any], fresh: dict[str, Any]) -> None:
+    if fresh.keys() - cache.keys():
+        # A cache that cannot be written only makes the next build slower.
+        with contextlib.suppress(OSError):
+            write_json(_cache_file(), {**cache, **fresh})
+
+
+def _settings(cfg: LeaderboardConfig, task: Task) -> dict[str, Any]:
+    return {
+        "primary": cfg.primary_metric or task.metrics.primary,
+        "n_boot": cfg.bootstrap.n,
+        "seed": cfg.bootstrap.seed,
+    }
+
+
+def remember_scores(cfg: LeaderboardConfig, task: Task, records: list[dict[str, Any]]) -> None:
+    """Put the scores `submit` just computed for `records` (written to the board) where `build` looks first: they
+    are the same function of the same predictions, key and settings, so the next build need not recompute them. A
+    build on another machine, without this cache, recomputes every number."""
+    assert cfg.answer_key is not None
+    key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
+    settings = _settings(cfg, task)
+    fresh = {
+        score_key(r, key_sha, settings): {
+            "metrics": json.loads(json.dumps(r["metrics"])),
+            "split": r["evaluation"]["split"],
+        }
+        for r in records
+    }
+    _write_cache(_read_cache(), fresh)
+
+
 def differences(stored: Any, fresh: Any, where: str = "metrics") -> list[str]:
     """Places where a record's stored numbers differ from the re-computed ones."""
     if isinstance(stored, dict) and isinstance(fresh, dict):
@@ -141,9 +173,8 @@ def verify_records(
 ) -> dict[str, pd.DataFrame]:
     """Re-score every record from its stored predictions joined to the answer key; BadInput names each record
     whose stored numbers, settings or predictions do not agree. Returns the joined tables."""
-    primary = cfg.primary_metric or task.metrics.primary
-    n_boot, seed = cfg.bootstrap.n, cfg.bootstrap.seed
-    settings = {"primary": primary, "n_boot": n_boot, "seed": seed}
+    settings = _settings(cfg, task)
+    primary, n_boot, seed = settings["primary"], settings["n_boot"], settings["seed"]
     assert cfg.answer_key is not None
     key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
     cache, fresh_cache = _read_cache(), {}
@@ -200,10 +231,7 @@ def verify_records(
             )
             continue
         joined[rid] = j
-    if fresh_cache.keys() - cache.keys():
-        # A cache that cannot be written only makes the next build slower.
-        with contextlib.suppress(OSError):
-            write_json(_cache_file(), {**cache, **fresh_cache})
+    _write_cache(cache, fresh_cache)
     if problems:
         raise BadInput(
             f"{cfg.folder}: leaderboard not built: {len(problems)} problem(s) with the records (pages unchanged)",

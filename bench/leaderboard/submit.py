@@ -26,6 +26,7 @@ from bench.errors import BadInput
 from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
+from bench.leaderboard.build import remember_scores
 from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
 from bench.leaderboard.key import AnswerKey, hash_ids
@@ -766,4 +767,6 @@ def submit(
         check_record({**rec, "id": "dry-run-00000000"}, f"record for {rec['generator']['name']}")
     if dry_run:
         return [rec for rec, _ in scored]
-    return write_records(cfg, scored)
+    done = write_records(cfg, scored)
+    remember_scores(cfg, sub.task, done)
+    return done
