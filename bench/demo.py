@@ -60,7 +60,8 @@ PRESETS = {
     # 128 px: the task's 280 mm crop then still covers 70-110 pixels, so shrinking it to 32 averages the noise down
     # as it does for a real 512 px series (from a 64 px export the external hospitals' noise passes almost as is).
     "cpu": DemoPreset("cpu", 700, 2, 128, "demo", 32, "demo", "tiny", 500, workers=2),
-    "gpu": DemoPreset("gpu", 1000, 5, 256, "gpu", None, "default", "full", 1000),
+    # 384 px: the 280 mm crop covers 215-326 pixels, so it reaches the 224 px training size without stretching.
+    "gpu": DemoPreset("gpu", 1000, 5, 384, "gpu", None, "default", "full", 1000),
 }
 
 

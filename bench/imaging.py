@@ -344,7 +344,11 @@ def _read_dicom(path: Path) -> _Raw:
         return _Raw(arr, hu=False, bits=bits)
     if arr.ndim != 2:
         raise Unreadable(f"unexpected DICOM pixel array shape {arr.shape}")
-    spacing, problem = _pixel_spacing(ds.get("PixelSpacing", None), "PixelSpacing (0028,0030)")
+    field = "PixelSpacing (0028,0030)"
+    try:
+        spacing, problem = _pixel_spacing(ds.get("PixelSpacing", None), field)
+    except Exception as e:  # noqa: BLE001 - a strict pydicom raises on a malformed DS; it matters only to a crop
+        spacing, problem = None, f"{field} cannot be read ({e})"
     return _Raw(
         _modality_values(ds, arr),
         hu=True,

@@ -1,22 +1,26 @@
 """Regenerate the seeded records of leaderboards/mediastinal-neoplasm with the suite's own commands.
 
-    phantom -> real manifest -> answer key -> generate copycat / pca-gmm / ddpm -> run (the leaderboard's
-    protocol) -> privacy audit per generator -> submit -> leaderboard build
+    medsynbench demo --preset P (phantom -> manifest -> generators and controls -> run -> fidelity -> privacy ->
+    evaluate with controls) -> leaderboard key -> submit the demo's run -> leaderboard build
 
 Usage:
-    python scripts/seed_leaderboard.py [--work DIR] [--preset cpu|gpu|smoke] [--patients N] [--pin] [--replace]
+    python scripts/seed_leaderboard.py [--work DIR] [--preset cpu|gpu|smoke] [--pin] [--replace]
     python scripts/seed_leaderboard.py --migrate [--board DIR]
 
-The answer key (answer_key.parquet, its sha256 in leaderboard.yaml) is written from the phantom's real manifest
-with `medsynbench leaderboard key`; it holds the evaluation labels and is committed because the phantom is public.
-`--migrate` converts a board seeded before answer keys existed, without re-running anything: the key is taken
-from the real-only reference record's stored predictions (the host's own run), every record's predictions are
-joined to it and re-scored, and a record whose numbers change (beyond the fields older records lack) stops it.
+The board holds what `medsynbench demo` measures at the preset (default: gpu with CUDA, else cpu): the same
+phantom, protocol, reference generators and controls, so its page and the demo's agree. `submit` refuses the
+run if a control of its reference fails. The answer key (answer_key.parquet, its sha256 in leaderboard.yaml) is
+written from the demo's real manifest with `medsynbench leaderboard key`; it holds the evaluation labels and is
+committed because the phantom is public. `--migrate` converts a board seeded before answer keys existed, without
+re-running anything: the key is taken from the real-only reference record's stored predictions (the host's own
+run), every record's predictions are joined to it and re-scored, and a record whose numbers change (beyond the
+fields older records lack) stops it.
 
 `--replace` removes the current records and predictions first (put back if anything fails), so the folder holds
 exactly the reference generators and the real-only reference afterwards. `--pin` writes the reference run's task
-definition, real manifest and evaluation case set into leaderboard.yaml, so later submissions must match them.
-Every step is a `medsynbench` command; a step that fails stops the script with that command's exit code.
+version and definition, real manifest and evaluation case set into leaderboard.yaml, so later submissions must
+match them. Every step is a `medsynbench` command; a step that fails stops the script with that command's exit
+code.
 """
 
 from __future__ import annotations
@@ -36,11 +40,7 @@ BOARD = ROOT / "leaderboards" / "mediastinal-neoplasm"
 TASK = "mediastinal-neoplasm"
 GENERATORS = ["copycat", "pca-gmm", "ddpm"]
 COMMANDS = [
-    ["data", "phantom"],
-    ["data", "manifest"],
-    ["generate"],
-    ["run"],
-    ["privacy"],
+    ["demo"],
     ["submit"],
     ["leaderboard", "key"],
     ["leaderboard", "build"],
@@ -74,7 +74,8 @@ def pin(board: Path, run: Path) -> None:
     from bench.tasks import load_task
 
     run_dir = RunDir(run)
-    spec = task_spec_sha256(load_task(run_dir.task_file))
+    task = load_task(run_dir.task_file)
+    spec = task_spec_sha256(task)
     real_ref = run_dir.matrix().real_manifest()
     real = real_ref.sha256 if real_ref is not None else None
     ids: set[str] = set()
@@ -83,13 +84,16 @@ def pin(board: Path, run: Path) -> None:
         ids |= set(df.loc[df["split"].isin(SCORED_SPLITS), "case_id"].astype(str))
     path = board / "leaderboard.yaml"
     text = path.read_text()
+    text = re.sub(r"(?m)^(  version:).*$", rf'\1 "{task.version}"', text, count=1)
     text = re.sub(r"(?m)^(  spec_sha256:).*$", rf"\1 {spec}", text)
     text = re.sub(r"(?m)^(    real:).*$", rf"\1 {real}", text)
     text = re.sub(r"(?m)^(  eval_cases_sha256:).*$", rf"\1 {eval_cases_sha256(sorted(ids))}", text)
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-    print(f"pinned task spec {spec[:12]}..., real manifest {real[:12]}..., {len(ids)} evaluation cases")
+    print(
+        f"pinned task {task.version}, spec {spec[:12]}..., real manifest {real[:12]}..., {len(ids)} evaluation cases"
+    )
 
 
 def migrate(board: Path) -> None:
@@ -148,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--board", type=Path, default=BOARD)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed afterwards)")
-    ap.add_argument("--preset", default=None, help="training preset (default: gpu with CUDA, else cpu)")
-    ap.add_argument("--patients", type=int, default=400, help="phantom patients (the task's default: 400)")
-    ap.add_argument("--generators", default=",".join(GENERATORS))
-    ap.add_argument("--generator-config", default=None, help="generator preset: tiny (CPU) or full (GPU)")
+    ap.add_argument("--preset", default=None, help="demo preset: cpu, gpu or smoke (default: gpu with CUDA)")
     ap.add_argument("--pin", action="store_true", help="pin the reference run's hashes in leaderboard.yaml")
     ap.add_argument("--replace", action="store_true", help="replace the current records")
     ap.add_argument("--submitter", default="medsynbench reference")
@@ -168,85 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"cannot seed yet: missing command(s): {', '.join(missing)}", file=sys.stderr)
         return 2
-    gens = [g.strip() for g in args.generators.split(",") if g.strip()]
     work = args.work or Path(tempfile.mkdtemp(prefix="medsynbench-seed-"))
     work.mkdir(parents=True, exist_ok=True)
     board = args.board.resolve()
-    real = work / "real.parquet"
-    run = work / "run"
-    protocol_regimes = "real,synthetic,augment:1,scarce:0.25,scarce:0.25+synthetic"
+    demo = work / "demo"
+    real = demo / "data" / "manifest.parquet"
+    run = demo / "run"
     try:
-        if not (work / "phantom" / "labels.csv").is_file():
-            sh(
-                "data",
-                "phantom",
-                "--out",
-                str(work / "phantom"),
-                "--patients",
-                str(args.patients),
-                "--seed",
-                "0",
-            )
-        if not real.is_file():
-            sh("data", "manifest", "--task", TASK, "--root", str(work / "phantom"), "--out", str(real))
-        for g in gens:
-            out = work / "gen" / g
-            if not (out / "manifest.parquet").is_file():
-                extra = ["--config", args.generator_config] if args.generator_config else []
-                sh(
-                    "generate",
-                    "--task",
-                    TASK,
-                    "--generator",
-                    g,
-                    "--real",
-                    str(real),
-                    "--out",
-                    str(out),
-                    "--seed",
-                    "0",
-                    "--overwrite",
-                    *extra,
-                )
-        preset = ["--preset", args.preset] if args.preset else []
-        syn = [a for g in gens for a in ("--synthetic", f"{g}={work / 'gen' / g / 'manifest.parquet'}")]
-        sh(
-            "run",
-            "--task",
-            TASK,
-            "--real",
-            str(real),
-            *syn,
-            "--out",
-            str(run),
-            "--regimes",
-            protocol_regimes,
-            "--seeds",
-            "0,1",
-            "--backbone",
-            "resnet10t",
-            *preset,
-            "--wandb",
-            "disabled",
-            "--quiet",
-        )
-        for g in gens:
-            gdir = work / "gen" / g
-            sh(
-                "privacy",
-                "--task",
-                TASK,
-                "--synthetic",
-                str(gdir / "manifest.parquet"),
-                "--train",
-                str(gdir / "train_manifest.parquet"),
-                "--holdout",
-                str(real),
-                "--test",
-                str(real),
-                "--out",
-                str(run / "privacy" / g),
-            )
+        if not (demo / "demo.json").is_file():
+            sh("demo", "--out", str(demo), *(["--preset", args.preset] if args.preset else []))
         if args.pin:
             pin(board, run)
         sh("leaderboard", "key", str(board), "--real", str(real))

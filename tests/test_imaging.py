@@ -260,6 +260,16 @@ def test_crop_needs_a_usable_pixel_spacing(tmp_path):
     bad = _ct_with_spacing(tmp_path / "zero.dcm", hu, [0.0, 0.7])
     with pytest.raises(BadInput, match=r"zero\.dcm: the task crops 100 mm, but PixelSpacing \(0028,0030\)"):
         load_image(bad, _crop_spec(100.0))
+    # Garbage in the header's bytes, as a broken exporter writes it: read as text, refused only under a crop.
+    garbled = _ct_with_spacing(tmp_path / "garbled.dcm", hu, [1.5, 1.5])
+    raw = garbled.read_bytes()
+    assert raw.count(b"1.5\\1.5") == 1
+    garbled.write_bytes(raw.replace(b"1.5\\1.5", b"abc\\def"))
+    with pytest.raises(
+        BadInput, match=r"garbled\.dcm: .*PixelSpacing \(0028,0030\) \['abc', 'def'\] is not numeric"
+    ):
+        load_image(garbled, _crop_spec(100.0))
+    assert load_image(garbled, _crop_spec(None)).shape == (1, 4, 4)
     np.savez(tmp_path / "hu.npz", image=hu, units="HU")
     with pytest.raises(BadInput, match=r"hu\.npz: the task crops.*'spacing' array"):
         load_image(tmp_path / "hu.npz", _crop_spec(100.0))

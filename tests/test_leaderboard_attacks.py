@@ -95,6 +95,15 @@ def test_relabelled_predictions_are_refused_naming_rows(tmp_path, capsys):
     assert snapshot(board) == before
 
 
+def test_cross_check_numbers_rows_from_one_like_every_row_message():
+    key = answer_key(SALT)
+    preds = key.df.rename(columns={"label": "y_true"}).head(4).copy()
+    wrong = next(c for c in CLASSES if c != preds.loc[2, "y_true"])
+    preds.loc[2, "y_true"] = wrong  # the third data row
+    (problem,) = key.cross_check(preds)
+    assert f"row 3 (case {preds.loc[2, 'case_id']})" in problem and "column 'y_true'" in problem, problem
+
+
 def test_relabelled_predictions_score_what_the_key_says(tmp_path):
     """Joined to the key, relabelled predictions carry the true labels: the score is the honest one."""
     run = make_run(tmp_path / "run", {"weak": 0.3}, **SMALL)

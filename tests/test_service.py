@@ -167,6 +167,30 @@ def test_closing_the_phase_switches_page_and_api_to_the_private_part(service):
     assert r.status_code == 403 and "closed" in r.json()["detail"]
 
 
+def test_a_phase_closed_while_the_upload_is_checked_refuses_it(service, monkeypatch):
+    """The phase is open when the upload starts and closes while its file is being validated: the upload is
+    refused (403) with nothing recorded or kept, because the state that decides is read when it is recorded."""
+    import bench.service.app as app_mod
+
+    config, host, c = service
+    with host.sessions() as s, s.begin():
+        s.add(db.Phase(name="dev", opened_at=db.now()))
+    token = add_team(config, "alpha")
+    real = app_mod.validate_predictions
+
+    def validate_then_close(*a, **k):
+        with host.sessions() as s, s.begin():
+            db.open_phase(s).closed_at = db.now()
+        return real(*a, **k)
+
+    monkeypatch.setattr(app_mod, "validate_predictions", validate_then_close)
+    r = submit(c, token, "predictions", "p.csv", predictions_csv(config))
+    assert r.status_code == 403 and "'dev' is closed" in r.json()["detail"], r.text
+    with host.sessions() as s:
+        assert s.query(db.Submission).count() == 0
+    assert list(host.uploads.iterdir()) == []
+
+
 def test_quota_exceeded_is_429_with_retry_after(service):
     config, host, c = service
     token = add_team(config, "alpha")

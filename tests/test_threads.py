@@ -80,6 +80,42 @@ def test_wait_policy_is_left_alone_once_torch_is_loaded(monkeypatch):
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
+def test_only_commands_that_compute_with_torch_sample_the_load(tmp_path, monkeypatch, capsys):
+    import bench.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "choose_wait_policy", lambda: calls.append(1) or "default")
+    missing = str(tmp_path / "missing.parquet")
+    for argv in (
+        ["tasks"],
+        ["data", "validate", missing, "--task", "mediastinal-neoplasm"],
+        ["evaluate", str(tmp_path / "no-run")],
+        ["leaderboard", "build", str(tmp_path / "no-board")],
+    ):
+        cli.main(argv)
+    assert calls == []
+    for argv in (
+        ["run", "--task", "no-such-task", "--real", missing, "--out", str(tmp_path / "r")],
+        [
+            "generate",
+            "--task",
+            "no-such-task",
+            "--generator",
+            "copycat",
+            "--real",
+            missing,
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        ["demo", "--preset", "smoke", "--out", str(tmp_path / "precious")],
+    ):
+        (tmp_path / "precious").mkdir(exist_ok=True)
+        (tmp_path / "precious" / "keep.txt").write_text("not a demo folder")
+        assert cli.main(argv) == 2
+    assert len(calls) == 3
+    capsys.readouterr()
+
+
 def test_busy_cores_reads_this_machine():
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat on this platform")

@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # Before any command imports torch: on a shared machine OpenMP threads must sleep at barriers, not spin.
-    choose_wait_policy()
+    # Before any command imports torch: on a shared machine OpenMP threads must sleep at barriers, not spin. Only
+    # the commands that compute with torch (`loads_torch` in their parser's defaults) pay the 0.2 s load sample.
+    if getattr(args, "loads_torch", False):
+        choose_wait_policy()
     try:
         rc = args.func(args)
     except BadInput as e:

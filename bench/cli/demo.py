@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         choices=["smoke", "cpu", "gpu"],
         help="smoke: ~2 min; cpu: <10 min on 2 cores (default without a GPU); gpu: full size (default with one)",
     )
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, loads_torch=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

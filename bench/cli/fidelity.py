@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument(
         "--cache-dir", type=Path, help="feature and image cache (default $MEDSYNBENCH_CACHE or ~/.cache)"
     )
-    p.set_defaults(func=cmd_fidelity)
+    p.set_defaults(func=cmd_fidelity, loads_torch=True)
 
 
 def _line(g: str, r: dict) -> str:

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         "reproducible for a given value",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, loads_torch=True)
 
 
 def _config(args: argparse.Namespace) -> str | dict | None:

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
-    p.set_defaults(func=cmd_privacy)
+    p.set_defaults(func=cmd_privacy, loads_torch=True)
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         "--skip-corrupt", action="store_true", help="leave unreadable images out instead of failing"
     )
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, loads_torch=True)
 
 
 def _csv(value: str | None, what: str, cast=str) -> list | None:

@@ -193,7 +193,10 @@ def verify_records(
                 f"{BASELINE!r}): predictions of another record"
             )
             continue
-        names = pd.Series([f"{r['predictions']['file']} row {i}" for i in range(len(df))], index=df.index)
+        # Rows numbered from 1, header excluded, like every other row message (bench.metrics.validate).
+        names = pd.Series(
+            [f"{r['predictions']['file']} row {i}" for i in range(1, len(df) + 1)], index=df.index
+        )
         found = key.cross_check(df, names)
         if found:
             problems += [f"record {rid}: {p}" for p in found]

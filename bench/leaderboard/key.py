@@ -188,11 +188,11 @@ class AnswerKey:
         """Every submitted label, site, split, patient or subgroup value that disagrees with the key.
 
         One problem per column, naming up to five rows (`names`, aligned with `predictions`, says how; default:
-        the row number and case id). Rows of cases the key does not hold are not compared (see `join`).
+        the row number from 1 and the case id). Rows of cases the key does not hold are not compared (see `join`).
         """
         if names is None:
             names = pd.Series(
-                [f"row {i} (case {c})" for i, c in enumerate(predictions["case_id"].astype(str))],
+                [f"row {i} (case {c})" for i, c in enumerate(predictions["case_id"].astype(str), start=1)],
                 index=predictions.index,
             )
         ref = self.df.set_index("case_id")

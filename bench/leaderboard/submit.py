@@ -519,7 +519,7 @@ def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: st
         [
             f"{r.folder.name}/predictions.parquet row {i} (case {c})"
             for r in runs
-            for i, c in enumerate(r.preds["case_id"].astype(str))
+            for i, c in enumerate(r.preds["case_id"].astype(str), start=1)
         ],
         index=raw.index,
     )

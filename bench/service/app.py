@@ -167,6 +167,10 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             details=sub.summary,
         )
 
+    def check_open(phase: db.Phase | None) -> None:
+        if phase is not None and phase.closed_at is not None:
+            raise HTTPException(403, f"phase {phase.name!r} is closed: no submissions are accepted")
+
     def check_quota(s: Any, team_id: int) -> None:
         lim = host.settings.limits
         n, oldest = db.recent_submissions(s, team_id, db.now() - lim.quota_period_s)
@@ -213,9 +217,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             raise BadInput("field 'file': the upload has no file name")
         check_filename(kind, filename)
         with host.sessions() as s:
-            part, phase = db.visible_part(s)
-            if phase is not None and phase.closed_at is not None:
-                raise HTTPException(403, f"phase {phase.name!r} is closed: no submissions are accepted")
+            check_open(db.last_phase(s))
             # Refuses early, before the upload is read; the count that decides is taken again below, under the lock.
             check_quota(s, t.id)
         sid = uuid.uuid4().hex
@@ -250,6 +252,9 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             with host.sessions() as s, s.begin():
                 db.lock_team(s, t.id)
                 check_quota(s, t.id)
+                # The phase may have closed while the file was read and checked: what decides is its state now.
+                phase = db.lock_last_phase(s)
+                check_open(phase)
                 # Before the commit: a worker may claim the job as soon as the row is visible.
                 part_file.replace(dest)
                 sub = db.Submission(

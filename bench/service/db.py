@@ -201,6 +201,15 @@ def visible_part(s: Session) -> tuple[str, Phase | None]:
     return "private", ph
 
 
+def lock_last_phase(s: Session) -> Phase | None:
+    """The last phase, held until `s`'s transaction ends: a `host phase-close` waits for an upload being recorded,
+    or the upload sees the phase closed. (On SQLite the team lock's write lock already orders the two.)"""
+    q = select(Phase).order_by(Phase.id.desc()).limit(1)
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()
+    return s.execute(q).scalar_one_or_none()
+
+
 # -- quota -----------------------------------------------------------------------------------------------------------
 
 
