@@ -67,6 +67,24 @@ def test_shuffled_labels_keep_class_counts_and_are_seeded():
     assert (a != y).mean() > 0.3  # most labels move: with these counts about 60% are expected to
 
 
+@pytest.mark.parametrize("n", [30, 100, 342, 1000])
+def test_shuffled_labels_are_independent_of_the_true_ones_in_every_draw(n):
+    """Each cell of the true x shuffled table is within 2 images of n_true * n_shuffled / N (a plain permutation
+    of 342 images is typically off by 4-5), so the control's labels carry no information in this very draw."""
+    for seed in range(5):
+        rng = np.random.default_rng([n, seed])
+        y = rng.choice(6, size=n, p=[0.28, 0.16, 0.15, 0.14, 0.14, 0.13])
+        f = shuffled_labels(y, seed)
+        assert np.array_equal(np.bincount(f, minlength=6), np.bincount(y, minlength=6))
+        table = np.zeros((6, 6))
+        np.add.at(table, (y, f), 1)
+        independent = np.outer(np.bincount(y, minlength=6), np.bincount(f, minlength=6)) / n
+        assert np.abs(table - independent).max() <= 2, (n, seed, table, independent)
+    # String labels come back as the same strings.
+    names = np.array(["cyst", "normal", "normal", "thymoma", "cyst", "normal"])
+    assert sorted(shuffled_labels(names, 0)) == sorted(names)
+
+
 # ---------------------------------------------------------------------------------------------------- generators
 
 
