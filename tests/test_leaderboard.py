@@ -287,3 +287,24 @@ def test_push_rejects_bad_mode_and_empty_board(tmp_path, capsys):
     assert main(["leaderboard", "push", str(board), "--wandb-project", "p", "--dir", str(tmp_path)]) == 2
     assert "no records to push" in capsys.readouterr().err
     assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_the_committed_leaderboard_rebuilds_to_the_same_pages(tmp_path, monkeypatch):
+    """Every number on the published board comes back from its stored predictions and answer key, re-scored
+    without any cache, and the pages come out as committed."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "leaderboards" / "mediastinal-neoplasm"
+    board = tmp_path / "board"
+    shutil.copytree(committed, board)
+    monkeypatch.setenv("MEDSYNBENCH_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["leaderboard", "build", str(board)]) == 0
+    for page in ("README.md", "index.html"):
+        assert (board / page).read_text() == (committed / page).read_text(), page
+    cfg = (board / "leaderboard.yaml").read_text()
+    from bench.tasks import load_task
+
+    assert (
+        f'version: "{load_task("mediastinal-neoplasm").version}"' in cfg
+    )  # the board is of the current task
