@@ -363,9 +363,7 @@ def _pixel_spacing(value: Any, field: str) -> tuple[tuple[float, float] | None, 
     pixels), or the reason it cannot be used."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, None
-    shown = (
-        value.tolist() if isinstance(value, np.ndarray) else list(value) if isinstance(value, list) else value
-    )
+    shown = value.tolist() if isinstance(value, np.ndarray) else value
     try:
         vals = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=object)).ravel()]
     except (TypeError, ValueError):

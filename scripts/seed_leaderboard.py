@@ -37,8 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARD = ROOT / "leaderboards" / "mediastinal-neoplasm"
-TASK = "mediastinal-neoplasm"
-GENERATORS = ["copycat", "pca-gmm", "ddpm"]
 COMMANDS = [
     ["demo"],
     ["submit"],

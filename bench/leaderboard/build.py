@@ -24,7 +24,7 @@ from bench.evaluation.controls import failures
 from bench.io import read_json, sha256_file, write_json, write_text
 from bench.leaderboard.config import LeaderboardConfig, load_board_task, load_config, load_key
 from bench.leaderboard.fidelity import fidelity_cells
-from bench.leaderboard.key import AnswerKey, key_path
+from bench.leaderboard.key import AnswerKey, key_path, row_names
 from bench.leaderboard.rank import rank_predictions
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, local_paths, read_records
 from bench.leaderboard.render import render_html, render_markdown
@@ -111,7 +111,8 @@ def _write_cache(cache: dict[str, Any], fresh: dict[str, Any]) -> None:
             write_json(_cache_file(), {**cache, **fresh})
 
 
-def _settings(cfg: LeaderboardConfig, task: Task) -> dict[str, Any]:
+def scoring_settings(cfg: LeaderboardConfig, task: Task) -> dict[str, Any]:
+    """What a board scores with; submit, build and the score cache must agree on it."""
     return {
         "primary": cfg.primary_metric or task.metrics.primary,
         "n_boot": cfg.bootstrap.n,
@@ -125,7 +126,7 @@ def remember_scores(cfg: LeaderboardConfig, task: Task, records: list[dict[str, 
     build on another machine, without this cache, recomputes every number."""
     assert cfg.answer_key is not None
     key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
-    settings = _settings(cfg, task)
+    settings = scoring_settings(cfg, task)
     fresh = {
         score_key(r, key_sha, settings): {
             "metrics": json.loads(json.dumps(r["metrics"])),
@@ -173,7 +174,7 @@ def verify_records(
 ) -> dict[str, pd.DataFrame]:
     """Re-score every record from its stored predictions joined to the answer key; BadInput names each record
     whose stored numbers, settings or predictions do not agree. Returns the joined tables."""
-    settings = _settings(cfg, task)
+    settings = scoring_settings(cfg, task)
     primary, n_boot, seed = settings["primary"], settings["n_boot"], settings["seed"]
     assert cfg.answer_key is not None
     key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
@@ -193,11 +194,7 @@ def verify_records(
                 f"{BASELINE!r}): predictions of another record"
             )
             continue
-        # Rows numbered from 1, header excluded, like every other row message (bench.metrics.validate).
-        names = pd.Series(
-            [f"{r['predictions']['file']} row {i}" for i in range(1, len(df) + 1)], index=df.index
-        )
-        found = key.cross_check(df, names)
+        found = key.cross_check(df, row_names(df, f"{r['predictions']['file']} "))
         if found:
             problems += [f"record {rid}: {p}" for p in found]
             continue

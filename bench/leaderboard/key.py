@@ -59,6 +59,15 @@ def _examples(values: list[str]) -> str:
     return ", ".join(values[:MAX_EXAMPLES]) + more
 
 
+def row_names(predictions: pd.DataFrame, where: str = "") -> pd.Series:
+    """'<where>row N (case C)' for each row, numbered from 1 with the header excluded, like every other row message
+    (bench.metrics.validate); aligned with `predictions` for `AnswerKey.cross_check`."""
+    return pd.Series(
+        [f"{where}row {i} (case {c})" for i, c in enumerate(predictions["case_id"].astype(str), start=1)],
+        index=predictions.index,
+    )
+
+
 @dataclass(frozen=True)
 class AnswerKey:
     """The reference of every evaluation case. `df` has BASE_COLUMNS plus `subgroup_columns`, all strings."""
@@ -191,10 +200,7 @@ class AnswerKey:
         the row number from 1 and the case id). Rows of cases the key does not hold are not compared (see `join`).
         """
         if names is None:
-            names = pd.Series(
-                [f"row {i} (case {c})" for i, c in enumerate(predictions["case_id"].astype(str), start=1)],
-                index=predictions.index,
-            )
+            names = row_names(predictions)
         ref = self.df.set_index("case_id")
         ids = predictions["case_id"].astype(str)
         known = ids.isin(ref.index)

@@ -26,10 +26,10 @@ from bench.errors import BadInput
 from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
-from bench.leaderboard.build import remember_scores
+from bench.leaderboard.build import remember_scores, scoring_settings
 from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
-from bench.leaderboard.key import AnswerKey, hash_ids
+from bench.leaderboard.key import AnswerKey, hash_ids, row_names
 from bench.leaderboard.record import (
     PUBLISHED_MODE,
     SCHEMA_VERSION,
@@ -516,11 +516,9 @@ def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: st
     subgroups. A submitted value that disagrees with the key is a problem naming the file and row."""
     raw = pd.concat([r.preds for r in runs], ignore_index=True)
     names = pd.Series(
-        [
-            f"{r.folder.name}/predictions.parquet row {i} (case {c})"
-            for r in runs
-            for i, c in enumerate(r.preds["case_id"].astype(str), start=1)
-        ],
+        np.concatenate(
+            [row_names(r.preds, f"{r.folder.name}/predictions.parquet ").to_numpy() for r in runs]
+        ),
         index=raw.index,
     )
     salted = raw.assign(
@@ -555,8 +553,8 @@ def build_records(
 
     key = key if key is not None else load_key(cfg)
 
-    primary = cfg.primary_metric or sub.task.metrics.primary
-    n_boot, boot_seed = cfg.bootstrap.n, cfg.bootstrap.seed
+    settings = scoring_settings(cfg, sub.task)
+    primary, n_boot, boot_seed = settings["primary"], settings["n_boot"], settings["seed"]
     env = _environment(sub)
     spec_sha = task_spec_sha256(sub.task)
     secrets_ = set()

@@ -253,7 +253,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
                 db.lock_team(s, t.id)
                 check_quota(s, t.id)
                 # The phase may have closed while the file was read and checked: what decides is its state now.
-                phase = db.lock_last_phase(s)
+                phase = db.last_phase(s, lock=True)
                 check_open(phase)
                 # Before the commit: a worker may claim the job as soon as the row is visible.
                 part_file.replace(dest)

@@ -189,8 +189,14 @@ def open_phase(s: Session) -> Phase | None:
     ).scalar_one_or_none()
 
 
-def last_phase(s: Session) -> Phase | None:
-    return s.execute(select(Phase).order_by(Phase.id.desc()).limit(1)).scalar_one_or_none()
+def last_phase(s: Session, lock: bool = False) -> Phase | None:
+    """The last phase. With `lock`, held until `s`'s transaction ends: a `host phase-close` waits for an upload
+    being recorded, or the upload sees the phase closed. (On SQLite the team lock's write lock already orders the
+    two.)"""
+    q = select(Phase).order_by(Phase.id.desc()).limit(1)
+    if lock and s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()
+    return s.execute(q).scalar_one_or_none()
 
 
 def visible_part(s: Session) -> tuple[str, Phase | None]:
@@ -199,15 +205,6 @@ def visible_part(s: Session) -> tuple[str, Phase | None]:
     if ph is None or ph.closed_at is None:
         return "public", ph
     return "private", ph
-
-
-def lock_last_phase(s: Session) -> Phase | None:
-    """The last phase, held until `s`'s transaction ends: a `host phase-close` waits for an upload being recorded,
-    or the upload sees the phase closed. (On SQLite the team lock's write lock already orders the two.)"""
-    q = select(Phase).order_by(Phase.id.desc()).limit(1)
-    if s.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update()
-    return s.execute(q).scalar_one_or_none()
 
 
 # -- quota -----------------------------------------------------------------------------------------------------------
