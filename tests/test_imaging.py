@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-import bench.imaging as imaging
+import bench.imaging.cache as imaging
 from bench.cli import main
 from bench.errors import BadInput
 from bench.imaging import (
