@@ -108,7 +108,7 @@ def migrate(board: Path) -> None:
     from bench.runfolder import SCORED_SPLITS
 
     cfg = load_config(board)
-    task = load_board_task(cfg, check_spec=False)
+    task = load_board_task(cfg)
     records = read_records(cfg.records_dir)
     ref = [r for r in records if r["kind"] == "reference"]
     if len(ref) != 1:

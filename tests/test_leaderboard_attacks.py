@@ -260,7 +260,9 @@ def test_a_build_after_submit_reuses_its_scores_and_agrees_without_them(tmp_path
     monkeypatch.setattr(build_mod, "score_submission", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(["leaderboard", "build", str(board)]) == 0
     assert calls == []
-    build_mod._cache_file().unlink()
+    from bench.leaderboard.spec import cache_file
+
+    cache_file().unlink()
     assert main(["leaderboard", "build", str(board)]) == 0
     assert len(calls) == len(list((board / "records").glob("*.json"))) == 2
 

@@ -53,12 +53,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from bench.leaderboard.config import load_board_task, load_config, set_answer_key
+    from bench.leaderboard.config import board_spec, load_config, set_answer_key
     from bench.leaderboard.key import AnswerKey
 
     cfg = load_config(args.board)
     key = AnswerKey.build_from_manifest(
-        args.real, load_board_task(cfg), cfg.id_salt, args.private_fraction, args.seed
+        args.real, board_spec(cfg)[0], cfg.id_salt, args.private_fraction, args.seed
     )
     path = set_answer_key(args.board, key, args.out)
     parts = key.df["part"].value_counts().to_dict()

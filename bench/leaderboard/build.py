@@ -1,18 +1,16 @@
 """`medsynbench leaderboard build`: records -> verified, ranked rows -> README.md and index.html.
 
 The records are the single source of truth, but none of their numbers is trusted: each record's stored predictions
-are joined to the leaderboard's answer key and re-scored (or found in a cache keyed by the hashes of predictions,
-key and scoring settings), and a record whose stored numbers differ is refused with the old pages kept. Generators
-the eligibility rules exclude (privacy flag, failed contamination checks) are listed as not ranked.
+are checked (`bench.leaderboard.checks`, record stage: the board's scoring spec first, so the verdict never depends
+on a cache), joined to the leaderboard's answer key and re-scored (or found in the cache keyed by
+`ScoringSpec.cache_key`), and a record whose stored numbers differ is refused with the old pages kept. Generators
+the eligibility checks exclude (privacy flag, failed contamination checks) are listed as not ranked.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,18 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.evaluation.controls import failures
-from bench.io import read_json, sha256_file, write_json, write_text
-from bench.leaderboard.config import LeaderboardConfig, load_board_task, load_config, load_key
+from bench.io import sha256_file, write_text
+from bench.leaderboard.checks import RecordCase, record_problems
+from bench.leaderboard.checks import exclusion as checks_exclusion
+from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config, load_key
 from bench.leaderboard.fidelity import fidelity_cells
-from bench.leaderboard.key import AnswerKey, key_path, row_names
+from bench.leaderboard.key import AnswerKey, key_path
 from bench.leaderboard.rank import rank_predictions
-from bench.leaderboard.record import PUBLISHED_MODE, display_name, local_paths, read_records
+from bench.leaderboard.record import PUBLISHED_MODE, display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
 from bench.leaderboard.score import score_submission
+from bench.leaderboard.spec import ScoringSpec, cached_scores, read_cache, write_cache
 from bench.metrics import reported
-from bench.runfolder import BASELINE
 from bench.tasks import Task, load_task
 
 # Record fields that held a registry metric's column before records carried `metrics.columns`.
@@ -76,67 +76,6 @@ def load_predictions(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> d
 TOLERANCE = 2e-6
 
 
-def _cache_file() -> Path:
-    env = os.environ.get("MEDSYNBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "medsynbench"
-    return base / "leaderboard-scores.json"
-
-
-def _read_cache() -> dict[str, Any]:
-    try:
-        data = read_json(_cache_file())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def score_key(record: dict[str, Any], key_sha: str, settings: dict[str, Any]) -> str:
-    """What a record's scores depend on: its predictions, the answer key and the scoring settings."""
-    from bench import __version__
-
-    blob = {
-        "predictions": record["predictions_sha256"],
-        "key": key_sha,
-        "generator": record["generator"]["name"],
-        "medsynbench": __version__,
-        **settings,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def _write_cache(cache: dict[str, Any], fresh: dict[str, Any]) -> None:
-    if fresh.keys() - cache.keys():
-        # A cache that cannot be written only makes the next build slower.
-        with contextlib.suppress(OSError):
-            write_json(_cache_file(), {**cache, **fresh})
-
-
-def scoring_settings(cfg: LeaderboardConfig, task: Task) -> dict[str, Any]:
-    """What a board scores with; submit, build and the score cache must agree on it."""
-    return {
-        "primary": cfg.primary_metric or task.metrics.primary,
-        "n_boot": cfg.bootstrap.n,
-        "seed": cfg.bootstrap.seed,
-    }
-
-
-def remember_scores(cfg: LeaderboardConfig, task: Task, records: list[dict[str, Any]]) -> None:
-    """Put the scores `submit` just computed for `records` (written to the board) where `build` looks first: they
-    are the same function of the same predictions, key and settings, so the next build need not recompute them. A
-    build on another machine, without this cache, recomputes every number."""
-    assert cfg.answer_key is not None
-    key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
-    settings = scoring_settings(cfg, task)
-    fresh = {
-        score_key(r, key_sha, settings): {
-            "metrics": json.loads(json.dumps(r["metrics"])),
-            "split": r["evaluation"]["split"],
-        }
-        for r in records
-    }
-    _write_cache(_read_cache(), fresh)
-
-
 def differences(stored: Any, fresh: Any, where: str = "metrics") -> list[str]:
     """Places where a record's stored numbers differ from the re-computed ones."""
     if isinstance(stored, dict) and isinstance(fresh, dict):
@@ -171,52 +110,37 @@ def verify_records(
     tables: dict[str, pd.DataFrame],
     key: AnswerKey,
     task: Task,
+    spec: ScoringSpec,
 ) -> dict[str, pd.DataFrame]:
     """Re-score every record from its stored predictions joined to the answer key; BadInput names each record
-    whose stored numbers, settings or predictions do not agree. Returns the joined tables."""
-    settings = scoring_settings(cfg, task)
-    primary, n_boot, seed = settings["primary"], settings["n_boot"], settings["seed"]
+    whose stored numbers, spec (task definition, settings) or predictions do not agree. Returns the joined tables.
+
+    The spec is checked before any score is looked up, so the verdict is the same with a warm or a cold cache."""
     assert cfg.answer_key is not None
     key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
-    cache, fresh_cache = _read_cache(), {}
+    cache, fresh_cache = read_cache(), {}
     problems: list[str] = []
     joined: dict[str, pd.DataFrame] = {}
     for r in records:
         rid, gen = r["id"], r["generator"]["name"]
-        df = tables[rid]
-        left = local_paths(r)
-        if left:
-            problems.append(f"record {rid}: holds local paths ({'; '.join(left[:3])})")
-        gens = set(df["generator"].astype(str)) if "generator" in df.columns else set()
-        if gen not in gens or gens - {gen, BASELINE}:
-            problems.append(
-                f"record {rid}: its predictions file holds generator(s) {sorted(gens)}, not {gen!r} (and "
-                f"{BASELINE!r}): predictions of another record"
-            )
-            continue
-        found = key.cross_check(df, row_names(df, f"{r['predictions']['file']} "))
+        found = record_problems(RecordCase(r, tables[rid], key, spec))
         if found:
-            problems += [f"record {rid}: {p}" for p in found]
+            problems += found
             continue
+        df = tables[rid]
         try:
             j = key.join(df, source=f"record {rid}: {r['predictions']['file']}")
         except BadInput as e:
             problems += [e.args[0], *e.problems]
             continue
         ev = r["evaluation"]
-        used = {"primary": ev["primary_metric"], "n_boot": ev["n_boot"], "seed": ev["bootstrap_seed"]}
-        if used != settings:
-            problems.append(
-                f"record {rid}: scored with {used}, the leaderboard scores with {settings}; re-submit it"
-            )
-            continue
-        ck = score_key(r, key_sha, settings)
-        hit = cache.get(ck)
-        if isinstance(hit, dict) and "metrics" in hit and "split" in hit:
-            metrics, split = hit["metrics"], hit["split"]
+        ck = spec.cache_key(r["predictions_sha256"], key_sha, gen)
+        hit = cached_scores(cache, ck)
+        if hit is not None:
+            metrics, split = hit
         else:
             metrics, split = score_submission(
-                j, task, generator=gen, primary=primary, n_boot=n_boot, seed=seed
+                j, task, generator=gen, primary=spec.primary, n_boot=spec.n_boot, seed=spec.seed
             )
             metrics = json.loads(json.dumps(metrics))
         fresh_cache[ck] = {"metrics": metrics, "split": split}
@@ -231,7 +155,7 @@ def verify_records(
             )
             continue
         joined[rid] = j
-    _write_cache(cache, fresh_cache)
+    write_cache(cache, fresh_cache)
     if problems:
         raise BadInput(
             f"{cfg.folder}: leaderboard not built: {len(problems)} problem(s) with the records (pages unchanged)",
@@ -242,22 +166,7 @@ def verify_records(
 
 def exclusion(cfg: LeaderboardConfig, record: dict[str, Any]) -> str | None:
     """Why the eligibility rules of leaderboard.yaml keep a record out of the ranking (None: ranked)."""
-    if record["kind"] != "generator":
-        return None
-    priv = record.get("privacy") or {}
-    reasons = []
-    if cfg.eligibility.privacy_flagged == "exclude" and priv.get("flagged"):
-        rate = priv.get("memorization_rate")
-        nominal = priv.get("nominal_rate")
-        detail = f": memorization rate {rate:.3f}" if isinstance(rate, int | float) else ""
-        if detail and isinstance(nominal, int | float):
-            detail += f" against a nominal {nominal:.3f}"
-        reasons.append(f"flagged by the privacy audit{detail}")
-    cont = priv.get("contamination") or {}
-    if cfg.eligibility.contamination == "exclude" and cont.get("status") not in (None, "pass"):
-        found = "; ".join(map(str, cont.get("problems") or []))
-        reasons.append(f"contamination checks {cont.get('status')}" + (f" ({found})" if found else ""))
-    return "; ".join(reasons) or None
+    return checks_exclusion(record, cfg.eligibility)
 
 
 def pareto_front(points: dict[str, tuple[float, float, float]]) -> set[str]:
@@ -323,9 +232,9 @@ def board_rows(
             f"splits {sorted(splits)}; re-submit them so they compare"
         )
     primary, split = primaries.pop(), splits.pop()
-    task = load_board_task(cfg, check_spec=False)
+    task, spec = board_spec(cfg, records)
     key = load_key(cfg)
-    tables = verify_records(cfg, records, load_predictions(cfg, records), key, task)
+    tables = verify_records(cfg, records, load_predictions(cfg, records), key, task, spec)
     classes = _classes_from(next(iter(tables.values())))
     reasons = {r["id"]: exclusion(cfg, r) for r in records}
     ranked = [r for r in records if reasons[r["id"]] is None]

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from bench.errors import BadInput
 from bench.leaderboard.key import AnswerKey, key_path
+from bench.leaderboard.spec import ScoringSpec, task_problems
 from bench.schema import Strict, read_yaml_mapping, validate_model
 from bench.tasks import Task, load_task
 
@@ -117,21 +119,28 @@ def load_key(cfg: LeaderboardConfig) -> AnswerKey:
     return AnswerKey.read(key_path(cfg.folder, cfg.answer_key.path), cfg.answer_key.sha256)
 
 
-def load_board_task(cfg: LeaderboardConfig, check_spec: bool = True) -> Task:
-    """The task the leaderboard scores with: its own task.yaml, else the installed task of that name; the name,
-    version and (with `check_spec`, when pinned) spec hash must match leaderboard.yaml. Building pages does not
-    need the spec check: a task that scores differently makes the re-scored numbers disagree anyway."""
-    from bench.leaderboard.submit import task_spec_sha256
-
+def load_board_task(cfg: LeaderboardConfig) -> Task:
+    """The task the leaderboard scores with: its own task.yaml, else the installed task of that name. Its name and
+    version must match leaderboard.yaml; the spec hash pin is checked by `ScoringSpec.pin_problems`, which can name
+    the changed field from the records."""
     task = load_task(cfg.task_file if cfg.task_file.is_file() else cfg.task.name)
     where = cfg.task_file if cfg.task_file.is_file() else f"installed task {cfg.task.name!r}"
-    if (task.name, task.version) != (cfg.task.name, cfg.task.version):
-        raise BadInput(
-            f"{where}: task {task.name} {task.version} is not the leaderboard's {cfg.task.name} {cfg.task.version}"
-        )
-    if check_spec and cfg.task.spec_sha256 and task_spec_sha256(task) != cfg.task.spec_sha256:
-        raise BadInput(f"{where}: the task definition differs from the one {cfg.path} pins (spec_sha256)")
+    problems = task_problems(task, cfg.task.name, cfg.task.version, None, str(where))
+    if problems:
+        raise BadInput(problems[0])
     return task
+
+
+def board_spec(cfg: LeaderboardConfig, records: Sequence[Mapping[str, Any]] = ()) -> tuple[Task, ScoringSpec]:
+    """The board's task and the spec it scores with; BadInput when the task is not the one leaderboard.yaml pins
+    (naming the changed fields when a record carries them)."""
+    task = load_board_task(cfg)
+    spec = ScoringSpec.for_board(cfg, task)
+    where = cfg.task_file if cfg.task_file.is_file() else f"installed task {cfg.task.name!r}"
+    problems = spec.pin_problems(cfg.task.spec_sha256, records, str(where))
+    if problems:
+        raise BadInput(problems[0])
+    return task, spec
 
 
 def load_config(board: str | Path) -> LeaderboardConfig:

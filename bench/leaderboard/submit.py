@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -26,10 +25,9 @@ from bench.errors import BadInput
 from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
-from bench.leaderboard.build import remember_scores, scoring_settings
-from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
+from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
-from bench.leaderboard.key import AnswerKey, hash_ids, row_names
+from bench.leaderboard.key import AnswerKey, hash_ids, key_path, row_names
 from bench.leaderboard.record import (
     PUBLISHED_MODE,
     SCHEMA_VERSION,
@@ -41,6 +39,14 @@ from bench.leaderboard.record import (
     scrub_local_paths,
 )
 from bench.leaderboard.score import score_all, score_submission
+from bench.leaderboard.spec import (
+    ScoringSpec,
+    changed_fields,
+    remember_scores,
+    task_fields,
+    task_problems,
+    task_spec_sha256,
+)
 from bench.protocol.plan import package_versions
 from bench.runfolder import (
     BASELINE,
@@ -55,13 +61,6 @@ from bench.runfolder import (
 from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
-
-
-def task_spec_sha256(task: Task) -> str:
-    """Identity of a task definition: every field but `source` (which only says where the data lives)."""
-    spec = task.spec()
-    spec.pop("source", None)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def eval_cases_sha256(case_ids: Sequence[str]) -> str:
@@ -151,18 +150,20 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             task = load_task(task_file)
         except BadInput as e:
             problems.append(str(e))
+    spec = None
+    try:
+        spec = board_spec(cfg)[1]
+    except BadInput as e:
+        problems.append(str(e))
     if task is not None:
-        if task.name != cfg.task.name or task.version != cfg.task.version:
-            problems.append(
-                f"{task_file}: task {task.name} {task.version} does not match the leaderboard's "
-                f"{cfg.task.name} {cfg.task.version}"
-            )
-        elif cfg.task.spec_sha256 and task_spec_sha256(task) != cfg.task.spec_sha256:
-            problems.append(
-                f"{task_file}: the task definition differs from the one the leaderboard pins for "
-                f"{cfg.task.name} {cfg.task.version} (spec sha256 {task_spec_sha256(task)[:12]}... != "
-                f"{cfg.task.spec_sha256[:12]}...)"
-            )
+        found = task_problems(task, cfg.task.name, cfg.task.version, None, str(task_file))
+        if not found and spec is not None and task_spec_sha256(task) != spec.task_sha256:
+            changed = ", ".join(changed_fields(task_fields(task), spec.fields_map()))
+            found = [
+                f"{task_file}: the task definition differs from the leaderboard's {cfg.task.name} "
+                f"{cfg.task.version} in field(s) {changed}; a change that can alter a score needs a new task version"
+            ]
+        problems += found
 
     matrix_file = run_dir.matrix_file
     matrix, matrix_ok = MatrixInfo(), False
@@ -553,10 +554,9 @@ def build_records(
 
     key = key if key is not None else load_key(cfg)
 
-    settings = scoring_settings(cfg, sub.task)
-    primary, n_boot, boot_seed = settings["primary"], settings["n_boot"], settings["seed"]
+    spec = ScoringSpec.for_board(cfg, sub.task)
+    primary, n_boot, boot_seed = spec.primary, spec.n_boot, spec.seed
     env = _environment(sub)
-    spec_sha = task_spec_sha256(sub.task)
     secrets_ = set()
     for r in sub.runs:
         secrets_ |= set(r.preds["case_id"].astype(str)) | set(r.preds["patient_id"].astype(str))
@@ -595,7 +595,7 @@ def build_records(
             "id": "",
             "created": now_iso(),
             "kind": "reference" if is_ref else "generator",
-            "task": {"name": sub.task.name, "version": sub.task.version, "spec_sha256": spec_sha},
+            "task": spec.record_task(),
             "submitter": {"name": submitter, "contact": contact},
             "generator": {
                 "name": g,
@@ -766,5 +766,8 @@ def submit(
     if dry_run:
         return [rec for rec, _ in scored]
     done = write_records(cfg, scored)
-    remember_scores(cfg, sub.task, done)
+    assert cfg.answer_key is not None
+    remember_scores(
+        ScoringSpec.for_board(cfg, sub.task), sha256_file(key_path(cfg.folder, cfg.answer_key.path)), done
+    )
     return done

@@ -1,0 +1,214 @@
+"""Every leaderboard check, as one named list: what it verifies, at which stage, and where it applies.
+
+Stages:
+- `submission`: `medsynbench submit` on a run folder or bundle, before anything is scored (`bench.leaderboard.collect`);
+- `record`: `leaderboard build` on each stored record, before its numbers are re-scored (`verify_records`);
+- `eligibility`: whether a verified record is ranked (`leaderboard.yaml`'s `eligibility` rules).
+
+Where: `board` (a leaderboard kept in a repository) and `service` (the hosted evaluation service). Adding a check is
+one `Check(...)` entry in `CHECKS`; every stage runs the entries of its own stage, in order. The hosted service
+calls `service_prediction_problems` and `service_exclusion`, which run the entries marked `service`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from bench.leaderboard.key import AnswerKey, row_names
+from bench.leaderboard.record import local_paths
+from bench.leaderboard.spec import ScoringSpec
+from bench.runfolder import BASELINE
+
+BOARD = "board"
+SERVICE = "service"
+STAGES = ("submission", "record", "eligibility")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named check. `run(context)` returns the problems found (submission, record) or the reasons a record is
+    not ranked (eligibility); empty: it passes."""
+
+    name: str
+    verifies: str
+    stage: str
+    where: frozenset[str]
+    run: Callable[[Any], list[str]]
+
+
+# ------------------------------------------------------------------------------------------------ record stage
+
+
+@dataclass(frozen=True)
+class RecordCase:
+    """A stored record with its predictions, the board's answer key and the spec it scores with."""
+
+    record: Mapping[str, Any]
+    predictions: pd.DataFrame
+    key: AnswerKey
+    spec: ScoringSpec | None = None
+
+    @property
+    def rid(self) -> str:
+        return str(self.record.get("id", "?"))
+
+
+def _no_local_paths(c: RecordCase) -> list[str]:
+    left = local_paths(dict(c.record))
+    return [f"record {c.rid}: holds local paths ({'; '.join(left[:3])})"] if left else []
+
+
+def _own_predictions(c: RecordCase) -> list[str]:
+    gen = c.record["generator"]["name"]
+    df = c.predictions
+    gens = set(df["generator"].astype(str)) if "generator" in df.columns else set()
+    if gen not in gens or gens - {gen, BASELINE}:
+        return [
+            f"record {c.rid}: its predictions file holds generator(s) {sorted(gens)}, not {gen!r} (and "
+            f"{BASELINE!r}): predictions of another record"
+        ]
+    return []
+
+
+def _agrees_with_key(c: RecordCase) -> list[str]:
+    where = (c.record.get("predictions") or {}).get("file", "predictions")
+    found = c.key.cross_check(c.predictions, row_names(c.predictions, f"{where} "))
+    return [f"record {c.rid}: {p}" for p in found]
+
+
+def _scored_under_spec(c: RecordCase) -> list[str]:
+    return [] if c.spec is None else c.spec.record_problems(c.record)
+
+
+# ------------------------------------------------------------------------------------------------ eligibility
+
+
+@dataclass(frozen=True)
+class Eligible:
+    """A record (or the service's result) and the board's eligibility rules (`leaderboard.yaml` `eligibility`)."""
+
+    record: Mapping[str, Any]
+    privacy_flagged: str = "exclude"
+    contamination: str = "exclude"
+
+
+def _privacy_flag(e: Eligible) -> list[str]:
+    if e.record.get("kind", "generator") != "generator" or e.privacy_flagged != "exclude":
+        return []
+    priv = e.record.get("privacy") or {}
+    if not priv.get("flagged"):
+        return []
+    rate, nominal = priv.get("memorization_rate"), priv.get("nominal_rate")
+    detail = f": memorization rate {rate:.3f}" if isinstance(rate, int | float) else ""
+    if detail and isinstance(nominal, int | float):
+        detail += f" against a nominal {nominal:.3f}"
+    return [f"flagged by the privacy audit{detail}"]
+
+
+def _contamination(e: Eligible) -> list[str]:
+    if e.record.get("kind", "generator") != "generator" or e.contamination != "exclude":
+        return []
+    cont = (e.record.get("privacy") or {}).get("contamination") or {}
+    if cont.get("status") in (None, "pass"):
+        return []
+    found = "; ".join(map(str, cont.get("problems") or []))
+    return [f"contamination checks {cont.get('status')}" + (f" ({found})" if found else "")]
+
+
+# ------------------------------------------------------------------------------------------------ the list
+
+_BOTH = frozenset({BOARD, SERVICE})
+_BOARD = frozenset({BOARD})
+
+# Submission-stage entries are appended by bench.leaderboard.collect, which owns the run-folder reading they need.
+CHECKS: list[Check] = [
+    Check("no-local-paths", "a record holds no absolute local path", "record", _BOTH, _no_local_paths),
+    Check(
+        "own-predictions",
+        "a record's predictions file holds its own generator and the real-only reference only",
+        "record",
+        _BOARD,
+        _own_predictions,
+    ),
+    Check(
+        "answer-key",
+        "labels, sites, splits, patients and subgroups of the predictions agree with the answer key",
+        "record",
+        _BOTH,
+        _agrees_with_key,
+    ),
+    Check(
+        "scoring-spec",
+        "a record was scored under the board's spec: task definition (field by field), primary metric, bootstrap",
+        "record",
+        _BOARD,
+        _scored_under_spec,
+    ),
+    Check(
+        "privacy-flag",
+        "a generator the privacy audit flags is not ranked",
+        "eligibility",
+        _BOTH,
+        _privacy_flag,
+    ),
+    Check(
+        "contamination",
+        "a generator whose contamination checks did not pass is not ranked",
+        "eligibility",
+        _BOTH,
+        _contamination,
+    ),
+]
+
+
+def checks(stage: str, where: str = BOARD) -> list[Check]:
+    """The checks of one stage that apply to a board or to the service, in order."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    return [c for c in CHECKS if c.stage == stage and where in c.where]
+
+
+def run_checks(stage: str, context: Any, where: str = BOARD) -> list[str]:
+    return [p for c in checks(stage, where) for p in c.run(context)]
+
+
+def record_problems(case: RecordCase, where: str = BOARD) -> list[str]:
+    """Every record-stage problem of one stored record."""
+    return run_checks("record", case, where)
+
+
+def exclusion(record: Mapping[str, Any], rules: Any, where: str = BOARD) -> str | None:
+    """Why the eligibility rules keep a record out of the ranking (None: ranked). `rules` has `privacy_flagged`
+    and `contamination` (`leaderboard.yaml`'s `eligibility`)."""
+    reasons = run_checks("eligibility", Eligible(record, rules.privacy_flagged, rules.contamination), where)
+    return "; ".join(reasons) or None
+
+
+def service_prediction_problems(
+    key: AnswerKey, predictions: pd.DataFrame, record: Mapping[str, Any]
+) -> list[str]:
+    """The record-stage checks the hosted service shares: `record` is what the service will publish (id, privacy,
+    predictions file name), `predictions` its salted predictions."""
+    return record_problems(RecordCase(record, predictions, key), SERVICE)
+
+
+def service_exclusion(privacy: Mapping[str, Any] | None, rules: Any) -> str | None:
+    """Why the service's eligibility rules keep a generator out of its ranking (None: ranked)."""
+    return exclusion({"kind": "generator", "privacy": privacy or {}}, rules, SERVICE)
+
+
+def describe(where: str | None = None) -> list[dict[str, str]]:
+    """The list as data (name, stage, what it verifies, where): for docs and `--help`."""
+    return [
+        {"name": c.name, "stage": c.stage, "verifies": c.verifies, "where": ", ".join(sorted(c.where))}
+        for c in CHECKS
+        if where is None or where in c.where
+    ]
+
+
+def names(stage: str | None = None) -> Sequence[str]:
+    return [c.name for c in CHECKS if stage is None or c.stage == stage]
