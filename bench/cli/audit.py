@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench.cli.show import estimate
+
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser(
@@ -71,4 +73,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
         age_bins=age_bins,
     )
     print(f"wrote {args.out} ({len(summary['runs'])} model(s); headline split {summary['headline_split']})")
+    for line in _lines(summary, args.by.split(",")):
+        print(line)
     return 0
+
+
+def _lines(summary: dict, by: list[str]) -> list[str]:
+    """Per model and subgroup column: the worst group and the largest gap of the primary metric."""
+    m = summary["primary_metric"]
+    out = []
+    for r in summary["runs"]:
+        for col in by:
+            fam = r.get(col) or {}
+            out.append(
+                f"  {r['generator']}/{r['regime']}/{r['backbone']} by {col}: {m}_worst {estimate(fam.get(f'{m}_worst'))}; "
+                f"{m}_gap {estimate(fam.get(f'{m}_gap'))}"
+            )
+    return out

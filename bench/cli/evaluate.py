@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from bench.cli.show import run_lines
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
@@ -41,10 +42,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} ({len(summary['runs'])} run keys; primary {summary['primary_metric']} on {summary['headline_split']})"
     )
-    for r in summary["runs"]:
-        x = r.get("external_primary") or r.get("test_primary")
-        if x:
-            print(
-                f"  {r['generator']}/{r['regime']}/{r['backbone']}: {json.dumps({k: x[k] for k in ('value', 'ci_low', 'ci_high', 'n_patients')})}"
-            )
+    for line in run_lines(summary):
+        print(line)
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench.cli.show import estimate
+
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     from bench.metrics.fidelity import K_NN, KID_SUBSET_SIZE, KID_SUBSETS
@@ -58,12 +60,7 @@ def _line(g: str, r: dict) -> str:
     m = r["metrics"]
 
     def e(name: str, d: int = 3) -> str:
-        x = m.get(name) or {}
-        v = x.get("value")
-        if v is None:
-            return f"{name} –"
-        ci = f" [{x['ci_low']:.{d}f}, {x['ci_high']:.{d}f}]" if x.get("ci_low") is not None else ""
-        return f"{name} {v:.{d}f}{ci}"
+        return f"{name} {estimate(m.get(name), d)}"
 
     parts = [e("frechet_distance", 2), e("kid", 4), e("precision"), e("recall"), e("label_auroc")]
     return f"{g} ({r['feature_space']['label']}): " + "; ".join(parts)

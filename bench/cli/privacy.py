@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench.cli.show import estimate, number
+
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     from bench.privacy import NEAR_DUPLICATE
@@ -75,13 +77,19 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    verdict = "FLAGGED" if r["flagged"] else "not flagged"
-    print(
-        f"{r['generator']}: memorization rate {r['memorization_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-        f"({r['feature']} features; nominal {r['nominal_rate']:.3f}, fresh holdout {r['holdout_rate']:.3f}): "
-        f"{verdict}; contamination {r['contamination']['status']}"
-    )
+    print(summary_line(r))
     for prob in r["contamination"]["problems"]:
         print(f"  - {prob}")
     print(f"wrote {args.out}/privacy.json")
     return 0
+
+
+def summary_line(r: dict) -> str:
+    """The audit's verdict in one line; a rate the audit could not estimate prints as undefined."""
+    verdict = "FLAGGED" if r.get("flagged") else "not flagged"
+    return (
+        f"{r['generator']}: memorization rate {estimate(r, value='memorization_rate')} "
+        f"({r['feature']} features; nominal {number(r.get('nominal_rate'))}, "
+        f"fresh holdout {number(r.get('holdout_rate'))}): "
+        f"{verdict}; contamination {r['contamination']['status']}"
+    )

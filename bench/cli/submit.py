@@ -4,6 +4,8 @@ import argparse
 import getpass
 from pathlib import Path
 
+from bench.cli.show import estimate
+
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser(
@@ -83,7 +85,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         where = f"records/{r['id']}.json" if not args.dry_run else "(dry run)"
         print(
             f"{verb} {where}: {name}, {r['evaluation']['primary_metric']} ({m['headline_regime']}, "
-            f"{r['evaluation']['split']}) = {head['value']:.3f} [{head['ci_low']:.3f}, {head['ci_high']:.3f}]"
+            f"{r['evaluation']['split']}) = {estimate(head)}"
         )
     return 0
 
@@ -103,7 +105,7 @@ def _submit_hosted(args: argparse.Namespace) -> int:
     line = f"submission {sub['id']}: {sub['status']}"
     if sub.get("score"):
         sc = sub["score"]
-        line += f", {sc['metric']} ({sc['part']} part) = {sc['value']:.3f} [{sc['ci_low']:.3f}, {sc['ci_high']:.3f}]"
+        line += f", {sc['metric']} ({sc['part']} part) = {estimate(sc)}"
     if sub.get("reason"):
         line += f": {sub['reason']}"
     print(line)

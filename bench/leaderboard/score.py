@@ -34,6 +34,17 @@ def _est(value: Any, lo: Any, hi: Any) -> dict[str, float | None]:
     return {"value": _num(value), "ci_low": _num(lo), "ci_high": _num(hi)}
 
 
+def _row_est(row: pd.Series) -> dict[str, Any]:
+    """A metric-table row as a stored estimate; one that is not `ok` (undefined, or too few patients for an
+    interval) also keeps its status and the table's reason, so the record says why a number or interval is absent."""
+    out: dict[str, Any] = _est(row["value"], row["ci_low"], row["ci_high"])
+    status = str(row.get("status", "ok"))
+    if status != "ok":
+        out["status"] = status
+        out["reason"] = str(row.get("reason") or "")
+    return out
+
+
 def _comparison(comp: pd.DataFrame, gen: str, regime: str, metric: str, split: str) -> pd.Series | None:
     if comp is None or comp.empty:
         return None
@@ -130,7 +141,7 @@ def score_submission(
             & (table["scope"] == "overall")
         ].iloc[0]
         out_regimes[r] = {
-            **_est(row["value"], row["ci_low"], row["ci_high"]),
+            **_row_est(row),
             "n_cases": int(row["n_cases"]),
             "n_patients": int(row["n_patients"]),
             "n_seeds": int(seeds_of[r]),
@@ -213,7 +224,7 @@ def score_submission(
             "metric": primary,
             "aggregation": task.metrics.patient_aggregation,
             "n_patients": int(prow["n_patients"].iloc[0]),
-            **_est(prow["value"].iloc[0], prow["ci_low"].iloc[0], prow["ci_high"].iloc[0]),
+            **_row_est(prow.iloc[0]),
         }
 
     columns = {}
@@ -226,10 +237,7 @@ def score_submission(
             & (table["scope"] == "overall")
         ]
         if len(r):
-            columns[m.name] = {
-                "metric": m.name,
-                **_est(r["value"].iloc[0], r["ci_low"].iloc[0], r["ci_high"].iloc[0]),
-            }
+            columns[m.name] = {"metric": m.name, **_row_est(r.iloc[0])}
 
     metrics = {
         "headline_regime": headline,

@@ -11,6 +11,7 @@ before any score is looked up, and anything that could change a score changes th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import bench.leaderboard.score as score_module
+import bench.metrics as metrics_package
 from bench import __version__
 from bench.io import read_json, write_json
 from bench.leaderboard.record import SCHEMA_VERSION
@@ -76,6 +79,17 @@ def registry_fingerprint() -> str:
     return _sha(json.loads(json.dumps(out, default=str)))
 
 
+@functools.lru_cache(maxsize=1)
+def scorer_fingerprint() -> str:
+    """The medsynbench version and a hash of the scoring code (the metric library and the record scorer), so a
+    score cached by one build of the code is never read by another, even without a version bump."""
+    h = hashlib.sha256(__version__.encode())
+    files = sorted(Path(metrics_package.__file__).parent.glob("*.py")) + [Path(score_module.__file__)]
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:16]}"
+
+
 def task_problems(task: Task, name: str, version: str, spec_sha256: str | None, where: str) -> list[str]:
     """Why `task` is not the pinned one (name, version, and the spec hash when pinned); empty when it is."""
     if (task.name, task.version) != (name, version):
@@ -119,7 +133,7 @@ class ScoringSpec:
             seed=int(seed),
             registry=registry_fingerprint(),
             record_schema=SCHEMA_VERSION,
-            scorer=__version__,
+            scorer=scorer_fingerprint(),
         )
 
     @classmethod
