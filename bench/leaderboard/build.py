@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.evaluation.controls import failures
 from bench.io import sha256_file, write_text
-from bench.leaderboard.checks import RecordCase, record_problems
+from bench.leaderboard.checks import RecordCase, record_problems, run_checks
 from bench.leaderboard.checks import exclusion as checks_exclusion
 from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config, load_key
 from bench.leaderboard.fidelity import fidelity_cells
@@ -357,7 +356,7 @@ def build(board: str | Path) -> tuple[Path, Path]:
     cfg = load_config(board)
     records = read_records(cfg.records_dir)
     controls = reference_controls(records)
-    failed = failures(controls)
+    failed = run_checks("board", records)
     if failed:
         raise BadInput(
             f"{cfg.records_dir}: not published: the reference run fails {len(failed)} control check(s)",

@@ -1,8 +1,11 @@
 """Every leaderboard check, as one named list: what it verifies, at which stage, and where it applies.
 
 Stages:
-- `submission`: `medsynbench submit` on a run folder or bundle, before anything is scored (`bench.leaderboard.collect`);
+- `submission`: `medsynbench submit` on a run folder or bundle, before anything is scored (`collect` below; the
+  functions live in `bench.leaderboard.collect`, which reads the folder);
+- `controls`: the submitted run's control checks, re-scored from its predictions once the submission passes;
 - `record`: `leaderboard build` on each stored record, before its numbers are re-scored (`verify_records`);
+- `board`: `leaderboard build` on the records together (the reference run's controls);
 - `eligibility`: whether a verified record is ranked (`leaderboard.yaml`'s `eligibility` rules).
 
 Where: `board` (a leaderboard kept in a repository) and `service` (the hosted evaluation service). Adding a check is
@@ -14,10 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.errors import BadInput
+from bench.evaluation.controls import failures
+from bench.leaderboard import collect as C
 from bench.leaderboard.key import AnswerKey, row_names
 from bench.leaderboard.record import local_paths
 from bench.leaderboard.spec import ScoringSpec
@@ -25,7 +32,7 @@ from bench.runfolder import BASELINE
 
 BOARD = "board"
 SERVICE = "service"
-STAGES = ("submission", "record", "eligibility")
+STAGES = ("submission", "controls", "record", "board", "eligibility")
 
 
 @dataclass(frozen=True)
@@ -119,13 +126,100 @@ def _contamination(e: Eligible) -> list[str]:
     return [f"contamination checks {cont.get('status')}" + (f" ({found})" if found else "")]
 
 
+# ------------------------------------------------------------------------------------------------ controls
+
+
+def _reference_controls(c: C.SubmissionCase) -> list[str]:
+    """Re-scores the run's controls (kept on the case for the reference record); the failures are the problems."""
+    results = C.reference_controls(c.root, c.task, c.runs, c.cfg)
+    c.controls = results
+    return failures(results)
+
+
+def _board_controls(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return failures(
+        [ctl for r in records if r.get("kind") == "reference" for ctl in (r.get("controls") or [])]
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the list
 
 _BOTH = frozenset({BOARD, SERVICE})
 _BOARD = frozenset({BOARD})
 
-# Submission-stage entries are appended by bench.leaderboard.collect, which owns the run-folder reading they need.
 CHECKS: list[Check] = [
+    Check(
+        "task-definition",
+        "the run's task is the board's: name, version, every scored field",
+        "submission",
+        _BOTH,
+        C.check_task,
+    ),
+    Check(
+        "real-manifest",
+        "matrix.json names the real manifest's sha256, and it is the pinned one",
+        "submission",
+        _BOARD,
+        C.check_real_manifest,
+    ),
+    Check(
+        "generators-named",
+        "every --generator names a generator the run holds",
+        "submission",
+        _BOARD,
+        C.check_generators_named,
+    ),
+    Check("one-backbone", "a record covers runs of one backbone", "submission", _BOARD, C.check_one_backbone),
+    Check(
+        "required-runs",
+        "every required regime and seed finished, for the reference and each generator",
+        "submission",
+        _BOARD,
+        C.check_required_runs,
+    ),
+    Check(
+        "coverage",
+        "every run predicts every test and external case, and no other",
+        "submission",
+        _BOTH,
+        C.check_coverage,
+    ),
+    Check(
+        "consistent-cases",
+        "a case has the same patient, site, split and label in every run",
+        "submission",
+        _BOARD,
+        C.check_consistent_cases,
+    ),
+    Check(
+        "eval-cases-pin",
+        "the test + external case set is the one the board pins",
+        "submission",
+        _BOARD,
+        C.check_eval_cases_pin,
+    ),
+    Check("generator-card", "each generator has a valid card", "submission", _BOTH, C.check_cards),
+    Check(
+        "privacy-audit",
+        "each generator has a readable privacy audit (when the board requires one)",
+        "submission",
+        _BOARD,
+        C.check_privacy,
+    ),
+    Check(
+        "synthetic-manifest",
+        "matrix.json names each generator's synthetic manifest sha256",
+        "submission",
+        _BOARD,
+        C.check_synthetic_manifests,
+    ),
+    Check(
+        "reference-controls",
+        "the run's control checks pass, re-scored from its predictions",
+        "controls",
+        _BOARD,
+        _reference_controls,
+    ),
     Check("no-local-paths", "a record holds no absolute local path", "record", _BOTH, _no_local_paths),
     Check(
         "own-predictions",
@@ -148,6 +242,7 @@ CHECKS: list[Check] = [
         _BOARD,
         _scored_under_spec,
     ),
+    Check("board-controls", "the reference records' control checks pass", "board", _BOARD, _board_controls),
     Check(
         "privacy-flag",
         "a generator the privacy audit flags is not ranked",
@@ -199,6 +294,23 @@ def service_prediction_problems(
 def service_exclusion(privacy: Mapping[str, Any] | None, rules: Any) -> str | None:
     """Why the service's eligibility rules keep a generator out of its ranking (None: ranked)."""
     return exclusion({"kind": "generator", "privacy": privacy or {}}, rules, SERVICE)
+
+
+def collect(root: Path, cfg: Any, only: Sequence[str] | None = None) -> C.Submission:
+    """Read a submission and run every submission-stage check on it, then its controls; BadInput lists every
+    problem found (a run whose controls fail is not published)."""
+    case = C.read_submission(root, cfg, only)
+    problems = case.read_problems + run_checks("submission", case)
+    if problems:
+        raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
+    failed = run_checks("controls", case)
+    if failed:
+        raise BadInput(
+            f"{root}: not published: the reference run fails {len(failed)} control check(s); a benchmark whose "
+            "controls fail cannot rank generators",
+            failed,
+        )
+    return case.submission(case.controls)
 
 
 def describe(where: str | None = None) -> list[dict[str, str]]:

@@ -1,8 +1,10 @@
-"""Reading a submission: a run folder (or unpacked bundle) read into a `Submission`, then every submission-stage
-check of `bench.leaderboard.checks` run on it. BadInput lists every problem found; nothing is scored here."""
+"""Reading a submission: a run folder (or unpacked bundle) read into a `SubmissionCase`, and the functions of the
+submission-stage checks that `bench.leaderboard.checks.CHECKS` lists (`bench.leaderboard.checks.collect` runs
+them). Nothing is scored here."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -14,10 +16,11 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.evaluation.controls import controls_from_predictions, failures, read_privacy, run_controls
+from bench.evaluation.controls import controls_from_predictions, read_privacy, run_controls
 from bench.io import read_json, sha256_file
 from bench.leaderboard.config import LeaderboardConfig, board_spec
 from bench.leaderboard.spec import (
+    ScoringSpec,
     changed_fields,
     task_fields,
     task_problems,
@@ -109,12 +112,79 @@ def _expected_eval_ids(root: Path, matrix: MatrixInfo, task: Task, notes: list[s
     return set(real.loc[real["split"].astype(str).isin(SCORED_SPLITS), "case_id"].astype(str))
 
 
-def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = None) -> Submission:
-    """Read and check everything a submission must hold; BadInput lists every problem found."""
+@dataclass
+class SubmissionCase:
+    """A submission as read from its folder, before any check: what the submission-stage checks look at. Checks
+    that parse a file (card, privacy audit) keep what they read here."""
+
+    root: Path
+    cfg: LeaderboardConfig
+    spec: ScoringSpec | None
+    task: Task
+    run_dir: RunDir
+    matrix: MatrixInfo
+    matrix_ok: bool
+    runs: list[Run]
+    backbones: list[str]
+    generators: list[str]
+    all_generators: list[str]
+    only: Sequence[str] | None
+    expected_ids: set[str] | None
+    notes: list[str] = field(default_factory=list)
+    read_problems: list[str] = field(default_factory=list)
+    cards: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    controls: list[Any] = field(default_factory=list)
+
+    @property
+    def backbone(self) -> str:
+        return self.cfg.protocol.backbone or (self.backbones[0] if len(self.backbones) == 1 else "")
+
+    def eval_ids(self, run: Run) -> set[str]:
+        ev = run.preds[run.preds["split"].astype(str).isin(SCORED_SPLITS)]
+        return set(ev["case_id"].astype(str))
+
+    @functools.cached_property
+    def universe(self) -> set[str]:
+        """The test and external cases every run must predict: the real manifest's, else every run's together."""
+        if self.expected_ids is not None:
+            return self.expected_ids
+        out: set[str] = set()
+        for r in self.runs:
+            out |= self.eval_ids(r)
+        return out
+
+    def submission(self, controls: list[Any]) -> Submission:
+        real_sha = _sha_of(self.matrix.real_manifest())
+        manifests = {}
+        for g in self.generators:
+            train_sha = ((self.cards.get(g) or {}).get("training") or {}).get("manifest_sha256")
+            manifests[g] = {
+                "real": real_sha,
+                "synthetic": _sha_of(self.matrix.synthetic_manifest(g)),
+                "generator_training": train_sha,
+            }
+        return Submission(
+            self.root,
+            self.task,
+            self.matrix,
+            self.runs,
+            self.generators,
+            dict(self.cards),
+            dict(self.privacy),
+            manifests,
+            sorted(self.universe),
+            self.backbone,
+            self.notes,
+            [c.to_dict() for c in controls],
+        )
+
+
+def read_submission(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = None) -> SubmissionCase:
+    """Read what a submission holds (task, matrix, runs); unreadable files are `read_problems`. A run folder without
+    a readable task stops here (BadInput): nothing else can be checked without it."""
     problems: list[str] = []
     notes: list[str] = []
-
-    # The task the run says it ran, checked against what the leaderboard pins.
     run_dir = RunDir(root)
     task_file = run_dir.task_file
     task = None
@@ -130,16 +200,6 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
         spec = board_spec(cfg)[1]
     except BadInput as e:
         problems.append(str(e))
-    if task is not None:
-        found = task_problems(task, cfg.task.name, cfg.task.version, None, str(task_file))
-        if not found and spec is not None and task_spec_sha256(task) != spec.task_sha256:
-            changed = ", ".join(changed_fields(task_fields(task), spec.fields_map()))
-            found = [
-                f"{task_file}: the task definition differs from the leaderboard's {cfg.task.name} "
-                f"{cfg.task.version} in field(s) {changed}; a change that can alter a score needs a new task version"
-            ]
-        problems += found
-
     matrix_file = run_dir.matrix_file
     matrix, matrix_ok = MatrixInfo(), False
     if not matrix_file.is_file():
@@ -149,20 +209,92 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             matrix, matrix_ok = run_dir.matrix(), True
         except BadInput as e:
             problems += [e.args[0], *e.problems]
-
     if task is None:
         raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
 
-    real_sha = _sha_of(matrix.real_manifest())
-    if not real_sha:
-        problems.append(f"{matrix_file}: field 'manifests.real.sha256' is missing")
-    elif cfg.pins.manifests.real and real_sha != cfg.pins.manifests.real:
-        problems.append(
-            f"{matrix_file}: real manifest sha256 {real_sha[:12]}... does not match the pinned "
-            f"{cfg.pins.manifests.real[:12]}... (the leaderboard's real data)"
-        )
-
     runs = _read_runs(run_dir, task, problems)
+    backbones = sorted({r.keys[3] for r in runs})
+    if cfg.protocol.backbone:
+        runs = [r for r in runs if r.keys[3] == cfg.protocol.backbone]
+    all_gens = sorted({r.keys[0] for r in runs if r.keys[0] != BASELINE})
+    if only:
+        gens = [g for g in all_gens if g in only]
+    else:
+        # Controls that run only the regimes their checks need are checked, not ranked as entries.
+        control_only = set(matrix.protocol.controls)
+        gens = [g for g in all_gens if g not in control_only]
+        if control_only & set(all_gens):
+            notes.append(f"control run(s) {sorted(control_only & set(all_gens))} checked, not ranked")
+    if not gens and not only:
+        notes.append("no generator runs: only the real-only reference is submitted")
+    expected = _expected_eval_ids(root, matrix, task, notes) if matrix_ok else None
+    return SubmissionCase(
+        root,
+        cfg,
+        spec,
+        task,
+        run_dir,
+        matrix,
+        matrix_ok,
+        runs,
+        backbones,
+        gens,
+        all_gens,
+        only,
+        expected,
+        notes,
+        problems,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ submission checks
+# Each takes the case and returns its problems; the list that names them is bench.leaderboard.checks.CHECKS.
+
+
+def check_task(c: SubmissionCase) -> list[str]:
+    where = str(c.run_dir.task_file)
+    found = task_problems(c.task, c.cfg.task.name, c.cfg.task.version, None, where)
+    if not found and c.spec is not None and task_spec_sha256(c.task) != c.spec.task_sha256:
+        changed = ", ".join(changed_fields(task_fields(c.task), c.spec.fields_map()))
+        found = [
+            f"{where}: the task definition differs from the leaderboard's {c.cfg.task.name} {c.cfg.task.version} "
+            f"in field(s) {changed}; a change that can alter a score needs a new task version"
+        ]
+    return found
+
+
+def check_real_manifest(c: SubmissionCase) -> list[str]:
+    real_sha = _sha_of(c.matrix.real_manifest())
+    pin = c.cfg.pins.manifests.real
+    if not real_sha:
+        return [f"{c.run_dir.matrix_file}: field 'manifests.real.sha256' is missing"]
+    if pin and real_sha != pin:
+        return [
+            f"{c.run_dir.matrix_file}: real manifest sha256 {real_sha[:12]}... does not match the pinned "
+            f"{pin[:12]}... (the leaderboard's real data)"
+        ]
+    return []
+
+
+def check_generators_named(c: SubmissionCase) -> list[str]:
+    if not c.only:
+        return []
+    found = ", ".join(c.all_generators) or "none"
+    return [
+        f"--generator {g!r}: no runs of this generator in {c.root} (found: {found})"
+        for g in sorted(set(c.only) - set(c.all_generators) - {BASELINE})
+    ]
+
+
+def check_one_backbone(c: SubmissionCase) -> list[str]:
+    if not c.cfg.protocol.backbone and len(c.backbones) > 1:
+        return [f"{c.root}: runs with several backbones {c.backbones}; a record covers one backbone"]
+    return []
+
+
+def check_required_runs(c: SubmissionCase) -> list[str]:
+    problems: list[str] = []
+    cfg, task = c.cfg, c.task
     required = cfg.protocol.regimes if cfg.protocol.regimes is not None else list(task.protocol.regimes)
     seeds = cfg.protocol.seeds if cfg.protocol.seeds is not None else list(task.protocol.seeds)
     req_real, req_syn = [], []
@@ -173,115 +305,90 @@ def collect(root: Path, cfg: LeaderboardConfig, only: Sequence[str] | None = Non
             problems.append(f"leaderboard regime: {e}")
             continue
         (req_syn if syn else req_real).append(name)
-
-    backbones = sorted({r.keys[3] for r in runs})
-    backbone = cfg.protocol.backbone or (backbones[0] if len(backbones) == 1 else "")
-    if cfg.protocol.backbone:
-        runs = [r for r in runs if r.keys[3] == cfg.protocol.backbone]
-    elif len(backbones) > 1:
-        problems.append(f"{root}: runs with several backbones {backbones}; a record covers one backbone")
-
-    have = {r.keys[:3] for r in runs}
-    all_gens = sorted({r.keys[0] for r in runs if r.keys[0] != BASELINE})
-    if only:
-        unknown = sorted(set(only) - set(all_gens) - {BASELINE})
-        for g in unknown:
-            problems.append(
-                f"--generator {g!r}: no runs of this generator in {root} (found: {', '.join(all_gens) or 'none'})"
-            )
-        gens = [g for g in all_gens if g in only]
-    else:
-        # Controls that run only the regimes their checks need are checked below, not ranked as entries.
-        control_only = set(matrix.protocol.controls)
-        gens = [g for g in all_gens if g not in control_only]
-        if control_only & set(all_gens):
-            notes.append(f"control run(s) {sorted(control_only & set(all_gens))} checked, not ranked")
-
-    def need(gen: str, regimes: list[str]) -> None:
+    have = {r.keys[:3] for r in c.runs}
+    bb = f", backbone {c.backbone!r}" if c.backbone else ""
+    for gen, regimes in [(BASELINE, req_real), *[(g, req_syn) for g in c.generators]]:
         for r in regimes:
             missing = [s for s in seeds if (gen, r, s) not in have]
             if missing:
                 problems.append(
-                    f"{root}: required run(s) missing or unfinished (no DONE): generator {gen!r}, regime {r!r}, "
-                    f"seed(s) {missing}" + (f", backbone {backbone!r}" if backbone else "")
+                    f"{c.root}: required run(s) missing or unfinished (no DONE): generator {gen!r}, regime {r!r}, "
+                    f"seed(s) {missing}{bb}"
                 )
+    return problems
 
-    need(BASELINE, req_real)
-    for g in gens:
-        need(g, req_syn)
 
-    # Coverage: every run predicts every test and external case exactly once (duplicates are found per run).
-    eval_ids: set[str] = set()
-    expected = _expected_eval_ids(root, matrix, task, notes) if matrix_ok else None
-    per_run = {}
-    for r in runs:
-        ev = r.preds[r.preds["split"].astype(str).isin(SCORED_SPLITS)]
-        per_run[r.folder] = set(ev["case_id"].astype(str))
-        eval_ids |= per_run[r.folder]
-    universe = expected if expected is not None else eval_ids
-    for r in runs:
-        got = per_run[r.folder]
-        missing = sorted(universe - got)
-        extra = sorted(got - universe)
+def check_coverage(c: SubmissionCase) -> list[str]:
+    problems = []
+    for r in c.runs:
+        got = c.eval_ids(r)
+        missing, extra = sorted(c.universe - got), sorted(got - c.universe)
+        where = c.run_dir.run(r.folder.name).predictions
         if missing:
             problems.append(
-                f"{run_dir.run(r.folder.name).predictions}: {len(missing)} test/external case(s) not predicted "
-                f"(e.g. {', '.join(map(repr, missing[:5]))})"
+                f"{where}: {len(missing)} test/external case(s) not predicted (e.g. {', '.join(map(repr, missing[:5]))})"
             )
         if extra:
             problems.append(
-                f"{run_dir.run(r.folder.name).predictions}: {len(extra)} case(s) predicted as test/external that the real "
-                f"manifest does not hold there (e.g. {', '.join(map(repr, extra[:5]))})"
+                f"{where}: {len(extra)} case(s) predicted as test/external that the real manifest does not hold there "
+                f"(e.g. {', '.join(map(repr, extra[:5]))})"
             )
-    if runs:
-        _check_consistent_cases(runs, problems)
-    if (
-        cfg.pins.eval_cases_sha256
-        and universe
-        and eval_cases_sha256(sorted(universe)) != cfg.pins.eval_cases_sha256
-    ):
-        problems.append(
-            f"{root}: the test + external cases ({len(universe)}) are not the set the leaderboard pins "
-            f"(eval_cases_sha256 {eval_cases_sha256(sorted(universe))[:12]}... != {cfg.pins.eval_cases_sha256[:12]}...)"
-        )
+    return problems
 
-    cards, privacy, manifests = {}, {}, {}
-    for g in gens:
-        cards[g] = _read_card(run_dir, g, problems)
-        privacy[g] = _read_privacy(run_dir, g, cfg.require_privacy, problems)
-        syn_sha = _sha_of(matrix.synthetic_manifest(g))
-        train_sha = ((cards[g] or {}).get("training") or {}).get("manifest_sha256")
-        manifests[g] = {"real": real_sha, "synthetic": syn_sha, "generator_training": train_sha}
-        if not syn_sha:
-            problems.append(f"{matrix_file}: no sha256 for the synthetic manifest of generator {g!r}")
-    if not gens and not only:
-        notes.append("no generator runs: only the real-only reference is submitted")
-    if problems:
-        raise BadInput(f"{root}: submission rejected, {len(problems)} problem(s)", problems)
-    controls = reference_controls(root, task, runs, cfg)
-    return Submission(
-        root,
-        task,
-        matrix,
-        runs,
-        gens,
-        cards,
-        privacy,
-        manifests,
-        sorted(universe),
-        backbone,
-        notes,
-        [c.to_dict() for c in controls],
-    )
+
+def check_consistent_cases(c: SubmissionCase) -> list[str]:
+    if not c.runs:
+        return []
+    cols = ["case_id", "patient_id", "site", "split", "y_true"]
+    allrows = pd.concat([r.preds[cols].astype(str) for r in c.runs]).drop_duplicates()
+    bad = allrows["case_id"][allrows["case_id"].duplicated()].unique()
+    if len(bad):
+        return [
+            f"{len(bad)} case(s) have different patient_id/site/split/y_true in different runs "
+            f"(e.g. {', '.join(map(repr, bad[:5]))})"
+        ]
+    return []
+
+
+def check_eval_cases_pin(c: SubmissionCase) -> list[str]:
+    pin, universe = c.cfg.pins.eval_cases_sha256, c.universe
+    if pin and universe and eval_cases_sha256(sorted(universe)) != pin:
+        return [
+            f"{c.root}: the test + external cases ({len(universe)}) are not the set the leaderboard pins "
+            f"(eval_cases_sha256 {eval_cases_sha256(sorted(universe))[:12]}... != {pin[:12]}...)"
+        ]
+    return []
+
+
+def check_cards(c: SubmissionCase) -> list[str]:
+    problems: list[str] = []
+    for g in c.generators:
+        c.cards[g] = _read_card(c.run_dir, g, problems)
+    return problems
+
+
+def check_privacy(c: SubmissionCase) -> list[str]:
+    problems: list[str] = []
+    for g in c.generators:
+        c.privacy[g] = _read_privacy(c.run_dir, g, c.cfg.require_privacy, problems)
+    return problems
+
+
+def check_synthetic_manifests(c: SubmissionCase) -> list[str]:
+    return [
+        f"{c.run_dir.matrix_file}: no sha256 for the synthetic manifest of generator {g!r}"
+        for g in c.generators
+        if not _sha_of(c.matrix.synthetic_manifest(g))
+    ]
 
 
 def reference_controls(root: Path, task: Task, runs: list[Run], cfg: LeaderboardConfig) -> list[Any]:
-    """The run's controls, re-scored from its predictions; a failed control refuses the submission (exit 2)."""
+    """The run's controls, re-scored from its predictions with the board's bootstrap."""
     ctl = run_controls(root)
     preds = [r.preds for r in runs if r.keys[0] in (BASELINE, *ctl)]
     if not preds:
         return []
-    results = controls_from_predictions(
+    return controls_from_predictions(
         pd.concat(preds, ignore_index=True),
         task,
         ctl,
@@ -289,14 +396,6 @@ def reference_controls(root: Path, task: Task, runs: list[Run], cfg: Leaderboard
         n_boot=cfg.bootstrap.n,
         seed=cfg.bootstrap.seed,
     )
-    failed = failures(results)
-    if failed:
-        raise BadInput(
-            f"{root}: not published: the reference run fails {len(failed)} control check(s); a benchmark whose "
-            "controls fail cannot rank generators",
-            failed,
-        )
-    return results
 
 
 def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
@@ -352,17 +451,6 @@ def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
 def _config_dict(config: RunConfig) -> dict[str, Any]:
     """The run's config as written (fields the file did not hold are not filled in with defaults)."""
     return config.model_dump(mode="json", exclude_unset=True)
-
-
-def _check_consistent_cases(runs: list[Run], problems: list[str]) -> None:
-    cols = ["case_id", "patient_id", "site", "split", "y_true"]
-    allrows = pd.concat([r.preds[cols].astype(str) for r in runs]).drop_duplicates()
-    bad = allrows["case_id"][allrows["case_id"].duplicated()].unique()
-    if len(bad):
-        problems.append(
-            f"{len(bad)} case(s) have different patient_id/site/split/y_true in different runs "
-            f"(e.g. {', '.join(map(repr, bad[:5]))})"
-        )
 
 
 def _read_card(run_dir: RunDir, g: str, problems: list[str]) -> dict[str, Any] | None:

@@ -23,11 +23,11 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
+from bench.leaderboard.checks import collect
 from bench.leaderboard.collect import (
     Run,
     Submission,
     _sha_of,
-    collect,
     eval_cases_sha256,
     reference_controls,
 )
