@@ -83,10 +83,14 @@ def _configs_dir() -> Path:
 
 
 def run_demo(
-    out: Path, preset: str | None = None, fresh: bool = False, console: Console | None = None
+    out: Path,
+    cli: Callable[[list[str]], int],
+    preset: str | None = None,
+    fresh: bool = False,
+    console: Console | None = None,
 ) -> dict:
-    from bench.cli import main as cli
-
+    """Every stage on the phantom through `cli` (the command line's `main`, passed in by `medsynbench demo`: the
+    demo runs what a user runs, and the command line is the layer above it)."""
     console = console or Console()
     p = PRESETS[preset or default_preset()]
     out = Path(out).resolve()

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from bench.cli import main
     from bench.demo import run_demo
 
-    run_demo(args.out, args.preset)
+    run_demo(args.out, main, args.preset)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.generators import Control, ControlCheck, Generator, register_generator
+from bench.generators.base import Control, ControlCheck, Generator, register_generator
 
 # How far the positive control's ratio may sit from 1 before it fails. Its interval covers test patients and
 # training seeds; it cannot cover that the control trains on other patients than real-only does. Measured on the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.generators import Control, ControlCheck, Generator, register_generator
+from bench.generators.base import Control, ControlCheck, Generator, register_generator
 
 
 @register_generator("copycat")

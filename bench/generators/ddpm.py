@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.generators import Generator, register_generator
+from bench.generators.base import Generator, register_generator
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.generators import Generator, register_generator
+from bench.generators.base import Generator, register_generator
 
 
 @register_generator("pca-gmm")

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.generators import get_generator
+from bench.generators.base import get_generator
 from bench.generators.card import CARD_FILE, GeneratorCard, hash_id, write_card
 from bench.io import atomic_dir
 from bench.manifest import Manifest, load_valid_manifest, manifest_hash, read_manifest, write_manifest
