@@ -22,7 +22,8 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.fidelity.features import embed_manifest, open_embedder
-from bench.manifest import Manifest, load_valid_manifest
+from bench.io import atomic_dir, write_json, write_table
+from bench.manifest import Manifest, load_valid_manifest, read_manifest
 from bench.metrics import fidelity as F
 from bench.runfolder import FIDELITY_FILE, FIDELITY_TABLE, RunDir
 from bench.tasks import Task, load_task
@@ -195,6 +196,15 @@ def _overall(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return out
 
 
+def portable_path(path: str | Path, bases: tuple[Path, ...]) -> str:
+    """`path` relative to the first base folder holding it, else its file name alone: never an absolute path."""
+    p = Path(path).resolve()
+    for b in bases:
+        if p.is_relative_to(b.resolve()) and p != b.resolve():
+            return p.relative_to(b.resolve()).as_posix()
+    return p.name
+
+
 def compute_fidelity(
     task: Task | str | Path,
     synthetic: str | Path,
@@ -218,8 +228,6 @@ def compute_fidelity(
 ) -> dict[str, Any]:
     """Fidelity, diversity and label fidelity of `synthetic` against `real`; writes OUT/fidelity.json and
     OUT/fidelity.parquet atomically and returns the JSON content."""
-    from bench.io import atomic_dir, write_json, write_table
-
     if k < 1:
         raise BadInput(f"--k {k}: must be at least 1")
     t = load_task(task)
@@ -255,19 +263,24 @@ def compute_fidelity(
         device=dev,
     )
     gen = generator or next(iter(syn.df.get("generator", pd.Series(["unknown"])).astype(str)), "unknown")
+    # fidelity.json travels (records, bundles, pages): files are named relative to the run or the working folder,
+    # never by an absolute local path; the sha256 beside each says which file it was.
+    bases = (Path(out).resolve().parent.parent, Path.cwd())
+    space = {**emb.space.describe(), "dim": int(fr.features.shape[1])}
+    space["weights"] = portable_path(space["weights"], bases)
     result = {
         "schema_version": SCHEMA_VERSION,
         "generator": gen,
         "task": {"name": t.name, "version": t.version},
-        "feature_space": {**emb.space.describe(), "dim": int(fr.features.shape[1])},
+        "feature_space": space,
         "k": int(k),
         "real": {
-            "manifest": str(real_path),
+            "manifest": portable_path(real_path, bases),
             "sha256": ref.sha256,
             "selection": f"origin real, sites {list(t.sites.train)}, splits {list(real_splits)}",
             "n": len(ref),
         },
-        "synthetic": {"manifest": str(syn_path), "sha256": syn.sha256, "n": len(syn)},
+        "synthetic": {"manifest": portable_path(syn_path, bases), "sha256": syn.sha256, "n": len(syn)},
         "settings": {
             "kid_subsets": kid_subsets,
             "kid_subset_size": kid_subset_size,
@@ -275,7 +288,7 @@ def compute_fidelity(
             "fd_boot": fd_boot,
             "seed": seed,
             "device": dev,
-            "label_fidelity_classifier": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "label_fidelity_classifier": portable_path(checkpoint, bases) if checkpoint else None,
         },
         "metrics": _overall(table),
         **extra,
@@ -317,8 +330,6 @@ def fidelity_run(
 ) -> dict[str, dict[str, Any]]:
     """The protocol step: every generator of RUN/matrix.json against the run's real manifest, in the run's
     real-only classifier's feature space, written to RUN/fidelity/<generator>/."""
-    from bench.manifest import read_manifest
-
     rd = RunDir(run).require()
     mx = rd.matrix()
     real_ref = mx.real_manifest()

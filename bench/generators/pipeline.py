@@ -29,6 +29,7 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.generators.base import get_generator
 from bench.generators.card import CARD_FILE, GeneratorCard, hash_id, write_card
+from bench.imaging import build_cache
 from bench.io import atomic_dir
 from bench.manifest import Manifest, load_valid_manifest, manifest_hash, read_manifest, write_manifest
 from bench.tasks import Task, load_task
@@ -112,8 +113,6 @@ def _metadata_columns(task: Task, df: pd.DataFrame) -> list[str]:
 
 def load_pixels(m: Manifest, task: Task, size: int, cache_dir: Path | None = None) -> np.ndarray:
     """uint8 `[N, C, S, S]` in the manifest's row order, through the shared image cache."""
-    from bench.imaging import build_cache
-
     cache = build_cache(m, task, size=int(size), cache_dir=cache_dir, progress=False)
     return np.ascontiguousarray(cache.images[cache.rows(m.df["case_id"].astype(str))])
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.evaluation.controls import controls_from_predictions, read_privacy, run_controls
+from bench.generators.card import read_card
 from bench.io import read_json, sha256_file
 from bench.leaderboard.config import LeaderboardConfig, board_spec
 from bench.leaderboard.spec import (
@@ -26,6 +27,9 @@ from bench.leaderboard.spec import (
     task_problems,
     task_spec_sha256,
 )
+from bench.manifest import manifest_hash, read_manifest
+from bench.metrics.validate import validate_predictions
+from bench.regimes import parse_regime
 from bench.runfolder import (
     BASELINE,
     CARD_FILE,
@@ -71,8 +75,6 @@ class Submission:
 
 
 def _regime(name: str) -> tuple[str, bool]:
-    from bench.regimes import parse_regime
-
     r = parse_regime(name)
     return r.name, r.uses_synthetic
 
@@ -91,8 +93,6 @@ def _read_json_file(path: Path, problems: list[str]) -> Any:
 
 def _expected_eval_ids(root: Path, matrix: MatrixInfo, task: Task, notes: list[str]) -> set[str] | None:
     """Test and external case ids from the real manifest, when the bundle carries it and its hash matches."""
-    from bench.manifest import manifest_hash, read_manifest
-
     entry = matrix.real_manifest()
     path = entry.path if entry is not None else None
     if not path:
@@ -399,8 +399,6 @@ def reference_controls(root: Path, task: Task, runs: list[Run], cfg: Leaderboard
 
 
 def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
-    from bench.metrics.validate import validate_predictions
-
     runs = []
     # Unfinished runs are left out; a required one is reported as missing.
     for run in run_dir.finished_runs():
@@ -454,8 +452,6 @@ def _config_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def _read_card(run_dir: RunDir, g: str, problems: list[str]) -> dict[str, Any] | None:
-    from bench.generators.card import read_card
-
     card = run_dir.card_file(g)
     for path in (card, card.with_name("card.yaml"), card.with_name("card.yml")):
         if path.is_file():

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from bench.errors import BadInput
-from bench.leaderboard.key import AnswerKey, key_path
+from bench.leaderboard.key import KEY_FILE, AnswerKey, key_path
 from bench.leaderboard.spec import ScoringSpec, task_problems
 from bench.schema import Strict, read_yaml_mapping, validate_model
 from bench.tasks import Task, load_task
@@ -159,8 +159,6 @@ def load_config(board: str | Path) -> LeaderboardConfig:
 def set_answer_key(board: str | Path, key: AnswerKey, path: str | Path | None = None) -> Path:
     """Write `key` (default: answer_key.parquet beside leaderboard.yaml) and point leaderboard.yaml at it with
     its sha256, keeping the file's comments. Returns the key file."""
-    from bench.leaderboard.key import KEY_FILE
-
     cfg = load_config(board)
     assert cfg.path is not None
     target = Path(path) if path is not None else cfg.folder / KEY_FILE

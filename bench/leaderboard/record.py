@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BadInput
-from bench.io import read_json
+from bench.io import read_json, sha256_file
 from bench.runfolder import BASELINE
 
 SCHEMA_VERSION = "1.0"
@@ -133,8 +133,6 @@ def redact(obj: Any, secrets_: Iterable[str], placeholder: str = "<redacted>") -
 
 
 def _sha_of_file(path: str, roots: Iterable[Path]) -> str | None:
-    from bench.io import sha256_file
-
     p = Path(path).expanduser()
     for cand in [p] if p.is_absolute() else [Path(r) / p for r in roots]:
         if cand.is_file():

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import __version__
 from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
@@ -50,6 +51,7 @@ from bench.leaderboard.spec import (
     remember_scores,
     task_spec_sha256,
 )
+from bench.metrics.core import get_metric
 from bench.protocol.plan import package_versions
 from bench.runfolder import (
     BASELINE,
@@ -170,8 +172,6 @@ def build_records(
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """Score every generator of the submission (and the real-only reference) against the answer key; nothing is
     written here."""
-    from bench import __version__
-
     key = key if key is not None else load_key(cfg)
 
     spec = ScoringSpec.for_board(cfg, sub.task)
@@ -193,7 +193,6 @@ def build_records(
             stored, sub.task, generator=g, primary=primary, n_boot=n_boot, seed=boot_seed, scored=scored
         )
         ev = stored[stored["split"] == split]
-        from bench.metrics.core import get_metric
 
         own = [r for r in runs if r.keys[0] == g]
         is_ref = g == BASELINE

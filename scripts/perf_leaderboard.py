@@ -1,0 +1,129 @@
+"""How long `leaderboard build` takes per record, with a cold and a warm score cache, on a board of many records.
+
+The board is the committed mediastinal-neoplasm board (real record and prediction sizes) with its generator records
+cloned under new generator names until it holds `--records` records. A clone's predictions differ from its
+original's only in the generator column, so its scores are the original's (with the generator name) and the board
+is valid: every clone has its own predictions hash, cache key and ranked row.
+
+- warm: the score cache holds every record's scores (as after each record's `submit`); the build verifies the
+  records, reads the scores, ranks every record against the others and writes the pages.
+- cold: no cache; the build re-scores every record. Re-scoring costs the same for every record, so it is measured on
+  `--cold-records` records (default 8) and reported per record.
+
+    PYTHONPATH=. python scripts/perf_leaderboard.py --records 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+BOARD = ROOT / "leaderboards" / "mediastinal-neoplasm"
+
+
+def _rename(value, old: str, new: str):
+    if isinstance(value, dict):
+        return {k: _rename(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rename(v, old, new) for v in value]
+    return new if value == old else value
+
+
+def make_board(dest: Path, n_records: int) -> Path:
+    """A copy of the committed board grown to `n_records` records by cloning its generator records."""
+    from bench.io import sha256_file, write_json, write_table
+    from bench.leaderboard.record import read_records
+
+    shutil.copytree(BOARD, dest)
+    records = read_records(dest / "records")
+    generators = [r for r in records if r["kind"] == "generator"]
+    i = 0
+    while len(records) < n_records:
+        src = generators[i % len(generators)]
+        old, new = src["generator"]["name"], f"{src['generator']['name']}-clone{i:04d}"
+        rid = f"{src['id'].rsplit('-', 1)[0].replace(old, new)}-{i:08x}"
+        preds = pd.read_parquet(dest / src["predictions"]["file"])
+        preds.loc[preds["generator"] == old, "generator"] = new
+        pred_file = f"predictions/{rid}.parquet"
+        write_table(dest / pred_file, preds)
+        rec = json.loads(json.dumps(src))
+        rec["id"] = rid
+        rec["generator"]["name"] = new
+        rec["metrics"] = _rename(rec["metrics"], old, new)
+        rec["predictions"] = {**rec["predictions"], "file": pred_file, "submitted_sha256": f"{i:064x}"}
+        rec["predictions_sha256"] = sha256_file(dest / pred_file)
+        write_json(dest / "records" / f"{rid}.json", rec)
+        records.append(rec)
+        i += 1
+    return dest
+
+
+def fill_cache(board: Path) -> None:
+    """What each record's `submit` leaves behind: its scores under its cache key."""
+    from bench.io import sha256_file
+    from bench.leaderboard.config import board_spec, load_config
+    from bench.leaderboard.key import key_path
+    from bench.leaderboard.record import read_records
+    from bench.leaderboard.spec import remember_scores
+
+    cfg = load_config(board)
+    records = read_records(cfg.records_dir)
+    _, spec = board_spec(cfg, records)
+    assert cfg.answer_key is not None
+    remember_scores(spec, sha256_file(key_path(cfg.folder, cfg.answer_key.path)), records)
+
+
+def timed_build(board: Path) -> float:
+    from bench.leaderboard.build import build
+
+    t0 = time.perf_counter()
+    build(board)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=1000, help="records on the warm board (default 1000)")
+    ap.add_argument("--cold-records", type=int, default=8, help="records on the cold board (default 8)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where to build the boards (default: a temp dir)"
+    )
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="perf-leaderboard-", dir=args.workdir))
+    os.environ["MEDSYNBENCH_CACHE"] = str(work / "cache")
+    from bench.leaderboard.spec import cache_file
+
+    try:
+        print(f"cores: {len(os.sched_getaffinity(0))}", flush=True)
+        cold = make_board(work / "cold", args.cold_records)
+        cache_file().unlink(missing_ok=True)
+        s = timed_build(cold)
+        print(
+            f"cold build, {args.cold_records} records: {s:.1f} s, {s / args.cold_records:.3f} s per record",
+            flush=True,
+        )
+
+        t0 = time.perf_counter()
+        warm = make_board(work / "warm", args.records)
+        print(f"(made {args.records} records in {time.perf_counter() - t0:.1f} s)", flush=True)
+        fill_cache(warm)
+        s = timed_build(warm)
+        print(
+            f"warm build, {args.records} records: {s:.1f} s, {s / args.records:.4f} s per record", flush=True
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
