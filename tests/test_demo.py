@@ -103,11 +103,45 @@ def _check_common(out: Path, summary: dict) -> None:
     assert not leaks, leaks[:10]
 
 
+# What the demo writes to share: pages and records, reports, fidelity and privacy results, generator cards. Run
+# internals (matrix.json, each run's config.json, W&B offline logs, demo.json) stay on the machine that ran them.
+SHARED = ("leaderboard", "run/evaluation", "run/fidelity", "run/privacy", "synthetic/*/card.*")
+
+
+def _local_path_leaks(out: Path) -> list[tuple[str, str]]:
+    """Shared files that name the demo's own absolute folder (or the folder it resolves to)."""
+    needles = {str(out), str(out.resolve())}
+    found = []
+    for pattern in SHARED:
+        for root in out.glob(pattern):
+            for f in [root] if root.is_file() else root.rglob("*"):
+                if not f.is_file():
+                    continue
+                if f.suffix == ".parquet":
+                    text = pd.read_parquet(f).astype(str).to_csv()
+                else:
+                    text = f.read_bytes().decode("latin-1")
+                found += [(str(f.relative_to(out)), n) for n in needles if n in text]
+    return found
+
+
 @pytest.mark.slow
 def test_demo_smoke_end_to_end(tmp_path):
     out = tmp_path / "demo"
     summary = _run_demo(out, "smoke")
     _check_common(out, summary)
+    # Nothing meant to leave the machine holds an absolute local path.
+    assert _local_path_leaks(out) == []
+
+
+def test_the_local_path_scan_finds_a_path(tmp_path):
+    out = tmp_path / "demo"
+    (out / "run" / "fidelity" / "g").mkdir(parents=True)
+    (out / "run" / "fidelity" / "g" / "fidelity.json").write_text(
+        f'{{"weights": "{out}/run/x/checkpoint.pt"}}'
+    )
+    (out / "run" / "matrix.json").write_text(f'{{"path": "{out}/data/manifest.parquet"}}')
+    assert _local_path_leaks(out) == [("run/fidelity/g/fidelity.json", str(out))]
 
 
 @pytest.mark.slow

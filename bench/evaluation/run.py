@@ -81,7 +81,9 @@ def evaluate_run(
     controls = check_controls(table, comps, read_privacy(run, list(ctl_gens)), task, ctl_gens)
     summary["controls"] = [c.to_dict() for c in controls]
     prepared = prepare_predictions(preds, task, source=src)
-    report = build_report(table, comps, summary, task, Settings(n_boot, seed, mp, mpos, source=src), prepared)
+    # The report is shared: it names the run folder, not where it lies on this machine.
+    settings = Settings(n_boot, seed, mp, mpos, source=Path(src).name)
+    report = build_report(table, comps, summary, task, settings, prepared)
     # Controls come first: a failed control matters more than any ranking below it.
     report.blocks[0:0] = controls_blocks(controls)
     fidelity_section(report, read_fidelity(run), summary)

@@ -13,24 +13,37 @@ from bench.errors import BadInput
 from bench.leaderboard.build import board_rows
 from bench.leaderboard.config import load_config
 from bench.leaderboard.record import read_records
+from bench.leaderboard.render import columns
 
 MODES = ("offline", "online")
 
 
+# Leading identity columns of the table; the estimate columns follow the page's, in the page's order.
+_IDENTITY = [
+    ("rank", "rank"),
+    ("rank_low", "rank_low"),
+    ("rank_high", "rank_high"),
+    ("tie_group", "tie_group"),
+    ("generator", "name"),
+    ("kind", "kind"),
+    ("version", "version"),
+    ("submitter", "submitter"),
+    ("record_id", "id"),
+    ("headline_regime", "headline_regime"),
+]
+# Page columns that are not estimates (shown above, or as text below).
+_NOT_ESTIMATES = {"rank", "tie_group", "name", "contamination", "pareto"}
+
+
+def estimate_keys() -> list[str]:
+    """The page's estimate columns (`bench.leaderboard.render.columns`: fixed ones, every metric registered with a
+    leaderboard header, the fidelity columns), so a new leaderboard metric reaches the W&B table too."""
+    return [k for k, _, _ in columns() if k not in _NOT_ESTIMATES]
+
+
 def table_columns() -> list[str]:
-    cols = [
-        "rank",
-        "rank_low",
-        "rank_high",
-        "tie_group",
-        "generator",
-        "kind",
-        "version",
-        "submitter",
-        "record_id",
-        "headline_regime",
-    ]
-    for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
+    cols = [name for name, _ in _IDENTITY]
+    for k in estimate_keys():
         cols += [k, f"{k}_ci_low", f"{k}_ci_high"]
     return [*cols, "worst_group", "gap_groups", "contamination", "pareto"]
 
@@ -38,20 +51,10 @@ def table_columns() -> list[str]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     for r in rows:
-        vals: list[Any] = [
-            r["rank"],
-            r["rank_low"],
-            r["rank_high"],
-            r["tie_group"],
-            r["name"],
-            r["kind"],
-            r.get("version") or "",
-            r["submitter"],
-            r["id"],
-            r["headline_regime"],
-        ]
-        for k in ("utility", "ratio", "gain", "rescue", "worst", "gap", "ece", "memorization"):
-            e = r.get(k) or {}
+        vals: list[Any] = [r.get(key) if key != "version" else (r.get(key) or "") for _, key in _IDENTITY]
+        for k in estimate_keys():
+            e = r.get(k)
+            e = e if isinstance(e, dict) else {}
             vals += [e.get("value"), e.get("ci_low"), e.get("ci_high")]
         vals += [
             (r.get("worst") or {}).get("group") or "",

@@ -1,8 +1,8 @@
 """Re-scoring a submission from its predictions: the numbers a record carries.
 
 Every number comes from bench.metrics on the predictions themselves (reported numbers are never read):
-`evaluate_predictions` for each regime's primary metric and the headline regime's worst subgroup, subgroup gap and
-calibration error (via `summarize`), `compare_to_baseline` for the paired ratio and differences against the
+`evaluate_predictions` for each regime's primary metric, the headline regime's worst subgroup and subgroup gap (via
+`summarize`) and every metric the registry gives a leaderboard column (`columns`, calibration error among them), `compare_to_baseline` for the paired ratio and differences against the
 real-only runs of the same submission. All use the same patient-clustered bootstrap (patients resampled within
 site x label strata, training seeds averaged inside each replicate) with the leaderboard's replicate count and
 seed, so a record is reproducible from its stored predictions.
@@ -175,7 +175,7 @@ def score_submission(
 
     summary = summarize(table, None, task)
     run = next(x for x in summary["runs"] if x["generator"] == gen_of[headline] and x["regime"] == headline)
-    worst = gap = ece = None
+    worst = gap = None
     w = run.get("worst_subgroup_auroc")
     if w and w.get("value") is not None:
         rows_ = table[
@@ -203,13 +203,6 @@ def score_submission(
             "groups": groups,
             **_est(g["value"], g["ci_low"], g["ci_high"]),
         }
-    e = run.get("ece")
-    if e and e.get("value") is not None:
-        ece = {
-            "metric": f"ece ({task.metrics.ece_bins} equal-width bins, top label)",
-            **_est(e["value"], e["ci_low"], e["ci_high"]),
-        }
-
     # Tasks with several images per patient also score patients (mean of their images' probabilities).
     patient = None
     prow = table[
@@ -247,7 +240,6 @@ def score_submission(
         "scarcity_rescue": rescue,
         "worst_subgroup": worst,
         "largest_gap": gap,
-        "calibration_error": ece,
         "columns": columns,
     }
     if patient is not None:
