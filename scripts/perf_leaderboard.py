@@ -1,9 +1,10 @@
 """How long `leaderboard build` takes per record, with a cold and a warm score cache, on a board of many records.
 
 The board is the committed mediastinal-neoplasm board (real record and prediction sizes) with its generator records
-cloned under new generator names until it holds `--records` records. A clone's predictions differ from its
-original's only in the generator column, so its scores are the original's (with the generator name) and the board
-is valid: every clone has its own predictions hash, cache key and ranked row.
+cloned until it holds `--records` records. A clone is its original under a new record id, with its own copy of the
+predictions file: the board is valid, every clone is verified, joined to the answer key and ranked on its own row.
+(Clones keep the generator's name: the bootstrap's random streams are keyed by it, so a renamed clone would score
+differently from its original.)
 
 - warm: the score cache holds every record's scores (as after each record's `submit`); the build verifies the
   records, reads the scores, ranks every record against the others and writes the pages.
@@ -24,23 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parents[1]
 BOARD = ROOT / "leaderboards" / "mediastinal-neoplasm"
 
 
-def _rename(value, old: str, new: str):
-    if isinstance(value, dict):
-        return {k: _rename(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rename(v, old, new) for v in value]
-    return new if value == old else value
-
-
 def make_board(dest: Path, n_records: int) -> Path:
     """A copy of the committed board grown to `n_records` records by cloning its generator records."""
-    from bench.io import sha256_file, write_json, write_table
+    from bench.io import write_json
     from bench.leaderboard.record import read_records
 
     shutil.copytree(BOARD, dest)
@@ -49,18 +40,12 @@ def make_board(dest: Path, n_records: int) -> Path:
     i = 0
     while len(records) < n_records:
         src = generators[i % len(generators)]
-        old, new = src["generator"]["name"], f"{src['generator']['name']}-clone{i:04d}"
-        rid = f"{src['id'].rsplit('-', 1)[0].replace(old, new)}-{i:08x}"
-        preds = pd.read_parquet(dest / src["predictions"]["file"])
-        preds.loc[preds["generator"] == old, "generator"] = new
+        rid = f"{src['id']}-clone{i:05d}"
         pred_file = f"predictions/{rid}.parquet"
-        write_table(dest / pred_file, preds)
+        shutil.copyfile(dest / src["predictions"]["file"], dest / pred_file)
         rec = json.loads(json.dumps(src))
         rec["id"] = rid
-        rec["generator"]["name"] = new
-        rec["metrics"] = _rename(rec["metrics"], old, new)
         rec["predictions"] = {**rec["predictions"], "file": pred_file, "submitted_sha256": f"{i:064x}"}
-        rec["predictions_sha256"] = sha256_file(dest / pred_file)
         write_json(dest / "records" / f"{rid}.json", rec)
         records.append(rec)
         i += 1
@@ -70,6 +55,7 @@ def make_board(dest: Path, n_records: int) -> Path:
 def fill_cache(board: Path) -> None:
     """What each record's `submit` leaves behind: its scores under its cache key."""
     from bench.io import sha256_file
+    from bench.leaderboard.checks import cacheable_checks
     from bench.leaderboard.config import board_spec, load_config
     from bench.leaderboard.key import key_path
     from bench.leaderboard.record import read_records
@@ -79,7 +65,9 @@ def fill_cache(board: Path) -> None:
     records = read_records(cfg.records_dir)
     _, spec = board_spec(cfg, records)
     assert cfg.answer_key is not None
-    remember_scores(spec, sha256_file(key_path(cfg.folder, cfg.answer_key.path)), records)
+    remember_scores(
+        spec, sha256_file(key_path(cfg.folder, cfg.answer_key.path)), records, passed=cacheable_checks()
+    )
 
 
 def timed_build(board: Path) -> float:

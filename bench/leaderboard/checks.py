@@ -15,7 +15,7 @@ calls `service_prediction_problems` and `service_exclusion`, which run the entri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.evaluation.controls import failures
 from bench.leaderboard import collect as C
-from bench.leaderboard.key import AnswerKey, row_names
+from bench.leaderboard.key import AnswerKey
 from bench.leaderboard.record import local_paths
 from bench.leaderboard.spec import ScoringSpec
 from bench.runfolder import BASELINE
@@ -45,6 +45,9 @@ class Check:
     stage: str
     where: frozenset[str]
     run: Callable[[Any], list[str]]
+    # A record check whose answer depends only on what the score cache key holds (the predictions, the answer key,
+    # the generator): a cache entry records that it passed, and a build that finds the entry need not run it again.
+    cacheable: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ record stage
@@ -72,7 +75,7 @@ def _no_local_paths(c: RecordCase) -> list[str]:
 def _own_predictions(c: RecordCase) -> list[str]:
     gen = c.record["generator"]["name"]
     df = c.predictions
-    gens = set(df["generator"].astype(str)) if "generator" in df.columns else set()
+    gens = set(df["generator"].astype(str).unique()) if "generator" in df.columns else set()
     if gen not in gens or gens - {gen, BASELINE}:
         return [
             f"record {c.rid}: its predictions file holds generator(s) {sorted(gens)}, not {gen!r} (and "
@@ -81,9 +84,21 @@ def _own_predictions(c: RecordCase) -> list[str]:
     return []
 
 
+class _RowNames:
+    """`row_names` computed for the rows a problem names only: a board of many records is checked often and its
+    predictions almost never disagree with the key."""
+
+    def __init__(self, predictions: pd.DataFrame, where: str) -> None:
+        self.predictions, self.where = predictions, where
+
+    def __getitem__(self, label: Any) -> str:
+        pos = self.predictions.index.get_loc(label)
+        return f"{self.where}row {pos + 1} (case {self.predictions['case_id'].iloc[pos]})"
+
+
 def _agrees_with_key(c: RecordCase) -> list[str]:
     where = (c.record.get("predictions") or {}).get("file", "predictions")
-    found = c.key.cross_check(c.predictions, row_names(c.predictions, f"{where} "))
+    found = c.key.cross_check(c.predictions, _RowNames(c.predictions, f"{where} "))  # type: ignore[arg-type]
     return [f"record {c.rid}: {p}" for p in found]
 
 
@@ -227,6 +242,7 @@ CHECKS: list[Check] = [
         "record",
         _BOARD,
         _own_predictions,
+        cacheable=True,
     ),
     Check(
         "answer-key",
@@ -234,6 +250,7 @@ CHECKS: list[Check] = [
         "record",
         _BOTH,
         _agrees_with_key,
+        cacheable=True,
     ),
     Check(
         "scoring-spec",
@@ -267,13 +284,20 @@ def checks(stage: str, where: str = BOARD) -> list[Check]:
     return [c for c in CHECKS if c.stage == stage and where in c.where]
 
 
-def run_checks(stage: str, context: Any, where: str = BOARD) -> list[str]:
-    return [p for c in checks(stage, where) for p in c.run(context)]
+def run_checks(stage: str, context: Any, where: str = BOARD, skip: Iterable[str] = ()) -> list[str]:
+    skip = set(skip)
+    return [p for c in checks(stage, where) if c.name not in skip for p in c.run(context)]
 
 
-def record_problems(case: RecordCase, where: str = BOARD) -> list[str]:
-    """Every record-stage problem of one stored record."""
-    return run_checks("record", case, where)
+def cacheable_checks() -> list[str]:
+    """Names of the record checks a score cache entry can vouch for."""
+    return [c.name for c in CHECKS if c.stage == "record" and c.cacheable]
+
+
+def record_problems(case: RecordCase, where: str = BOARD, skip: Iterable[str] = ()) -> list[str]:
+    """Every record-stage problem of one stored record; `skip`: cacheable checks a cache entry says passed."""
+    cacheable = set(cacheable_checks())
+    return run_checks("record", case, where, [s for s in skip if s in cacheable])
 
 
 def exclusion(record: Mapping[str, Any], rules: Any, where: str = BOARD) -> str | None:

@@ -13,6 +13,7 @@ public data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,11 @@ class AnswerKey:
             raise BadInput(f"answer key part {name!r}: allowed {list(PARTS)}")
         return AnswerKey(self.df[self.df["part"] == name].reset_index(drop=True), self.subgroup_columns)
 
+    @functools.cached_property
+    def case_id_set(self) -> frozenset[str]:
+        """The key's case ids (computed once: a board joins every record to the same key)."""
+        return frozenset(self.df["case_id"].astype(str).unique())
+
     def _keyed_columns(self) -> dict[str, str]:
         return {**KEYED, **{c: c for c in self.subgroup_columns}}
 
@@ -230,7 +236,8 @@ class AnswerKey:
         predict every case of the key exactly once, else MissingCases.
         """
         ids = predictions["case_id"].astype(str)
-        known = ids.isin(set(self.df["case_id"]))
+        key_ids = self.case_id_set
+        known = ids.isin(key_ids)
         claims_eval = (
             predictions["split"].astype(str).isin(SCORED_SPLITS)
             if "split" in predictions.columns
@@ -256,7 +263,7 @@ class AnswerKey:
                 problems.append(
                     f"run ({run}): {len(dup)} case(s) predicted more than once (e.g. {_examples(dup)})"
                 )
-            missing = sorted(set(self.df["case_id"]) - set(g["case_id"]))
+            missing = sorted(key_ids - set(g["case_id"].unique()))
             if missing:
                 problems.append(
                     f"run ({run}): {len(missing)} of the {n} evaluation case(s) not predicted "

@@ -237,7 +237,7 @@ def read_cache() -> dict[str, Any]:
 
 
 def write_cache(cache: dict[str, Any], fresh: dict[str, Any]) -> None:
-    if fresh.keys() - cache.keys():
+    if any(cache.get(k) != v for k, v in fresh.items()):
         # A cache that cannot be written only makes the next build slower.
         with contextlib.suppress(OSError):
             write_json(cache_file(), {**cache, **fresh})
@@ -250,14 +250,17 @@ def cached_scores(cache: Mapping[str, Any], key: str) -> tuple[dict[str, Any], s
     return None
 
 
-def remember_scores(spec: ScoringSpec, key_sha256: str, records: Sequence[Mapping[str, Any]]) -> None:
+def remember_scores(
+    spec: ScoringSpec, key_sha256: str, records: Sequence[Mapping[str, Any]], passed: Sequence[str] = ()
+) -> None:
     """Put scores just computed for `records` (written to the board) where `build` looks first: the same function
-    of the same predictions, key and spec, so the next build need not recompute them. A build on another machine,
-    without this cache, recomputes every number."""
+    of the same predictions, key and spec, so the next build need not recompute them. `passed`: cacheable record
+    checks these predictions passed. A build on another machine, without this cache, recomputes every number."""
     fresh = {
         spec.cache_key(r["predictions_sha256"], key_sha256, r["generator"]["name"]): {
             "metrics": json.loads(json.dumps(r["metrics"])),
             "split": r["evaluation"]["split"],
+            "passed": list(passed),
         }
         for r in records
     }

@@ -24,7 +24,7 @@ from bench import __version__
 from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
 from bench.leaderboard.archive import opened_run
-from bench.leaderboard.checks import collect
+from bench.leaderboard.checks import cacheable_checks, collect
 from bench.leaderboard.collect import (
     Run,
     Submission,
@@ -387,6 +387,10 @@ def submit(
     done = write_records(cfg, scored)
     assert cfg.answer_key is not None
     remember_scores(
-        ScoringSpec.for_board(cfg, sub.task), sha256_file(key_path(cfg.folder, cfg.answer_key.path)), done
+        ScoringSpec.for_board(cfg, sub.task),
+        sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
+        done,
+        # The records hold the key's own labels and only their generator and the reference, by construction.
+        passed=cacheable_checks(),
     )
     return done
