@@ -18,6 +18,7 @@ import pandas as pd
 
 from bench.metrics import compare_to_baseline, evaluate_predictions, get_metric, reported, summarize
 from bench.metrics.compare import headline_split
+from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
 
@@ -32,17 +33,6 @@ def _num(x: Any) -> float | None:
 
 def _est(value: Any, lo: Any, hi: Any) -> dict[str, float | None]:
     return {"value": _num(value), "ci_low": _num(lo), "ci_high": _num(hi)}
-
-
-def _row_est(row: pd.Series) -> dict[str, Any]:
-    """A metric-table row as a stored estimate; one that is not `ok` (undefined, or too few patients for an
-    interval) also keeps its status and the table's reason, so the record says why a number or interval is absent."""
-    out: dict[str, Any] = _est(row["value"], row["ci_low"], row["ci_high"])
-    status = str(row.get("status", "ok"))
-    if status != "ok":
-        out["status"] = status
-        out["reason"] = str(row.get("reason") or "")
-    return out
 
 
 def _comparison(comp: pd.DataFrame, gen: str, regime: str, metric: str, split: str) -> pd.Series | None:
@@ -131,17 +121,13 @@ def score_submission(
     else:
         headline = "synthetic" if "synthetic" in own else own[0]
 
+    mt = MetricTable(table)
     out_regimes = {}
     for r in regimes:
-        row = table[
-            (table["generator"] == gen_of[r])
-            & (table["regime"] == r)
-            & (table["metric"] == primary)
-            & (table["split"] == split)
-            & (table["scope"] == "overall")
-        ].iloc[0]
+        row = mt.one(primary, split=split, generator=gen_of[r], regime=r)
+        assert row is not None  # every arm of the predictions has an overall row on the headline split
         out_regimes[r] = {
-            **_row_est(row),
+            **MetricTable.estimate(row),
             "n_cases": int(row["n_cases"]),
             "n_patients": int(row["n_patients"]),
             "n_seeds": int(seeds_of[r]),
@@ -178,20 +164,20 @@ def score_submission(
     worst = gap = None
     w = run.get("worst_subgroup_auroc")
     if w and w.get("value") is not None:
-        rows_ = table[
-            (table["generator"] == gen_of[headline])
-            & (table["regime"] == headline)
-            & (table["scope"] == "subgroup")
-            & (table["split"] == split)
-            & (table["group_by"] == w["group_by"])
-            & (table["group"] == w["group"])
-            & (table["metric"] == summary["auroc_metric"])
-        ]
+        wrow = mt.one(
+            summary["auroc_metric"],
+            split=split,
+            scope="subgroup",
+            group_by=w["group_by"],
+            group=w["group"],
+            generator=gen_of[headline],
+            regime=headline,
+        )
         worst = {
             "metric": summary["auroc_metric"],
             "group_by": str(w["group_by"]),
             "group": str(w["group"]),
-            "n_patients": int(rows_["n_patients"].iloc[0]) if len(rows_) else int(w["n_patients"]),
+            "n_patients": int(wrow["n_patients"]) if wrow is not None else int(w["n_patients"]),
             **_est(w["value"], w["ci_low"], w["ci_high"]),
         }
     g = run.get("largest_subgroup_gap")
@@ -205,32 +191,20 @@ def score_submission(
         }
     # Tasks with several images per patient also score patients (mean of their images' probabilities).
     patient = None
-    prow = table[
-        (table["generator"] == gen_of[headline])
-        & (table["regime"] == headline)
-        & (table["metric"] == primary)
-        & (table["split"] == split)
-        & (table["scope"] == "patient")
-    ]
-    if len(prow):
+    prow = mt.one(primary, split=split, scope="patient", generator=gen_of[headline], regime=headline)
+    if prow is not None:
         patient = {
             "metric": primary,
             "aggregation": task.metrics.patient_aggregation,
-            "n_patients": int(prow["n_patients"].iloc[0]),
-            **_row_est(prow.iloc[0]),
+            "n_patients": int(prow["n_patients"]),
+            **MetricTable.estimate(prow),
         }
 
     columns = {}
     for m in reported("leaderboard"):
-        r = table[
-            (table["generator"] == gen_of[headline])
-            & (table["regime"] == headline)
-            & (table["metric"] == m.name)
-            & (table["split"] == split)
-            & (table["scope"] == "overall")
-        ]
-        if len(r):
-            columns[m.name] = {"metric": m.name, **_row_est(r.iloc[0])}
+        est = mt.overall(m.name, split, generator=gen_of[headline], regime=headline)
+        if est is not None:
+            columns[m.name] = {"metric": m.name, **est}
 
     metrics = {
         "headline_regime": headline,
