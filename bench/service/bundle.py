@@ -66,21 +66,66 @@ def unpack_bundle(path: Path, dest: Path, max_unpacked: int) -> tuple[Path, Path
     return root, root / LABELS_FILE, card
 
 
-def read_predictions(data: bytes | Path, filename: str) -> pd.DataFrame:
-    """A predictions table; BadInput naming the file when it cannot be read."""
+MAX_PREDICTION_ROWS = 1_000_000
+MAX_PREDICTION_COLUMNS = 200
+_MAX_HEADER = 1 << 16
+
+
+def _check_shape(filename: str, rows: int | None, columns: int, max_rows: int, max_columns: int) -> None:
+    if columns > max_columns:
+        raise BadInput(f"{filename}: {columns:,} columns, more than the limit of {max_columns:,}")
+    if rows is not None and rows > max_rows:
+        raise BadInput(f"{filename}: {rows:,} rows, more than the limit of {max_rows:,}")
+
+
+def read_predictions(
+    data: bytes | Path,
+    filename: str,
+    max_rows: int = MAX_PREDICTION_ROWS,
+    max_columns: int = MAX_PREDICTION_COLUMNS,
+) -> pd.DataFrame:
+    """A predictions table; BadInput naming the file when it cannot be read or is larger than the limits.
+
+    The limits are checked before the table is loaded: a Parquet file's row and column counts come from its
+    metadata (a few kB can declare millions of rows), a CSV's columns from its first line and its rows while read.
+    """
     src = io.BytesIO(data) if isinstance(data, bytes) else data
+    kind = Path(filename).suffix[1:]
     try:
         if filename.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(src).metadata
+            _check_shape(filename, meta.num_rows, meta.num_columns, max_rows, max_columns)
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
             df = pd.read_parquet(src)
         else:
-            df = pd.read_csv(src, dtype={"case_id": str})
+            head = _first_line(src, filename)
+            _check_shape(filename, None, head.count(b",") + 1, max_rows, max_columns)
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
+            df = pd.read_csv(src, dtype={"case_id": str}, nrows=max_rows + 1)
+            _check_shape(filename, len(df), len(df.columns), max_rows, max_columns)
+    except BadInput:
+        raise
     except Exception as e:  # noqa: BLE001 - any parser failure is the file's fault
-        raise BadInput(
-            f"{filename}: not a readable {Path(filename).suffix[1:]} table: {type(e).__name__}"
-        ) from e
+        raise BadInput(f"{filename}: not a readable {kind} table: {type(e).__name__}") from e
     if df.empty:
         raise BadInput(f"{filename}: no rows")
     return df
+
+
+def _first_line(src: io.BytesIO | Path, filename: str) -> bytes:
+    if isinstance(src, io.BytesIO):
+        head = src.read(_MAX_HEADER)
+    else:
+        with open(src, "rb") as f:
+            head = f.read(_MAX_HEADER)
+    line, nl, _ = head.partition(b"\n")
+    if not nl and len(head) == _MAX_HEADER:
+        raise BadInput(f"{filename}: header line longer than {_MAX_HEADER:,} bytes")
+    return line
 
 
 def rename(e: BadInput, path: Path, filename: str) -> BadInput:
