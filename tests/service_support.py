@@ -62,6 +62,7 @@ def make_service(tmp: Path, database: str | None = None, **overrides) -> Path:
     svc.mkdir(parents=True, exist_ok=True)
     path = svc / "service.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.chmod(0o600)  # it holds id_salt
     host = Host.from_file(path)
     if database:  # a shared server: start from empty tables
         from bench.service.db import Base

@@ -285,11 +285,12 @@ def test_bad_predictions_are_400_with_every_problem(service):
     r = submit(c, token, "predictions", "p.csv", bad.to_csv(index=False).encode())
     assert r.status_code == 400
     problems = r.json()["detail"] + " | ".join(r.json()["problems"])
-    assert "does not hold" in problems
-    # the file's second data row holds prob_disc 1.7: named by its row, as `bench.metrics.validate` names rows
-    assert "row 2 (case_id " in problems and "a probability is above 1" in problems
+    assert "row(s) 1: not an evaluation case of this board" in problems
+    # the file's second data row holds prob_disc 1.7: named by its row number, never by an id
+    assert "row 2: a probability is above 1" in problems
     assert "probabilities do not sum to 1" in problems
-    assert sum(p.startswith("row ") for p in r.json()["problems"]) == 2  # no other row is blamed
+    assert "not-a-case" not in problems and "case_id '" not in problems
+    assert sum(p.startswith("row 2") for p in r.json()["problems"]) == 2  # no other row is blamed
     r = submit(c, token, "predictions", "p.csv", df.iloc[3:].to_csv(index=False).encode())
     assert r.status_code == 400 and "3 of the" in " ".join(r.json()["problems"])  # 3 cases not predicted
     r = submit(c, token, "predictions", "p.csv", b"\xff\xfe\x00garbage")
@@ -519,7 +520,8 @@ def test_a_predictions_file_holding_several_runs_is_rejected_before_scoring():
     key, preds, task = _key_and_predictions(seed=2, patients_per_site=6)
     two = pd.concat([preds.assign(seed=0), preds.assign(seed=1)], ignore_index=True)
     problems = validate_predictions(key, two, task)
-    assert any(f"{len(preds)} case(s) predicted more than once" in p for p in problems), problems
+    n = len(preds)
+    assert any(f"and {n - 5} more: a case predicted more than once" in p for p in problems), problems
     assert validate_predictions(key, preds.assign(seed=0), task) == []
 
 

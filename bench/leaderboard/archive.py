@@ -80,7 +80,7 @@ class _Inflated(io.RawIOBase):
     hold gigabytes of zeros or long-name headers, and tarfile would otherwise read them all."""
 
     def __init__(self, path: Path, cap: int) -> None:
-        self._gz = gzip.open(path, "rb")
+        self._gz = gzip.open(path, "rb")  # noqa: SIM115 - closed by close(), this object is the context
         self.cap, self.read_bytes = cap, 0
 
     def readable(self) -> bool:
@@ -141,9 +141,7 @@ def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
         elif info.flag_bits & 0x1:
             kind = "encrypted (send the bundle without a password)"
         elif info.compress_type not in _ZIP_METHODS:
-            kind = (
-                f"compression method {info.compress_type} (use one of {', '.join(_ZIP_METHODS.values())})"
-            )
+            kind = f"compression method {info.compress_type} (use one of {', '.join(_ZIP_METHODS.values())})"
         else:
             kind = "file"
         out.append(_Member(info.filename, info.file_size, kind))

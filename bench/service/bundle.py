@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.leaderboard.archive import extract_archive, inspect_archive, is_archive
+from bench.leaderboard.archive import MAX_MEMBERS, extract_archive, inspect_archive, is_archive
 
 KINDS = ("synthetic", "predictions")
 PREDICTION_SUFFIXES = (".csv", ".parquet")
@@ -21,7 +21,12 @@ LABELS_FILE = "labels.csv"
 CARD_FILES = ("card.yaml", "card.yml", "card.json")
 
 
+MAX_FILENAME = 200
+
+
 def check_filename(kind: str, filename: str) -> None:
+    if len(filename) > MAX_FILENAME:
+        raise BadInput(f"file name of {len(filename)} characters: the limit is {MAX_FILENAME}")
     if kind not in KINDS:
         raise BadInput(f"field 'kind': {kind!r} is not one of {list(KINDS)}")
     name = filename.lower()
@@ -40,10 +45,16 @@ def _top(names: list[str]) -> str | None:
     return None
 
 
-def check_bundle(path: Path, filename: str, max_unpacked: int) -> None:
-    """Reject an unsafe or incomplete bundle before it is queued; messages name the uploaded file, not our copy."""
+def check_bundle(path: Path, filename: str, max_unpacked: int, max_members: int = MAX_MEMBERS) -> None:
+    """Reject an unsafe or incomplete bundle before it is queued; messages name the uploaded file, not our copy.
+
+    Every check the worker's unpacking makes of the archive's index is made here, so that a bundle the worker
+    would refuse costs no quota."""
     try:
-        members = inspect_archive(path, max_unpacked)
+        # Headers and padding on top of the files: a tar.gz inflating further than this is not a bundle.
+        members = inspect_archive(
+            path, max_unpacked, max_members, max_unpacked + max_members * 1024 + (1 << 20)
+        )
     except BadInput as e:
         raise rename(e, path, filename) from None
     files = [str(PurePosixPath(m.name.replace("\\", "/"))) for m in members if m.kind == "file"]

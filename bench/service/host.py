@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,19 @@ class Host:
         return cls(load_settings(path))
 
     def init(self) -> None:
+        """Tables and folders; everything created here is the owner's only (uploads and the database are the
+        teams' work and hold token hashes)."""
+        url = self.settings.database
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            path = Path(url[len("sqlite:///") :])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.settings.storage.mkdir(mode=0o700, parents=True, exist_ok=True)
         db.init_db(self.engine)
-        for d in (self.uploads, self.records, self.page_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.uploads, self.records, self.work):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.page_dir.mkdir(parents=True, exist_ok=True)  # the published page
 
     @property
     def uploads(self) -> Path:
@@ -73,8 +84,15 @@ class Host:
         long_ids = sorted((i for i in ids if len(i) >= 4), key=len, reverse=True)
         return re.compile("|".join(map(re.escape, long_ids))) if long_ids else None
 
+    def hide_paths(self, text: str) -> str:
+        """Host paths replaced by `<host>`; nothing else touched (see `redact`)."""
+        for p in self.settings.host_paths():
+            text = text.replace(p, "<host>")
+        return text
+
     def redact(self, text: str) -> str:
-        """A message safe to show a team: no host paths, no real identifiers."""
+        """No host paths, no real identifiers: for the host's own messages (logs). Never for text a team wrote: that
+        an id of theirs comes back hidden would tell them the host holds it (use `hide_paths`)."""
         for p in self.settings.host_paths():
             text = text.replace(p, "<host>")
         pat = self._secrets
