@@ -241,3 +241,37 @@ def in_thread(fn, *args):
 
 def dump(obj) -> str:
     return json.dumps(obj)
+
+
+# -- jobs for bench.service.sandbox (module-level: a spawned child imports them) ---------------------------------
+
+
+def hog_memory(_: str) -> int:
+    blocks = []
+    for _ in range(64):  # 4 GiB at most: past a 1 GiB limit well before
+        blocks.append(np.ones(64 * 1024 * 1024 // 8))
+    return len(blocks)
+
+
+def spin(_: str) -> int:
+    n = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        n += 1
+    return n
+
+
+def write_big_file(folder: str) -> int:
+    with open(Path(folder) / "big.bin", "wb") as f:
+        for _ in range(16):
+            f.write(b"\0" * (1 << 20))
+    return 16
+
+
+def sleep_long(_: str) -> int:
+    time.sleep(120)
+    return 0
+
+
+def small_job(_: str) -> int:
+    return 42

@@ -10,6 +10,7 @@ heartbeat thread) is shared with them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing as mp
 import signal
 import time
@@ -75,13 +76,23 @@ def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], lim: Limits
         out = ("bad", (e.args[0] if e.args else "", list(e.problems)))
     except MemoryError:
         out = ("limit", "memory")
-    except BaseException:  # noqa: BLE001 - everything else is the host's to read, in its log
-        out = ("error", traceback.format_exc())
+    except BaseException as e:  # noqa: BLE001 - everything else is the host's to read, in its log
+        # Python ignores SIGXFSZ: a write past the file-size limit is an OSError (EFBIG), maybe wrapped.
+        out = ("limit", "file") if _caused_by_efbig(e) else ("error", traceback.format_exc())
     try:
         conn.send(out)
     except MemoryError:
         conn.send(("limit", "memory"))
     conn.close()
+
+
+def _caused_by_efbig(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _from_exit(code: int | None) -> Outcome:
