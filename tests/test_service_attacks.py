@@ -12,9 +12,7 @@ import os
 import signal
 import socket
 import stat
-import tarfile
 import time
-import zipfile
 
 import pandas as pd
 import pytest
@@ -22,12 +20,18 @@ from service_support import (
     POSTGRES_ENV,
     Server,
     add_team,
+    bundle_with_card,
+    encrypted_zip,
+    gzip_bomb,
     leaked,
     make_service,
+    many_member_zip,
     predictions_csv,
     secrets_of,
     submit,
-    synthetic_bundle,
+    tar_gz,
+    yaml_alias_bomb,
+    zip_with_method,
 )
 
 pytest.importorskip("fastapi")
@@ -174,84 +178,14 @@ def test_a_known_and_an_unknown_id_get_the_same_response(service):
 # -- 3 and 4. bombs and what the upload can refuse ----------------------------------------------------------------
 
 
-def _tar_gz(members: dict[str, bytes], n_empty: int = 0) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as t:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        for i in range(n_empty):
-            t.addfile(tarfile.TarInfo(f"e/{i}"), io.BytesIO(b""))
-    return buf.getvalue()
-
-
-def gzip_bomb(inflated: int) -> bytes:
-    """A tar.gz of one member of `inflated` zero bytes (about 1000:1)."""
-
-    class Zeros(io.RawIOBase):
-        def __init__(self, n):
-            self.left = n
-
-        def readable(self):
-            return True
-
-        def readinto(self, b):
-            k = min(len(b), self.left)
-            b[:k] = bytes(k)
-            self.left -= k
-            return k
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as t:
-        info = tarfile.TarInfo("bundle/labels.csv")
-        info.size = inflated
-        t.addfile(info, io.BufferedReader(Zeros(inflated)))
-    return buf.getvalue()
-
-
-def _zip_with_method(method: int) -> bytes:
-    """A bundle whose card is stored with compression `method` (patched into both headers)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("labels.csv", "image,label\n")
-        z.writestr("card.yaml", "name: x\n")
-    data = bytearray(buf.getvalue())
-    for sig, off in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
-        at = data.rfind(sig)  # the card's headers come last
-        data[at + off : at + off + 2] = method.to_bytes(2, "little")
-    return bytes(data)
-
-
-def _encrypted_zip() -> bytes:
-    """A bundle whose card is flagged as encrypted (zipfile cannot write one: the flag is patched in)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("labels.csv", "image,label\n")
-        z.writestr("card.yaml", b"\x00" * 12 + b"name: x\n")
-    data = bytearray(buf.getvalue())
-    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = data.rfind(sig)
-        data[at + off] |= 0x1
-    return bytes(data)
-
-
-def _many_member_zip(n: int) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for i in range(n):
-            z.writestr(f"e/{i}", b"")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     "name,data,cause",
     [
         ("gz.tar.gz", lambda: gzip_bomb(300_000_000), "more than"),
-        ("many.tar.gz", lambda: _tar_gz({}, n_empty=30_000), "more than 1,000 members"),
-        ("many.zip", lambda: _many_member_zip(3_000), "3,000 members"),
-        ("enc.zip", _encrypted_zip, "encrypted"),
-        ("lzw.zip", lambda: _zip_with_method(99), "compression method 99"),
+        ("many.tar.gz", lambda: tar_gz({}, n_empty=30_000), "more than 1,000 members"),
+        ("many.zip", lambda: many_member_zip(3_000), "3,000 members"),
+        ("enc.zip", encrypted_zip, "encrypted"),
+        ("lzw.zip", lambda: zip_with_method(99), "compression method 99"),
     ],
 )
 def test_bombs_and_bundles_the_worker_would_refuse_are_400_quickly_and_free(service, name, data, cause):
@@ -315,18 +249,8 @@ def test_a_yaml_alias_bomb_in_the_card_fails_the_job_naming_the_cause(service):
     """462 bytes of nested aliases once expanded to gigabytes in the worker: now a named failure at once."""
     config, host, c, _ = service
     token = add_team(config, "alpha")
-    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
-    for i in range(1, 10):
-        p, q = chr(96 + i), chr(97 + i)
-        lines.append(f"{q}: &{q} [{','.join([f'*{p}'] * 9)}]")
-    bomb = "\n".join(lines) + "\nname: x\n"
-    assert len(bomb) < 500
-    z = zipfile.ZipFile(io.BytesIO(synthetic_bundle(n_per_class=2)))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as out:
-        for n in z.namelist():
-            out.writestr(n, bomb if n.endswith("card.yaml") else z.read(n))
-    r = submit(c, token, "synthetic", "bomb.zip", buf.getvalue())
+    assert len(yaml_alias_bomb()) < 500
+    r = submit(c, token, "synthetic", "bomb.zip", bundle_with_card(yaml_alias_bomb()))
     assert r.status_code == 202, r.text
     t0 = time.monotonic()
     assert run_worker(host, idle_exit=True) == 1
