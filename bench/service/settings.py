@@ -55,7 +55,8 @@ class WorkerSettings(Strict):
     max_attempts: int = Field(3, ge=1)
     poll_s: float = Field(1.0, gt=0)
     # Each job runs in a child process under these limits (None: no limit); one past a limit is failed, naming it.
-    # The memory limit is on address space (RLIMIT_AS): set it to None for CUDA workers, which map far more.
+    # The memory limit is on address space (RLIMIT_AS); it is not applied to synthetic jobs whose protocol.device
+    # is not cpu (CUDA reserves far more address space than it uses).
     job_memory_bytes: int | None = Field(16 * 1024**3, ge=64 * 1024**2)
     job_cpu_s: int | None = Field(6 * 3600, ge=1, description="CPU seconds of one job, all its threads")
     job_file_bytes: int | None = Field(8 * 1024**3, ge=1024**2, description="largest file a job may write")

@@ -225,9 +225,12 @@ def _job(settings: ServiceSettings, kind: str, upload: str, filename: str, work:
         host.dispose()
 
 
-def job_limits(settings: ServiceSettings) -> Limits:
+def job_limits(settings: ServiceSettings, kind: str = "predictions") -> Limits:
+    """The limits of one job. The address-space limit is left off for a synthetic job that may train on a GPU
+    (protocol.device other than cpu): CUDA reserves far more address space than it ever uses."""
     w = settings.worker
-    return Limits(w.job_memory_bytes, w.job_cpu_s, w.job_file_bytes, w.job_wall_s)
+    on_cpu = kind == "predictions" or (settings.protocol.device or "").startswith("cpu")
+    return Limits(w.job_memory_bytes if on_cpu else None, w.job_cpu_s, w.job_file_bytes, w.job_wall_s)
 
 
 OWNER_FILE = ".owner"
@@ -261,12 +264,12 @@ def clean_work(host: Host) -> int:
     return removed
 
 
-def _reason(host: Host, job: str, outcome: Outcome) -> str | None:
+def _reason(host: Host, job: str, kind: str, outcome: Outcome) -> str | None:
     if outcome.kind == "bad":
         msg, problems = outcome.value
         return "\n".join([msg, *problems]) if problems else msg
     if outcome.kind == "limit":
-        lim = job_limits(host.settings)
+        lim = job_limits(host.settings, kind)
         amount = {
             "memory": lim.memory_bytes and f"{lim.memory_bytes:,} bytes",
             "cpu": lim.cpu_s and f"{lim.cpu_s:,} CPU seconds",
@@ -302,14 +305,14 @@ def process(host: Host, job: str, worker: str) -> str:
         outcome = run_limited(
             _job,
             (host.settings, sub.kind, sub.upload_path, sub.filename, str(work)),
-            job_limits(host.settings),
+            job_limits(host.settings, sub.kind),
             should_stop=lambda: beat.lost,
         )
         if outcome.kind == "stopped":
             log.warning("submission %s: lease lost to another worker; job stopped", job)
             return status
         if outcome.kind != "ok":
-            reason = _reason(host, job, outcome)
+            reason = _reason(host, job, sub.kind, outcome)
             if db.finish(host.engine, job, worker, scores=None, summary=None, reason=reason):
                 status = db.FAILED
             return status
