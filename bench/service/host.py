@@ -1,21 +1,18 @@
-"""What the app and the workers share: settings, the database engine, the task, the answer key, redaction."""
+"""What the app and the workers share: settings, the database engine, the task, the answer key, path hiding."""
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from bench.service import db
-from bench.service.scoring import AnswerKey, load_key, secret_ids
+from bench.service.scoring import AnswerKey, load_key
 from bench.service.settings import ServiceSettings, load_settings
 from bench.tasks import Task, load_task
-
-HIDDEN = "<hidden>"
 
 
 class Host:
@@ -71,32 +68,12 @@ class Host:
     def key(self) -> AnswerKey:
         return load_key(self.settings.answer_key)
 
-    @functools.cached_property
-    def _secrets(self) -> re.Pattern[str] | None:
-        ids = set(secret_ids(self.key))
-        try:
-            from bench.manifest import read_manifest
-
-            df = read_manifest(self.settings.real_manifest).df
-            ids |= set(df["case_id"].astype(str)) | set(df["patient_id"].astype(str))
-        except Exception:  # noqa: BLE001 - redaction must work even if the manifest moved
-            pass
-        long_ids = sorted((i for i in ids if len(i) >= 4), key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, long_ids))) if long_ids else None
-
     def hide_paths(self, text: str) -> str:
-        """Host paths replaced by `<host>`; nothing else touched (see `redact`)."""
+        """Host paths replaced by `<host>`, and nothing else: were the ids the host holds hidden in text a team
+        wrote, that an id comes back hidden would tell the team the host holds it."""
         for p in self.settings.host_paths():
             text = text.replace(p, "<host>")
         return text
-
-    def redact(self, text: str) -> str:
-        """No host paths, no real identifiers: for the host's own messages (logs). Never for text a team wrote: that
-        an id of theirs comes back hidden would tell them the host holds it (use `hide_paths`)."""
-        for p in self.settings.host_paths():
-            text = text.replace(p, "<host>")
-        pat = self._secrets
-        return pat.sub(HIDDEN, text) if pat else text
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,7 +1,7 @@
 """The one place the service meets the leaderboard's answer key.
 
 Everything the service needs from an answer key goes through the functions of this module (`build_key`,
-`load_key`, `salt_ids`, `score_parts`, `secret_ids`), on `bench.leaderboard.key.AnswerKey`.
+`load_key`, `salt_ids`, `validate_predictions`, `score_parts`), on `bench.leaderboard.key.AnswerKey`.
 
 An answer key has one row per evaluation case: salted `case_id` and `patient_id`, `label`, `site`, `split`, the
 task's subgroup columns, and `part` (`public` or `private`). Teams never see it.
@@ -47,11 +47,6 @@ def load_key(path: Path) -> AnswerKey:
 def salt_ids(values: Iterable[Any], salt: str) -> pd.Series:
     """The key's form of real identifiers (a run's predictions carry the raw ones)."""
     return hash_ids(pd.Series(list(values), dtype=object).astype(str), salt)
-
-
-def secret_ids(key: AnswerKey) -> set[str]:
-    """Identifiers no response may contain."""
-    return set(key.df["case_id"].astype(str)) | set(key.df["patient_id"].astype(str))
 
 
 def _one_run(preds: pd.DataFrame) -> pd.DataFrame:
