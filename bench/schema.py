@@ -62,14 +62,70 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
         ) from None
 
 
+# Nodes a document may expand to, aliases counted at every use: a few hundred bytes of nested aliases would
+# otherwise become gigabytes once validated or written out again.
+MAX_YAML_NODES = 1_000_000
+
+
+def _expanded_nodes(root: yaml.Node, budget: int) -> int:
+    """How many nodes `root` stands for with every alias expanded; stops past `budget` or at a cycle."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise BadInput("holds a recursive YAML alias")
+        active.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                n += size(child)
+                if n > budget:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                n += size(k) + size(v)
+                if n > budget:
+                    break
+        active.discard(key)
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
+def safe_load_bounded(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
+    """`yaml.safe_load` that refuses, before constructing anything, a document expanding past `max_nodes` nodes.
+
+    Raises yaml.YAMLError for bad YAML and BadInput (without a file name) for a document over the budget."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node, max_nodes)
+        if n > max_nodes:
+            raise BadInput(
+                f"expands to more than {max_nodes:,} YAML nodes (aliases counted at every use); write it out plainly"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
     p = Path(path)
     text = read_text_file(p, what)
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load_bounded(text)
     except yaml.YAMLError as e:
         raise BadInput(f"{p}: not valid YAML: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"{p}: {what} {e.args[0]}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

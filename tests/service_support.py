@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import zipfile
@@ -62,6 +63,7 @@ def make_service(tmp: Path, database: str | None = None, **overrides) -> Path:
     svc.mkdir(parents=True, exist_ok=True)
     path = svc / "service.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.chmod(0o600)  # it holds id_salt
     host = Host.from_file(path)
     if database:  # a shared server: start from empty tables
         from bench.service.db import Base
@@ -124,6 +126,109 @@ def synthetic_bundle(n_per_class: int = 8, seed: int = 1, name: str = "shapes") 
             "training": {"sites": ["s1"], "n_images": 10},
         }
         z.writestr("bundle/card.yaml", yaml.safe_dump(card))
+    return buf.getvalue()
+
+
+# -- hostile uploads (shared with scripts/perf_service.py) ------------------------------------------------------
+
+
+def tar_gz(members: dict[str, bytes], n_empty: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for i in range(n_empty):
+            t.addfile(tarfile.TarInfo(f"e/{i}"), io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    """A tar.gz of one member of `inflated` zero bytes (about 1000:1)."""
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n):
+            self.left = n
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            k = min(len(b), self.left)
+            b[:k] = bytes(k)
+            self.left -= k
+            return k
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as t:
+        info = tarfile.TarInfo("bundle/labels.csv")
+        info.size = inflated
+        t.addfile(info, io.BufferedReader(Zeros(inflated)))
+    return buf.getvalue()
+
+
+def zip_with_method(method: int) -> bytes:
+    """A bundle whose card is stored with compression `method` (patched into both headers)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("labels.csv", "image,label\n")
+        z.writestr("card.yaml", "name: x\n")
+    data = bytearray(buf.getvalue())
+    for sig, off in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.rfind(sig)  # the card's headers come last
+        data[at + off : at + off + 2] = method.to_bytes(2, "little")
+    return bytes(data)
+
+
+def encrypted_zip() -> bytes:
+    """A bundle whose card is flagged as encrypted (zipfile cannot write one: the flag is patched in)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("labels.csv", "image,label\n")
+        z.writestr("card.yaml", b"\x00" * 12 + b"name: x\n")
+    data = bytearray(buf.getvalue())
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.rfind(sig)
+        data[at + off] |= 0x1
+    return bytes(data)
+
+
+def many_member_zip(n: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(n):
+            z.writestr(f"e/{i}", b"")
+    return buf.getvalue()
+
+
+def parquet_rows_bomb(n: int) -> bytes:
+    """A Parquet file of a few kB declaring `n` rows (one repeated, dictionary-encoded case id)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    col = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array(["a"]))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"case_id": col}), buf)
+    return buf.getvalue()
+
+
+def yaml_alias_bomb() -> str:
+    """Under 500 bytes of YAML standing for 9**10 strings once its aliases are expanded."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 10):
+        p, q = chr(96 + i), chr(97 + i)
+        lines.append(f"{q}: &{q} [{','.join([f'*{p}'] * 9)}]")
+    return "\n".join(lines) + "\nname: x\n"
+
+
+def bundle_with_card(card: str) -> bytes:
+    """A valid synthetic bundle whose card.yaml is `card`."""
+    z = zipfile.ZipFile(io.BytesIO(synthetic_bundle(n_per_class=2)))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for n in z.namelist():
+            out.writestr(n, card if n.endswith("card.yaml") else z.read(n))
     return buf.getvalue()
 
 
@@ -240,3 +345,37 @@ def in_thread(fn, *args):
 
 def dump(obj) -> str:
     return json.dumps(obj)
+
+
+# -- jobs for bench.service.sandbox (module-level: a spawned child imports them) ---------------------------------
+
+
+def hog_memory(_: str) -> int:
+    blocks = []
+    for _ in range(64):  # 4 GiB at most: past a 1 GiB limit well before
+        blocks.append(np.ones(64 * 1024 * 1024 // 8))
+    return len(blocks)
+
+
+def spin(_: str) -> int:
+    n = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        n += 1
+    return n
+
+
+def write_big_file(folder: str) -> int:
+    with open(Path(folder) / "big.bin", "wb") as f:
+        for _ in range(16):
+            f.write(b"\0" * (1 << 20))
+    return 16
+
+
+def sleep_long(_: str) -> int:
+    time.sleep(120)
+    return 0
+
+
+def small_job(_: str) -> int:
+    return 42

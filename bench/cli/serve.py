@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+# Seconds SIGTERM waits for requests in flight before their connections are closed.
+SHUTDOWN_S = 10
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
@@ -39,8 +43,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bench.service.app import create_app
     from bench.service.settings import load_settings
 
-    app = create_app(load_settings(args.config))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config)
+    app = create_app(settings)
+    # uvicorn's own access log prints the query string; bench.service.gate writes one without it.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,
+        # An idle connection and a stalled shutdown end within seconds; a stalled body within
+        # limits.body_timeout_s (bench.service.gate).
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=SHUTDOWN_S,
+    )
     return 0
 
 
@@ -57,6 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
         print(f"processed {n} submission(s)")
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = Host.from_file(args.config)
     host.init()
     n = run_worker(host, once=args.once, idle_exit=args.drain)

@@ -9,6 +9,8 @@ nothing from a bundle is ever unpickled.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import shutil
 import stat
 import tarfile
@@ -57,6 +59,75 @@ def _skipped(name: str) -> bool:
     return name.lower().endswith(SKIPPED_SUFFIXES)
 
 
+# What zipfile can inflate; another method (or an encrypted member) would only fail once a worker unpacks it.
+_ZIP_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+_EOCD = b"PK\x05\x06"
+_EOCD64_LOCATOR = b"PK\x06\x07"
+_TAR_BLOCK = 512
+
+
+class _Stop(Exception):
+    """Raised while reading an archive's index: past a limit, nothing more is read."""
+
+
+class _Inflated(io.RawIOBase):
+    """A gzip stream that stops after `cap` inflated bytes, headers and padding included: a few compressed kB can
+    hold gigabytes of zeros or long-name headers, and tarfile would otherwise read them all."""
+
+    def __init__(self, path: Path, cap: int) -> None:
+        self._gz = gzip.open(path, "rb")  # noqa: SIM115 - closed by close(), this object is the context
+        self.cap, self.read_bytes = cap, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - a writable buffer
+        n = self._gz.readinto(b)
+        self.read_bytes += n
+        if self.read_bytes > self.cap:
+            raise _Stop(f"inflates to more than {self.cap:,} bytes (reading stopped there)")
+        return n
+
+    def close(self) -> None:
+        self._gz.close()
+        super().close()
+
+
+def _inflate_cap(max_bytes: int) -> int:
+    # Room for checkpoints (not counted in max_bytes, still read past), tar headers and padding.
+    return 2 * max_bytes + (64 << 20)
+
+
+@contextlib.contextmanager
+def _open_tar(path: Path, max_inflated: int) -> Iterator[tarfile.TarFile]:
+    with _Inflated(path, max_inflated) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+        yield tf
+
+
+def _zip_entry_count(path: Path) -> int | None:
+    """The member count the zip's end record declares, read before zipfile loads the central directory."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 16) - 22))
+        tail = f.read()
+        at = tail.rfind(_EOCD)
+        if at < 0 or len(tail) < at + 22:
+            return None  # zipfile says what is wrong with it
+        count = int.from_bytes(tail[at + 10 : at + 12], "little")
+        loc = at - 20
+        if count == 0xFFFF and loc >= 0 and tail[loc : loc + 4] == _EOCD64_LOCATOR:
+            f.seek(int.from_bytes(tail[loc + 8 : loc + 16], "little"))
+            rec = f.read(56)
+            if len(rec) == 56:
+                count = int.from_bytes(rec[32:40], "little")
+    return count
+
+
 def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
     out = []
     for info in zf.infolist():
@@ -67,48 +138,81 @@ def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
             kind = "symbolic link"
         elif mode and not stat.S_ISREG(mode) and stat.S_IFMT(mode):
             kind = "special file (device, FIFO or socket)"
+        elif info.flag_bits & 0x1:
+            kind = "encrypted (send the bundle without a password)"
+        elif info.compress_type not in _ZIP_METHODS:
+            kind = f"compression method {info.compress_type} (use one of {', '.join(_ZIP_METHODS.values())})"
         else:
             kind = "file"
         out.append(_Member(info.filename, info.file_size, kind))
     return out
 
 
-def _tar_members(tf: tarfile.TarFile) -> list[_Member]:
-    out = []
-    for m in tf.getmembers():
-        if m.isdir():
-            kind = "dir"
-        elif m.issym():
-            kind = "symbolic link"
-        elif m.islnk():
-            kind = "hard link"
-        elif m.ischr() or m.isblk() or m.isfifo() or m.isdev():
-            kind = "special file (device or FIFO)"
-        elif m.isreg():
-            kind = "file"
-        else:
-            kind = f"unsupported member type {m.type!r}"
-        out.append(_Member(m.name, m.size, kind))
-    return out
+def _tar_kind(m: tarfile.TarInfo) -> str:
+    if m.isdir():
+        return "dir"
+    if m.issym():
+        return "symbolic link"
+    if m.islnk():
+        return "hard link"
+    if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
+        return "special file (device or FIFO)"
+    if m.isreg():
+        return "file"
+    return f"unsupported member type {m.type!r}"
 
 
-def inspect_archive(path: Path, max_bytes: int) -> list[_Member]:
-    """List members; raise BadInput naming every unsafe member (and the size overrun) before any extraction."""
+def _tar_stream(tf: tarfile.TarFile, max_members: int, max_bytes: int) -> Iterator[tarfile.TarInfo]:
+    """Members of a tar read as a stream, stopped as soon as it has too many members or inflates too far.
+
+    In stream mode tarfile still keeps every header it has read; dropping them keeps memory flat however many
+    headers a few compressed kB hold, and the limits act while the gzip stream is inflated, not after.
+    """
+    n = 0
+    declared = 0
+    while (m := tf.next()) is not None:
+        n += 1
+        if n > max_members:
+            raise _Stop(f"more than {max_members:,} members (counting stopped there)")
+        if m.isreg() and not _skipped(m.name):
+            declared += m.size
+        if declared > max_bytes:
+            raise _Stop(f"unpacks to more than the limit of {max_bytes:,} bytes (reading stopped there)")
+        yield m
+        tf.members.clear()
+
+
+def _tar_members(tf: tarfile.TarFile, max_members: int, max_bytes: int) -> list[_Member]:
+    return [_Member(m.name, m.size, _tar_kind(m)) for m in _tar_stream(tf, max_members, max_bytes)]
+
+
+def inspect_archive(
+    path: Path, max_bytes: int, max_members: int = MAX_MEMBERS, max_inflated: int | None = None
+) -> list[_Member]:
+    """List members; raise BadInput naming every unsafe member (and the size overrun) before any extraction.
+
+    Bounded before anything expands: a zip's member count is read from its end record before its index is
+    loaded; a tar.gz is read as a stream, its members counted and the inflated bytes capped while it is read.
+    """
     name = path.name.lower()
+    kind = "zip" if name.endswith(".zip") else "tar.gz"
     try:
-        if name.endswith(".zip"):
+        if kind == "zip":
+            count = _zip_entry_count(path)
+            if count is not None and count > max_members:
+                raise _Stop(f"{count:,} members (more than {max_members:,})")
             with zipfile.ZipFile(path) as zf:
                 members = _zip_members(zf)
         else:
-            with tarfile.open(path, "r:gz") as tf:
-                members = _tar_members(tf)
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
-        raise BadInput(
-            f"{path}: not a readable {'zip' if name.endswith('.zip') else 'tar.gz'} archive: {e}"
-        ) from e
+            with _open_tar(path, max_inflated or _inflate_cap(max_bytes)) as tf:
+                members = _tar_members(tf, max_members, max_bytes)
+    except _Stop as e:
+        raise BadInput(f"{path}: unsafe or oversized archive, nothing was unpacked", [str(e)]) from None
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise BadInput(f"{path}: not a readable {kind} archive: {e}") from e
     problems = []
-    if len(members) > MAX_MEMBERS:
-        problems.append(f"{len(members)} members (more than {MAX_MEMBERS})")
+    if len(members) > max_members:
+        problems.append(f"{len(members)} members (more than {max_members})")
     for m in members:
         bad = _check_name(m.name)
         if bad:
@@ -154,7 +258,7 @@ def extract_archive(path: str | Path, dest: str | Path, max_bytes: int) -> list[
 
     try:
         _extract(path, dest, wanted, budget, written, target)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, gzip.BadGzipFile, tarfile.TarError, EOFError, zlib.error, _Stop) as e:
         raise BadInput(f"{path}: damaged archive, unpacking stopped: {e}") from e
     return written
 
@@ -171,8 +275,8 @@ def _extract(path: Path, dest: Path, wanted: set[str], budget: list[int], writte
                     _copy_limited(src, t, info.file_size, budget, info.filename, path)
                 written.append(info.filename)
     else:
-        with tarfile.open(path, "r:gz") as tf:
-            for m in tf.getmembers():
+        with _open_tar(path, _inflate_cap(budget[0])) as tf:
+            for m in _tar_stream(tf, MAX_MEMBERS, budget[0]):
                 if m.name not in wanted or not m.isreg():
                     continue
                 t = target(m.name)

@@ -202,7 +202,7 @@ class AnswerKey:
     def cross_check(self, predictions: pd.DataFrame, names: pd.Series | None = None) -> list[str]:
         """Every submitted label, site, split, patient or subgroup value that disagrees with the key.
 
-        One problem per column, naming up to five rows (`names`, aligned with `predictions`, says how; default:
+        One problem per column, naming up to five rows and the submitted value (never the key's) (`names`, aligned with `predictions`, says how; default:
         the row number from 1 and the case id). Rows of cases the key does not hold are not compared (see `join`).
         """
         if names is None:
@@ -218,10 +218,10 @@ class AnswerKey:
             want = ref.loc[ids[known], kcol].to_numpy()
             bad = got.to_numpy() != want
             if bad.any():
+                # The submitted value only: echoing the key's would answer a guess with the label (or site, split,
+                # subgroup) of the case, one request at a time.
                 idx = got.index[bad]
-                rows = [
-                    f"{names[i]}: {g!r}, key {w!r}" for i, g, w in zip(idx, got[bad], want[bad], strict=True)
-                ]
+                rows = [f"{names[i]}: {g!r} differs from the key" for i, g in zip(idx, got[bad], strict=True)]
                 problems.append(
                     f"column {col!r} disagrees with the answer key in {int(bad.sum())} row(s): {_examples(rows)}"
                 )

@@ -1,6 +1,7 @@
 """The web API and the page (FastAPI). `create_app(settings)` builds it; `medsynbench serve` runs it with uvicorn.
 
-Teams authenticate with `Authorization: Bearer <token>`. What a response may hold: the caller's own submissions
+Teams authenticate with `Authorization: Bearer <token>` (`bench.service.gate` checks it, and the size of an upload,
+before the body is read). What a response may hold: the caller's own submissions
 (status, the reason of a failure, the score on the visible part of the evaluation cases) and the leaderboard (team
 names and aggregate scores). Never the real data: no images, labels, case or patient ids, host paths.
 """
@@ -11,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +26,7 @@ from sqlalchemy import select
 from bench.errors import BadInput
 from bench.service import db
 from bench.service.bundle import check_bundle, check_filename, read_predictions, rename
+from bench.service.gate import Gate
 from bench.service.host import Host
 from bench.service.pages import leaderboard, render_page
 from bench.service.scoring import validate_predictions
@@ -121,6 +124,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
         description="Submit synthetic data or predictions; the host scores them on data that never leaves it.",
     )
     app.state.host = host
+    app.add_middleware(Gate, host=host)
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": Problem},
         401: {"model": Problem},
@@ -129,10 +133,11 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
 
     @app.exception_handler(BadInput)
     async def _bad_input(request: Request, exc: BadInput) -> JSONResponse:
+        # Host paths only: hiding the ids the host holds would tell a team which of its guesses are real.
         return JSONResponse(
             {
-                "detail": host.redact(exc.args[0] if exc.args else ""),
-                "problems": [host.redact(p) for p in exc.problems],
+                "detail": host.hide_paths(exc.args[0] if exc.args else ""),
+                "problems": [host.hide_paths(p) for p in exc.problems],
             },
             status_code=400,
         )
@@ -227,7 +232,7 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
         h, size = hashlib.sha256(), 0
         recorded = False
         try:
-            with open(part_file, "wb") as f:
+            with os.fdopen(os.open(part_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 while block := file.file.read(_CHUNK):
                     size += len(block)
                     if size > lim.max_upload_bytes:
@@ -240,13 +245,14 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
                 raise BadInput(f"{filename}: empty file")
             try:
                 if kind == "predictions":
-                    problems = validate_predictions(
-                        host.key, read_predictions(part_file, filename), host.task
+                    table = read_predictions(
+                        part_file, filename, lim.max_prediction_rows, lim.max_prediction_columns
                     )
+                    problems = validate_predictions(host.key, table, host.task)
                     if problems:
                         raise BadInput(f"{filename}: {len(problems)} problem(s) in the predictions", problems)
                 else:
-                    check_bundle(part_file, filename, lim.max_unpacked_bytes)
+                    check_bundle(part_file, filename, lim.max_unpacked_bytes, lim.max_bundle_members)
             except BadInput as e:
                 raise rename(e, part_file, filename) from None
             with host.sessions() as s, s.begin():

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.leaderboard.archive import extract_archive, inspect_archive, is_archive
+from bench.leaderboard.archive import MAX_MEMBERS, extract_archive, inspect_archive, is_archive
 
 KINDS = ("synthetic", "predictions")
 PREDICTION_SUFFIXES = (".csv", ".parquet")
@@ -21,7 +21,12 @@ LABELS_FILE = "labels.csv"
 CARD_FILES = ("card.yaml", "card.yml", "card.json")
 
 
+MAX_FILENAME = 200
+
+
 def check_filename(kind: str, filename: str) -> None:
+    if len(filename) > MAX_FILENAME:
+        raise BadInput(f"file name of {len(filename)} characters: the limit is {MAX_FILENAME}")
     if kind not in KINDS:
         raise BadInput(f"field 'kind': {kind!r} is not one of {list(KINDS)}")
     name = filename.lower()
@@ -40,10 +45,16 @@ def _top(names: list[str]) -> str | None:
     return None
 
 
-def check_bundle(path: Path, filename: str, max_unpacked: int) -> None:
-    """Reject an unsafe or incomplete bundle before it is queued; messages name the uploaded file, not our copy."""
+def check_bundle(path: Path, filename: str, max_unpacked: int, max_members: int = MAX_MEMBERS) -> None:
+    """Reject an unsafe or incomplete bundle before it is queued; messages name the uploaded file, not our copy.
+
+    Every check the worker's unpacking makes of the archive's index is made here, so that a bundle the worker
+    would refuse costs no quota."""
     try:
-        members = inspect_archive(path, max_unpacked)
+        # Headers and padding on top of the files: a tar.gz inflating further than this is not a bundle.
+        members = inspect_archive(
+            path, max_unpacked, max_members, max_unpacked + max_members * 1024 + (1 << 20)
+        )
     except BadInput as e:
         raise rename(e, path, filename) from None
     files = [str(PurePosixPath(m.name.replace("\\", "/"))) for m in members if m.kind == "file"]
@@ -66,21 +77,66 @@ def unpack_bundle(path: Path, dest: Path, max_unpacked: int) -> tuple[Path, Path
     return root, root / LABELS_FILE, card
 
 
-def read_predictions(data: bytes | Path, filename: str) -> pd.DataFrame:
-    """A predictions table; BadInput naming the file when it cannot be read."""
+MAX_PREDICTION_ROWS = 1_000_000
+MAX_PREDICTION_COLUMNS = 200
+_MAX_HEADER = 1 << 16
+
+
+def _check_shape(filename: str, rows: int | None, columns: int, max_rows: int, max_columns: int) -> None:
+    if columns > max_columns:
+        raise BadInput(f"{filename}: {columns:,} columns, more than the limit of {max_columns:,}")
+    if rows is not None and rows > max_rows:
+        raise BadInput(f"{filename}: {rows:,} rows, more than the limit of {max_rows:,}")
+
+
+def read_predictions(
+    data: bytes | Path,
+    filename: str,
+    max_rows: int = MAX_PREDICTION_ROWS,
+    max_columns: int = MAX_PREDICTION_COLUMNS,
+) -> pd.DataFrame:
+    """A predictions table; BadInput naming the file when it cannot be read or is larger than the limits.
+
+    The limits are checked before the table is loaded: a Parquet file's row and column counts come from its
+    metadata (a few kB can declare millions of rows), a CSV's columns from its first line and its rows while read.
+    """
     src = io.BytesIO(data) if isinstance(data, bytes) else data
+    kind = Path(filename).suffix[1:]
     try:
         if filename.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(src).metadata
+            _check_shape(filename, meta.num_rows, meta.num_columns, max_rows, max_columns)
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
             df = pd.read_parquet(src)
         else:
-            df = pd.read_csv(src, dtype={"case_id": str})
+            head = _first_line(src, filename)
+            _check_shape(filename, None, head.count(b",") + 1, max_rows, max_columns)
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
+            df = pd.read_csv(src, dtype={"case_id": str}, nrows=max_rows + 1)
+            _check_shape(filename, len(df), len(df.columns), max_rows, max_columns)
+    except BadInput:
+        raise
     except Exception as e:  # noqa: BLE001 - any parser failure is the file's fault
-        raise BadInput(
-            f"{filename}: not a readable {Path(filename).suffix[1:]} table: {type(e).__name__}"
-        ) from e
+        raise BadInput(f"{filename}: not a readable {kind} table: {type(e).__name__}") from e
     if df.empty:
         raise BadInput(f"{filename}: no rows")
     return df
+
+
+def _first_line(src: io.BytesIO | Path, filename: str) -> bytes:
+    if isinstance(src, io.BytesIO):
+        head = src.read(_MAX_HEADER)
+    else:
+        with open(src, "rb") as f:
+            head = f.read(_MAX_HEADER)
+    line, nl, _ = head.partition(b"\n")
+    if not nl and len(head) == _MAX_HEADER:
+        raise BadInput(f"{filename}: header line longer than {_MAX_HEADER:,} bytes")
+    return line
 
 
 def rename(e: BadInput, path: Path, filename: str) -> BadInput:

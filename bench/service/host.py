@@ -1,20 +1,18 @@
-"""What the app and the workers share: settings, the database engine, the task, the answer key, redaction."""
+"""What the app and the workers share: settings, the database engine, the task, the answer key, path hiding."""
 
 from __future__ import annotations
 
 import functools
-import re
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from bench.service import db
-from bench.service.scoring import AnswerKey, load_key, secret_ids
+from bench.service.scoring import AnswerKey, load_key
 from bench.service.settings import ServiceSettings, load_settings
 from bench.tasks import Task, load_task
-
-HIDDEN = "<hidden>"
 
 
 class Host:
@@ -28,9 +26,19 @@ class Host:
         return cls(load_settings(path))
 
     def init(self) -> None:
+        """Tables and folders; everything created here is the owner's only (uploads and the database are the
+        teams' work and hold token hashes)."""
+        url = self.settings.database
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            path = Path(url[len("sqlite:///") :])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.settings.storage.mkdir(mode=0o700, parents=True, exist_ok=True)
         db.init_db(self.engine)
-        for d in (self.uploads, self.records, self.page_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.uploads, self.records, self.work):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.page_dir.mkdir(parents=True, exist_ok=True)  # the published page
 
     @property
     def uploads(self) -> Path:
@@ -60,25 +68,12 @@ class Host:
     def key(self) -> AnswerKey:
         return load_key(self.settings.answer_key)
 
-    @functools.cached_property
-    def _secrets(self) -> re.Pattern[str] | None:
-        ids = set(secret_ids(self.key))
-        try:
-            from bench.manifest import read_manifest
-
-            df = read_manifest(self.settings.real_manifest).df
-            ids |= set(df["case_id"].astype(str)) | set(df["patient_id"].astype(str))
-        except Exception:  # noqa: BLE001 - redaction must work even if the manifest moved
-            pass
-        long_ids = sorted((i for i in ids if len(i) >= 4), key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, long_ids))) if long_ids else None
-
-    def redact(self, text: str) -> str:
-        """A message safe to show a team: no host paths, no real identifiers."""
+    def hide_paths(self, text: str) -> str:
+        """Host paths replaced by `<host>`, and nothing else: were the ids the host holds hidden in text a team
+        wrote, that an id comes back hidden would tell the team the host holds it."""
         for p in self.settings.host_paths():
             text = text.replace(p, "<host>")
-        pat = self._secrets
-        return pat.sub(HIDDEN, text) if pat else text
+        return text
 
     def dispose(self) -> None:
         self.engine.dispose()

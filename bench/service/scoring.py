@@ -1,7 +1,7 @@
 """The one place the service meets the leaderboard's answer key.
 
 Everything the service needs from an answer key goes through the functions of this module (`build_key`,
-`load_key`, `salt_ids`, `score_parts`, `secret_ids`), on `bench.leaderboard.key.AnswerKey`.
+`load_key`, `salt_ids`, `validate_predictions`, `score_parts`), on `bench.leaderboard.key.AnswerKey`.
 
 An answer key has one row per evaluation case: salted `case_id` and `patient_id`, `label`, `site`, `split`, the
 task's subgroup columns, and `part` (`public` or `private`). Teams never see it.
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.leaderboard.key import AnswerKey, hash_ids
+from bench.leaderboard.key import KEYED, MAX_EXAMPLES, AnswerKey, hash_ids
 from bench.metrics import evaluate_predictions, get_metric
 from bench.metrics.compare import headline_split
 from bench.metrics.validate import ROW_NOTE, validate_probabilities
@@ -49,27 +49,58 @@ def salt_ids(values: Iterable[Any], salt: str) -> pd.Series:
     return hash_ids(pd.Series(list(values), dtype=object).astype(str), salt)
 
 
-def secret_ids(key: AnswerKey) -> set[str]:
-    """Identifiers no response may contain."""
-    return set(key.df["case_id"].astype(str)) | set(key.df["patient_id"].astype(str))
-
-
 def _one_run(preds: pd.DataFrame) -> pd.DataFrame:
     # A hosted predictions file is one model: run keys it happens to carry would let several runs of the same
     # cases through the key's coverage check, and they are replaced by HOSTED_RUN when scored.
     return preds.drop(columns=[c for c in RUN_KEYS if c in preds.columns])
 
 
+def answered_columns(key: AnswerKey) -> list[str]:
+    """Columns the key answers for: an upload may not carry them (a disagreement would tell the key's value)."""
+    return sorted({*KEYED, "label", "part", *key.subgroup_columns})
+
+
+def _rows(mask: pd.Series | np.ndarray, what: str) -> str:
+    # Row numbers only, never the case id: which ids a message shows must not depend on what the host holds.
+    pos = np.flatnonzero(np.asarray(mask, dtype=bool))
+    more = f" and {len(pos) - MAX_EXAMPLES} more" if len(pos) > MAX_EXAMPLES else ""
+    return f"row(s) {', '.join(str(i + 1) for i in pos[:MAX_EXAMPLES])}{more}: {what}"
+
+
 def validate_predictions(key: AnswerKey, preds: pd.DataFrame, task: Task) -> list[str]:
-    """Every problem of a predictions table: columns, probabilities, coverage of the key's cases."""
+    """Every problem of a predictions table: columns, probabilities, coverage of the key's cases.
+
+    Messages name columns and row numbers (from 1, header excluded) and echo nothing of the key: no case id, no
+    label, site, split or subgroup, and no submitted id either, so that a known and an unknown id read the same.
+    Only `case_id`, one `prob_<class>` per class and run keys (ignored) are accepted.
+    """
     if "case_id" not in preds.columns:
         return ["column 'case_id' is missing"]
-    preds = _one_run(preds)
-    problems = validate_probabilities(preds, task.classes) + key.cross_check(preds)
-    try:
-        key.join(preds)
-    except BadInput as e:
-        problems += [e.args[0], *e.problems]
+    preds = _one_run(preds).reset_index(drop=True)
+    problems = []
+    answered = set(answered_columns(key))
+    probs = {f"prob_{c}" for c in task.classes}
+    cols = [str(c) for c in preds.columns]
+    keyed = [c for c in cols if c in answered or c == "y_true"]
+    if keyed:
+        problems.append(
+            f"column(s) {keyed} are answered by the host's answer key and may not be uploaded: send only 'case_id' "
+            f"and {sorted(probs)}"
+        )
+    extra = [c for c in cols if c not in probs and c != "case_id" and c not in keyed]
+    if extra:
+        problems.append(f"unexpected column(s) {extra}: this task's classes give {sorted(probs)}")
+    problems += validate_probabilities(preds.drop(columns=["case_id"]), task.classes)
+    ids = preds["case_id"].astype(str)
+    known = ids.isin(set(key.df["case_id"]))
+    if (~known).any():
+        problems.append(_rows(~known, "not an evaluation case of this board"))
+    dup = known & ids.duplicated(keep="first")
+    if dup.any():
+        problems.append(_rows(dup, "a case predicted more than once"))
+    missing = len(key.df) - ids[known].nunique()
+    if missing:
+        problems.append(f"{missing} of the {len(key.df)} evaluation case(s) not predicted")
     return problems
 
 

@@ -5,11 +5,15 @@ Relative paths are read against the folder holding the file, so a service folder
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 from pydantic import Field
 
 from bench.schema import Strict, load_yaml_model
+
+log = logging.getLogger(__name__)
 
 
 class ProtocolSettings(Strict):
@@ -36,6 +40,12 @@ class Limits(Strict):
     max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1)
     quota_submissions: int = Field(5, ge=1, description="submissions per team per quota period")
     quota_period_s: float = Field(86400.0, gt=0)
+    max_bundle_members: int = Field(50_000, ge=1, description="files and folders in one bundle")
+    max_prediction_rows: int = Field(1_000_000, ge=1)
+    max_prediction_columns: int = Field(200, ge=2)
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="an upload that sends nothing for this long is cut off"
+    )
 
 
 class WorkerSettings(Strict):
@@ -44,6 +54,13 @@ class WorkerSettings(Strict):
     )
     max_attempts: int = Field(3, ge=1)
     poll_s: float = Field(1.0, gt=0)
+    # Each job runs in a child process under these limits (None: no limit); one past a limit is failed, naming it.
+    # The memory limit is on address space (RLIMIT_AS); it is not applied to synthetic jobs whose protocol.device
+    # is not cpu (CUDA reserves far more address space than it uses).
+    job_memory_bytes: int | None = Field(16 * 1024**3, ge=64 * 1024**2)
+    job_cpu_s: int | None = Field(6 * 3600, ge=1, description="CPU seconds of one job, all its threads")
+    job_file_bytes: int | None = Field(8 * 1024**3, ge=1024**2, description="largest file a job may write")
+    job_wall_s: float | None = Field(12 * 3600.0, gt=0)
     # Testing aid: a worker sleeps this long after claiming a job (so a test can kill it mid-job).
     hold_s: float = Field(0.0, ge=0)
 
@@ -109,4 +126,7 @@ class ServiceSettings(Strict):
 def load_settings(path: str | Path) -> ServiceSettings:
     path = Path(path)
     s = load_yaml_model(path, ServiceSettings, "service settings")
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077:
+            log.warning("%s holds id_salt and is readable by other users: chmod 600 it", path)
     return s.resolved(path.resolve().parent)

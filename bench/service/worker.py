@@ -23,7 +23,9 @@ from bench.errors import BadInput
 from bench.service import db
 from bench.service.bundle import read_predictions, unpack_bundle
 from bench.service.host import Host, json_safe
+from bench.service.sandbox import LIMIT_NAMES, Limits, Outcome, run_limited
 from bench.service.scoring import salt_ids, score_parts
+from bench.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,13 @@ class _Heartbeat(threading.Thread):
 # -- the work ------------------------------------------------------------------------------------------------------
 
 
+class HostSideError(Exception):
+    """A failure in the part of a job that reads the host's data: its message is for the host's log only."""
+
+
 def score_prediction_file(host: Host, path: Path, filename: str) -> dict[str, Any]:
-    preds = read_predictions(path, filename)
+    lim = host.settings.limits
+    preds = read_predictions(path, filename, lim.max_prediction_rows, lim.max_prediction_columns)
     s = host.settings.scoring
     return {"scores": score_parts(host.key, preds, host.task, n_boot=s.n_boot, seed=s.seed)}
 
@@ -119,13 +126,23 @@ def _privacy(host: Host, synthetic: Path, work: Path) -> dict[str, Any] | None:
 def score_synthetic_bundle(host: Host, path: Path, work: Path) -> dict[str, Any]:
     from bench.generators.card import read_card
     from bench.generators.importer import import_synthetic
-    from bench.protocol import MatrixOptions, run_matrix
     from bench.runfolder import check_generator_name
 
     st = host.settings
     root, labels, card = unpack_bundle(path, work / "bundle", st.limits.max_unpacked_bytes)
     gen = check_generator_name(read_card(card).name, "generator card field 'name'")
     synthetic = import_synthetic(host.task, root, labels, card, work / "synthetic.parquet")
+    try:
+        return _evaluate_synthetic(host, synthetic, gen, work)
+    except BadInput as e:
+        # The team's files were accepted above: what fails from here on is about the host's data.
+        raise HostSideError(str(e)) from e
+
+
+def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> dict[str, Any]:
+    from bench.protocol import MatrixOptions, run_matrix
+
+    st = host.settings
     pr = st.protocol
     run = work / "run"
     run_matrix(
@@ -189,6 +206,84 @@ def write_record(host: Host, sub: db.Submission, team: str, result: dict[str, An
     return write_json(host.records / f"{sub.id}.json", json_safe(rec))
 
 
+def _job(settings: ServiceSettings, kind: str, upload: str, filename: str, work: str) -> dict[str, Any]:
+    """A job's evaluation, as the child process of `process` runs it. BadInput: the team's files are at fault;
+    its message, paths shown as the team knows them, is the reason the team reads."""
+    host = Host(settings)
+    try:
+        if kind == "predictions":
+            return score_prediction_file(host, Path(upload), filename)
+        try:
+            return score_synthetic_bundle(host, Path(upload), Path(work))
+        except BadInput as e:
+
+            def fix(t: str) -> str:
+                return host.hide_paths(t.replace(f"{work}/bundle/", f"{filename}!").replace(upload, filename))
+
+            raise BadInput(fix(e.args[0] if e.args else ""), [fix(p) for p in e.problems]) from None
+    finally:
+        host.dispose()
+
+
+def job_limits(settings: ServiceSettings, kind: str = "predictions") -> Limits:
+    """The limits of one job. The address-space limit is left off for a synthetic job that may train on a GPU
+    (protocol.device other than cpu): CUDA reserves far more address space than it ever uses."""
+    w = settings.worker
+    on_cpu = kind == "predictions" or (settings.protocol.device or "").startswith("cpu")
+    return Limits(w.job_memory_bytes if on_cpu else None, w.job_cpu_s, w.job_file_bytes, w.job_wall_s)
+
+
+OWNER_FILE = ".owner"
+
+
+def clean_work(host: Host) -> int:
+    """Remove work folders no running job owns (their worker was killed); returns how many were removed.
+
+    A folder holds `.owner` (the worker that made it); it stays while that worker holds the job's lease."""
+    if not host.work.is_dir():
+        return 0
+    removed = 0
+    with host.sessions() as s:
+        for d in host.work.iterdir():
+            job = d.name.split("-", 1)[0]
+            try:
+                owner = (d / OWNER_FILE).read_text().strip()
+            except OSError:
+                owner = None
+            sub = s.get(db.Submission, job)
+            alive = (
+                sub is not None
+                and sub.status == db.RUNNING
+                and owner is not None
+                and sub.lease_owner == owner
+                and (sub.lease_expires_at or 0) > db.now()
+            )
+            if not alive:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _reason(host: Host, job: str, kind: str, outcome: Outcome) -> str | None:
+    if outcome.kind == "bad":
+        msg, problems = outcome.value
+        return "\n".join([msg, *problems]) if problems else msg
+    if outcome.kind == "limit":
+        lim = job_limits(host.settings, kind)
+        amount = {
+            "memory": lim.memory_bytes and f"{lim.memory_bytes:,} bytes",
+            "cpu": lim.cpu_s and f"{lim.cpu_s:,} CPU seconds",
+            "file": lim.file_bytes and f"{lim.file_bytes:,} bytes per file",
+            "wall": lim.wall_s and f"{lim.wall_s:g} s",
+        }.get(outcome.value)
+        shown = f" ({amount})" if amount else ""
+        return f"stopped: the evaluation went past {LIMIT_NAMES.get(outcome.value, outcome.value)}{shown}"
+    if outcome.kind == "error":
+        log.error("submission %s: evaluation failed\n%s", job, outcome.value)
+        return f"the evaluation failed on the host's side (submission {job}); the host has the details"
+    return None
+
+
 def process(host: Host, job: str, worker: str) -> str:
     """Run one claimed job to its end; returns the status written (or 'lost' when the lease was taken over)."""
     from bench.service.pages import write_page
@@ -205,23 +300,23 @@ def process(host: Host, job: str, worker: str) -> str:
             assert sub is not None
             team = s.get(db.Team, sub.team_id)
             team_name = team.name if team else "?"
-        work.mkdir(parents=True, exist_ok=True)
-        try:
-            if sub.kind == "predictions":
-                result = score_prediction_file(host, Path(sub.upload_path), sub.filename)
-            else:
-                result = score_synthetic_bundle(host, Path(sub.upload_path), work)
-        except BadInput as e:
-            reason = host.redact(str(e))
+        work.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (work / OWNER_FILE).write_text(worker)
+        outcome = run_limited(
+            _job,
+            (host.settings, sub.kind, sub.upload_path, sub.filename, str(work)),
+            job_limits(host.settings, sub.kind),
+            should_stop=lambda: beat.lost,
+        )
+        if outcome.kind == "stopped":
+            log.warning("submission %s: lease lost to another worker; job stopped", job)
+            return status
+        if outcome.kind != "ok":
+            reason = _reason(host, job, sub.kind, outcome)
             if db.finish(host.engine, job, worker, scores=None, summary=None, reason=reason):
                 status = db.FAILED
             return status
-        except Exception:
-            log.exception("submission %s: evaluation failed", job)
-            reason = f"the evaluation failed on the host's side (submission {job}); the host has the details"
-            if db.finish(host.engine, job, worker, scores=None, summary=None, reason=reason):
-                status = db.FAILED
-            return status
+        result = outcome.value
         summary = {k: v for k, v in result.items() if k != "scores"}
         if beat.lost or not db.finish(host.engine, job, worker, scores=result["scores"], summary=summary):
             log.warning("submission %s: lease lost to another worker; result dropped", job)
@@ -242,6 +337,8 @@ def run_worker(
     wid = worker_id()
     w = host.settings.worker
     done = 0
+    if n := clean_work(host):
+        log.info("worker %s: removed %d abandoned work folder(s)", wid, n)
     while True:
         job = db.claim(host.engine, wid, w.lease_s, w.max_attempts)
         if job is None:
@@ -251,6 +348,8 @@ def run_worker(
             continue
         log.info("worker %s: submission %s", wid, job)
         status = process(host, job, wid)
+        if status != db.SCORED:
+            clean_work(host)
         log.info("worker %s: submission %s %s", wid, job, status)
         done += 1
         if once or (max_jobs is not None and done >= max_jobs):
