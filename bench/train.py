@@ -27,6 +27,9 @@ from bench.models import create_model
 
 log = logging.getLogger(__name__)
 
+# How `fit` picks the weights it returns: the final ones of the budget (every benchmark run), or the round with the
+# best validation AUROC (only where validation data come from the model's own training distribution).
+SELECTIONS = ("last", "best_val")
 # Fraction of free GPU memory the uint8 training and validation arrays may take before they stay in host memory.
 GPU_RESIDENT_FRACTION = 0.4
 
@@ -218,11 +221,16 @@ def fit(
     label: str = "train",
     steps: int | None = None,
     eval_every: int | None = None,
+    select: str = "last",
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train `model_name` and return the checkpoint with the best validation macro AUROC, plus its history.
+    """Train `model_name` for its whole budget and return the final weights (`select="last"`), plus the history.
 
-    `x_val`/`y_val` must be the validation split of the training sites: it alone selects the checkpoint and decides
-    early stopping (`patience` epochs without improvement). `init` starts from given weights (fine-tuning).
+    `x_val`/`y_val` are scored after every round for the history only: under `select="last"` they choose nothing,
+    so a model trained without real labels (synthetic-only, label-shuffle) reports what its own data taught and
+    not which of its checkpoints the real validation labels liked best (docs/STATISTICS.md, "Which weights a run
+    keeps"). `select="best_val"` keeps the round with the best validation macro AUROC and stops after `patience`
+    rounds without improvement; only for a model whose validation data come from its own training distribution
+    (the privacy audit's classifier). `init` starts from given weights (fine-tuning).
     `on_epoch(record)` is called after every epoch with the history record; it may raise (e.g. optuna pruning).
     `progress`: False, True (own bars) or a rich Progress to add bars to.
 
@@ -246,6 +254,10 @@ def fit(
             f"training settings out of range: epochs={epochs} (>=1), batch_size={batch_size} (>=2), lr={lr} (>0), "
             f"weight_decay={weight_decay} (>=0), aug_strength={aug_strength} (>=0)"
         )
+    if select not in SELECTIONS:
+        raise BadInput(f"checkpoint selection {select!r}: expected one of {list(SELECTIONS)}")
+    if patience is not None and select != "best_val":
+        raise BadInput("early stopping (patience) chooses by validation labels: it needs select='best_val'")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     torch.manual_seed(seed)
@@ -328,8 +340,9 @@ def fit(
                 else:
                     rec["val_loss"] = rec["val_auroc_macro"] = float("nan")
                     key = (0, 0.0, float(epoch))  # no validation data: the last epoch wins
-                improved = best_key is None or key > best_key
-                if improved:
+                if select == "last":
+                    best_epoch = epoch  # the final weights are kept whatever the validation rounds showed
+                elif best_key is None or key > best_key:
                     best_key, best_epoch, stale = key, epoch, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
@@ -341,7 +354,8 @@ def fit(
                     on_epoch(dict(rec))
                 if patience is not None and stale >= patience:
                     break
-        model.load_state_dict(best_state)
+        if best_state is not None:
+            model.load_state_dict(best_state)
         for rec in history:
             rec["selected"] = rec["epoch"] == best_epoch
     return model, history

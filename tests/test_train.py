@@ -1,4 +1,4 @@
-"""Training core: selection on validation AUROC, determinism, probabilities, checkpoints, augmentation."""
+"""Training core: final weights (no selection by validation labels), determinism, probabilities, checkpoints, augmentation."""
 
 from __future__ import annotations
 
@@ -44,31 +44,78 @@ def test_fit_is_deterministic_on_cpu_and_depends_on_the_seed(shapes):
     assert [h["train_loss"] for h in h1] == [h["train_loss"] for h in h2]
 
 
-def test_selected_checkpoint_is_the_best_validation_epoch(shapes):
+def test_the_final_weights_are_kept_and_validation_labels_choose_nothing(shapes):
     xtr, ytr, xva, yva = shapes
     model, hist = fit("resnet10t", xtr, ytr, xva, yva, epochs=3, seed=0, **FAST)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    aucs = [h["val_auroc_macro"] for h in hist]
-    best = int(np.argmax(aucs))  # first maximum: later ties do not replace it
-    assert [h["selected"] for h in hist] == [i == best for i in range(3)]
-    # The returned weights are that epoch's: rescoring them gives its recorded AUROC, which is the metric
-    # library's macro AUROC (the one every evaluation reports) and scikit-learn's.
+    assert [h["selected"] for h in hist] == [False, False, True]
+    # The last round's recorded AUROC is the returned weights': the metric library's macro AUROC (the one every
+    # evaluation reports) and scikit-learn's.
     prob = predict_proba(model, xva, "cpu")
-    assert get_metric("auroc_macro")(yva, prob) == pytest.approx(aucs[best], abs=1e-9)
-    assert roc_auc_score(yva, prob, multi_class="ovr", average="macro") == pytest.approx(aucs[best], abs=1e-9)
+    assert get_metric("auroc_macro")(yva, prob) == pytest.approx(hist[-1]["val_auroc_macro"], abs=1e-9)
+    assert roc_auc_score(yva, prob, multi_class="ovr", average="macro") == pytest.approx(
+        hist[-1]["val_auroc_macro"], abs=1e-9
+    )
     assert prob.shape == (len(xva), 3)
     assert np.allclose(prob.sum(axis=1), 1.0, atol=1e-9)
     assert (prob >= 0).all()
+    # Permuted validation labels change what the rounds report, not the weights returned.
+    yperm = np.random.default_rng(3).permutation(yva)
+    other, hist_p = fit("resnet10t", xtr, ytr, xva, yperm, epochs=3, seed=0, **FAST)
+    assert [h["val_auroc_macro"] for h in hist_p] != [h["val_auroc_macro"] for h in hist]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+
+
+def test_best_val_selection_keeps_the_best_round(shapes):
+    xtr, ytr, xva, yva = shapes
+    model, hist = fit("resnet10t", xtr, ytr, xva, yva, epochs=3, seed=0, select="best_val", **FAST)
+    aucs = [h["val_auroc_macro"] for h in hist]
+    best = int(np.argmax(aucs))  # first maximum: later ties do not replace it
+    assert [h["selected"] for h in hist] == [i == best for i in range(3)]
+    prob = predict_proba(model, xva, "cpu")
+    assert get_metric("auroc_macro")(yva, prob) == pytest.approx(aucs[best], abs=1e-9)
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(shapes):
     xtr, ytr, xva, _ = shapes
     # Labels unrelated to the images: validation AUROC wanders, so it stops improving within a few epochs.
     yrand = np.random.default_rng(5).integers(0, 3, len(xva))
-    _, hist = fit("resnet10t", xtr, ytr, xva, yrand, epochs=8, seed=0, patience=1, **{**FAST, "lr": 1e-2})
+    fast = {**FAST, "lr": 1e-2}
+    _, hist = fit("resnet10t", xtr, ytr, xva, yrand, epochs=8, seed=0, patience=1, select="best_val", **fast)
     best = next(h["epoch"] for h in hist if h["selected"])
     assert len(hist) < 8, "random validation labels should trigger early stopping with patience 1"
     assert hist[-1]["epoch"] - best == 1
+    # Early stopping is a choice by validation labels: refused under the final-weights rule.
+    with pytest.raises(BadInput, match="patience"):
+        fit("resnet10t", xtr, ytr, xva, yrand, epochs=2, seed=0, patience=1, **fast)
+
+
+def test_arms_at_one_seed_share_initial_weights_and_batch_order(shapes, monkeypatch):
+    import bench.train as bt
+
+    xtr, ytr, xva, yva = shapes
+    drawn: list[list[list[int]]] = []
+    stream = bt._batch_stream
+
+    def recording(n, batch_size, gen):
+        drawn.append([])
+        for idx in stream(n, batch_size, gen):
+            drawn[-1].append(idx.tolist())
+            yield idx
+
+    monkeypatch.setattr(bt, "_batch_stream", recording)
+    # Common random numbers: two arms with different training images (as the real-only and a synthetic-only arm of
+    # one seed) start from the same weights and draw the same batch indices and augmentations; only the data differ.
+    flipped = xtr[:, :, :, ::-1].copy()
+    frozen = {**FAST, "lr": 1e-12, "aug_strength": 0.0}
+    a, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=4, **frozen)
+    b, _ = fit("resnet10t", flipped, (ytr + 1) % 3, xva, yva, epochs=1, seed=4, **frozen)
+    c, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=5, **frozen)
+    w = "conv1.0.weight"
+    assert torch.allclose(a.state_dict()[w], b.state_dict()[w], atol=1e-9)
+    assert not torch.allclose(a.state_dict()[w], c.state_dict()[w])
+    assert drawn[0] == drawn[1] != drawn[2]
 
 
 def test_on_epoch_sees_every_epoch_and_may_stop_training(shapes):

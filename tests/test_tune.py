@@ -92,16 +92,35 @@ def test_bad_search_spaces_and_redaction():
 
 def test_matrix_tuning_records_parameters_and_budget(world, tmp_path):  # noqa: F811
     out = tmp_path / "tuned"
-    args = base_args(world, out, "--regimes", "real", "--seeds", "0,1", "--tune", "2", "--wandb", "disabled")
+    args = base_args(
+        world,
+        out,
+        "--regimes",
+        "real,synthetic",
+        "--synthetic",
+        f"shapes={world['syn']}",
+        "--seeds",
+        "0,1",
+        "--tune",
+        "2",
+        "--wandb",
+        "disabled",
+    )
     assert main(args) == 0
+    # The synthetic-only arm has no study of its own: real validation labels would choose its parameters.
+    assert sorted(p.name for p in (out / "tuning").iterdir()) == ["none__real__resnet10t.json"]
     result = json.loads((out / "tuning" / "none__real__resnet10t.json").read_text())
     assert result["trials"] == 2 and result["n_complete"] + result["n_pruned"] == 2
     study = optuna.load_study(study_name=result["study"], storage=f"sqlite:///{out / 'tuning.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2
     assert result["best_value"] == pytest.approx(study.best_value)
-    for seed in (0, 1):
-        cfg = json.loads((out / f"none__real__resnet10t__seed{seed}" / "config.json").read_text())
+    for run in [
+        f"{arm}__seed{seed}"
+        for arm in ("none__real__resnet10t", "shapes__synthetic__resnet10t")
+        for seed in (0, 1)
+    ]:
+        cfg = json.loads((out / run / "config.json").read_text())
         assert cfg["tuning"]["trials"] == 2
         assert cfg["tuning"]["best_params"] == study.best_params
         # The run trained with the chosen parameters.

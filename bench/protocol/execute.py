@@ -29,7 +29,15 @@ from bench.tasks import Task, load_task
 from bench.threads import torch_threads
 from bench.tune import run_study
 
-SELECTION_METRIC = "val_auroc_macro"
+# What the validation rounds of a run report; they choose no weights (`SELECTION`), only tuning reads them.
+VALIDATION_METRIC = "val_auroc_macro"
+# Every arm of a comparison keeps the final weights of the same step budget: real validation labels must not choose
+# among the checkpoints of a model that never saw a real label (docs/STATISTICS.md, "Which weights a run keeps").
+SELECTION = {
+    "rule": "last",
+    "weights": "the final weights of the step budget",
+    "validation": "val split of the training sites, scored every round for the history; it chooses nothing",
+}
 
 
 class ManifestImages:
@@ -264,7 +272,7 @@ def _run_config(ctx: MatrixContext, task: Task, spec: RunSpec, settings: dict[st
         "image": {"size": settings["image_size"], "channels": task.image.channels},
         "train": settings,
         "tuning": spec.tuning,
-        "selection": {"metric": SELECTION_METRIC, "split": "val", "sites": list(task.sites.train)},
+        "selection": {**SELECTION, "sites": list(task.sites.train)},
         "environment": environment(str(settings["device"]) if settings["device"] != "auto" else None),
     }
 
@@ -396,14 +404,12 @@ def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -
             settings,
             on_epoch=lambda rec: report(
                 int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
-                float(rec[SELECTION_METRIC]),
+                float(rec[VALIDATION_METRIC]),
             ),
             progress=progress,
         )
-        last = [h for h in history if h["stage"] != "pretrain"]
-        return max(
-            (h[SELECTION_METRIC] for h in last if not np.isnan(h[SELECTION_METRIC])), default=float("nan")
-        )
+        # The weights a run keeps are the final ones, so a trial is scored by them, not by its best round.
+        return float(history[-1][VALIDATION_METRIC])
 
     name = f"{ctx.task.name}-{ctx.task.version}__{study.key}"
     result = run_study(name, ctx.storage, spec, objective)

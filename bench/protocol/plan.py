@@ -16,7 +16,7 @@ from bench.io import sha256_file
 from bench.manifest import Manifest
 from bench.protocol.config import Protocol, TrainSettings, default_preset_name, load_preset, load_protocol
 from bench.protocol.inputs import load_real, load_synthetic
-from bench.regimes import expand_regimes, training_budget
+from bench.regimes import expand_regimes, parse_regime, training_budget
 from bench.runfolder import BASELINE, SCHEMA_VERSION, ManifestRef, RunDir, run_name, study_key
 from bench.tasks import Task, load_task
 from bench.threads import threads_per_process
@@ -356,9 +356,12 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
                         "tune": tune_dump,
                     }
                 )
-                skey = study_key(gen, reg.slug, bb) if tuning_on else None
+                # An arm that trains on no real label (synthetic-only, its controls) takes the real-only arm's
+                # tuned parameters: a study of its own would let the real validation labels choose for it.
+                s_gen, s_reg = (BASELINE, "real") if reg.kind == "synthetic" else (gen, reg.name)
+                skey = study_key(s_gen, parse_regime(s_reg).slug, bb) if tuning_on else None
                 if skey and skey not in studies:
-                    studies[skey] = StudySpec(skey, gen, reg.name, bb, settings)
+                    studies[skey] = StudySpec(skey, s_gen, s_reg, bb, settings)
                 rid = run_name(gen, reg.slug, bb, seed)
                 runs.append(RunSpec(rid, gen, reg.name, seed, bb, settings, ident, skey))
 
