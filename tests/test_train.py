@@ -10,10 +10,14 @@ from sklearn.metrics import roc_auc_score
 
 from bench.errors import BadInput
 from bench.metrics.core import get_metric
-from bench.train import augment, fit, load_checkpoint, predict_proba, save_checkpoint
+from bench.train import FitSettings, augment, fit, load_checkpoint, predict_proba, save_checkpoint
 
 CLASSES = ["blank", "disc", "bar"]
 FAST = dict(lr=3e-3, weight_decay=1e-4, batch_size=16, aug_strength=0.3, device="cpu", num_classes=3)
+
+
+def S(**kw) -> FitSettings:
+    return FitSettings(backbone="resnet10t", **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +39,9 @@ def shapes():
 
 def test_fit_is_deterministic_on_cpu_and_depends_on_the_seed(shapes):
     xtr, ytr, xva, yva = shapes
-    m1, h1 = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=0, **FAST)
-    m2, h2 = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=0, **FAST)
-    m3, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=2, seed=1, **FAST)
+    m1, h1 = fit(S(epochs=2, seed=0, **FAST), xtr, ytr, xva, yva)
+    m2, h2 = fit(S(epochs=2, seed=0, **FAST), xtr, ytr, xva, yva)
+    m3, _ = fit(S(epochs=2, seed=1, **FAST), xtr, ytr, xva, yva)
     p1, p2, p3 = (predict_proba(m, xva, "cpu") for m in (m1, m2, m3))
     assert np.array_equal(p1, p2)
     assert not np.allclose(p1, p3)
@@ -46,7 +50,7 @@ def test_fit_is_deterministic_on_cpu_and_depends_on_the_seed(shapes):
 
 def test_the_final_weights_are_kept_and_validation_labels_choose_nothing(shapes):
     xtr, ytr, xva, yva = shapes
-    model, hist = fit("resnet10t", xtr, ytr, xva, yva, epochs=3, seed=0, **FAST)
+    model, hist = fit(S(epochs=3, seed=0, **FAST), xtr, ytr, xva, yva)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert [h["selected"] for h in hist] == [False, False, True]
     # The last round's recorded AUROC is the returned weights': the metric library's macro AUROC (the one every
@@ -61,7 +65,7 @@ def test_the_final_weights_are_kept_and_validation_labels_choose_nothing(shapes)
     assert (prob >= 0).all()
     # Permuted validation labels change what the rounds report, not the weights returned.
     yperm = np.random.default_rng(3).permutation(yva)
-    other, hist_p = fit("resnet10t", xtr, ytr, xva, yperm, epochs=3, seed=0, **FAST)
+    other, hist_p = fit(S(epochs=3, seed=0, **FAST), xtr, ytr, xva, yperm)
     assert [h["val_auroc_macro"] for h in hist_p] != [h["val_auroc_macro"] for h in hist]
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
@@ -69,7 +73,7 @@ def test_the_final_weights_are_kept_and_validation_labels_choose_nothing(shapes)
 
 def test_best_val_selection_keeps_the_best_round(shapes):
     xtr, ytr, xva, yva = shapes
-    model, hist = fit("resnet10t", xtr, ytr, xva, yva, epochs=3, seed=0, select="best_val", **FAST)
+    model, hist = fit(S(epochs=3, seed=0, select="best_val", **FAST), xtr, ytr, xva, yva)
     aucs = [h["val_auroc_macro"] for h in hist]
     best = int(np.argmax(aucs))  # first maximum: later ties do not replace it
     assert [h["selected"] for h in hist] == [i == best for i in range(3)]
@@ -82,13 +86,13 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(shapes):
     # Labels unrelated to the images: validation AUROC wanders, so it stops improving within a few epochs.
     yrand = np.random.default_rng(5).integers(0, 3, len(xva))
     fast = {**FAST, "lr": 1e-2}
-    _, hist = fit("resnet10t", xtr, ytr, xva, yrand, epochs=8, seed=0, patience=1, select="best_val", **fast)
+    _, hist = fit(S(epochs=8, seed=0, patience=1, select="best_val", **fast), xtr, ytr, xva, yrand)
     best = next(h["epoch"] for h in hist if h["selected"])
     assert len(hist) < 8, "random validation labels should trigger early stopping with patience 1"
     assert hist[-1]["epoch"] - best == 1
     # Early stopping is a choice by validation labels: refused under the final-weights rule.
     with pytest.raises(BadInput, match="patience"):
-        fit("resnet10t", xtr, ytr, xva, yrand, epochs=2, seed=0, patience=1, **fast)
+        S(epochs=2, seed=0, patience=1, **fast)
 
 
 def test_arms_at_one_seed_share_initial_weights_and_batch_order(shapes, monkeypatch):
@@ -109,9 +113,9 @@ def test_arms_at_one_seed_share_initial_weights_and_batch_order(shapes, monkeypa
     # one seed) start from the same weights and draw the same batch indices and augmentations; only the data differ.
     flipped = xtr[:, :, :, ::-1].copy()
     frozen = {**FAST, "lr": 1e-12, "aug_strength": 0.0}
-    a, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=4, **frozen)
-    b, _ = fit("resnet10t", flipped, (ytr + 1) % 3, xva, yva, epochs=1, seed=4, **frozen)
-    c, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=5, **frozen)
+    a, _ = fit(S(epochs=1, seed=4, **frozen), xtr, ytr, xva, yva)
+    b, _ = fit(S(epochs=1, seed=4, **frozen), flipped, (ytr + 1) % 3, xva, yva)
+    c, _ = fit(S(epochs=1, seed=5, **frozen), xtr, ytr, xva, yva)
     w = "conv1.0.weight"
     assert torch.allclose(a.state_dict()[w], b.state_dict()[w], atol=1e-9)
     assert not torch.allclose(a.state_dict()[w], c.state_dict()[w])
@@ -131,23 +135,15 @@ def test_on_epoch_sees_every_epoch_and_may_stop_training(shapes):
             raise Stop
 
     with pytest.raises(Stop):
-        fit("resnet10t", xtr, ytr, xva, yva, epochs=5, seed=0, on_epoch=cb, **FAST)
+        fit(S(epochs=5, seed=0, **FAST), xtr, ytr, xva, yva, on_epoch=cb)
     assert seen == [1, 2]
 
 
 def test_fine_tuning_starts_from_given_weights(shapes):
     xtr, ytr, xva, yva = shapes
-    base, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, **FAST)
+    base, _ = fit(S(epochs=1, seed=0, **FAST), xtr, ytr, xva, yva)
     tuned, _ = fit(
-        "resnet10t",
-        xtr,
-        ytr,
-        xva,
-        yva,
-        epochs=1,
-        seed=0,
-        init=base,
-        **{**FAST, "lr": 1e-9, "aug_strength": 0.0},
+        S(epochs=1, seed=0, **{**FAST, "lr": 1e-9, "aug_strength": 0.0}), xtr, ytr, xva, yva, init=base
     )
     # With a vanishing learning rate only BatchNorm statistics move: the weights are still the initial ones.
     w0 = base.state_dict()["conv1.0.weight"]
@@ -156,7 +152,7 @@ def test_fine_tuning_starts_from_given_weights(shapes):
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path, shapes):
     xtr, ytr, xva, yva = shapes
-    model, _ = fit("resnet10t", xtr, ytr, xva, yva, epochs=1, seed=0, **FAST)
+    model, _ = fit(S(epochs=1, seed=0, **FAST), xtr, ytr, xva, yva)
     path = save_checkpoint(tmp_path / "c.pt", model, {"run": "x", "classes": CLASSES, "n": np.int64(3)})
     raw = torch.load(path, weights_only=True)
     assert raw["model"] == {"name": "resnet10t", "num_classes": 3, "in_chans": 1}
@@ -191,8 +187,8 @@ def test_augment_is_identity_at_zero_and_seeded_otherwise():
 def test_inputs_must_be_uint8_images(shapes):
     xtr, ytr, xva, yva = shapes
     with pytest.raises(ValueError, match="uint8"):
-        fit("resnet10t", xtr.astype(np.float32), ytr, xva, yva, epochs=1, seed=0, **FAST)
+        fit(S(epochs=1, seed=0, **FAST), xtr.astype(np.float32), ytr, xva, yva)
     with pytest.raises(ValueError, match="labels"):
-        fit("resnet10t", xtr, ytr + 5, xva, yva, epochs=1, seed=0, **FAST)
+        fit(S(epochs=1, seed=0, **FAST), xtr, ytr + 5, xva, yva)
     with pytest.raises(BadInput, match="epochs=0"):
-        fit("resnet10t", xtr, ytr, xva, yva, epochs=0, seed=0, **FAST)
+        S(epochs=0, seed=0, **FAST)

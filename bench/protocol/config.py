@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,20 @@ class TrainSettings(Strict):
     @classmethod
     def _no_early_stopping(cls, v: int | None) -> None:
         return _refuse_patience(v)
+
+
+class RunSettings(TrainSettings):
+    """The settings every run of a matrix trains with: a preset under the protocol's overrides and the command
+    line's, with the backbone and image size resolved and the budget's unit. Frozen; `config.json`'s `train` is its
+    `model_dump()`, and a tuned run's is `with_params(best_params)`."""
+
+    backbone: str
+    image_size: int = Field(..., ge=8, le=2048)
+    budget_unit: Literal["steps", "epochs"] = "steps"
+
+    def with_params(self, params: Mapping[str, float]) -> RunSettings:
+        """These settings with tuned parameters in place (validated like the rest)."""
+        return RunSettings.model_validate({**self.model_dump(), **params})
 
 
 class Preset(TrainSettings):
