@@ -319,7 +319,8 @@ def fit(
             total, steps_per_epoch = int(st.steps), int(st.eval_every or own_epoch)
         rounds = math.ceil(total / steps_per_epoch)
         stream = _batch_stream(len(xtr), batch_size, order_gen)
-        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        # The fused kernel: on a CPU the per-parameter loop of the default AdamW took a quarter of each step.
+        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )

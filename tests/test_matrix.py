@@ -645,6 +645,8 @@ def test_shipped_presets_and_protocols_load():
     assert set(default.tune.search_space) == {"lr", "weight_decay", "aug_strength"}
     demo, _ = load_protocol("demo")
     assert demo.regimes == ["real", "synthetic", "augment:1", "scarce:0.25", "scarce:0.25+synthetic"]
+    # Three seeds per arm: the fewest the bootstrap's seed stage accepts without a `few_seeds` note.
+    assert demo.seeds == [0, 1, 2]
 
 
 def test_unknown_preset_is_bad_input(world, tmp_path, capsys):
