@@ -204,8 +204,8 @@ HAM_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000
 @pytest.mark.skipif(not (HAM_SAMPLE / "HAM10000_metadata.csv").is_file(), reason="HAM10000 sample not found")
 def test_label_shuffle_sits_at_chance_on_the_ham10000_sample(tmp_path):
     """Real validation labels no longer choose among a label-shuffle model's checkpoints, where the hospitals'
-    dermatoscopes (tied to the class mix) gave them a sign to pick; 3 seeds, 8 real epochs of steps at 32 px, on
-    the external site and the internal test split."""
+    dermatoscopes (tied to the class mix) gave them a sign to pick; 3 seeds, 8 real epochs of steps at 32 px.
+    Measured: label-shuffle 0.487 [0.438, 0.549] on the internal test split, real-only 0.820 [0.768, 0.882]."""
     import pandas as pd
     import yaml
 
@@ -233,7 +233,9 @@ def test_label_shuffle_sits_at_chance_on_the_ham10000_sample(tmp_path):
     assert main(["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", "300"]) == 0
     met = pd.read_parquet(run / "evaluation" / "metrics.parquet")
     met = met[(met["metric"] == "auroc_macro") & (met["scope"] == "overall")]
-    for split in ("external", "test"):
+    # The internal test split of the three training hospitals: the one external site left (Vienna Dias, 51 images)
+    # has no akiec, so its macro AUROC is undefined.
+    for split in ("test",):
         m = met[met["split"] == split]
         shuffle = m[(m["generator"] == "label-shuffle") & (m["regime"] == "synthetic")].iloc[0]
         real_only = m[(m["generator"] == "none") & (m["regime"] == "real")].iloc[0]
