@@ -63,7 +63,9 @@ def one_draw(work: Path, phantom: Path, split_seed: int, args: argparse.Namespac
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per run (the demo's)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per run (the demo's)"
+    )
     cpu = PRESETS["cpu"]
     ap.add_argument("--patients", type=int, default=cpu.patients, help="phantom patients (the cpu demo's)")
     ap.add_argument("--preset", default=str(ROOT / "configs" / "presets" / "demo.yaml"))

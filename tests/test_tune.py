@@ -131,3 +131,34 @@ def test_matrix_tuning_records_parameters_and_budget(world, tmp_path):  # noqa: 
     mtime = (out / "tuning.db").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "tuning.db").stat().st_mtime_ns == mtime
+
+
+def test_run_specs_hold_frozen_typed_settings(world, tmp_path):  # noqa: F811
+    import pydantic
+
+    from bench.protocol import MatrixOptions, RunSettings, plan_matrix
+
+    plan = plan_matrix(
+        MatrixOptions(
+            task=world["task_path"],
+            real=world["real"],
+            out=tmp_path / "p",
+            synthetic={"shapes": world["syn"]},
+            regimes=["real", "synthetic"],
+            seeds=[0],
+            preset="smoke",
+            wandb="disabled",
+            cache_dir=world["cache"],
+        )
+    )
+    spec = plan.runs[0]
+    assert isinstance(spec.settings, RunSettings) and spec.settings.budget_unit == "steps"
+    with pytest.raises(pydantic.ValidationError):
+        spec.settings.lr = 1.0
+    tuned = spec.settings.with_params({"lr": 0.01})
+    assert tuned.lr == 0.01 and spec.settings.lr != 0.01
+    with pytest.raises(pydantic.ValidationError, match="lr"):
+        spec.settings.with_params({"lr": -1.0})
+    # Early stopping is refused by name: it would let real validation labels choose a synthetic-only model.
+    with pytest.raises(pydantic.ValidationError, match="patience"):
+        RunSettings.model_validate({**spec.settings.model_dump(), "patience": 3})
