@@ -82,6 +82,19 @@ def _configs_dir() -> Path:
     raise FileNotFoundError("configs/ folder not found next to the package")
 
 
+def generate_args(p: DemoPreset, generator: str, real: Path, out: Path, seed: int = 0) -> list[str]:
+    """The `generate` command line the demo runs for one generator or control."""
+    size_args = ["--size", str(p.image_size)] if p.image_size else ["--preset", p.train_preset]
+    args = ["generate", "--task", TASK, "--generator", generator, "--real", str(real), "--out", str(out)]
+    args += ["--seed", str(seed)]
+    if generator != "ddpm":
+        return args + size_args
+    # The tiny diffusion model works at its own small size (16 px) and training resizes its images; the full one at
+    # the preset's size.
+    args += ["--config", p.ddpm_config, *p.ddpm_args]
+    return args + (size_args if p.ddpm_config != "tiny" else [])
+
+
 def run_demo(
     out: Path,
     cli: Callable[[list[str]], int],
@@ -111,8 +124,6 @@ def run_demo(
     def step(title: str, args: list[str] | Callable[[], list[str]]) -> None:
         stages.append((title, args if callable(args) else (lambda a=args: a)))
 
-    size_args = ["--size", str(p.image_size)] if p.image_size else ["--preset", p.train_preset]
-
     step(
         "Phantom chest CT export (DICOM + labels.csv)",
         [
@@ -138,26 +149,7 @@ def run_demo(
     # The leaderboard scores against its own answer key, never against the labels a submission carries.
     step("Answer key of the demo leaderboard", ["leaderboard", "key", str(board), "--real", str(real)])
     for g in (*GENERATORS, *CONTROLS):
-        args = [
-            "generate",
-            "--task",
-            TASK,
-            "--generator",
-            g,
-            "--real",
-            str(real),
-            "--out",
-            str(out / "synthetic" / g),
-        ]
-        args += ["--seed", "0"]
-        if g != "ddpm":
-            args += size_args
-        else:
-            # The tiny diffusion model works at its own small size (16 px) and training resizes its images;
-            # the full one at the preset's size.
-            args += ["--config", p.ddpm_config, *p.ddpm_args]
-            if p.ddpm_config != "tiny":
-                args += size_args
+        args = generate_args(p, g, real, out / "synthetic" / g, seed=0)
         step(f"{'Control' if g in CONTROLS else 'Reference generator'} {g}", args)
     run_args = [
         "run",

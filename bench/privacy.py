@@ -145,18 +145,15 @@ def train_audit_classifier(
     Its checkpoint is selected on a seeded 20% of those same images: the holdout and the synthetic set must both be
     unseen by the feature extractor, or the comparison between them would be biased.
     """
-    from bench.train import fit
+    from bench.train import FitSettings, fit
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     nv = max(2, len(x) // 5)
     val, tr = perm[:nv], perm[nv:]
-    model, _ = fit(
-        AUDIT_BACKBONE,
-        x[tr],
-        y[tr],
-        x[val],
-        y[val],
+    settings = FitSettings(
+        backbone=AUDIT_BACKBONE,
+        num_classes=num_classes,
         epochs=epochs,
         lr=1e-3,
         weight_decay=1e-4,
@@ -164,8 +161,9 @@ def train_audit_classifier(
         aug_strength=0.5,
         seed=seed,
         device=device,
-        num_classes=num_classes,
+        select="best_val",  # its validation images are its own training distribution
     )
+    model, _ = fit(settings, x[tr], y[tr], x[val], y[val])
     return model
 
 

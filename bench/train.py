@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ from bench.models import create_model
 
 log = logging.getLogger(__name__)
 
+# How `fit` picks the weights it returns: the final ones of the budget (every benchmark run), or the round with the
+# best validation AUROC (only where validation data come from the model's own training distribution).
+SELECTIONS = ("last", "best_val")
 # Fraction of free GPU memory the uint8 training and validation arrays may take before they stay in host memory.
 GPU_RESIDENT_FRACTION = 0.4
 
@@ -196,42 +200,90 @@ def _check_xy(name: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> None
         raise ValueError(f"{name}: labels must be class indices in [0, {num_classes})")
 
 
-def fit(
-    model_name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    aug_strength: float,
-    seed: int,
-    device: str | torch.device = "auto",
-    num_classes: int,
-    patience: int | None = None,
-    init: nn.Module | dict[str, torch.Tensor] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    progress: Any = False,
-    label: str = "train",
-    steps: int | None = None,
-    eval_every: int | None = None,
-) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train `model_name` and return the checkpoint with the best validation macro AUROC, plus its history.
-
-    `x_val`/`y_val` must be the validation split of the training sites: it alone selects the checkpoint and decides
-    early stopping (`patience` epochs without improvement). `init` starts from given weights (fine-tuning).
-    `on_epoch(record)` is called after every epoch with the history record; it may raise (e.g. optuna pruning).
-    `progress`: False, True (own bars) or a rich Progress to add bars to.
+@dataclass(frozen=True)
+class FitSettings:
+    """How `fit` trains one network: everything but the data.
 
     `steps`: a fixed optimizer-step budget (see `bench.regimes.training_budget`), validated every `eval_every`
     steps; batches come from successive seeded permutations of the training set, so a small set is cycled and a
     large one is seen partly. Without `steps`: `epochs` passes over the training set, validated after each.
     Either way one history record is one validation round (`epoch` counts rounds; `step` is the optimizer steps so
     far, `samples_seen` the images) and the cosine learning-rate schedule spans the whole budget.
+
+    `select="last"` (every benchmark run) keeps the final weights; the validation rounds are recorded and choose
+    nothing, so a model trained without real labels (synthetic-only, label-shuffle) reports what its own data
+    taught, not which of its checkpoints the real validation labels liked best (docs/STATISTICS.md, "Which weights
+    a run keeps"). `select="best_val"` keeps the round with the best validation macro AUROC and stops after
+    `patience` rounds without improvement: only for a model whose validation data come from its own training
+    distribution (the privacy audit's classifier).
+
+    `seed` alone decides the initial weights, the batch order and the augmentation draws, so arms compared at one
+    seed share them (common random numbers).
     """
+
+    backbone: str
+    num_classes: int
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    aug_strength: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    steps: int | None = None
+    eval_every: int | None = None
+    select: str = "last"
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (
+            self.steps < 1 or (self.eval_every is not None and self.eval_every < 1)
+        ):
+            raise BadInput(
+                f"training budget out of range: steps={self.steps} (>=1), eval_every={self.eval_every} (>=1)"
+            )
+        if (
+            self.epochs < 1
+            or self.batch_size < 2
+            or self.lr <= 0
+            or self.weight_decay < 0
+            or self.aug_strength < 0
+        ):
+            raise BadInput(
+                f"training settings out of range: epochs={self.epochs} (>=1), batch_size={self.batch_size} (>=2), "
+                f"lr={self.lr} (>0), weight_decay={self.weight_decay} (>=0), aug_strength={self.aug_strength} (>=0)"
+            )
+        if self.select not in SELECTIONS:
+            raise BadInput(f"checkpoint selection {self.select!r}: expected one of {list(SELECTIONS)}")
+        if self.patience is not None and (self.select != "best_val" or self.patience < 1):
+            raise BadInput(
+                f"patience={self.patience}: early stopping chooses by validation labels; it needs "
+                "select='best_val' and patience >= 1"
+            )
+        if self.num_classes < 2:
+            raise BadInput(f"num_classes={self.num_classes}: at least 2 classes are needed")
+
+
+def fit(
+    settings: FitSettings,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    init: nn.Module | dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = False,
+    label: str = "train",
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train as `settings` say and return the kept weights (see `FitSettings.select`) and the history.
+
+    `x_val`/`y_val` are the validation split of the training sites, scored after every round. `init` starts from
+    given weights (fine-tuning). `on_epoch(record)` is called after every round with the history record; it may
+    raise (e.g. optuna pruning). `progress`: False, True (own bars) or a rich Progress to add bars to.
+    """
+    st = settings
+    num_classes, seed, batch_size = st.num_classes, st.seed, st.batch_size
     # Labels are copied (small, and torch wants writable memory); images stay as given until moved to the device.
     x_train, y_train = np.asarray(x_train), np.array(y_train, dtype=np.int64)
     x_val, y_val = np.asarray(x_val), np.array(y_val, dtype=np.int64)
@@ -239,19 +291,12 @@ def fit(
     _check_xy("x_val", x_val, y_val, num_classes)
     if len(x_train) < 2:
         raise BadInput(f"training set has {len(x_train)} image(s); at least 2 are needed")
-    if steps is not None and (steps < 1 or (eval_every is not None and eval_every < 1)):
-        raise BadInput(f"training budget out of range: steps={steps} (>=1), eval_every={eval_every} (>=1)")
-    if epochs < 1 or batch_size < 2 or lr <= 0 or weight_decay < 0 or aug_strength < 0:
-        raise BadInput(
-            f"training settings out of range: epochs={epochs} (>=1), batch_size={batch_size} (>=2), lr={lr} (>0), "
-            f"weight_decay={weight_decay} (>=0), aug_strength={aug_strength} (>=0)"
-        )
-    dev = resolve_device(device)
+    dev = resolve_device(st.device)
     cuda = dev.type == "cuda"
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     with _deterministic(not cuda):
-        model = create_model(model_name, num_classes, int(x_train.shape[1]))
+        model = create_model(st.backbone, num_classes, int(x_train.shape[1]))
         if init is not None:
             state = init.state_dict() if isinstance(init, nn.Module) else init
             model.load_state_dict(state)
@@ -268,13 +313,14 @@ def fit(
 
         batch_size = min(batch_size, len(xtr))
         own_epoch = len(_batches(len(xtr), batch_size, torch.Generator().manual_seed(0)))
-        if steps is None:
-            total, steps_per_epoch = epochs * own_epoch, own_epoch
+        if st.steps is None:
+            total, steps_per_epoch = st.epochs * own_epoch, own_epoch
         else:
-            total, steps_per_epoch = int(steps), int(eval_every or own_epoch)
+            total, steps_per_epoch = int(st.steps), int(st.eval_every or own_epoch)
         rounds = math.ceil(total / steps_per_epoch)
         stream = _batch_stream(len(xtr), batch_size, order_gen)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # The fused kernel: on a CPU the per-parameter loop of the default AdamW took a quarter of each step.
+        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
@@ -292,7 +338,7 @@ def fit(
                     xb = _to_float(xtr.batch(idx))
                     if cuda:
                         xb = xb.contiguous(memory_format=torch.channels_last)
-                    xb = augment(xb, aug_strength, aug_gen)
+                    xb = augment(xb, st.aug_strength, aug_gen)
                     yb = ytr.index_select(0, idx.to(dev))
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
                         loss = F.cross_entropy(model(xb), yb)
@@ -328,8 +374,9 @@ def fit(
                 else:
                     rec["val_loss"] = rec["val_auroc_macro"] = float("nan")
                     key = (0, 0.0, float(epoch))  # no validation data: the last epoch wins
-                improved = best_key is None or key > best_key
-                if improved:
+                if st.select == "last":
+                    best_epoch = epoch  # the final weights are kept whatever the validation rounds showed
+                elif best_key is None or key > best_key:
                     best_key, best_epoch, stale = key, epoch, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
@@ -339,9 +386,10 @@ def fit(
                 bars.epoch(f"{label} round {epoch}/{rounds} val AUROC {rec['val_auroc_macro']:.3f}")
                 if on_epoch is not None:
                     on_epoch(dict(rec))
-                if patience is not None and stale >= patience:
+                if st.patience is not None and stale >= st.patience:
                     break
-        model.load_state_dict(best_state)
+        if best_state is not None:
+            model.load_state_dict(best_state)
         for rec in history:
             rec["selected"] = rec["epoch"] == best_epoch
     return model, history

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.models import create_model
-from bench.train import fit, resolve_device
+from bench.train import FitSettings, fit, resolve_device
 
 
 def model_limit(backbone: str, n: int, size: int, batch: int, epochs: int, dev: torch.device) -> float:
@@ -60,21 +60,18 @@ def loader_rate(backbone: str, n: int, size: int, batch: int, epochs: int, dev: 
     x = rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8)
     y = rng.integers(0, 3, n)
     xv, yv = x[: min(64, n)], y[: min(64, n)]
-    _, hist = fit(
-        backbone,
-        x,
-        y,
-        xv,
-        yv,
+    settings = FitSettings(
+        backbone=backbone,
+        num_classes=3,
         epochs=epochs + 1,
         lr=1e-3,
         weight_decay=1e-4,
         batch_size=batch,
         aug_strength=0.5,
         seed=0,
-        device=dev,
-        num_classes=3,
+        device=str(dev),
     )
+    _, hist = fit(settings, x, y, xv, yv)
     warm = hist[1:]  # the first epoch pays the same warm-up as the reference's
     return sum(h["images_per_second"] * h["train_seconds"] for h in warm) / sum(
         h["train_seconds"] for h in warm

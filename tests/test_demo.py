@@ -216,3 +216,76 @@ def test_a_stage_that_refuses_its_input_stops_the_demo_with_exit_2(tmp_path, mon
     err = capsys.readouterr().err
     assert "Validate the manifest" in err and "exit code 2" in err
     assert "generate" not in calls and "run" not in calls
+
+
+def _measure_verdicts():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "measure_verdicts.py"
+    spec = importlib.util.spec_from_file_location("measure_verdicts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_measure_verdicts_counts_draws_flips_and_misses(tmp_path, capsys):
+    mv = _measure_verdicts()
+    # Fabricated results of 10 draws at 1 and 2 threads per worker: a control that fails once, a comparison that
+    # fails twice at 2 threads only (two flips), a check that was not run in one draw.
+    results = []
+    for draw in range(10):
+        for t in (1, 2):
+            verdicts = {
+                "control label-shuffle: chance": draw != 3,
+                "pca-gmm synthetic below real-only (external)": not (t == 2 and draw in (4, 7)),
+                "control copycat: privacy_flagged": None if draw == 0 else True,
+            }
+            results.append({"draw": draw, "threads": t, "seeds": [3 * draw], "verdicts": verdicts})
+    rows = {line.split(" | ")[0].strip("| "): line for line in mv.verdict_table(results).splitlines()}
+    assert rows["verdict"].count("|") == 5  # verdict, two settings, flips
+    assert rows["control label-shuffle: chance"].split(" | ")[1:] == ["9/10", "9/10", "0 |"]
+    pca = rows["pca-gmm synthetic below real-only (external)"].split(" | ")[1:]
+    assert pca == ["10/10", "8/10 **below**", "2 |"]
+    assert rows["control copycat: privacy_flagged"].split(" | ")[1:] == ["9/9", "9/9", "0 |"]
+    # The same table from what a working folder holds, printed by the script without running anything.
+    for r in results:
+        d = tmp_path / f"draw-{r['draw']}"
+        d.mkdir(exist_ok=True)
+        (d / f"verdicts-t{r['threads']}.json").write_text(json.dumps(r))
+    assert mv.main(["--work", str(tmp_path), "--table-only"]) == 0
+    out = capsys.readouterr().out
+    assert "10 draw(s)" in out and "8/10 **below**" in out
+
+
+def test_verdicts_are_read_from_an_evaluation_folder(tmp_path):
+    mv = _measure_verdicts()
+    ev = tmp_path / "evaluation"
+    ev.mkdir()
+    controls = [
+        {"control": "label-shuffle", "check": "chance", "status": "PASS"},
+        {"control": "real-holdout", "check": "ratio_near_one", "status": "FAIL"},
+        {"control": "copycat", "check": "privacy_flagged", "status": "NOT RUN"},
+    ]
+    (ev / "summary.json").write_text(json.dumps({"controls": controls}))
+    base = {"metric": "auroc_macro", "scope": "overall"}
+    pd.DataFrame(
+        [
+            {**base, "generator": "pca-gmm", "regime": "synthetic", "split": "external", "ci_high": -0.01},
+            {**base, "generator": "pca-gmm", "regime": "synthetic", "split": "test", "ci_high": 0.02},
+            {**base, "generator": "ddpm", "regime": "synthetic", "split": "external", "ci_high": -0.2},
+        ]
+    ).to_parquet(ev / "comparisons.parquet")
+    pd.DataFrame(
+        [
+            {**base, "generator": "none", "regime": "real", "split": "external", "value": 0.74},
+            {**base, "generator": "none", "regime": "real", "split": "test", "value": 0.86},
+        ]
+    ).to_parquet(ev / "metrics.parquet")
+    v = mv.verdicts_of(ev)
+    assert v["control label-shuffle: chance"] is True
+    assert v["control real-holdout: ratio_near_one"] is False
+    assert v["control copycat: privacy_flagged"] is None
+    assert v["pca-gmm synthetic below real-only (external)"] is True
+    assert v["pca-gmm synthetic below real-only (test)"] is False
+    assert v["ddpm synthetic below real-only (test)"] is None
+    assert v["real-only external below internal test"] is True

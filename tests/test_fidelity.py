@@ -60,7 +60,7 @@ def _write_images(folder: Path, arrays: list[np.ndarray]) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from bench.tasks import load_task
-    from bench.train import fit, save_checkpoint
+    from bench.train import FitSettings, fit, save_checkpoint
 
     root = tmp_path_factory.mktemp("fid")
     task_path = write_tiny_task(root)
@@ -77,12 +77,9 @@ def env(tmp_path_factory):
             np.uint8
         )
 
-    model, _ = fit(
-        "resnet10t",
-        load(train),
-        train["label"].map(cls).to_numpy(),
-        load(val),
-        val["label"].map(cls).to_numpy(),
+    settings = FitSettings(
+        backbone="resnet10t",
+        num_classes=3,
         epochs=8,
         lr=3e-3,
         weight_decay=1e-4,
@@ -90,7 +87,14 @@ def env(tmp_path_factory):
         aug_strength=0.0,
         seed=0,
         device="cpu",
-        num_classes=3,
+        select="best_val",
+    )
+    model, _ = fit(
+        settings,
+        load(train),
+        train["label"].map(cls).to_numpy(),
+        load(val),
+        val["label"].map(cls).to_numpy(),
     )
     ckpt = save_checkpoint(root / "checkpoint.pt", model, {"image": {"size": 32, "channels": 1}})
     paths = [str(m.image_path(p)) for p in train["image"]]

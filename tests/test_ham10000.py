@@ -46,7 +46,7 @@ def metadata() -> pd.DataFrame:
 
 
 def test_task_definition(task):
-    assert task.version == "1.1.0" and task.modality == "dermatoscopy"
+    assert task.version == "1.2.0" and task.modality == "dermatoscopy"
     assert task.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert task.labels.binary_view.name == "melanoma" and task.labels.binary_view.positive == ["mel"]
     assert task.sites.train == ["vidir_modern", "vidir_molemax"]

@@ -245,7 +245,21 @@ def test_config_is_fully_resolved(matrix, world):
     assert cfg["regime"] == "augment:1" and cfg["generator"] == "shapes"
     assert cfg["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert cfg["environment"]["torch_threads"] == 1
-    assert cfg["selection"] == {"metric": "val_auroc_macro", "split": "val", "sites": ["s1", "s2", "s3"]}
+    assert cfg["selection"]["rule"] == "last" and cfg["selection"]["sites"] == ["s1", "s2", "s3"]
+    # The typed settings write the keys config.json always had, so older runs and resumption read alike.
+    assert set(cfg["train"]) == {
+        "backbone",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "aug_strength",
+        "patience",
+        "pretrain_epochs",
+        "device",
+        "budget_unit",
+    }
     from bench.train import load_checkpoint
 
     model, meta = load_checkpoint(matrix / RUNS[1] / "checkpoint.pt")
@@ -631,6 +645,8 @@ def test_shipped_presets_and_protocols_load():
     assert set(default.tune.search_space) == {"lr", "weight_decay", "aug_strength"}
     demo, _ = load_protocol("demo")
     assert demo.regimes == ["real", "synthetic", "augment:1", "scarce:0.25", "scarce:0.25+synthetic"]
+    # Three seeds per arm: the fewest the bootstrap's seed stage accepts without a `few_seeds` note.
+    assert demo.seeds == [0, 1, 2]
 
 
 def test_unknown_preset_is_bad_input(world, tmp_path, capsys):

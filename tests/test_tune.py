@@ -92,16 +92,35 @@ def test_bad_search_spaces_and_redaction():
 
 def test_matrix_tuning_records_parameters_and_budget(world, tmp_path):  # noqa: F811
     out = tmp_path / "tuned"
-    args = base_args(world, out, "--regimes", "real", "--seeds", "0,1", "--tune", "2", "--wandb", "disabled")
+    args = base_args(
+        world,
+        out,
+        "--regimes",
+        "real,synthetic",
+        "--synthetic",
+        f"shapes={world['syn']}",
+        "--seeds",
+        "0,1",
+        "--tune",
+        "2",
+        "--wandb",
+        "disabled",
+    )
     assert main(args) == 0
+    # The synthetic-only arm has no study of its own: real validation labels would choose its parameters.
+    assert sorted(p.name for p in (out / "tuning").iterdir()) == ["none__real__resnet10t.json"]
     result = json.loads((out / "tuning" / "none__real__resnet10t.json").read_text())
     assert result["trials"] == 2 and result["n_complete"] + result["n_pruned"] == 2
     study = optuna.load_study(study_name=result["study"], storage=f"sqlite:///{out / 'tuning.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2
     assert result["best_value"] == pytest.approx(study.best_value)
-    for seed in (0, 1):
-        cfg = json.loads((out / f"none__real__resnet10t__seed{seed}" / "config.json").read_text())
+    for run in [
+        f"{arm}__seed{seed}"
+        for arm in ("none__real__resnet10t", "shapes__synthetic__resnet10t")
+        for seed in (0, 1)
+    ]:
+        cfg = json.loads((out / run / "config.json").read_text())
         assert cfg["tuning"]["trials"] == 2
         assert cfg["tuning"]["best_params"] == study.best_params
         # The run trained with the chosen parameters.
@@ -112,3 +131,34 @@ def test_matrix_tuning_records_parameters_and_budget(world, tmp_path):  # noqa: 
     mtime = (out / "tuning.db").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "tuning.db").stat().st_mtime_ns == mtime
+
+
+def test_run_specs_hold_frozen_typed_settings(world, tmp_path):  # noqa: F811
+    import pydantic
+
+    from bench.protocol import MatrixOptions, RunSettings, plan_matrix
+
+    plan = plan_matrix(
+        MatrixOptions(
+            task=world["task_path"],
+            real=world["real"],
+            out=tmp_path / "p",
+            synthetic={"shapes": world["syn"]},
+            regimes=["real", "synthetic"],
+            seeds=[0],
+            preset="smoke",
+            wandb="disabled",
+            cache_dir=world["cache"],
+        )
+    )
+    spec = plan.runs[0]
+    assert isinstance(spec.settings, RunSettings) and spec.settings.budget_unit == "steps"
+    with pytest.raises(pydantic.ValidationError):
+        spec.settings.lr = 1.0
+    tuned = spec.settings.with_params({"lr": 0.01})
+    assert tuned.lr == 0.01 and spec.settings.lr != 0.01
+    with pytest.raises(pydantic.ValidationError, match="lr"):
+        spec.settings.with_params({"lr": -1.0})
+    # Early stopping is refused by name: it would let real validation labels choose a synthetic-only model.
+    with pytest.raises(pydantic.ValidationError, match="patience"):
+        RunSettings.model_validate({**spec.settings.model_dump(), "patience": 3})

@@ -8,6 +8,7 @@ folder's layout belongs to `bench.runfolder`.
 from bench.protocol.config import (
     Preset,
     Protocol,
+    RunSettings,
     TrainOverrides,
     TrainSettings,
     default_preset_name,
@@ -46,6 +47,7 @@ __all__ = [
     "RunSpec",
     "StudySpec",
     "TrainOverrides",
+    "RunSettings",
     "TrainSettings",
     "default_preset_name",
     "default_threads",

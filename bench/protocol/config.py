@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bench.errors import BadInput
 from bench.schema import Strict, load_yaml_model
 from bench.tune import TuneSpec
+
+
+def _refuse_patience(v: int | None) -> None:
+    if v is not None:
+        raise ValueError(
+            f"got {v}; early stopping is not offered: the real validation labels would choose when a synthetic-only "
+            "model stops. Every run trains its whole step budget and keeps its final weights; set it to null"
+        )
+    return None
 
 
 class TrainSettings(Strict):
@@ -22,11 +32,34 @@ class TrainSettings(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     aug_strength: float = Field(0.5, ge=0)
-    patience: int | None = Field(None, ge=1, description="early stopping on validation AUROC; None = off")
+    patience: int | None = Field(
+        None,
+        description="must be null: early stopping on real validation labels would let them choose a synthetic-only "
+        "model's weights; every run trains its whole budget and keeps its final weights (docs/STATISTICS.md)",
+    )
     pretrain_epochs: int | None = Field(
         None, ge=1, description="synthetic stage of `pretrain`; None = epochs"
     )
     device: str = "auto"
+
+    @field_validator("patience")
+    @classmethod
+    def _no_early_stopping(cls, v: int | None) -> None:
+        return _refuse_patience(v)
+
+
+class RunSettings(TrainSettings):
+    """The settings every run of a matrix trains with: a preset under the protocol's overrides and the command
+    line's, with the backbone and image size resolved and the budget's unit. Frozen; `config.json`'s `train` is its
+    `model_dump()`, and a tuned run's is `with_params(best_params)`."""
+
+    backbone: str
+    image_size: int = Field(..., ge=8, le=2048)
+    budget_unit: Literal["steps", "epochs"] = "steps"
+
+    def with_params(self, params: Mapping[str, float]) -> RunSettings:
+        """These settings with tuned parameters in place (validated like the rest)."""
+        return RunSettings.model_validate({**self.model_dump(), **params})
 
 
 class Preset(TrainSettings):
@@ -42,8 +75,13 @@ class TrainOverrides(Strict):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     aug_strength: float | None = Field(None, ge=0)
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = None
     pretrain_epochs: int | None = Field(None, ge=1)
+
+    @field_validator("patience")
+    @classmethod
+    def _no_early_stopping(cls, v: int | None) -> None:
+        return _refuse_patience(v)
 
 
 class Budget(Strict):

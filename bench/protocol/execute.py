@@ -22,6 +22,7 @@ import pandas as pd
 from bench.io import atomic_dir, read_json, write_json, write_table, write_text
 from bench.manifest import read_manifest
 from bench.metrics.core import auroc_macro
+from bench.protocol.config import RunSettings
 from bench.protocol.plan import MatrixContext, RunSpec, StudySpec, environment
 from bench.regimes import compose, training_budget
 from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
@@ -29,7 +30,15 @@ from bench.tasks import Task, load_task
 from bench.threads import torch_threads
 from bench.tune import run_study
 
-SELECTION_METRIC = "val_auroc_macro"
+# What the validation rounds of a run report; they choose no weights (`SELECTION`), only tuning reads them.
+VALIDATION_METRIC = "val_auroc_macro"
+# Every arm of a comparison keeps the final weights of the same step budget: real validation labels must not choose
+# among the checkpoints of a model that never saw a real label (docs/STATISTICS.md, "Which weights a run keeps").
+SELECTION = {
+    "rule": "last",
+    "weights": "the final weights of the step budget",
+    "validation": "val split of the training sites, scored every round for the history; it chooses nothing",
+}
 
 
 class ManifestImages:
@@ -100,18 +109,17 @@ def train_regime(
     generator: str,
     regime: str,
     seed: int,
-    settings: dict[str, Any],
+    settings: RunSettings,
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: Any = False,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any], ManifestImages]:
     """Compose the regime's training set and train on it; returns (model, history rows, composition, real data)."""
-    from bench.train import fit
+    from bench.train import FitSettings, fit
 
     task = data.task
-    size = int(settings["image_size"])
-    real = data.real(size)
-    syn = data.synthetic(generator, size)
+    real = data.real(settings.image_size)
+    syn = data.synthetic(generator, settings.image_size)
     classes = task.classes
     train_df = real.df[(real.df["split"] == "train") & real.df["site"].isin(task.sites.train)]
     val_df = real.df[(real.df["split"] == "val") & real.df["site"].isin(task.sites.train)]
@@ -122,53 +130,50 @@ def train_regime(
     # The budget comes from the real training split, the same for every regime of the protocol.
     budget = training_budget(
         len(train_df),
-        int(settings["epochs"]),
-        int(settings["batch_size"]),
-        unit=str(settings.get("budget_unit") or "steps"),
-        pretrain_epochs=settings.get("pretrain_epochs"),
+        settings.epochs,
+        settings.batch_size,
+        unit=settings.budget_unit,
+        pretrain_epochs=settings.pretrain_epochs,
     )
     comp["budget"] = budget
-    common = dict(
-        lr=settings["lr"],
-        weight_decay=settings["weight_decay"],
-        batch_size=settings["batch_size"],
-        aug_strength=settings["aug_strength"],
-        seed=seed,
-        device=settings["device"],
-        num_classes=len(classes),
-        patience=settings["patience"],
-        progress=progress,
-    )
     history: list[dict[str, Any]] = []
     init = None
     stages = ["pretrain", "finetune"] if (rows["stage"] == "pretrain").any() else ["train"]
     model = None
     for stage in stages:
         part = rows[rows["stage"] == stage]
-        epochs = (
-            (settings["pretrain_epochs"] or settings["epochs"]) if stage == "pretrain" else settings["epochs"]
-        )
         steps = budget["steps"]
         if steps is not None and len(stages) > 1:
             steps = budget["pretrain_split"][stage]
+        fit_settings = FitSettings(
+            backbone=settings.backbone,
+            num_classes=len(classes),
+            epochs=(settings.pretrain_epochs or settings.epochs) if stage == "pretrain" else settings.epochs,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            aug_strength=settings.aug_strength,
+            seed=seed,
+            device=settings.device,
+            steps=steps,
+            eval_every=budget["steps_per_real_epoch"] if steps is not None else None,
+            select=SELECTION["rule"],
+        )
 
         def cb(rec: dict[str, Any], stage: str = stage) -> None:
             if on_epoch is not None:
                 on_epoch({**rec, "stage": stage})
 
         model, hist = fit(
-            settings["backbone"],
+            fit_settings,
             _images_for(part, real, syn),
             _labels(part, classes),
             x_val,
             y_val,
-            epochs=int(epochs),
-            steps=steps,
-            eval_every=budget["steps_per_real_epoch"] if steps is not None else None,
             init=init,
             on_epoch=cb,
+            progress=progress,
             label=stage,
-            **common,
         )
         history += [{"stage": stage, **h} for h in hist]
         init = model
@@ -246,7 +251,7 @@ def _with_threads(fn):
     return wrapper
 
 
-def _run_config(ctx: MatrixContext, task: Task, spec: RunSpec, settings: dict[str, Any]) -> dict[str, Any]:
+def _run_config(ctx: MatrixContext, task: Task, spec: RunSpec, settings: RunSettings) -> dict[str, Any]:
     syn = ctx.manifest(spec.generator)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -261,11 +266,11 @@ def _run_config(ctx: MatrixContext, task: Task, spec: RunSpec, settings: dict[st
         "preset": {"name": ctx.preset.name, "path": ctx.preset.path},
         "protocol": {"name": ctx.protocol.name, "path": ctx.protocol.path},
         "balance": ctx.balance,
-        "image": {"size": settings["image_size"], "channels": task.image.channels},
-        "train": settings,
+        "image": {"size": settings.image_size, "channels": task.image.channels},
+        "train": settings.model_dump(),
         "tuning": spec.tuning,
-        "selection": {"metric": SELECTION_METRIC, "split": "val", "sites": list(task.sites.train)},
-        "environment": environment(str(settings["device"]) if settings["device"] != "auto" else None),
+        "selection": {**SELECTION, "sites": list(task.sites.train)},
+        "environment": environment(settings.device if settings.device != "auto" else None),
     }
 
 
@@ -287,9 +292,7 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
         shutil.rmtree(p, ignore_errors=True)
     task = load_task(ctx.task_path)
     data = DataStore(ctx, task)
-    settings = dict(spec.settings)
-    if spec.tuning:
-        settings.update(spec.tuning["best_params"])
+    settings = spec.settings.with_params(spec.tuning["best_params"]) if spec.tuning else spec.settings
     gen = spec.generator
     config = _run_config(ctx, task, spec, settings)
     tracker = Tracker(
@@ -313,7 +316,7 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
         eval_df = real.df[real.df["split"].isin(PREDICTED_SPLITS)]
         order = {s: i for i, s in enumerate(PREDICTED_SPLITS)}
         eval_df = eval_df.iloc[np.argsort(eval_df["split"].map(order).to_numpy(), kind="stable")]
-        prob = predict_proba(model, real.take(eval_df["case_id"]), settings["device"])
+        prob = predict_proba(model, real.take(eval_df["case_id"]), settings.device)
         preds = predictions_frame(
             task,
             eval_df,
@@ -387,7 +390,7 @@ def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -
     data = DataStore(ctx, load_task(ctx.task_path))
 
     def objective(params: dict[str, float], report) -> float:
-        settings = {**study.settings, **params}
+        settings = study.settings.with_params(params)
         _, history, _, _ = train_regime(
             data,
             study.generator,
@@ -396,14 +399,12 @@ def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -
             settings,
             on_epoch=lambda rec: report(
                 int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
-                float(rec[SELECTION_METRIC]),
+                float(rec[VALIDATION_METRIC]),
             ),
             progress=progress,
         )
-        last = [h for h in history if h["stage"] != "pretrain"]
-        return max(
-            (h[SELECTION_METRIC] for h in last if not np.isnan(h[SELECTION_METRIC])), default=float("nan")
-        )
+        # The weights a run keeps are the final ones, so a trial is scored by them, not by its best round.
+        return float(history[-1][VALIDATION_METRIC])
 
     name = f"{ctx.task.name}-{ctx.task.version}__{study.key}"
     result = run_study(name, ctx.storage, spec, objective)

@@ -3,8 +3,8 @@
 A run folder is built in a temporary folder beside it and renamed into place with `DONE` already inside, so a run
 killed at any moment leaves either a complete, DONE-marked folder or none. Re-running the same command skips DONE
 runs; each run depends only on its own seed, so a resumed matrix gives the predictions an uninterrupted one would.
-Model selection and early stopping see the validation split of the training sites only; the internal test split
-and the external sites are predicted once, at the end.
+Every run keeps the final weights of its step budget; the validation split of the training sites is scored for the
+history (and tuning) only, and the internal test split and the external sites are predicted once, at the end.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _prepare_caches(plan: MatrixPlan, progress: bool) -> None:
     """Decode every manifest once in this process, so workers only open the finished caches."""
     from bench.imaging import build_cache
 
-    size = int(plan.runs[0].settings["image_size"])
+    size = plan.runs[0].settings.image_size
     ctx = plan.ctx
     cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else None
     for ref in [ctx.real, *ctx.synthetic.values()]:

@@ -14,9 +14,9 @@ from typing import Any
 from bench.errors import BadInput
 from bench.io import sha256_file
 from bench.manifest import Manifest
-from bench.protocol.config import Protocol, TrainSettings, default_preset_name, load_preset, load_protocol
+from bench.protocol.config import Protocol, RunSettings, default_preset_name, load_preset, load_protocol
 from bench.protocol.inputs import load_real, load_synthetic
-from bench.regimes import expand_regimes, training_budget
+from bench.regimes import expand_regimes, parse_regime, training_budget
 from bench.runfolder import BASELINE, SCHEMA_VERSION, ManifestRef, RunDir, run_name, study_key
 from bench.tasks import Task, load_task
 from bench.threads import threads_per_process
@@ -101,7 +101,7 @@ class RunSpec:
     regime: str
     seed: int
     backbone: str
-    settings: dict[str, Any]
+    settings: RunSettings
     identity: str
     tuning_key: str | None = None
     tuning: dict[str, Any] | None = None
@@ -115,7 +115,7 @@ class StudySpec:
     generator: str
     regime: str
     backbone: str
-    settings: dict[str, Any]
+    settings: RunSettings
 
 
 @dataclass
@@ -213,7 +213,7 @@ def default_threads(workers: int) -> int:
 
 def _settings(
     options: MatrixOptions, task: Task, proto: Protocol, preset_ref: str | Path
-) -> tuple[Any, dict]:
+) -> tuple[Any, RunSettings]:
     from bench.models import model_info
 
     pre, preset_path = load_preset(preset_ref)
@@ -236,7 +236,8 @@ def _settings(
     else:
         size = pre.image_size or task.image.size
     base["image_size"] = int(size)
-    return (pre, preset_path), TrainSettings.model_validate(base).model_dump()
+    base["budget_unit"] = proto.budget.unit
+    return (pre, preset_path), RunSettings.model_validate(base)
 
 
 def _manifest_ref(path: str | Path, m: Manifest) -> ManifestRef:
@@ -254,8 +255,7 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
     proto, proto_path = load_protocol(options.protocol) if options.protocol else (Protocol(), None)
     preset_ref = options.preset or proto.preset or default_preset_name()
     (pre, preset_path), settings = _settings(options, task, proto, preset_ref)
-    settings["budget_unit"] = proto.budget.unit
-    bb = settings["backbone"]
+    bb = settings.backbone
 
     regime_list = expand_regimes(
         list(options.regimes or proto.regimes or task.protocol.regimes), proto.ratios or task.protocol.ratios
@@ -295,10 +295,10 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
     n_real_train = int(((rdf["split"] == "train") & rdf["site"].isin(task.sites.train)).sum())
     budget = training_budget(
         n_real_train,
-        int(settings["epochs"]),
-        int(settings["batch_size"]),
-        unit=proto.budget.unit,
-        pretrain_epochs=settings["pretrain_epochs"],
+        settings.epochs,
+        settings.batch_size,
+        unit=settings.budget_unit,
+        pretrain_epochs=settings.pretrain_epochs,
     )
 
     workers = max(1, int(options.workers))
@@ -348,7 +348,7 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
                         "task": task_spec,
                         "real": real_m.sha256,
                         "synthetic": syn_m[gen].sha256 if gen != BASELINE else None,
-                        "settings": settings,
+                        "settings": settings.model_dump(),
                         "balance": proto.balance,
                         "regime": reg.name,
                         "seed": seed,
@@ -356,9 +356,12 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
                         "tune": tune_dump,
                     }
                 )
-                skey = study_key(gen, reg.slug, bb) if tuning_on else None
+                # An arm that trains on no real label (synthetic-only, its controls) takes the real-only arm's
+                # tuned parameters: a study of its own would let the real validation labels choose for it.
+                s_gen, s_reg = (BASELINE, "real") if reg.kind == "synthetic" else (gen, reg.name)
+                skey = study_key(s_gen, parse_regime(s_reg).slug, bb) if tuning_on else None
                 if skey and skey not in studies:
-                    studies[skey] = StudySpec(skey, gen, reg.name, bb, settings)
+                    studies[skey] = StudySpec(skey, s_gen, s_reg, bb, settings)
                 rid = run_name(gen, reg.slug, bb, seed)
                 runs.append(RunSpec(rid, gen, reg.name, seed, bb, settings, ident, skey))
 
@@ -377,7 +380,7 @@ def plan_matrix(options: MatrixOptions) -> MatrixPlan:
             "backbone": bb,
             "balance": proto.balance,
             "preset": pre.name,
-            "settings": settings,
+            "settings": settings.model_dump(),
             "budget": budget,
             "controls": {n: [r.name for r in regs] for n, regs in control_regimes.items()},
             "tune": {"trials": tune_spec.trials, **(tune_dump or {})} if tuning_on else {"trials": 0},
