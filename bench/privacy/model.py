@@ -49,7 +49,7 @@ from bench.privacy.attack import (
     lira_offline as _lira,
 )
 from bench.regimes import compose, parse_regime
-from bench.runfolder import BASELINE, RunDir, RunFolder
+from bench.runfolder import BASELINE, MODEL_PRIVACY_FILE, RunDir, RunFolder
 from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,6 @@ REFERENCE = (
     "Carlini, Chien, Nasr, Song, Terzis, Tramèr (2022), Membership inference attacks from first principles, "
     "IEEE S&P, offline variant"
 )
-OUT_DIR = "model-privacy"
-OUT_FILE = "model_privacy.json"
 SCORES_FILE = "scores.parquet"
 NON_MEMBER_SPLITS = ("train", "test", "reserve")
 NOT_REFERENCE = ("label-shuffle",)  # controls whose models say nothing about the true labels
@@ -69,12 +67,15 @@ MIN_GROUP = 10  # members and non-members (patients) a subgroup needs to be repo
 HEADLINE = "auroc"
 
 
+OUT_FILE = MODEL_PRIVACY_FILE
+
+
 def out_dir(run: str | Path) -> Path:
-    return Path(run) / OUT_DIR
+    return RunDir(run).model_privacy_dir
 
 
 def out_file(run: str | Path) -> Path:
-    return out_dir(run) / OUT_FILE
+    return RunDir(run).model_privacy_file
 
 
 @dataclass
@@ -211,10 +212,8 @@ def score_models(
 
     Images come from the real manifest's image cache at each run's size (the cache training filled, so nothing is
     decoded again); logits, not probabilities, so that a confident model's phi does not saturate."""
-    import torch
-
     from bench.imaging import build_cache
-    from bench.train import _to_float, load_checkpoint
+    from bench.train import load_checkpoint
 
     labels = pool["label"].astype(str).map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64)
     images: dict[int, np.ndarray] = {}
@@ -226,15 +225,47 @@ def score_models(
             )
             images[r.size] = np.asarray(cache.images[cache.rows(pool["case_id"].astype(str))])
         model, _ = load_checkpoint(r.folder.checkpoint, device=device)
-        out = []
-        with torch.no_grad():
-            x = images[r.size]
-            for k in range(0, len(x), 256):
-                xb = _to_float(torch.from_numpy(np.ascontiguousarray(x[k : k + 256])).to(device))
-                out.append(model(xb).float().cpu().numpy())
-        logits = np.concatenate(out) if out else np.zeros((0, len(task.classes)))
-        phi[i] = logit_confidence(logits, labels)
+        phi[i] = model_confidence(model, images[r.size], labels, device)
     return phi
+
+
+def model_confidence(model: Any, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """phi of one trained model on uint8 images `[N, C, S, S]` with integer labels `[N]` (the training code's
+    input normalization; logits, not probabilities, so that a confident model's phi does not saturate)."""
+    import torch
+
+    from bench.train import _to_float
+
+    model = model.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(images), 256):
+            xb = _to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + 256])).to(device))
+            out.append(model(xb).float().cpu().numpy())
+    y = np.asarray(labels, dtype=np.int64)
+    if not out:
+        return np.zeros(0)
+    return logit_confidence(np.concatenate(out), y)
+
+
+def membership_attack(
+    target: np.ndarray,
+    references: np.ndarray | None,
+    member: np.ndarray,
+    patients: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One target model's attack: offline LiRA scores from its phi `[N]` and the reference models' `[R, N]`, then
+    every metric with its patient-bootstrap interval (the per-seed step of `audit_run`)."""
+    scores, info = _lira(target, references)
+    weights, _ = patient_weights(np.asarray(patients), n_boot, np.random.default_rng([seed, 15485863]))
+    member = np.asarray(member, dtype=bool)
+    return {
+        **info,
+        "metrics": summarize(attack_metrics(scores, member), attack_metrics(scores, member, weights)),
+    }
 
 
 def _arm_key(r: ModelRun) -> tuple[str, str, str]:
