@@ -161,7 +161,9 @@ def _known_answers(seed, epochs=25, n=50):
     member = group[ab] == 0
     out = []
     for model in (target, disjoint):
-        r = membership_attack(model_confidence(model, x[ab], y[ab]), phi_ref, member, pid[ab], n_boot=400, seed=seed)
+        r = membership_attack(
+            model_confidence(model, x[ab], y[ab]), phi_ref, member, pid[ab], n_boot=400, seed=seed
+        )
         out.append(r["metrics"]["auroc"])
     return out
 

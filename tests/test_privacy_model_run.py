@@ -36,7 +36,14 @@ def audited_run(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mia")
     spec = copy.deepcopy(TINY_TASK)
-    spec["splits"] = {"unit": "patient_id", "train": 0.35, "reserve": 0.25, "val": 0.1, "test": 0.3, "seed": 0}
+    spec["splits"] = {
+        "unit": "patient_id",
+        "train": 0.35,
+        "reserve": 0.25,
+        "val": 0.1,
+        "test": 0.3,
+        "seed": 0,
+    }
     (root / "tasks" / "tiny").mkdir(parents=True)
     task_path = root / "tasks" / "tiny" / "task.yaml"
     task_path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -125,7 +132,9 @@ def test_report_summary_and_service_figures_carry_the_audit(audited_run):
     }
     figures = aggregate_figures(out)
     text = json.dumps(figures)
-    assert "per_seed" not in text and "references" not in text and "patient" not in text.replace("patients", "")
+    assert (
+        "per_seed" not in text and "references" not in text and "patient" not in text.replace("patients", "")
+    )
     assert len(figures["arms"]) == len(result["arms"])
 
 
@@ -133,7 +142,9 @@ def test_leaderboard_record_field_validates_and_fills_the_column(audited_run):
     out, _, _, result = audited_run
     mp = record_model_privacy(RunDir(out), "shapes")
     assert mp["arms"] and {a["regime"] for a in mp["arms"]} == {"synthetic"}
-    old = json.loads(next((REPO / "leaderboards" / "mediastinal-neoplasm" / "records").glob("*.json")).read_text())
+    old = json.loads(
+        next((REPO / "leaderboards" / "mediastinal-neoplasm" / "records").glob("*.json")).read_text()
+    )
     assert validate_record({**old, "model_privacy": mp}) == []
     assert validate_record({**old, "model_privacy": None}) == []
     bad = copy.deepcopy(mp)
@@ -142,8 +153,9 @@ def test_leaderboard_record_field_validates_and_fills_the_column(audited_run):
     cell = model_privacy_cells({"kind": "generator", "model_privacy": mp})["model_leak"]
     assert cell == _arm(result, "shapes", "synthetic")["metrics"]["auroc"]
     ref = record_model_privacy(RunDir(out), "none")
-    assert model_privacy_cells({"kind": "reference", "model_privacy": ref})["model_leak"] == (
-        _arm(result, "none", "real")["metrics"]["auroc"]
+    assert (
+        model_privacy_cells({"kind": "reference", "model_privacy": ref})["model_leak"]
+        == (_arm(result, "none", "real")["metrics"]["auroc"])
     )
 
 

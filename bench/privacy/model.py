@@ -194,8 +194,12 @@ def _generator_patients(rd: RunDir, generator: str, by_hash: dict[str, str]) -> 
         )
     hashes = (card.get("training") or {}).get("patients") or []
     if not hashes:
-        raise BadInput(
-            f"{path}: field 'training.patients' is empty; the members of {generator!r}'s models are unknown"
+        # A card that names no patient (e.g. a team's generator audited on a host's data it never saw): its
+        # synthetic images carry no known member, and its synthetic-only models are reported without members.
+        log.warning(
+            "%s: field 'training.patients' is empty; %s's models have no known generator members",
+            path,
+            generator,
         )
     return {by_hash[h] for h in hashes if h in by_hash}
 
