@@ -368,18 +368,21 @@ def audit_run(
     df = manifest.df
     if "age_group" in task.subgroups.columns and "age_group" not in df.columns and "age" in df.columns:
         df = df.assign(age_group=task.age_group(df["age"]))
+    finished = rd.finished_runs()
+    if not finished:
+        raise BadInput(f"{rd.path}: no finished run to attack")
+    from bench.imaging import build_cache
+
+    # Training left out images the cache could not decode; so does the recomputation of its rows, and the pool.
+    size = int(finished[0].config().train.get("image_size") or task.image.size)
+    cache = build_cache(manifest, task, size=size, cache_dir=cache_dir, skip_corrupt=True, progress=False)
+    df = df[cache.contains(df["case_id"].astype(str))].reset_index(drop=True)
     runs = load_runs(rd, task, df[df["origin"] == "real"])
     if not runs:
         raise BadInput(f"{rd.path}: no finished run with a checkpoint to attack")
     pool = df[
         (df["origin"] == "real") & df["site"].isin(task.sites.train) & df["split"].isin(NON_MEMBER_SPLITS)
     ].reset_index(drop=True)
-    from bench.imaging import build_cache
-
-    cache = build_cache(
-        manifest, task, size=runs[0].size, cache_dir=cache_dir, skip_corrupt=True, progress=False
-    )
-    pool = pool[cache.contains(pool["case_id"].astype(str))].reset_index(drop=True)
     pool["patient_id"] = pool["patient_id"].astype(str)
     t1 = time.perf_counter()
     phi = score_models(runs, manifest, pool, task, cache_dir, device)
