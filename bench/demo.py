@@ -211,6 +211,8 @@ def run_demo(
 
     for g in GENERATORS:
         step(f"Privacy audit of {g}", lambda g=g: privacy_args(g))
+    # Membership inference against the models the matrix trained (their references too): no model is trained here.
+    step("Privacy of the trained models", ["privacy-model", str(run), "--n-boot", str(p.n_boot)])
     # After the audits: the Controls section checks that copycat is flagged.
     step(
         "Evaluation with patient-clustered intervals and controls",

@@ -11,6 +11,7 @@ RUN/<generator>__<regime>__<backbone>__seed<k>/
 RUN/evaluation/                      `medsynbench evaluate RUN`
 RUN/privacy/<generator>/privacy.json `medsynbench privacy ... --out RUN/privacy/<generator>`
 RUN/fidelity/<generator>/fidelity.json, fidelity.parquet   `medsynbench fidelity --run RUN`
+RUN/model-privacy/model_privacy.json, scores.parquet       `medsynbench privacy-model RUN`
 ```
 
 A run folder is complete when it holds `DONE`; it is built under a temporary name (`.<name>.*`) and renamed into
@@ -62,6 +63,8 @@ PRIVACY_FILE = "privacy.json"
 FIDELITY_DIR = "fidelity"
 FIDELITY_FILE = "fidelity.json"
 FIDELITY_TABLE = "fidelity.parquet"
+MODEL_PRIVACY_DIR = "model-privacy"
+MODEL_PRIVACY_FILE = "model_privacy.json"
 
 SCHEMA_VERSION = 1
 SEP = "__"
@@ -314,6 +317,14 @@ class RunDir:
 
     def privacy_file(self, generator: str) -> Path:
         return self.privacy_dir(generator) / PRIVACY_FILE
+
+    @property
+    def model_privacy_dir(self) -> Path:
+        return self.path / MODEL_PRIVACY_DIR
+
+    @property
+    def model_privacy_file(self) -> Path:
+        return self.model_privacy_dir / MODEL_PRIVACY_FILE
 
     def fidelity_dir(self, generator: str) -> Path:
         return self.path / FIDELITY_DIR / generator

@@ -58,6 +58,9 @@ def _check_common(out: Path, summary: dict) -> None:
     assert len(records) == 4  # copycat, pca-gmm, ddpm and the real-only reference
     html = Path(summary["leaderboard"]).read_text()
     assert all(g in html for g in ("copycat", "pca-gmm", "ddpm"))
+    # The model audit reuses the matrix's models; its stage is timed with the others and the report shows it.
+    assert "Privacy of the trained models" in summary["stages"]
+    assert "## Privacy of the trained model" in (out / "run" / "evaluation" / "report.md").read_text()
 
     # Known answer: the memorization control is caught, the others are not.
     priv = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from scipy.stats import spearmanr
 
-from bench.evaluation.report import Report, fidelity_section, generator_utility
+from bench.evaluation.report import Report
+from bench.evaluation.report_sections import fidelity_section, generator_utility
 
 
 def _summary():

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "evaluate",
     "audit",
     "privacy",
+    "privacy_model",
     "fidelity",
     "submit",
     "leaderboard",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.evaluation.report_plots import _grid, _plt, _png, plot_differences, plot_utility
 from bench.metrics.core import ece_bin_index, reported
 from bench.metrics.validate import prob_column
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
@@ -185,26 +185,6 @@ def _run_label(df: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------------------------- plots
 
 
-# matplotlib (and scikit-learn's curves below) load only when a report draws a figure: they are heavy, and
-# tables-only callers never pay for them.
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _case_level(prep: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Seed-averaged scores per (run key, case) for curves."""
     ev = prep[prep["split"].isin(SCORED_SPLITS)]
@@ -214,11 +194,6 @@ def _case_level(prep: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     agg = ev.groupby(keep, sort=True)[[*probs, "_sbin"]].mean()
     first = ev.groupby(keep, sort=True)[other].first()
     return agg.join(first).reset_index()
-
-
-def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 3)
-    return (n + cols - 1) // cols, cols
 
 
 def plot_roc(cases: pd.DataFrame, by: str, split: str, title: str) -> bytes | None:
@@ -332,35 +307,6 @@ def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     return _png(fig)
 
 
-def plot_differences(comparisons: pd.DataFrame, metric: str, split: str) -> bytes | None:
-    """Each (generator, regime) minus real-only on `metric` with its 95% two-stage bootstrap interval."""
-    c = comparisons[
-        (comparisons["metric"] == metric)
-        & (comparisons["split"] == split)
-        & (comparisons["scope"] == "overall")
-    ]
-    c = c[c["diff"].notna()]
-    if c.empty:
-        return None
-    labels = [f"{g} / {r} / {b}" for g, r, b in zip(c["generator"], c["regime"], c["backbone"], strict=True)]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(c) + 1.4))
-    y = np.arange(len(c))
-    err = np.vstack([c["diff"] - c["ci_low"], c["ci_high"] - c["diff"]]).clip(min=0)
-    flagged = (c["seed_note"].astype(str) != "").to_numpy() if "seed_note" in c else np.zeros(len(c), bool)
-    ax.errorbar(c["diff"], y, xerr=np.nan_to_num(err), fmt="none", color="C0", lw=1.2, capsize=3)
-    ax.scatter(c["diff"][~flagged], y[~flagged], color="C0", s=22, zorder=3)
-    ax.scatter(c["diff"][flagged], y[flagged], facecolors="white", edgecolors="C0", s=22, zorder=3)
-    ax.axvline(0, color="grey", lw=0.8, ls="--")
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} difference vs real-only (95% interval over patients and training seeds)")
-    ax.set_title(f"Difference from real-only, {split} (hollow: fewer than 3 seeds per arm)", fontsize=10)
-    fig.tight_layout()
-    return _png(fig)
-
-
 def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task: Task, split: str) -> None:
     """The report's one-glance figure: every (generator, regime) against real-only, with seed counts and method."""
     if comparisons is None or comparisons.empty:
@@ -432,77 +378,6 @@ def add_patient_level(rep: Report, table: pd.DataFrame, task: Task) -> None:
         f"Each patient scored once with the {task.metrics.patient_aggregation} of its images' class probabilities "
         "(task setting `metrics.patient_aggregation`) and the most frequent class of its images; n counts patients."
     )
-
-
-def synthetic_ratio(regime: str) -> float | None:
-    """Synthetic share implied by a regime name: real 0, augment:r -> r (synthetic per real), synthetic -> inf."""
-    if regime == BASELINE_REGIME:
-        return 0.0
-    if regime == "synthetic":
-        return float("inf")
-    m = re.fullmatch(r"augment:([0-9.]+)", regime)
-    return float(m.group(1)) if m else None
-
-
-def plot_utility(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
-    """Primary metric against the synthetic ratio of the regime, one line per generator (real-only at 0)."""
-    t = table[(table["metric"] == metric) & (table["split"] == split) & (table["scope"] == "overall")].copy()
-    t["x"] = [synthetic_ratio(r) for r in t["regime"]]
-    t = t[t["x"].notna() & t["value"].notna()]
-    if t.empty:
-        return None
-    finite = t.loc[np.isfinite(t["x"].astype(float)), "x"].astype(float)
-    inf_x = (finite.max() if len(finite) else 0) + 1.0
-    t["xp"] = t["x"].astype(float).replace(np.inf, inf_x)
-    base = t[t["generator"] == BASELINE]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for j, (gen, g) in enumerate(t[t["generator"] != BASELINE].groupby("generator", sort=True)):
-        g = pd.concat([base, g]).sort_values("xp")
-        fin = np.isfinite(g["x"].astype(float)).to_numpy()
-        for part, style in (
-            (g[fin], "-"),
-            (g[~fin], "none"),
-        ):  # synthetic-only is not on the ratio axis: no line
-            if len(part):
-                ax.errorbar(
-                    part["xp"],
-                    part["value"],
-                    yerr=np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(
-                        min=0
-                    ),
-                    marker="o",
-                    capsize=3,
-                    lw=1.2,
-                    ls=style,
-                    color=f"C{j % 10}",
-                    label=gen if style == "-" or not fin.any() else None,
-                )
-    if (t["generator"] != BASELINE).sum() == 0:
-        ax.errorbar(
-            base["xp"],
-            base["value"],
-            yerr=np.vstack([base["value"] - base["ci_low"], base["ci_high"] - base["value"]]).clip(min=0),
-            marker="o",
-            capsize=3,
-            label="real only",
-        )
-    ticks = sorted(set(t["xp"]))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(
-        [
-            "synthetic only"
-            if x == inf_x and np.isinf(t.loc[t["xp"] == x, "x"].astype(float)).any()
-            else f"{x:g}"
-            for x in ticks
-        ],
-        fontsize=8,
-    )
-    ax.set_xlabel("synthetic images per real image (regime)")
-    ax.set_ylabel(f"{metric}, {split}")
-    ax.set_title(f"Utility against synthetic ratio ({split}; 95% intervals)", fontsize=10)
-    ax.legend(fontsize=8)
-    return _png(fig)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -732,137 +607,3 @@ def _wide(table: pd.DataFrame, metric: str, scopes: Sequence[str]) -> pd.DataFra
         sort=False,
     )
     return w.reset_index().rename_axis(columns=None)
-
-
-# --------------------------------------------------------------------------------------------- fidelity
-
-# Fidelity metrics shown in the report and on the leaderboard, in order: (key in fidelity.json, label, digits).
-FIDELITY_SHOWN: tuple[tuple[str, str, int], ...] = (
-    ("frechet_distance", "Fréchet distance", 2),
-    ("kid", "KID", 4),
-    ("precision", "Precision", 3),
-    ("recall", "Recall", 3),
-    ("density", "Density", 3),
-    ("coverage", "Coverage", 3),
-    ("spread_ratio", "Spread ratio", 3),
-    ("near_duplicate_rate", "Near-duplicate share", 3),
-    ("label_accuracy", "Label accuracy", 3),
-    ("label_auroc", "Label AUROC", 3),
-)
-
-
-def generator_utility(summary: dict[str, Any], generator: str) -> dict[str, Any] | None:
-    """The generator's synthetic-only utility (primary metric, headline split) from `summary.json`, else its first
-    regime that used synthetic images."""
-    split = summary.get("headline_split", "test")
-    runs = [r for r in summary.get("runs", []) if r.get("generator") == generator]
-    runs.sort(key=lambda r: (r.get("regime") != "synthetic", str(r.get("regime"))))
-    for r in runs:
-        x = r.get(f"{split}_primary")
-        if x and x.get("value") is not None:
-            return {**x, "regime": r.get("regime")}
-    return None
-
-
-def plot_fidelity_vs_utility(
-    points: dict[str, dict[str, Any]], utility: dict[str, dict[str, Any]], metric_label: str
-) -> tuple[bytes | None, dict[str, dict[str, Any]]]:
-    """One panel per fidelity metric: its value (x) against utility (y) across generators, titled with Spearman's
-    rank correlation and its bootstrap interval. Returns the PNG and the correlations."""
-    from bench.metrics.fidelity import rank_correlation
-
-    gens = sorted(g for g in points if g in utility)
-    corr = {}
-    shown = [
-        (k, lab, d)
-        for k, lab, d in FIDELITY_SHOWN
-        if any((points[g].get(k) or {}).get("value") is not None for g in gens)
-    ]
-    for key, _, _ in shown:
-        xs = [(points[g].get(key) or {}).get("value") for g in gens]
-        corr[key] = rank_correlation(
-            [np.nan if v is None else v for v in xs], [utility[g]["value"] for g in gens], n_boot=2000, seed=0
-        )
-    if len(gens) < 2 or not shown:
-        return None, corr
-    plt = _plt()
-    nr, nc = _grid(len(shown))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 2.8 * nr), squeeze=False)
-    for ax, (key, lab, _) in zip(axes.flat, shown, strict=False):
-        for j, g in enumerate(gens):
-            e = points[g].get(key) or {}
-            if e.get("value") is None:
-                continue
-            u = utility[g]
-            xerr = None
-            if e.get("ci_low") is not None and e.get("ci_high") is not None:
-                xerr = [[max(e["value"] - e["ci_low"], 0)], [max(e["ci_high"] - e["value"], 0)]]
-            yerr = [[max(u["value"] - u["ci_low"], 0)], [max(u["ci_high"] - u["value"], 0)]]
-            ax.errorbar(
-                [e["value"]], [u["value"]], xerr=xerr, yerr=yerr, marker="o", capsize=2, color=f"C{j % 10}"
-            )
-            ax.annotate(g, (e["value"], u["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        c = corr[key]
-        rho = "undefined (< 3 generators)" if c["rho"] is None else f"ρ={c['rho']:.2f}"
-        if c["rho"] is not None and c["ci_low"] is not None:
-            rho += f" [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
-        ax.set_title(f"{lab}\n{rho}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_ylabel(metric_label, fontsize=7)
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig), corr
-
-
-def fidelity_section(rep: Report, fidelity: dict[str, dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Fidelity, diversity and label fidelity per generator (from RUN/fidelity/<generator>/fidelity.json) beside
-    utility, and whether fidelity predicts utility across the run's generators."""
-    if not fidelity:
-        return
-    primary = summary.get("primary_metric", "primary metric")
-    split = summary.get("headline_split", "test")
-    rep.h("Fidelity, diversity and label fidelity")
-    spaces = sorted({str((r.get("feature_space") or {}).get("label", "")) for r in fidelity.values()})
-    statement = next(iter(fidelity.values())).get("feature_space", {}).get("statement", "")
-    rep.p(
-        f"Feature space: `{'`, `'.join(spaces)}` ({statement}). Synthetic images against the real training-site "
-        f"images they imitate; k = {next(iter(fidelity.values())).get('k')} nearest neighbours for precision, "
-        "recall, density and coverage. Intervals: KID, 2.5-97.5 percentiles over subsets; Fréchet distance, image "
-        "bootstrap; the others, bootstrap over the scored images. Label fidelity: the run's real-only classifier "
-        "on each synthetic image against its conditioning label (chance: accuracy 1/K, AUROC 0.5)."
-    )
-    utility = {g: u for g in fidelity if (u := generator_utility(summary, g)) is not None}
-    rows = []
-    for g, r in sorted(fidelity.items()):
-        m = r.get("metrics") or {}
-        row: dict[str, Any] = {"generator": g}
-        u = utility.get(g)
-        row[f"utility ({primary}, {split})"] = (
-            fmt_interval(u["value"], u["ci_low"], u["ci_high"]) + f" ({u['regime']})" if u else "—"
-        )
-        for key, lab, d in FIDELITY_SHOWN:
-            e = m.get(key) or {}
-            v = e.get("value")
-            row[lab] = "—" if v is None else fmt_interval(v, e.get("ci_low"), e.get("ci_high"), digits=d)
-        rows.append(row)
-    rep.table(pd.DataFrame(rows))
-    png, corr = plot_fidelity_vs_utility(
-        {g: r.get("metrics") or {} for g, r in fidelity.items()}, utility, f"{primary} ({split})"
-    )
-    lines = []
-    for key, lab, _ in FIDELITY_SHOWN:
-        c = corr.get(key)
-        if not c or c["rho"] is None:
-            continue
-        ci = f" [{c['ci_low']:.2f}, {c['ci_high']:.2f}]" if c["ci_low"] is not None else ""
-        lines.append(f"{lab} {c['rho']:.2f}{ci}")
-    n = len(utility)
-    rep.p(
-        f"Does fidelity predict utility here? Spearman rank correlation with {primary} across {n} generator(s), "
-        "95% bootstrap interval over generators: "
-        + ("; ".join(lines) if lines else "undefined (fewer than 3 generators with both numbers)")
-        + ". With few generators these intervals are necessarily wide; a correlation computed from a handful of "
-        "generators does not establish that a fidelity metric ranks generators as utility does."
-    )
-    rep.figure(f"Each fidelity metric against {primary} ({split}) across generators", png)

@@ -10,7 +10,9 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.evaluation.controls import check_controls, controls_blocks, read_privacy, run_controls
-from bench.evaluation.report import Settings, build_report, fidelity_section
+from bench.evaluation.model_privacy import check_copycat_leak, model_privacy_summary, read_model_privacy
+from bench.evaluation.report import Settings, build_report
+from bench.evaluation.report_sections import fidelity_section, model_privacy_section
 from bench.io import atomic_dir, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline, summarize
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
@@ -79,6 +81,10 @@ def evaluate_run(
     )
     ctl_gens = run_controls(run)
     controls = check_controls(table, comps, read_privacy(run, list(ctl_gens)), task, ctl_gens)
+    model_privacy = read_model_privacy(run)
+    if model_privacy is not None:
+        controls += check_copycat_leak(model_privacy, ctl_gens)
+        summary["model_privacy"] = model_privacy_summary(model_privacy)
     summary["controls"] = [c.to_dict() for c in controls]
     prepared = prepare_predictions(preds, task, source=src)
     # The report is shared: it names the run folder, not where it lies on this machine.
@@ -87,6 +93,7 @@ def evaluate_run(
     # Controls come first: a failed control matters more than any ranking below it.
     report.blocks[0:0] = controls_blocks(controls)
     fidelity_section(report, read_fidelity(run), summary)
+    model_privacy_section(report, model_privacy, summary)
     with atomic_dir(out, overwrite=True) as tmp:
         write_tables(tmp, "metrics", table)
         write_tables(tmp, "comparisons", comps)

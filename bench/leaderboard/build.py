@@ -26,6 +26,7 @@ from bench.leaderboard.checks import exclusion as checks_exclusion
 from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config, load_key
 from bench.leaderboard.fidelity import fidelity_cells
 from bench.leaderboard.key import AnswerKey, key_path
+from bench.leaderboard.model_privacy import model_privacy_cells
 from bench.leaderboard.rank import rank_predictions
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
@@ -350,6 +351,7 @@ def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any
         "gap": _est(gap) and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
         **metric_columns(m),
         **fidelity_cells(r),
+        **model_privacy_cells(r),
         "memorization": None
         if priv.get("memorization_rate") is None
         else {

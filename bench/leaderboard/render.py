@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.leaderboard import fidelity as fid
 from bench.leaderboard.config import LeaderboardConfig
+from bench.leaderboard.model_privacy import COLUMN as MODEL_LEAK_COLUMN
 from bench.metrics import reported
 
 GENERATED = (
@@ -45,6 +46,7 @@ TAIL_COLUMNS: list[tuple[str, str, str]] = [
         "share of synthetic images closer to a training image than the holdout calibration allows",
     ),
     ("contamination", "Contamination", "generator card and duplicate checks against test and external data"),
+    MODEL_LEAK_COLUMN,
     ("pareto", "Pareto", "on the utility / fairness / privacy front"),
 ]
 

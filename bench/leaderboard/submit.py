@@ -35,6 +35,7 @@ from bench.leaderboard.collect import (
 from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
 from bench.leaderboard.key import AnswerKey, hash_ids, key_path, row_names
+from bench.leaderboard.model_privacy import record_model_privacy
 from bench.leaderboard.record import (
     PUBLISHED_MODE,
     SCHEMA_VERSION,
@@ -266,6 +267,9 @@ def build_records(
         fid = None if is_ref else record_fidelity(RunDir(sub.root), g)
         if fid is not None:
             record["fidelity"] = fid
+        mp = record_model_privacy(RunDir(sub.root), g)
+        if mp is not None:
+            record["model_privacy"] = mp
         if is_ref and sub.controls:
             record["controls"] = list(sub.controls)
         record = scrub_local_paths(redact(record, secrets_), [sub.root, Path.cwd()])
