@@ -33,7 +33,13 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import core
-from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval, seed_note
+from bench.metrics.bootstrap import (
+    holm,
+    seed_difference,
+    seed_note,
+    stream_id,
+    t_interval,
+)
 from bench.metrics.delong import delong_seeds
 from bench.metrics.evaluate import GROUP_COLUMNS, Engine, Limits, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
@@ -178,8 +184,11 @@ def _compare_one(
         for c in sorted(set().union(*(v.cells for v in vc)))
         if c.scope == "overall" or (c.scope == "site" and c.split == "external")
     ]
-    rc = engine.compute(vc, names, cells, jackknife=False)
-    rb = engine.compute(vb, names, cells, jackknife=False)
+    rc = _per_seed(engine, vc, names, cells)
+    rb = _per_seed(engine, vb, names, cells)
+    # seed k of both arms: the same initialisation and batch order (common random numbers) -> resample pairs
+    paired = [v.seed for v in vc] == [v.seed for v in vb]
+    streams = (stream_id(_arm_name(key)), stream_id(f"{BASELINE}|{BASELINE_REGIME}|{key['backbone']}"))
     sc = _seed_scores(vc)
     sb = _seed_scores(vb)
     note = seed_note(len(vc), len(vb))
@@ -192,16 +201,18 @@ def _compare_one(
         )
         for m in names:
             metric = core.get_metric(m, engine.task.classes)
-            val, _ = _mean_sd(rc[(cell, m)].point)
-            bval, _ = _mean_sd(rb[(cell, m)].point)
-            d_reps = rc[(cell, m)].reps - rb[(cell, m)].reps
-            lo, hi, _ = percentile_interval(d_reps)
-            p_boot = bootstrap_p_value(d_reps) if np.isfinite(val) and np.isfinite(bval) else np.nan
+            (pc, xc), (pb, xb) = rc[(cell, m)], rb[(cell, m)]
+            val, _ = _mean_sd(pc)
+            bval, _ = _mean_sd(pb)
+            sd = seed_difference(
+                xc, xb, pc, pb, paired=paired, n_boot=engine.n_boot, seed=engine.seed, streams=streams
+            )
+            lo, hi, p_boot = t_interval(val - bval, sd.diff, sd.df, se=sd.se)
             ratio = rlo = rhi = np.nan
             if metric.higher_is_better and np.isfinite(val) and np.isfinite(bval) and bval > 0:
                 ratio = val / bval
                 with np.errstate(all="ignore"):
-                    rlo, rhi, _ = percentile_interval(rc[(cell, m)].reps / rb[(cell, m)].reps)
+                    rlo, rhi, _ = t_interval(ratio, sd.a / sd.b, sd.df)
             p_delong = np.nan
             if m == "auroc":
                 cases = cell_cases.intersection(sc.index).intersection(sb.index)
@@ -258,6 +269,29 @@ def _compare_one(
                 )
             )
     return rows
+
+
+def _arm_name(key: dict) -> str:
+    return f"{key['generator']}|{key['regime']}|{key['backbone']}"
+
+
+def _per_seed(engine: Engine, views: list, names: list[str], cells: list) -> dict:
+    """(cell, metric) -> (per-seed values, (seeds, replicates) patient replicates), NaN where a seed lacks it.
+
+    Each seed is computed on its own, on the engine's shared patient replicates, so that the comparison's seed
+    stage (`seed_difference`) sees every model's replicates.
+    """
+    out = {
+        (c, m): (np.full(len(views), np.nan), np.full((len(views), engine.n_boot), np.nan))
+        for c in cells
+        for m in names
+    }
+    for s, v in enumerate(views):
+        mine = [c for c in cells if c in v.cells]
+        for k, res in engine.compute([v], names, mine, jackknife=False).items():
+            out[k][0][s] = res.point[0]
+            out[k][1][s] = res.reps
+    return out
 
 
 def _seed_scores(views: list) -> pd.DataFrame:
