@@ -17,11 +17,13 @@ the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
 - `n_cases`, `n_patients`, `n_pos`, `n_seeds`, `baseline_n_seeds`, `status` (ok | insufficient | undefined),
   `reason`;
 - `seed_note`: empty, or `few_seeds: ...` when an arm has fewer than 3 training seeds (`MIN_SEEDS`): the
-  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether).
+  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether);
+- `df`: the difference's Satterthwaite degrees of freedom (inf: no seed stage), behind its t interval.
 
-Intervals and p-values are a two-stage bootstrap: each replicate resamples patients within site x label strata
-(shared by both arms, so the comparison is paired), then each arm's training seeds with replacement (independently
-per arm); see `bench.metrics.bootstrap.combine_seeds` and docs/STATISTICS.md.
+Intervals and p-values: the difference +- t_df x its two-stage bootstrap standard error. Each replicate resamples
+patients within site x label strata (shared by both arms, so the comparison is paired), then training seeds:
+as matched pairs when both arms ran the same seeds (common random numbers), else independently per arm; see
+`bench.metrics.bootstrap.seed_difference` and docs/STATISTICS.md.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ COMPARISON_COLUMNS = [
     "status",
     "reason",
     "seed_note",
+    "df",
 ]
 
 
@@ -266,6 +269,7 @@ def _compare_one(
                     status=status,
                     reason=reason,
                     seed_note=note,
+                    df=sd.df,
                 )
             )
     return rows
