@@ -275,6 +275,65 @@ def _compare_one(
     return rows
 
 
+def comparison_inputs(
+    preds: pd.DataFrame, task: Task, *, n_boot: int = 200, seed: int = 0, source: str = "predictions"
+) -> list[dict[str, Any]]:
+    """Per candidate, on the primary metric, overall, headline split: what the power planner needs.
+
+    Each entry: the run key, `xa`/`xb` (seeds, replicates) and `pa`/`pb` (per-seed values) of candidate and
+    baseline on shared patient replicates, `paired`, `n_patients` and the observed difference.
+    """
+    df = prepare_predictions(preds, task, source=source)
+    engine = Engine(df, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
+    split = "external" if (df["split"] == "external").any() else "test"
+    m = task.metrics.primary
+    out = []
+    arm = list(ARM_KEYS)
+    for gen, reg, bb in df[arm].drop_duplicates().sort_values(arm).itertuples(index=False, name=None):
+        if gen == BASELINE and reg == BASELINE_REGIME:
+            continue
+        base_df = df[
+            (df["generator"] == BASELINE) & (df["regime"] == BASELINE_REGIME) & (df["backbone"] == bb)
+        ]
+        cand_df = df[(df["generator"] == gen) & (df["regime"] == reg) & (df["backbone"] == bb)]
+        if base_df.empty:
+            continue
+        ev = lambda d: set(d.loc[d["split"] == split, "case_id"])  # noqa: E731
+        common = ev(cand_df) & ev(base_df)
+        if not common:
+            continue
+        vc, vb = engine.views(cand_df, common), engine.views(base_df, common)
+        cells = [
+            c
+            for c in sorted(set().union(*(v.cells for v in vc)))
+            if c.scope == "overall" and c.split == split
+        ]
+        if not cells:
+            continue
+        (pc, xc), (pb, xb) = (
+            _per_seed(engine, vc, [m], cells)[(cells[0], m)],
+            _per_seed(engine, vb, [m], cells)[(cells[0], m)],
+        )
+        info = _group_info(vc, cells[0])
+        out.append(
+            dict(
+                generator=gen,
+                regime=reg,
+                backbone=bb,
+                metric=m,
+                split=split,
+                xa=xc,
+                xb=xb,
+                pa=pc,
+                pb=pb,
+                paired=[v.seed for v in vc] == [v.seed for v in vb],
+                n_patients=int(info.n_patients),
+                diff=float(np.nanmean(pc) - np.nanmean(pb)),
+            )
+        )
+    return out
+
+
 def _arm_name(key: dict) -> str:
     return f"{key['generator']}|{key['regime']}|{key['backbone']}"
 
