@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import TINY_TASK, make_tiny_dataset
+from scipy.stats import norm
 from test_leaderboard_support import make_board, make_run
 
 from bench.cli import main
-from scipy.stats import norm
-
 from bench.evaluation.controls import FAIL, NOT_RUN, PASS, check_controls, failures, level_note
 from bench.generators import control_of, list_controls
 from bench.generators.card import hash_id, read_card

@@ -7,7 +7,7 @@ import pytest
 from test_leaderboard_support import make_run
 
 from bench.cli import main
-from bench.metrics.compare import comparison_inputs, compare_to_baseline
+from bench.metrics.compare import compare_to_baseline, comparison_inputs
 from bench.metrics.power import Components, components, mde, plan, power
 from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered
 from bench.tasks import Task
@@ -45,7 +45,9 @@ def _sim_power(mu_c: float, seeds: int, patients: int, sims: int, start: int) ->
     rej = 0
     for sim in range(sims):
         rng = np.random.default_rng(start + sim)
-        preds = simulate_clustered(rng, {("none", "real"): 1.2, ("twin", "synthetic"): mu_c}, patients, 3, seeds)
+        preds = simulate_clustered(
+            rng, {("none", "real"): 1.2, ("twin", "synthetic"): mu_c}, patients, 3, seeds
+        )
         r = compare_to_baseline(preds, TASK, n_boot=150, seed=sim, metrics=["auroc"]).iloc[0]
         rej += bool(r["p_boot"] < 0.05)
     return rej / sims
@@ -59,7 +61,9 @@ def _planned(mu_c: float, seeds: int, patients: int, pilots: int = 10) -> float:
         rng = np.random.default_rng(70000 + k)
         preds = simulate_clustered(rng, {("none", "real"): 1.2, ("twin", "synthetic"): mu_c}, 150, 3, 3)
         (x,) = comparison_inputs(preds, TASK, n_boot=150, seed=k)
-        comps.append(components(x["xa"], x["xb"], x["pa"], x["pb"], paired=x["paired"], patients=x["n_patients"]))
+        comps.append(
+            components(x["xa"], x["xb"], x["pa"], x["pb"], paired=x["paired"], patients=x["n_patients"])
+        )
     mean = Components(
         common=float(np.mean([c.common for c in comps])),
         within=tuple(np.mean([c.within for c in comps], axis=0)),

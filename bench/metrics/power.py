@@ -159,3 +159,25 @@ def _patients_for(comp: Components, effect: float, seeds: int, max_factor: float
         else:
             lo = mid + 1
     return lo
+
+
+def detectable_difference(ci_low: float, ci_high: float, df: float | None = None) -> float:
+    """For a tie (a comparison whose interval holds 0): the smallest difference its design detects with 80% power.
+
+    The standard error is read back from the 95% t interval (half-width / t_df), and the difference is
+    (t_df,0.975 + t_df,0.80) x se, the usual approximation to the noncentral t. NaN without an interval.
+    """
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return float("nan")
+    df = float(df) if df is not None and np.isfinite(df) and df > 0 else float("inf")
+    q = t_dist.ppf(1 - ALPHA / 2, df) if np.isfinite(df) else 1.959963984540054
+    z = t_dist.ppf(TARGET_POWER, df) if np.isfinite(df) else 0.8416212335729143
+    se = (ci_high - ci_low) / (2 * q)
+    return float((q + z) * se)
+
+
+def tie_note(ci_low: float, ci_high: float, df: float | None = None) -> str:
+    """'' unless the interval holds 0; then 'detects >= X' with X the `detectable_difference`."""
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)) or not ci_low <= 0 <= ci_high:
+        return ""
+    return f"tie; detects ≥ {detectable_difference(ci_low, ci_high, df):.3f}"
