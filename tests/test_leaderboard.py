@@ -174,6 +174,13 @@ def test_close_records_share_a_tie_group():
     assert r["z"]["rank"] == 1 and r["z"]["tie_group"] == 1
     assert r["a"]["tie_group"] == r["b"]["tie_group"] == 2
     assert r["a"]["rank_low"] == r["b"]["rank_low"] == 2 and r["a"]["rank_high"] == r["b"]["rank_high"] == 3
+    # the tie says how large a difference the board would have seen: (1.96 + 0.84) x the paired difference's
+    # bootstrap sd, for the follower only; leaders and records alone in their group carry none
+    follower = "a" if r["a"]["rank"] > r["b"]["rank"] else "b"
+    leader = "b" if follower == "a" else "a"
+    assert r[leader]["mde"] is None and r["z"]["mde"] is None
+    assert 0 < r[follower]["mde"] < 0.2
+    assert r[follower]["mde"] > abs(r["a"]["value"] - r["b"]["value"])
 
 
 def test_training_seeds_are_averaged():

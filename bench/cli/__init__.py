@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "generate",
     "run",
     "evaluate",
+    "plan",
     "audit",
     "privacy",
     "privacy_model",

@@ -5,6 +5,11 @@ checks (`bench.generators.ControlCheck`). `check_controls` evaluates every check
 comparisons and privacy audits and returns one `ControlResult` per check: PASS, FAIL (with the numbers) or NOT RUN
 (with the reason: the control is not in the run, a regime is missing, an interval is undefined, no audit).
 A run's generators are matched to controls by the registered generator name on their card (else their run name).
+
+The interval checks are one family: each is made at level 1 - FAMILY_ALPHA / m (Bonferroni over the m interval
+checks that run), so a working pipeline fails some check in at most FAMILY_ALPHA of draws. The 95% intervals of the
+metric table and the comparisons are widened about their midpoint to that level (t quantiles where the comparison
+records its degrees of freedom, normal ones otherwise); the result shows the widened interval and its level.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from scipy.stats import norm
+from scipy.stats import t as t_dist
 
 from bench.generators import Control, ControlCheck, control_of, list_controls
 from bench.io import read_json
@@ -25,6 +32,8 @@ from bench.tasks import Task
 
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
 REAL_HOLDOUT = "real-holdout"
+FAMILY_ALPHA = 0.05  # chance that a working pipeline fails some interval check
+INTERVAL_CHECKS = ("chance", "gain_contains_zero", "ratio_near_one")
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class ControlResult:
     ci_low: float | None = None
     ci_high: float | None = None
     reason: str = ""
+    level: float | None = None  # confidence level of the interval checked (family-wise adjusted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +100,22 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def family_level(m: int, alpha: float = FAMILY_ALPHA) -> float:
+    """Per-check confidence level of m interval checks at family-wise error `alpha` (Bonferroni)."""
+    return 1 - alpha / max(int(m), 1)
+
+
+def widen(lo: float, hi: float, level: float, df: float | None = None) -> tuple[float, float]:
+    """A 95% interval [lo, hi] widened about its midpoint to `level` (t_df quantiles; normal without df)."""
+    q = 1 - (1 - level) / 2
+    if df is not None and math.isfinite(df) and df > 0:
+        f = float(t_dist.ppf(q, max(df, 1.0)) / t_dist.ppf(0.975, max(df, 1.0)))
+    else:
+        f = float(norm.ppf(q) / norm.ppf(0.975))
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    return mid - f * half, mid + f * half
+
+
 def _contains(lo: float | None, hi: float | None, x: float, margin: float = 0.0) -> bool:
     """Whether [lo, hi] reaches the band x +/- margin (with margin 0: contains x)."""
     return lo is not None and hi is not None and lo <= x + margin and hi >= x - margin
@@ -105,9 +131,12 @@ def _one(
     privacy: Mapping[str, Mapping[str, Any]],
     task: Task,
     split: str,
+    level: float = 0.95,
 ) -> ControlResult:
     base = dict(control=name, generator=gen, role=control.role, check=check.kind, regime=check.regime)
     base["expected"] = check.expected
+    if check.kind in INTERVAL_CHECKS:
+        base["level"] = level
 
     def res(status: str, reason: str = "", **kw: Any) -> ControlResult:
         return ControlResult(**base, status=status, reason=reason, **kw)
@@ -149,6 +178,7 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
+        lo, hi = widen(lo, hi, level)
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
@@ -181,6 +211,7 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
+        lo, hi = widen(lo, hi, level, _num(r["df"]) if "df" in r.index else None)
         ok = _contains(lo, hi, target, check.margin)
         band = (
             f"{target:g}" if not check.margin else f"{target - check.margin:g} to {target + check.margin:g}"
@@ -202,14 +233,17 @@ def check_controls(
     by_control: dict[str, list[str]] = {}
     for gen, name in generators.items():
         by_control.setdefault(name, []).append(gen)
-    out = []
+    plan = []
     for name in list_controls():
         control = control_of(name)
         assert control is not None
         for gen in sorted(by_control.get(name, [])) or [None]:
-            for check in control.checks:
-                out.append(_one(name, gen, control, check, table, comparisons, privacy, task, split))
-    return out
+            plan += [(name, gen, control, check) for check in control.checks]
+    level = family_level(sum(g is not None and c.kind in INTERVAL_CHECKS for _, g, _, c in plan))
+    return [
+        _one(name, gen, control, check, table, comparisons, privacy, task, split, level)
+        for name, gen, control, check in plan
+    ]
 
 
 def failures(results: list[ControlResult] | list[dict[str, Any]]) -> list[str]:
@@ -250,6 +284,19 @@ def controls_table(results: list[ControlResult] | list[dict[str, Any]]) -> pd.Da
     )
 
 
+def level_note(results: list[ControlResult] | list[dict[str, Any]]) -> str:
+    """The sentence that states the interval checks' level."""
+    rows = [r.to_dict() if isinstance(r, ControlResult) else dict(r) for r in results]
+    levels = [r.get("level") for r in rows if r.get("level") is not None and r.get("status") != NOT_RUN]
+    if not levels:
+        return ""
+    m = round(FAMILY_ALPHA / (1 - levels[0])) if levels[0] < 1 else len(levels)
+    return (
+        f"Interval checks at {100 * levels[0]:.1f}% each (Bonferroni over {m}): a working pipeline fails some "
+        f"check in at most {100 * FAMILY_ALPHA:g}% of draws."
+    )
+
+
 def controls_blocks(results: list[ControlResult]) -> list[tuple[str, Any]]:
     """Report blocks of the Controls section: a banner first when a control failed, then the table."""
     blocks: list[tuple[str, Any]] = [("h2", "Controls")]
@@ -267,8 +314,8 @@ def controls_blocks(results: list[ControlResult]) -> list[tuple[str, Any]]:
             "p",
             "Generators with a known right answer (negative: copies and shuffled labels add nothing; positive: "
             "unseen real patients of the same hospitals are as good as the real training set). PASS: the "
-            "observed 95% interval agrees with the expected outcome; NOT RUN: the control or what it needs is "
-            "missing from this run.",
+            f"observed interval agrees with the expected outcome; NOT RUN: the control or what it needs is "
+            f"missing from this run. {level_note(results)}",
         )
     )
     blocks.append(("table", controls_table(results)))

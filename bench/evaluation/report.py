@@ -19,6 +19,7 @@ import pandas as pd
 
 from bench.evaluation.report_plots import _grid, _plt, _png, plot_differences, plot_utility
 from bench.metrics.core import ece_bin_index, reported
+from bench.metrics.power import tie_note
 from bench.metrics.validate import prob_column
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
@@ -307,6 +308,11 @@ def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     return _png(fig)
 
 
+def _tie_notes(c: pd.DataFrame) -> list[str]:
+    df = c["df"] if "df" in c.columns else pd.Series(np.nan, index=c.index)
+    return [tie_note(lo, hi, d) for lo, hi, d in zip(c["ci_low"], c["ci_high"], df, strict=True)]
+
+
 def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task: Task, split: str) -> None:
     """The report's one-glance figure: every (generator, regime) against real-only, with seed counts and method."""
     if comparisons is None or comparisons.empty:
@@ -340,14 +346,17 @@ def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task:
                     f"{int(a)} / {int(b)}" for a, b in zip(c["n_seeds"], c["baseline_n_seeds"], strict=True)
                 ],
                 "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
+                "tie: smallest detectable difference": _tie_notes(c),
             }
         )
     )
     rep.p(
         f"Training seeds per arm: candidates {', '.join(map(str, n_c))}, real-only {', '.join(map(str, n_b))}. "
         "Intervals and p-values come from a two-stage bootstrap: each replicate resamples patients within "
-        "site x label strata (shared by both arms, so the comparison is paired), then each arm's training seeds "
-        "with replacement, so that seed-to-seed variation is part of every interval (docs/STATISTICS.md)."
+        "site x label strata (shared by both arms, so the comparison is paired), then the training seeds (as "
+        "matched pairs when both arms ran the same seeds), so that seed-to-seed variation is part of every "
+        "interval; the interval is the difference +- t x its standard error (docs/STATISTICS.md). A tie "
+        "(interval holding 0) states the smallest difference the design detects with 80% power."
         + (
             f" {flagged} comparison(s) have fewer than 3 seeds in an arm (`few_seeds`): their seed stage rests "
             "on too few models and the interval may be too narrow."

@@ -4,13 +4,16 @@ Each record is scored on its headline regime (synthetic-only for a generator, re
 with the leaderboard's primary metric, on the evaluation cases all records share. One patient-clustered bootstrap
 (patients resampled within site x label strata) is applied to every record at once, so each replicate compares all
 records on the same resampled patients (paired). Each record's training seeds are then resampled with replacement
-within the replicate (independently per record; `bench.metrics.bootstrap.combine_seeds`), so that rank intervals
+within the replicate (independently per record; `bench.metrics.bootstrap.combine_seeds`: the seeds' fixed
+deviations, the models' own errors counted once, as in the comparisons), so that rank intervals
 carry seed-to-seed variation too; a record with fewer than 3 seeds is named in a note. Within a replicate, a record's rank is 1 + the number of records
 strictly better; its 95% rank interval is the 2.5th to 97.5th percentile of those ranks.
 
 Tie groups: walking down the point ranking, a record joins the current group when its rank interval overlaps the
 interval of the group's first (best) record, and opens a new group otherwise. Anchoring on the group's leader rather
-than chaining overlaps keeps a long run of neighbouring records from collapsing into a single group.
+than chaining overlaps keeps a long run of neighbouring records from collapsing into a single group. For each
+record tied with its group's leader, `mde` is the smallest difference between the two that the board detects
+with 80% power (`tie_mde`): a tie is then read as "no difference larger than this", not "equal".
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from bench.errors import BadInput
 from bench.metrics.bootstrap import (
@@ -32,6 +36,7 @@ from bench.metrics.bootstrap import (
     stream_id,
 )
 from bench.metrics.core import Metric, get_metric
+from bench.metrics.power import TARGET_POWER
 
 CHUNK = 200
 
@@ -55,6 +60,7 @@ class Ranking:
     n_cases: int
     n_patients: int
     n_boot_used: int
+    mde: np.ndarray | None = None  # per record in a tie: smallest difference to its group's leader detectable
 
     def as_dict(self) -> dict[str, dict[str, float | int]]:
         return {
@@ -64,9 +70,36 @@ class Ranking:
                 "rank_low": int(self.rank_low[i]),
                 "rank_high": int(self.rank_high[i]),
                 "tie_group": int(self.group[i]),
+                "mde": _num(self.mde[i]) if self.mde is not None else None,
             }
             for i, k in enumerate(self.keys)
         }
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def tie_mde(reps: np.ndarray, group: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Per record tied with its group's leader: the smallest difference the board would detect between them.
+
+    The difference's standard error is the spread of the paired two-stage replicates (patients shared, seeds
+    resampled), and detectable means 80% power at 5% two-sided: (z_0.975 + z_0.8) x se. NaN for leaders and
+    records alone in their group.
+    """
+    out = np.full(len(group), np.nan)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        if len(members) < 2:
+            continue
+        leader = members[np.argmin(rank[members])]
+        for j in members:
+            if j != leader:
+                d = reps[:, j] - reps[:, leader]
+                d = d[np.isfinite(d)]
+                if len(d) > 1:
+                    out[j] = (norm.ppf(0.975) + norm.ppf(TARGET_POWER)) * float(np.std(d, ddof=1))
+    return out
 
 
 def competition_ranks(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
@@ -138,6 +171,7 @@ def rank_entries(
         low = np.ones(len(entries), dtype=int)
         high = np.full(len(entries), len(entries), dtype=int)
     group = tie_groups(rank, low, high, point, hib)
+    mde = tie_mde(reps[ok], group, rank) if ok.any() else np.full(len(entries), np.nan)
     return Ranking(
         [e.key for e in entries],
         point,
@@ -148,6 +182,7 @@ def rank_entries(
         len(y),
         int(codes.max() + 1) if len(codes) else 0,
         int(ok.sum()),
+        mde,
     )
 
 

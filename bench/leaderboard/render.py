@@ -21,7 +21,12 @@ GENERATED = (
 # key, header, help text. Metric columns (between the fixed ones) come from the metric registry: `columns()`.
 HEAD_COLUMNS: list[tuple[str, str, str]] = [
     ("rank", "Rank [95% CI]", "point rank; interval from a paired patient bootstrap"),
-    ("tie_group", "Tie group", "records whose rank intervals overlap the group leader's"),
+    (
+        "tie_group",
+        "Tie group",
+        "records whose rank intervals overlap the group leader's; for a tie, the smallest difference to the leader "
+        "the board detects (80% power)",
+    ),
     ("name", "Generator", ""),
     (
         "utility",
@@ -79,7 +84,10 @@ def cell_text(row: dict[str, Any], key: str) -> str:
     if key == "rank":
         return "–" if row.get("rank") is None else f"{row['rank']} [{row['rank_low']}, {row['rank_high']}]"
     if key == "tie_group":
-        return "–" if row.get("tie_group") is None else str(row["tie_group"])
+        if row.get("tie_group") is None:
+            return "–"
+        mde = row.get("mde")  # a tie with the group's leader: the smallest difference the board detects
+        return str(row["tie_group"]) + (f" (tie; detects ≥ {mde:.3f})" if mde is not None else "")
     if key == "name":
         suffix = f" {row['version']}" if row.get("version") else ""
         return f"{row['name']}{suffix}" + (" (reference)" if row["kind"] == "reference" else "")
@@ -288,7 +296,7 @@ _JS = r"""
     var v = row[key];
     switch (key) {
       case "rank": return row.rank + " [" + row.rank_low + ", " + row.rank_high + "]";
-      case "tie_group": return String(row.tie_group);
+      case "tie_group": return String(row.tie_group) + (row.mde != null ? " (tie; detects \u2265 " + row.mde.toFixed(3) + ")" : "");
       case "name": return row.name + (row.version ? " " + row.version : "") + (row.kind === "reference" ? " (reference)" : "");
       case "gain": case "rescue": case "worst": case "gap":
         return v ? est(v) + " (" + (v.regime || v.group) + ")" : "\u2013";

@@ -8,8 +8,11 @@ gaps and paired differences are computed replicate by replicate.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,14 @@ ALPHA = 0.05
 # below it). The acceleration from g groups estimates the same skewness as from single patients, at g / n_boot of
 # the bootstrap's kernel work.
 JACKKNIFE_BLOCKS = 100
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    # all-NaN rows (a seed undefined on every replicate) are expected and handled by the callers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def patient_strata(patients: pd.DataFrame, by: Sequence[str]) -> np.ndarray:
@@ -264,28 +275,204 @@ def seed_weights(
     return out
 
 
+def seed_components(per_seed: Any, point: Any = None) -> SeedComponents:
+    """What the seeds of one arm say about the variance of its mean over seeds.
+
+    `per_seed` is (seeds, replicates) on shared patient replicates, `point` the seeds' values on all patients
+    (default: each seed's mean over replicates). The seeds' sample variance s2 of `point` estimates tau2 (the
+    procedure's seed-to-seed variance) plus `within`, the variance that each model's own errors on these
+    patients add; the bootstrap spread of a seed's deviation from the replicate's seed mean estimates `within`
+    (times n / (n - 1)).
+    """
+    x = np.atleast_2d(np.asarray(per_seed, dtype=float))
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        pt = np.nanmean(x, axis=1) if point is None else np.asarray(point, dtype=float)
+        good = np.isfinite(pt) & (np.sum(np.isfinite(x), axis=1) >= 2)
+        n = int(good.sum())
+        d = np.zeros(len(pt))
+        if n < 2:
+            return SeedComponents(d, good, n, 0.0, 0.0)
+        d[good] = pt[good] - pt[good].mean()
+        s2 = float(np.sum(d**2) / (n - 1))
+        xg = x[good]
+        dev = xg - np.nanmean(xg, axis=0)
+        within = float(np.nanmean(np.nanvar(dev, axis=1, ddof=1)) * n / (n - 1))
+    return SeedComponents(d, good, n, s2, within if np.isfinite(within) else 0.0)
+
+
+@dataclass(frozen=True)
+class SeedComponents:
+    dev: np.ndarray  # each seed's deviation from the seeds' mean (0 for a seed without a value)
+    good: np.ndarray  # seeds with a value
+    n: int  # seeds with a value
+    s2: float  # sample variance of the seeds' values (n - 1 degrees of freedom)
+    within: float  # part of s2 due to each model's own errors on the evaluated patients
+
+    @property
+    def tau2(self) -> float:
+        """The procedure's seed-to-seed variance net of the models' own errors on these patients."""
+        return max(0.0, self.s2 - self.within)
+
+
+def _seed_shift(
+    comp: SeedComponents, weights: np.ndarray, ok: np.ndarray | None = None, shrink: bool = False
+) -> np.ndarray:
+    """Per replicate: sqrt(n / (n - 1)) * resampled mean of the seeds' fixed deviations (variance s2 / n; with
+    `shrink`, scaled by sqrt(tau2 / s2) to variance tau2 / n).
+
+    `ok` (seeds, replicates) marks the seeds with a value in each replicate; seeds without any value never count.
+    """
+    w = np.asarray(weights, dtype=float).T * comp.good[:, None]
+    if comp.n < 2:
+        return np.zeros(w.shape[1])
+    if ok is not None:
+        w = np.where(ok, w, 0.0)
+    wsum = w.sum(axis=0)
+    shift = (w * comp.dev[:, None]).sum(axis=0) / np.where(wsum > 0, wsum, 1.0)
+    k = np.sqrt(comp.tau2 / comp.s2) if shrink and comp.s2 > 0 else float(not shrink)
+    return np.sqrt(comp.n / (comp.n - 1)) * k * shift
+
+
+def _common_patients(mean: np.ndarray, comp: SeedComponents) -> np.ndarray:
+    """The seed mean's patient replicates with the models' own errors (within / n) taken out of their spread.
+
+    The seed stage resamples the seeds' values, whose spread s2 already holds each model's own errors on these
+    patients; the patient stage keeps only the part common to all models, so nothing is counted twice.
+    """
+    if comp.n < 2 or comp.within <= 0:
+        return mean
+    with _quiet():
+        c = float(np.nanmean(mean))
+        v = float(np.nanvar(mean))
+    if not v > 0:
+        return mean
+    k = np.sqrt(max(0.0, 1 - comp.within / comp.n / v))
+    return c + k * (mean - c)
+
+
 def combine_seeds(per_seed: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Second stage of the two-stage bootstrap: one value per replicate from per-seed replicate values.
 
     `per_seed` is (seeds, replicates) on shared patient replicates (NaN where a seed lacks a value), `weights`
-    (replicates, seeds) from `seed_weights`. A replicate's value is the mean over seeds plus the resampled mean of
-    the seeds' deviations from it, the deviations inflated by sqrt(n / (n - 1)) (n seeds with a value) so that the
-    seed stage's variance is the unbiased variance of a mean of n seeds rather than (n - 1) / n of it. With
-    `weights` None, or a single seed, it is the plain mean over seeds (no seed stage).
+    (replicates, seeds) from `seed_weights`. Var(mean of n seeds) = common patient variance + (tau2 + within) / n
+    (`seed_components`). The seed stage resamples the seeds' fixed deviations (each seed's mean over replicates
+    minus the seeds' mean), inflated by sqrt(n / (n - 1)): its variance is s2 / n, unbiased for (tau2 + within)
+    / n. The patient stage's spread loses within / n (`_common_patients`). Resampling each replicate's raw
+    deviations under the full patient spread instead counted the models' own errors three times. With `weights`
+    None, or a single seed, it is the plain mean over seeds.
     """
     x = np.asarray(per_seed, dtype=float)
     ok = ~np.isnan(x)
     cnt = ok.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(cnt > 0, np.where(ok, x, 0.0).sum(axis=0) / np.maximum(cnt, 1), np.nan)
-        if weights is None or x.shape[0] < 2:
-            return mean
-        w = np.where(ok, np.asarray(weights, dtype=float).T, 0.0)
-        wsum = w.sum(axis=0)
-        dev = np.where(ok, x - mean, 0.0)
-        shift = np.where(wsum > 0, (w * dev).sum(axis=0) / np.where(wsum > 0, wsum, 1.0), 0.0)
-        infl = np.sqrt(np.where(cnt > 1, cnt / np.maximum(cnt - 1, 1), 1.0))
-        return mean + infl * shift
+    if weights is None or x.shape[0] < 2:
+        return mean
+    comp = seed_components(x)
+    if comp.n < 2:
+        return mean
+    return _common_patients(mean, comp) + _seed_shift(comp, weights, ok)
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """A paired comparison of two arms on shared patient replicates, both stages done (`seed_difference`)."""
+
+    a: np.ndarray  # candidate's replicates: b + diff
+    b: np.ndarray  # baseline's replicates (patients, then its seeds)
+    diff: np.ndarray  # a - b per replicate
+    df: float  # Satterthwaite degrees of freedom of the difference's variance (inf: no seed stage)
+    seed_var: float  # the seed stage's part of the difference's variance
+    se: float  # standard error of the difference: sqrt(patient stage's variance + seed_var)
+    paired: bool  # seeds resampled as matched pairs
+
+    @property
+    def expansion(self) -> float:
+        """t_df / z at the 97.5% point: how much wider the interval is for the few seeds behind `seed_var`."""
+        return t_expansion(self.df)
+
+
+def t_expansion(df: float, alpha: float = ALPHA) -> float:
+    if not np.isfinite(df):
+        return 1.0
+    return float(t_dist.ppf(1 - alpha / 2, max(df, 1.0)) / norm.ppf(1 - alpha / 2))
+
+
+def seed_difference(
+    xa: Any,
+    xb: Any,
+    pa: Any,
+    pb: Any,
+    *,
+    paired: bool,
+    n_boot: int,
+    seed: int,
+    streams: tuple[int, int],
+) -> SeedDifference:
+    """Two-stage replicates of candidate (`xa`, (seeds, replicates)) and baseline (`xb`) on shared patients.
+
+    `pa`, `pb` are the seeds' values on all patients. Unpaired, each arm's seeds are resampled on their own
+    stream (`combine_seeds`, with the point values as the seeds' deviations). `paired` (the same seed indices in
+    both arms, seed k sharing initialisation and batch order across arms) resamples seed pairs jointly, and the
+    seed stage's spread is that of the per-seed differences (net of their patient-level noise), which common
+    random numbers make small. The seed stage's variance rests on few seeds: its degrees of freedom (n - 1
+    paired; Welch's otherwise) and the patient stage's (taken as infinite) give the difference's Satterthwaite df.
+    """
+    xa = np.atleast_2d(np.asarray(xa, dtype=float))
+    xb = np.atleast_2d(np.asarray(xb, dtype=float))
+    ma, mb = combine_seeds(xa, None), combine_seeds(xb, None)
+    paired = bool(paired and xa.shape == xb.shape and xa.shape[0] >= 2)
+    # Var(difference) = the patient stage's variance of the seed means' difference (which holds each model's own
+    # errors on the patients, estimated from every patient) + tau2 / n per arm (the procedure's seed-to-seed
+    # variance net of those errors, estimated from n seeds only: n - 1 degrees of freedom).
+    if paired:
+        pa, pb = np.asarray(pa, dtype=float), np.asarray(pb, dtype=float)
+        dc = seed_components(xa - xb, pa - pb)
+        w = seed_weights(xa.shape[0], n_boot, seed, streams[0])
+        shift = _seed_shift(dc, w, shrink=True)
+        a, b = ma + shift, mb.copy()
+        parts = [(dc.tau2 / dc.n, dc.s2 / dc.n, dc.n - 1)] if dc.n >= 2 else []
+    else:
+        shifts, parts = [], []
+        for x, p, stream in ((xa, pa, streams[0]), (xb, pb, streams[1])):
+            c = seed_components(x, p)
+            shifts.append(_seed_shift(c, seed_weights(x.shape[0], n_boot, seed, stream), shrink=True))
+            if c.n >= 2:
+                parts.append((c.tau2 / c.n, c.s2 / c.n, c.n - 1))
+        a, b = ma + shifts[0], mb + shifts[1]
+    var_s = float(sum(v for v, _, _ in parts))
+    # tau2 = s2 - within with `within` resting on every patient: the variance estimate's uncertainty is that of
+    # s2 / n (n - 1 degrees of freedom), whether or not tau2 came out positive (Satterthwaite)
+    den = float(sum(v**2 / k for _, v, k in parts))
+    diff = a - b
+    with _quiet():
+        # the seed stage's variance is known exactly (tau2 / n); only the patient stage's is a bootstrap estimate
+        var_t = float(np.nanvar(ma - mb, ddof=1)) + var_s
+    df = var_t**2 / den if den > 0 and np.isfinite(var_t) else float("inf")
+    return SeedDifference(a, b, diff, float(df), float(var_s), float(np.sqrt(var_t)), paired)
+
+
+def t_interval(
+    point: float, reps: Any, df: float, alpha: float = ALPHA, se: float | None = None
+) -> tuple[float, float, float]:
+    """(low, high, two-sided p-value of 0) of point +- t_df * se (default: the replicates' standard deviation).
+
+    The seed stage rests on few seeds, so its share of the variance is known to `df` degrees of freedom only: a
+    percentile interval (normal tails) covers too little, and widening its quantiles by t / z over-corrects the
+    tails of a resampled mean of 3 values. The bootstrap gives the standard error, t the tails.
+    """
+    r = np.asarray(reps, dtype=float)
+    r = r[np.isfinite(r)]
+    if len(r) < 2 or not np.isfinite(point) or (se is not None and not np.isfinite(se)):
+        return float("nan"), float("nan"), float("nan")
+    se = float(np.std(r, ddof=1)) if se is None else float(se)
+    df = max(float(df), 1.0)
+    q = float(t_dist.ppf(1 - alpha / 2, df)) if np.isfinite(df) else float(norm.ppf(1 - alpha / 2))
+    if se <= 0:
+        return float(point), float(point), 1.0 if point == 0 else 0.0
+    stat = abs(point) / se
+    p = 2 * (t_dist.sf(stat, df) if np.isfinite(df) else norm.sf(stat))
+    return float(point - q * se), float(point + q * se), float(min(1.0, p))
 
 
 def seed_note(n_candidate: int, n_baseline: int | None = None) -> str:

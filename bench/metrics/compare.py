@@ -17,11 +17,13 @@ the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
 - `n_cases`, `n_patients`, `n_pos`, `n_seeds`, `baseline_n_seeds`, `status` (ok | insufficient | undefined),
   `reason`;
 - `seed_note`: empty, or `few_seeds: ...` when an arm has fewer than 3 training seeds (`MIN_SEEDS`): the
-  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether).
+  interval's seed stage then rests on too few models (one seed: seed variance is missing altogether);
+- `df`: the difference's Satterthwaite degrees of freedom (inf: no seed stage), behind its t interval.
 
-Intervals and p-values are a two-stage bootstrap: each replicate resamples patients within site x label strata
-(shared by both arms, so the comparison is paired), then each arm's training seeds with replacement (independently
-per arm); see `bench.metrics.bootstrap.combine_seeds` and docs/STATISTICS.md.
+Intervals and p-values: the difference +- t_df x its two-stage bootstrap standard error. Each replicate resamples
+patients within site x label strata (shared by both arms, so the comparison is paired), then training seeds:
+as matched pairs when both arms ran the same seeds (common random numbers), else independently per arm; see
+`bench.metrics.bootstrap.seed_difference` and docs/STATISTICS.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ import numpy as np
 import pandas as pd
 
 from bench.metrics import core
-from bench.metrics.bootstrap import bootstrap_p_value, holm, percentile_interval, seed_note
+from bench.metrics.bootstrap import (
+    holm,
+    seed_difference,
+    seed_note,
+    stream_id,
+    t_interval,
+)
 from bench.metrics.delong import delong_seeds
 from bench.metrics.evaluate import GROUP_COLUMNS, Engine, Limits, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
@@ -70,6 +78,7 @@ COMPARISON_COLUMNS = [
     "status",
     "reason",
     "seed_note",
+    "df",
 ]
 
 
@@ -178,8 +187,11 @@ def _compare_one(
         for c in sorted(set().union(*(v.cells for v in vc)))
         if c.scope == "overall" or (c.scope == "site" and c.split == "external")
     ]
-    rc = engine.compute(vc, names, cells, jackknife=False)
-    rb = engine.compute(vb, names, cells, jackknife=False)
+    rc = _per_seed(engine, vc, names, cells)
+    rb = _per_seed(engine, vb, names, cells)
+    # seed k of both arms: the same initialisation and batch order (common random numbers) -> resample pairs
+    paired = [v.seed for v in vc] == [v.seed for v in vb]
+    streams = (stream_id(_arm_name(key)), stream_id(f"{BASELINE}|{BASELINE_REGIME}|{key['backbone']}"))
     sc = _seed_scores(vc)
     sb = _seed_scores(vb)
     note = seed_note(len(vc), len(vb))
@@ -192,16 +204,18 @@ def _compare_one(
         )
         for m in names:
             metric = core.get_metric(m, engine.task.classes)
-            val, _ = _mean_sd(rc[(cell, m)].point)
-            bval, _ = _mean_sd(rb[(cell, m)].point)
-            d_reps = rc[(cell, m)].reps - rb[(cell, m)].reps
-            lo, hi, _ = percentile_interval(d_reps)
-            p_boot = bootstrap_p_value(d_reps) if np.isfinite(val) and np.isfinite(bval) else np.nan
+            (pc, xc), (pb, xb) = rc[(cell, m)], rb[(cell, m)]
+            val, _ = _mean_sd(pc)
+            bval, _ = _mean_sd(pb)
+            sd = seed_difference(
+                xc, xb, pc, pb, paired=paired, n_boot=engine.n_boot, seed=engine.seed, streams=streams
+            )
+            lo, hi, p_boot = t_interval(val - bval, sd.diff, sd.df, se=sd.se)
             ratio = rlo = rhi = np.nan
             if metric.higher_is_better and np.isfinite(val) and np.isfinite(bval) and bval > 0:
                 ratio = val / bval
                 with np.errstate(all="ignore"):
-                    rlo, rhi, _ = percentile_interval(rc[(cell, m)].reps / rb[(cell, m)].reps)
+                    rlo, rhi, _ = t_interval(ratio, sd.a / sd.b, sd.df)
             p_delong = np.nan
             if m == "auroc":
                 cases = cell_cases.intersection(sc.index).intersection(sb.index)
@@ -255,9 +269,92 @@ def _compare_one(
                     status=status,
                     reason=reason,
                     seed_note=note,
+                    df=sd.df,
                 )
             )
     return rows
+
+
+def comparison_inputs(
+    preds: pd.DataFrame, task: Task, *, n_boot: int = 200, seed: int = 0, source: str = "predictions"
+) -> list[dict[str, Any]]:
+    """Per candidate, on the primary metric, overall, headline split: what the power planner needs.
+
+    Each entry: the run key, `xa`/`xb` (seeds, replicates) and `pa`/`pb` (per-seed values) of candidate and
+    baseline on shared patient replicates, `paired`, `n_patients` and the observed difference.
+    """
+    df = prepare_predictions(preds, task, source=source)
+    engine = Engine(df, task, n_boot=n_boot, seed=seed, subgroup_columns=[], intersections=[])
+    split = "external" if (df["split"] == "external").any() else "test"
+    m = task.metrics.primary
+    out = []
+    arm = list(ARM_KEYS)
+    for gen, reg, bb in df[arm].drop_duplicates().sort_values(arm).itertuples(index=False, name=None):
+        if gen == BASELINE and reg == BASELINE_REGIME:
+            continue
+        base_df = df[
+            (df["generator"] == BASELINE) & (df["regime"] == BASELINE_REGIME) & (df["backbone"] == bb)
+        ]
+        cand_df = df[(df["generator"] == gen) & (df["regime"] == reg) & (df["backbone"] == bb)]
+        if base_df.empty:
+            continue
+        ev = lambda d: set(d.loc[d["split"] == split, "case_id"])  # noqa: E731
+        common = ev(cand_df) & ev(base_df)
+        if not common:
+            continue
+        vc, vb = engine.views(cand_df, common), engine.views(base_df, common)
+        cells = [
+            c
+            for c in sorted(set().union(*(v.cells for v in vc)))
+            if c.scope == "overall" and c.split == split
+        ]
+        if not cells:
+            continue
+        (pc, xc), (pb, xb) = (
+            _per_seed(engine, vc, [m], cells)[(cells[0], m)],
+            _per_seed(engine, vb, [m], cells)[(cells[0], m)],
+        )
+        info = _group_info(vc, cells[0])
+        out.append(
+            dict(
+                generator=gen,
+                regime=reg,
+                backbone=bb,
+                metric=m,
+                split=split,
+                xa=xc,
+                xb=xb,
+                pa=pc,
+                pb=pb,
+                paired=[v.seed for v in vc] == [v.seed for v in vb],
+                n_patients=int(info.n_patients),
+                diff=float(np.nanmean(pc) - np.nanmean(pb)),
+            )
+        )
+    return out
+
+
+def _arm_name(key: dict) -> str:
+    return f"{key['generator']}|{key['regime']}|{key['backbone']}"
+
+
+def _per_seed(engine: Engine, views: list, names: list[str], cells: list) -> dict:
+    """(cell, metric) -> (per-seed values, (seeds, replicates) patient replicates), NaN where a seed lacks it.
+
+    Each seed is computed on its own, on the engine's shared patient replicates, so that the comparison's seed
+    stage (`seed_difference`) sees every model's replicates.
+    """
+    out = {
+        (c, m): (np.full(len(views), np.nan), np.full((len(views), engine.n_boot), np.nan))
+        for c in cells
+        for m in names
+    }
+    for s, v in enumerate(views):
+        mine = [c for c in cells if c in v.cells]
+        for k, res in engine.compute([v], names, mine, jackknife=False).items():
+            out[k][0][s] = res.point[0]
+            out[k][1][s] = res.reps
+    return out
 
 
 def _seed_scores(views: list) -> pd.DataFrame:
