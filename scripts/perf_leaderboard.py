@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 BOARD = ROOT / "leaderboards" / "mediastinal-neoplasm"
 
@@ -56,7 +58,7 @@ def fill_cache(board: Path) -> None:
     """What each record's `submit` leaves behind: its scores under its cache key."""
     from bench.io import sha256_file
     from bench.leaderboard.checks import cacheable_checks
-    from bench.leaderboard.config import board_spec, load_config
+    from bench.leaderboard.config import board_spec, load_config, load_key
     from bench.leaderboard.key import key_path
     from bench.leaderboard.record import read_records
     from bench.leaderboard.spec import remember_scores
@@ -65,8 +67,18 @@ def fill_cache(board: Path) -> None:
     records = read_records(cfg.records_dir)
     _, spec = board_spec(cfg, records)
     assert cfg.answer_key is not None
+    key = load_key(cfg)
+    joined = {
+        r["id"]
+        for r in records
+        if key.join(stored := pd.read_parquet(cfg.folder / r["predictions"]["file"])).equals(stored)
+    }
     remember_scores(
-        spec, sha256_file(key_path(cfg.folder, cfg.answer_key.path)), records, passed=cacheable_checks()
+        spec,
+        sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
+        records,
+        passed=cacheable_checks(),
+        stored_is_joined=joined,
     )
 
 

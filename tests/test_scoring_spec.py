@@ -119,3 +119,21 @@ def test_the_cache_key_changes_with_everything_a_score_depends_on():
 def test_changed_fields_names_added_removed_and_changed():
     assert changed_fields({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
     assert changed_fields({"a": "1"}, {}) == ["a"]
+
+
+def test_a_warm_build_joins_nothing_and_writes_the_pages_a_cold_build_writes(board, tmp_path, monkeypatch):
+    from bench.leaderboard.key import AnswerKey
+
+    copy_ = tmp_path / "board"
+    shutil.copytree(board, copy_)
+    assert main(["leaderboard", "build", str(copy_)]) == 0  # the cache holds every record now
+    calls = []
+    real = AnswerKey.join
+    monkeypatch.setattr(AnswerKey, "join", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert main(["leaderboard", "build", str(copy_)]) == 0
+    assert calls == []
+    warm = snapshot(copy_)
+    cache_file().unlink()
+    assert main(["leaderboard", "build", str(copy_)]) == 0
+    assert len(calls) == len(list((copy_ / "records").glob("*.json")))
+    assert snapshot(copy_) == warm

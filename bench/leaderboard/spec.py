@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -251,16 +251,22 @@ def cached_scores(cache: Mapping[str, Any], key: str) -> tuple[dict[str, Any], s
 
 
 def remember_scores(
-    spec: ScoringSpec, key_sha256: str, records: Sequence[Mapping[str, Any]], passed: Sequence[str] = ()
+    spec: ScoringSpec,
+    key_sha256: str,
+    records: Sequence[Mapping[str, Any]],
+    passed: Sequence[str] = (),
+    stored_is_joined: Collection[str] = (),
 ) -> None:
     """Put scores just computed for `records` (written to the board) where `build` looks first: the same function
     of the same predictions, key and spec, so the next build need not recompute them. `passed`: cacheable record
-    checks these predictions passed. A build on another machine, without this cache, recomputes every number."""
+    checks these predictions passed; `stored_is_joined`: ids of records whose stored predictions equal their join
+    to the key. A build on another machine, without this cache, recomputes every number."""
     fresh = {
         spec.cache_key(r["predictions_sha256"], key_sha256, r["generator"]["name"]): {
             "metrics": json.loads(json.dumps(r["metrics"])),
             "split": r["evaluation"]["split"],
             "passed": list(passed),
+            "stored_is_joined": r["id"] in stored_is_joined,
         }
         for r in records
     }

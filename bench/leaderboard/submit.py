@@ -366,6 +366,16 @@ def write_records(
     return done
 
 
+def _stored_is_joined(key: AnswerKey, path: Path) -> bool:
+    """Whether a written predictions file reads back equal to its join to the key (only a cache hint: the records
+    are already written, so any failure here just means the next build joins it)."""
+    try:
+        stored = pd.read_parquet(path)
+        return key.join(stored).equals(stored)
+    except (BadInput, OSError, ValueError):
+        return False
+
+
 def submit(
     run: str | Path,
     board: str | Path,
@@ -390,11 +400,14 @@ def submit(
         return [rec for rec, _ in scored]
     done = write_records(cfg, scored)
     assert cfg.answer_key is not None
+    # What build will read back: a stored file equal to its join to the key lets the next build skip the join.
+    joined = {rec["id"] for rec in done if _stored_is_joined(key, cfg.folder / rec["predictions"]["file"])}
     remember_scores(
         ScoringSpec.for_board(cfg, sub.task),
         sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
         done,
         # The records hold the key's own labels and only their generator and the reference, by construction.
         passed=cacheable_checks(),
+        stored_is_joined=joined,
     )
     return done
