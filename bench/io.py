@@ -158,3 +158,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         raise BadInput(f"{path}: cannot be read as {path.suffix[1:]}: {e}") from e
     raise BadInput(f"{path}: unsupported table format {path.suffix!r} (use .parquet or .csv)")
+
+
+def portable_path(path: str | Path, bases: tuple[Path, ...]) -> str:
+    """`path` relative to the first base folder holding it, else its file name alone: never an absolute path.
+
+    Files meant to leave the machine (records, bundles, pages) name local files this way. A base that is the
+    filesystem root would spell the absolute path without its leading slash, so it is skipped.
+    """
+    p = Path(path).resolve()
+    for b in bases:
+        b = Path(b).resolve()
+        if b.parent != b and p.is_relative_to(b) and p != b:
+            return p.relative_to(b).as_posix()
+    return p.name

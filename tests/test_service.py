@@ -31,6 +31,7 @@ from service_support import (
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from bench.leaderboard.spec import ScoringSpec  # noqa: E402
 from bench.metrics import evaluate_predictions  # noqa: E402
 from bench.service import db  # noqa: E402
 from bench.service.app import create_app  # noqa: E402
@@ -475,7 +476,7 @@ def _key_and_predictions(seed: int, patients_per_site: int = 30):
 
 def test_hosted_score_is_the_metric_tables_overall_row_on_the_external_split():
     key, preds, task = _key_and_predictions(seed=5)
-    got = score_parts(key, preds, task, n_boot=200, seed=3)
+    got = score_parts(key, preds, task, ScoringSpec.of(task, n_boot=200, seed=3))
     for part in ("public", "private"):
         # the reference: a plain merge, other run-key values, and the engine's defaults (subgroups, permutations)
         ref = key.df[key.df["part"] == part].drop(columns="part").rename(columns={"label": "y_true"})
@@ -501,7 +502,7 @@ def test_hosted_value_is_scikit_learns_macro_one_vs_rest_auroc():
     from sklearn.metrics import roc_auc_score
 
     key, preds, task = _key_and_predictions(seed=11)
-    got = score_parts(key, preds, task, n_boot=20, seed=0)
+    got = score_parts(key, preds, task, ScoringSpec.of(task, n_boot=20, seed=0))
     j = key.df.merge(preds, on="case_id")
     for part in ("public", "private"):
         ext = j[(j["part"] == part) & (j["split"] == "external")]
@@ -530,6 +531,11 @@ def test_a_part_without_external_cases_has_no_score_rather_than_a_test_split_one
     key, preds, task = _key_and_predictions(seed=3, patients_per_site=12)
     df = key.df.copy()
     df.loc[df["split"] == "external", "part"] = "public"
-    got = score_parts(AnswerKey.from_frame(df, list(key.subgroup_columns)), preds, task, n_boot=20, seed=0)
+    got = score_parts(
+        AnswerKey.from_frame(df, list(key.subgroup_columns)),
+        preds,
+        task,
+        ScoringSpec.of(task, n_boot=20, seed=0),
+    )
     assert got["private"]["value"] is None and got["private"]["n_cases"] == 0
     assert got["public"]["n_cases"] == int((df["split"] == "external").sum())

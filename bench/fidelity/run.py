@@ -22,7 +22,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.fidelity.features import embed_manifest, open_embedder
-from bench.io import atomic_dir, write_json, write_table
+from bench.io import atomic_dir, portable_path, write_json, write_table
 from bench.manifest import Manifest, load_valid_manifest, read_manifest
 from bench.metrics import fidelity as F
 from bench.runfolder import FIDELITY_FILE, FIDELITY_TABLE, RunDir
@@ -194,15 +194,6 @@ def _overall(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
             "status": row.status,
         }
     return out
-
-
-def portable_path(path: str | Path, bases: tuple[Path, ...]) -> str:
-    """`path` relative to the first base folder holding it, else its file name alone: never an absolute path."""
-    p = Path(path).resolve()
-    for b in bases:
-        if p.is_relative_to(b.resolve()) and p != b.resolve():
-            return p.relative_to(b.resolve()).as_posix()
-    return p.name
 
 
 def compute_fidelity(

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.io import atomic_dir, write_json, write_table
+from bench.io import atomic_dir, portable_path, write_json, write_table
 from bench.manifest import Manifest, manifest_hash
 from bench.privacy.contamination import _audit_model, contamination_problems, find_duplicates, prepare
 from bench.privacy.memorization import (
@@ -192,7 +192,9 @@ def audit(
             None
             if "classifier" not in by_feature
             else {
-                "checkpoint": str(checkpoint) if checkpoint else None,
+                "checkpoint": portable_path(checkpoint, (out.parent.parent, Path.cwd()))
+                if checkpoint
+                else None,
                 "backbone": AUDIT_BACKBONE if not checkpoint else None,
             }
         ),

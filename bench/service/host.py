@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from bench.leaderboard.spec import ScoringSpec
 from bench.service import db
 from bench.service.scoring import AnswerKey, load_key
 from bench.service.settings import ServiceSettings, load_settings
@@ -63,6 +64,12 @@ class Host:
     @functools.cached_property
     def task(self) -> Task:
         return load_task(self.settings.task)
+
+    @functools.cached_property
+    def spec(self) -> ScoringSpec:
+        """What every score of this host depends on, as a repository board defines it (bench.leaderboard.spec)."""
+        s = self.settings.scoring
+        return ScoringSpec.of(self.task, n_boot=s.n_boot, seed=s.seed)
 
     @functools.cached_property
     def key(self) -> AnswerKey:

@@ -21,16 +21,30 @@ def leaderboard(host: Host) -> dict[str, Any]:
     with host.sessions() as s:
         part, phase = db.visible_part(s)
         rows = s.execute(
-            select(db.Team.name, db.Submission.id, db.Submission.kind, db.Submission.finished_at, db.Score)
+            select(
+                db.Team.name,
+                db.Submission.id,
+                db.Submission.kind,
+                db.Submission.finished_at,
+                db.Submission.summary,
+                db.Score,
+            )
             .join(db.Submission, db.Submission.team_id == db.Team.id)
             .join(db.Score, db.Score.submission_id == db.Submission.id)
             .where(db.Submission.status == db.SCORED, db.Score.part == part)
         ).all()
     best: dict[str, dict[str, Any]] = {}
+    not_ranked: dict[str, dict[str, Any]] = {}
     hib = True
     metric = host.task.metrics.primary
-    for team, sid, kind, finished, sc in rows:
+    for team, sid, kind, finished, summary, sc in rows:
         if sc.value is None:
+            continue
+        excluded = (summary or {}).get("excluded")
+        if (
+            excluded
+        ):  # the eligibility rule (service.yaml `eligibility`): listed with the reason, never ranked
+            not_ranked[team] = {"team": team, "submission": sid, "reason": str(excluded)}
             continue
         hib, metric = sc.higher_is_better, sc.metric
         entry = {
@@ -59,6 +73,7 @@ def leaderboard(host: Host) -> dict[str, Any]:
         "metric": metric,
         "higher_is_better": hib,
         "rows": ranked,
+        "not_ranked": [v for k, v in sorted(not_ranked.items()) if k not in best],
     }
 
 
@@ -81,6 +96,11 @@ def render_page(board: dict[str, Any]) -> str:
     )
     if not rows:
         rows = '<tr><td colspan="6">no scored submissions yet</td></tr>'
+    excluded = "".join(
+        f"<li>{e(r['team'])} ({e(r['submission'])}): {e(r['reason'])}</li>"
+        for r in board.get("not_ranked", [])
+    )
+    excluded = f'<h2>Not ranked</h2>\n<ul id="not-ranked">{excluded}</ul>' if excluded else ""
     arrow = "higher is better" if board["higher_is_better"] else "lower is better"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -102,6 +122,7 @@ interval.</p>
 <tbody>
 {rows}
 </tbody></table>
+{excluded}
 </body></html>
 """
 

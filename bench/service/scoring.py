@@ -18,6 +18,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.leaderboard.key import KEYED, MAX_EXAMPLES, AnswerKey, hash_ids
+from bench.leaderboard.spec import ScoringSpec
 from bench.metrics import evaluate_predictions, get_metric
 from bench.metrics.compare import headline_split
 from bench.metrics.validate import ROW_NOTE, validate_probabilities
@@ -104,8 +105,8 @@ def validate_predictions(key: AnswerKey, preds: pd.DataFrame, task: Task) -> lis
     return problems
 
 
-def _score_frame(df: pd.DataFrame, task: Task, split: str, n_boot: int, seed: int) -> dict[str, Any]:
-    name = task.metrics.primary
+def _score_frame(df: pd.DataFrame, task: Task, split: str, spec: ScoringSpec) -> dict[str, Any]:
+    name = spec.primary
     higher = bool(get_metric(name, task.classes).higher_is_better)
     if not (df["split"] == split).any():  # a part without a case of the board's split has no score
         return {
@@ -122,8 +123,8 @@ def _score_frame(df: pd.DataFrame, task: Task, split: str, n_boot: int, seed: in
     table = evaluate_predictions(
         df.assign(**{k: HOSTED_RUN[k] for k in RUN_KEYS}),
         task,
-        n_boot=n_boot,
-        seed=seed,
+        n_boot=spec.n_boot,
+        seed=spec.seed,
         n_perm=0,
         subgroup_columns=[],
         intersections=[],
@@ -146,9 +147,9 @@ def _num(x: Any) -> float | None:
 
 
 def score_parts(
-    key: AnswerKey, preds: pd.DataFrame, task: Task, *, n_boot: int, seed: int
+    key: AnswerKey, preds: pd.DataFrame, task: Task, spec: ScoringSpec
 ) -> dict[str, dict[str, Any]]:
-    """The task's primary metric on each part of the key, as `bench.metrics.evaluate_predictions` scores it.
+    """The spec's primary metric on each part of the key, as `bench.metrics.evaluate_predictions` scores it.
 
     The value and interval are those of the metric table's overall row on the board's split: external when the key
     holds external cases, else test (`bench.metrics.compare.headline_split`, as repository boards choose it). The
@@ -165,5 +166,5 @@ def score_parts(
     for part in PARTS:
         sub = key.part(part)
         mine = preds[preds["case_id"].astype(str).isin(set(sub.df["case_id"]))]
-        out[part] = _score_frame(sub.join(mine), task, split, n_boot, seed)
+        out[part] = _score_frame(sub.join(mine), task, split, spec)
     return out

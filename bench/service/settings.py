@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from bench.leaderboard.config import Eligibility
 from bench.schema import Strict, load_yaml_model
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class PrivacySettings(Strict):
     features: list[str] = Field(default_factory=lambda: ["pixel"], min_length=1)
     bootstrap: int = Field(200, ge=10)
     percentile: float = Field(5.0, gt=0, lt=50)
+    # Membership inference against the models the protocol trained on the host's data (docs/PRIVACY.md).
+    model_audit: bool = True
 
 
 class Limits(Strict):
@@ -86,6 +89,9 @@ class ServiceSettings(Strict):
     limits: Limits = Limits()
     worker: WorkerSettings = WorkerSettings()
     scoring: ScoringSettings = ScoringSettings()
+    # Which generators are ranked: the repository board's rule (`leaderboard.yaml` `eligibility`), run by the same
+    # named checks (bench.leaderboard.checks).
+    eligibility: Eligibility = Eligibility()
 
     def resolved(self, base: Path) -> ServiceSettings:
         """Paths (and a relative SQLite file) read against `base`."""

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.leaderboard.checks import service_exclusion
 from bench.service import db
 from bench.service.bundle import read_predictions, unpack_bundle
 from bench.service.host import Host, json_safe
@@ -62,8 +63,13 @@ class HostSideError(Exception):
 def score_prediction_file(host: Host, path: Path, filename: str) -> dict[str, Any]:
     lim = host.settings.limits
     preds = read_predictions(path, filename, lim.max_prediction_rows, lim.max_prediction_columns)
-    s = host.settings.scoring
-    return {"scores": score_parts(host.key, preds, host.task, n_boot=s.n_boot, seed=s.seed)}
+    return {"scores": score_parts(host.key, preds, host.task, host.spec), "spec": _spec_summary(host)}
+
+
+def _spec_summary(host: Host) -> dict[str, Any]:
+    """What the scores depend on (bench.leaderboard.spec), stored with every result so that it can be re-scored."""
+    sp = host.spec
+    return {**sp.settings(), "task": sp.record_task(), "registry": sp.registry, "scorer": sp.scorer}
 
 
 def _host_train_manifest(host: Host, out: Path) -> Path:
@@ -179,13 +185,46 @@ def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> di
     preds = preds[preds["case_id"].isin(set(host.key.df["case_id"]))]
     # Several seeds: score the seed-averaged probabilities (one prediction per case, as the key expects).
     preds = preds.groupby("case_id", as_index=False)[probs].mean()
-    s = st.scoring
+    privacy = _privacy(host, synthetic, work)
     return {
-        "scores": score_parts(host.key, preds, host.task, n_boot=s.n_boot, seed=s.seed),
+        "scores": score_parts(host.key, preds, host.task, host.spec),
+        "spec": _spec_summary(host),
         "generator": gen,
         "regime": regime,
-        "privacy": _privacy(host, synthetic, work),
+        "privacy": privacy,
+        # The repository board's eligibility checks, from the one named list (bench.leaderboard.checks).
+        "excluded": _exclusion(privacy, st.eligibility),
+        "model_privacy": _model_privacy(host, run),
     }
+
+
+def _exclusion(privacy: dict[str, Any] | None, rules: Any) -> str | None:
+    """The eligibility checks read a record's privacy block; the service keeps a summary of it (no problem texts:
+    they name host files), so the contamination status is passed with a count of its problems."""
+    if privacy is None:
+        return None
+    n = int(privacy.get("contamination_problems") or 0)
+    rec = {
+        **privacy,
+        "contamination": {"status": privacy.get("contamination"), "problems": [f"{n} problem(s)"] if n else []},
+    }
+    return service_exclusion(rec, rules)
+
+
+def _model_privacy(host: Host, run: Path) -> dict[str, Any] | None:
+    """Membership inference against the models trained on the host's data; only aggregate figures (per run key,
+    with intervals) leave this function, never a patient, case or seed."""
+    from bench.privacy.model import aggregate_figures
+
+    p = host.settings.privacy
+    if not (p.enabled and p.model_audit):
+        return None
+    try:
+        return json_safe(aggregate_figures(run, n_boot=p.bootstrap, cache_dir=host.cache))
+    except BadInput as e:
+        # The reason names host files; the team learns only that the audit could not run.
+        log.warning("model privacy audit not run: %s", e)
+        return {"status": "not run", "reason": "the host's data allow no membership audit of these models"}
 
 
 # -- one job -------------------------------------------------------------------------------------------------------
