@@ -194,12 +194,19 @@ def test_identical_candidate_has_zero_difference(task, preds):
 def test_same_procedure_with_two_seeds_keeps_seed_variance_in_the_interval(task, preds):
     # The same two models under another name: the point difference is zero, but the interval must carry the
     # seed-to-seed variation (a rerun with new seeds would not reproduce these two models), so it is not [0, 0].
+    # Seeds 10 and 11 under the other name: not the baseline's seed indices, so not pairs of common random numbers.
     base = preds[(preds["generator"] == "none") & (preds["seed"] < 2)]
-    twin = base.assign(generator="twin", regime="synthetic")
+    twin = base.assign(generator="twin", regime="synthetic", seed=base["seed"] + 10)
     comp = compare_to_baseline(pd.concat([base, twin]), task, n_boot=200, seed=0)
     ok = comp[(comp["metric"] == "auroc") & (comp["scope"] == "overall")]
     assert np.allclose(ok["diff"], 0)
     assert (ok["ci_low"] < 0).all() and (ok["ci_high"] > 0).all() and (ok["p_boot"] > 0.5).all()
+    # The same seed indices are pairs (seed k: the same initialisation and batch order in both arms): identical
+    # models in every pair differ by exactly 0 in every replicate, as a rerun of both arms would.
+    paired = compare_to_baseline(pd.concat([base, base.assign(generator="twin", regime="synthetic")]), task,
+                                 n_boot=200, seed=0)  # fmt: skip
+    pk = paired[(paired["metric"] == "auroc") & (paired["scope"] == "overall")]
+    assert np.allclose(pk["ci_low"], 0) and np.allclose(pk["ci_high"], 0)
     assert np.allclose(ok["p_delong"], 1.0)  # a zero difference is no evidence, whatever the variance
     assert ok["seed_note"].str.startswith("few_seeds: 2 and 2").all()
 

@@ -422,32 +422,30 @@ def seed_difference(
     xb = np.atleast_2d(np.asarray(xb, dtype=float))
     ma, mb = combine_seeds(xa, None), combine_seeds(xb, None)
     paired = bool(paired and xa.shape == xb.shape and xa.shape[0] >= 2)
-    # Var(difference) = the patient stage's variance of the seed means' difference (which holds each model's own
-    # errors on the patients, estimated from every patient) + tau2 / n per arm (the procedure's seed-to-seed
-    # variance net of those errors, estimated from n seeds only: n - 1 degrees of freedom).
+    # Var(difference) = common patient variance (the seed means' difference net of the models' own errors) +
+    # per seed stage max(s2, within) / n: the seeds' spread, never below what the models' own errors alone give
+    # (tau2 >= 0). Two arms of identical models have no patient variance in their difference, but unpaired their
+    # seeds still vary; as pairs they differ by exactly 0.
     if paired:
         pa, pb = np.asarray(pa, dtype=float), np.asarray(pb, dtype=float)
-        dc = seed_components(xa - xb, pa - pb)
-        w = seed_weights(xa.shape[0], n_boot, seed, streams[0])
-        shift = _seed_shift(dc, w, shrink=True)
+        stages = [seed_components(xa - xb, pa - pb)]
+        shift = _seed_shift(stages[0], seed_weights(xa.shape[0], n_boot, seed, streams[0]))
         a, b = ma + shift, mb.copy()
-        parts = [(dc.tau2 / dc.n, dc.s2 / dc.n, dc.n - 1)] if dc.n >= 2 else []
     else:
-        shifts, parts = [], []
-        for x, p, stream in ((xa, pa, streams[0]), (xb, pb, streams[1])):
-            c = seed_components(x, p)
-            shifts.append(_seed_shift(c, seed_weights(x.shape[0], n_boot, seed, stream), shrink=True))
-            if c.n >= 2:
-                parts.append((c.tau2 / c.n, c.s2 / c.n, c.n - 1))
-        a, b = ma + shifts[0], mb + shifts[1]
-    var_s = float(sum(v for v, _, _ in parts))
-    # tau2 = s2 - within with `within` resting on every patient: the variance estimate's uncertainty is that of
-    # s2 / n (n - 1 degrees of freedom), whether or not tau2 came out positive (Satterthwaite)
-    den = float(sum(v**2 / k for _, v, k in parts))
-    diff = a - b
+        stages = [seed_components(xa, pa), seed_components(xb, pb)]
+        a = ma + _seed_shift(stages[0], seed_weights(xa.shape[0], n_boot, seed, streams[0]))
+        b = mb + _seed_shift(stages[1], seed_weights(xb.shape[0], n_boot, seed, streams[1]))
+    common = ma - mb
+    for c in stages:
+        common = _common_patients(common, c)
+    diff = common + (a - ma) - (b - mb)
+    live = [c for c in stages if c.n >= 2]
+    var_s = float(sum(max(c.s2, c.within) / c.n for c in live))
+    # the seed stage's variance estimate rests on n seeds: that of s2 / n, n - 1 df (Satterthwaite)
+    den = float(sum((c.s2 / c.n) ** 2 / (c.n - 1) for c in live))
     with _quiet():
-        # the seed stage's variance is known exactly (tau2 / n); only the patient stage's is a bootstrap estimate
-        var_t = float(np.nanvar(ma - mb, ddof=1)) + var_s
+        raw = float(np.nanvar(ma - mb, ddof=1))
+    var_t = max(0.0, raw - sum(c.within / c.n for c in live)) + var_s
     df = var_t**2 / den if den > 0 and np.isfinite(var_t) else float("inf")
     return SeedDifference(a, b, diff, float(df), float(var_s), float(np.sqrt(var_t)), paired)
 
