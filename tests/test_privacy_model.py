@@ -121,14 +121,11 @@ def _patients(rng, n_patients, per_patient=2, size=16):
 
 
 def _fit(x, y, seed, epochs):
-    from bench.train import fit
+    from bench.train import FitSettings, fit
 
-    model, _ = fit(
-        "resnet10t",
-        x,
-        y,
-        x[:8],
-        y[:8],
+    settings = FitSettings(
+        backbone="resnet10t",
+        num_classes=2,
         epochs=epochs,
         lr=0.003,
         weight_decay=0.0,
@@ -136,8 +133,8 @@ def _fit(x, y, seed, epochs):
         aug_strength=0.0,
         seed=seed,
         device="cpu",
-        num_classes=2,
     )
+    model, _ = fit(settings, x, y, x[:8], y[:8])
     return model
 
 
