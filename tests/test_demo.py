@@ -173,16 +173,18 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     # classes differ in structure a PCA + Gaussian mixture of pixels cannot reproduce.
     assert real_test > 0.75 and real_ext > 0.65
     cmp = pd.read_parquet(out / "run" / "evaluation" / "comparisons.parquet")
-    pca = cmp[
-        (cmp.generator == "pca-gmm")
-        & (cmp.regime == "synthetic")
-        & (cmp.metric == "auroc_macro")
-        & (cmp.scope == "overall")
-    ].set_index("split")
-    # Task 3.0.0 (the 280 mm crop) measured -0.082 [-0.144, -0.024] external and -0.142 [-0.193, -0.096] internal;
-    # task 2.0.0, without the crop, left the interval reaching 0 on every machine tried.
+    syn = cmp[(cmp.regime == "synthetic") & (cmp.metric == "auroc_macro") & (cmp.scope == "overall")]
+    pca = syn[syn.generator == "pca-gmm"].set_index("split")
+    ddpm = syn[syn.generator == "ddpm"].set_index("split")
+    # Task 3.1.0 (final weights, three paired seeds, t intervals on the seed stage), measured on the phantom's
+    # seed-0 draw: pca-gmm -0.145 [-0.238, -0.053] internal, -0.029 [-0.073, 0.015] external (a tie the report
+    # gives its detectable difference); ddpm -0.290 [-0.347, -0.232] internal, -0.187 [-0.226, -0.147] external.
+    # Asserted are the verdicts whose margin is several interval half-widths; pca-gmm on the external hospitals is
+    # within one and is not asserted (scripts/measure_verdicts.py counts it over draws).
+    assert pca.loc["test", "ci_high"] < 0, pca.loc["test"].to_dict()
+    assert pca.loc["external", "diff"] < 0, pca.loc["external"].to_dict()
     for split in ("external", "test"):
-        assert pca.loc[split, "ci_high"] < 0, (split, pca.loc[split].to_dict())
+        assert ddpm.loc[split, "ci_high"] < 0, (split, ddpm.loc[split].to_dict())
     # Stage timings and the threads they ran with are kept.
     assert summary["seconds"] >= sum(summary["stages"].values()) - 1
     assert summary["threads"]["cores"] >= 1 and summary["threads"]["run_threads_per_worker"] >= 1
