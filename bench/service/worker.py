@@ -206,7 +206,10 @@ def _exclusion(privacy: dict[str, Any] | None, rules: Any) -> str | None:
     n = int(privacy.get("contamination_problems") or 0)
     rec = {
         **privacy,
-        "contamination": {"status": privacy.get("contamination"), "problems": [f"{n} problem(s)"] if n else []},
+        "contamination": {
+            "status": privacy.get("contamination"),
+            "problems": [f"{n} problem(s)"] if n else [],
+        },
     }
     return service_exclusion(rec, rules)
 
