@@ -16,21 +16,9 @@ import argparse
 import numpy as np
 
 from bench.metrics import compare_to_baseline
-from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered
-from bench.tasks import Task
+from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered, simulation_task
 
-TASK = Task.model_validate(
-    {
-        "name": "sim",
-        "version": "1.0.0",
-        "modality": "sim",
-        "labels": {"classes": ["neg", "pos"]},
-        "sites": {"train": ["a", "b"], "external": []},
-        "subgroups": {"columns": ["sex"]},
-        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
-        "source": {"kind": "folder", "options": {}},
-    }
-)
+TASK = simulation_task()
 BASE_MU = 1.2
 
 

@@ -13,22 +13,9 @@ import numpy as np
 import pytest
 
 from bench.evaluation.controls import FAIL, PASS, controls_from_predictions
-from bench.metrics.simulate import simulate_clustered
-from bench.tasks import Task
+from bench.metrics.simulate import simulate_clustered, simulation_task
 
-TASK = Task.model_validate(
-    {
-        "name": "sim",
-        "version": "1.0.0",
-        "modality": "sim",
-        "labels": {"classes": ["neg", "pos"]},
-        "sites": {"train": ["a", "b"], "external": []},
-        "subgroups": {"columns": ["sex"]},
-        "splits": {"reserve": 0.2, "train": 0.4, "val": 0.2, "test": 0.2},
-        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
-        "source": {"kind": "folder", "options": {}},
-    }
-)
+TASK = simulation_task(splits={"reserve": 0.2, "train": 0.4, "val": 0.2, "test": 0.2})
 GENS = {"copycat": "copycat", "label-shuffle": "label-shuffle", "real-holdout": "real-holdout"}
 PRIVACY = {"copycat": {"memorization_rate": 0.9, "ci_low": 0.85, "ci_high": 0.95, "flagged": True}}
 DRAW_SD = 0.17  # signal sd of a draw of training patients: about 0.029 AUROC, 0.036 of the ratio at 0.81

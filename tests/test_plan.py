@@ -9,21 +9,9 @@ from test_leaderboard_support import make_run
 from bench.cli import main
 from bench.metrics.compare import compare_to_baseline, comparison_inputs
 from bench.metrics.power import Components, components, mde, plan, power
-from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered
-from bench.tasks import Task
+from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered, simulation_task
 
-TASK = Task.model_validate(
-    {
-        "name": "sim",
-        "version": "1.0.0",
-        "modality": "sim",
-        "labels": {"classes": ["neg", "pos"]},
-        "sites": {"train": ["a", "b"], "external": []},
-        "subgroups": {"columns": ["sex"]},
-        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
-        "source": {"kind": "folder", "options": {}},
-    }
-)
+TASK = simulation_task()
 
 
 def test_power_arithmetic():

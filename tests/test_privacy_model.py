@@ -177,3 +177,27 @@ def test_memorizing_model_leaks_and_a_disjoint_model_does_not_across_draws(seed)
     mem, dis = _known_answers(seed=seed)
     assert mem["ci_low"] > 0.5, mem
     assert dis["ci_low"] <= 0.5 <= dis["ci_high"], dis
+
+
+def test_the_board_figure_places_each_record_by_leakage_and_utility():
+    from bench.leaderboard.model_privacy import model_privacy_svg
+
+    est = lambda v, lo, hi: {"value": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    rows = [
+        {"name": "real-only", "model_leak": est(0.69, 0.62, 0.76), "utility": est(0.75, 0.72, 0.78)},
+        {"name": "pca-gmm", "model_leak": est(0.65, 0.58, 0.72), "utility": est(0.72, 0.69, 0.75)},
+        {"name": "no-audit", "model_leak": None, "utility": est(0.70, 0.66, 0.74)},
+    ]
+    svg = model_privacy_svg(rows, {"primary_metric": "auroc_macro", "split": "external"})
+    assert svg.count("<circle") == 2  # a record without an audit is not placed
+    assert "real-only: attack AUROC 0.690, utility 0.750" in svg
+    assert "pca-gmm: attack AUROC 0.650, utility 0.720" in svg
+    # Higher utility is drawn higher (smaller y), less leakage further left (smaller x).
+    import re
+
+    pos = {
+        n: (float(x), float(y))
+        for x, y, n in re.findall(r'cx="([\d.]+)" cy="([\d.]+)" r="5".*?<title>(\S+):', svg)
+    }
+    assert pos["real-only"][1] < pos["pca-gmm"][1] and pos["pca-gmm"][0] < pos["real-only"][0]
+    assert "No record carries" in model_privacy_svg(rows[2:], {})

@@ -18,22 +18,11 @@ import pytest
 from scipy.stats import norm
 
 from bench.metrics import compare_to_baseline, evaluate_predictions
-from bench.tasks import Task
+from bench.metrics.simulate import simulation_task
 
 SU, SE, SN, TAU = 0.7, 0.5, 0.4, 0.15
 SIG = np.sqrt(2 * (SU**2 + SE**2 + SN**2))
-TASK = Task.model_validate(
-    {
-        "name": "sim",
-        "version": "1.0.0",
-        "modality": "sim",
-        "labels": {"classes": ["neg", "pos"]},
-        "sites": {"train": ["a", "b"], "external": []},
-        "subgroups": {"columns": ["sex"]},
-        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
-        "source": {"kind": "folder", "options": {}},
-    }
-)
+TASK = simulation_task()
 
 
 def expected_auroc(mu: float) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 from bench.leaderboard import fidelity as fid
 from bench.leaderboard.config import LeaderboardConfig
 from bench.leaderboard.model_privacy import COLUMN as MODEL_LEAK_COLUMN
+from bench.leaderboard.model_privacy import model_privacy_svg
 from bench.metrics import reported
 
 GENERATED = (
@@ -508,6 +509,8 @@ are not dominated on all three at once (higher utility, smaller gap, lower memor
 {pareto_svg(rows, facts)}
 <h2>Does fidelity predict utility here?</h2>
 {fid.fidelity_svg(rows, facts)}
+<h2>Utility against model leakage</h2>
+{model_privacy_svg(rows, facts)}
 <script type="application/json" id="board-data">{_json_script(data)}</script>
 <script>{_JS}</script>
 </body>

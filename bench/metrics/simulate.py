@@ -16,6 +16,22 @@ from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
 
 
+def simulation_task(**fields: object) -> Task:
+    """The two-class task the engine's simulations score (sites a and b, subgroup sex, small-group floors low
+    enough for simulated cohorts); `fields` replace top-level task fields (e.g. `splits` with a reserve)."""
+    spec: dict[str, object] = {
+        "name": "sim",
+        "version": "1.0.0",
+        "modality": "sim",
+        "labels": {"classes": ["neg", "pos"]},
+        "sites": {"train": ["a", "b"], "external": []},
+        "subgroups": {"columns": ["sex"]},
+        "metrics": {"primary": "auroc", "min_patients": 5, "min_positives": 3, "min_negatives": 3},
+        "source": {"kind": "folder", "options": {}},
+    }
+    return Task.model_validate({**spec, **fields})
+
+
 def simulate_predictions(
     task: Task,
     *,
