@@ -159,13 +159,18 @@ def test_leaderboard_record_field_validates_and_fills_the_column(audited_run):
     )
 
 
-def test_committed_records_without_the_field_still_validate():
+def test_committed_records_with_and_without_the_field_validate():
+    # The committed records carry the field; the same records without it are what older submissions hold.
     paths = sorted((REPO / "leaderboards" / "mediastinal-neoplasm" / "records").glob("*.json"))
     assert paths
     for p in paths:
         rec = json.loads(p.read_text())
-        assert "model_privacy" not in rec
+        assert "model_privacy" in rec
         assert validate_record(rec) == [], p.name
+        old = {k: v for k, v in rec.items() if k != "model_privacy"}
+        assert validate_record(old) == [], p.name
+        broken = {**rec, "model_privacy": {"arms": "not a list"}}
+        assert validate_record(broken) != [], p.name
 
 
 def _result(diff):
