@@ -351,6 +351,19 @@ def test_synthetic_bundle_is_trained_audited_and_scored(service):
     d = body["details"]
     assert d["generator"] == "shapes" and d["regime"] == "synthetic"
     assert 0 <= d["privacy"]["memorization_rate"] <= 1 and isinstance(d["privacy"]["flagged"], bool)
+    # Scored under the board's spec, ranked by its eligibility checks, with the model audit's aggregates only.
+    assert d["spec"]["primary"] == host.task.metrics.primary and d["spec"]["task"]["name"] == host.task.name
+    assert d["excluded"] is None or isinstance(d["excluded"], str)
+    mp = d["model_privacy"]
+    assert mp is not None
+    if "arms" in mp:
+        for arm in mp["arms"]:
+            assert set(arm) <= {
+                "generator", "regime", "backbone", "n_members", "n_nonmembers", "calibrated", "metrics",
+                "auroc_diff_vs_real", "subgroups",
+            }  # fmt: skip
+    else:
+        assert mp["status"] == "not run" and "/" not in mp["reason"]
     rec = (host.records / f"{body['id']}.json").read_text()
     assert not leaked(rec, c.secrets)
     assert not list(host.work.iterdir())  # the work folder (real predictions, audit pairs) is removed
