@@ -76,7 +76,7 @@ def _fits_on_gpu(device: torch.device, *arrays: np.ndarray) -> bool:
     return sum(a.nbytes for a in arrays) < GPU_RESIDENT_FRACTION * free
 
 
-def _to_float(xb: torch.Tensor) -> torch.Tensor:
+def to_float(xb: torch.Tensor) -> torch.Tensor:
     # Fixed normalization to [-1, 1]: the cache already holds task-normalized intensities in 0..255.
     return xb.float().div_(127.5).sub_(1.0)
 
@@ -335,7 +335,7 @@ def fit(
                 n_this = min(steps_per_epoch, total - done_steps)
                 for _ in range(n_this):
                     idx = next(stream)
-                    xb = _to_float(xtr.batch(idx))
+                    xb = to_float(xtr.batch(idx))
                     if cuda:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     xb = augment(xb, st.aug_strength, aug_gen)
@@ -402,7 +402,7 @@ def _predict(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: 
     out = []
     for start in range(0, len(xs), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(xs)))
-        xb = _to_float(xs.batch(idx))
+        xb = to_float(xs.batch(idx))
         if cuda:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):

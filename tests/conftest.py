@@ -13,6 +13,19 @@ import yaml
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+POSTGRES_ENV = "MEDSYNBENCH_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request):
+    """A service test on SQLite and on the PostgreSQL server `.ci/run` starts (skipped without one)."""
+    if request.param == "sqlite":
+        return None
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (`.ci/run` starts one on 127.0.0.1)")
+    return url
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):

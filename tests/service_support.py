@@ -20,7 +20,6 @@ import yaml
 from conftest import TINY_TASK, draw_shape, make_tiny_dataset, write_tiny_task
 
 REPO = Path(__file__).resolve().parents[1]
-POSTGRES_ENV = "MEDSYNBENCH_TEST_POSTGRES_URL"
 
 
 def make_service(tmp: Path, database: str | None = None, **overrides) -> Path:

@@ -7,7 +7,6 @@ one on 127.0.0.1).
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import threading
 import zipfile
@@ -18,7 +17,6 @@ import pandas as pd
 import pytest
 from conftest import TINY_TASK
 from service_support import (
-    POSTGRES_ENV,
     add_team,
     leaked,
     make_service,
@@ -40,16 +38,6 @@ from bench.service.scoring import AnswerKey, score_parts, validate_predictions  
 from bench.service.settings import load_settings  # noqa: E402
 from bench.service.worker import run_worker  # noqa: E402
 from bench.tasks import Task  # noqa: E402
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request):
-    if request.param == "sqlite":
-        return None
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (`.ci/run` starts one on 127.0.0.1)")
-    return url
 
 
 class Checked:

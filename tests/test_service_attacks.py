@@ -17,7 +17,6 @@ import time
 import pandas as pd
 import pytest
 from service_support import (
-    POSTGRES_ENV,
     Server,
     add_team,
     bundle_with_card,
@@ -47,16 +46,6 @@ from bench.service.settings import load_settings  # noqa: E402
 from bench.service.worker import OWNER_FILE, clean_work, run_worker  # noqa: E402
 
 KEY_COLUMNS = ["y_true", "label", "site", "split", "sex", "age_group", "patient_id", "part"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request):
-    if request.param == "sqlite":
-        return None
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (`.ci/run` starts one on 127.0.0.1)")
-    return url
 
 
 @pytest.fixture

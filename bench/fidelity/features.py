@@ -132,7 +132,7 @@ def open_embedder(
     """The feature space `features` ("classifier" or "timm:<model>"); BadInput names what is missing."""
     import torch
 
-    from bench.train import _to_float, resolve_device
+    from bench.train import resolve_device, to_float
 
     dev = resolve_device(device or "auto")
     classifier, trained_size = None, None
@@ -156,7 +156,7 @@ def open_embedder(
             "penultimate",
         )
         return Embedder(
-            space, classifier, dev, _to_float, lambda x: embed(classifier, x), classifier, trained_size
+            space, classifier, dev, to_float, lambda x: embed(classifier, x), classifier, trained_size
         )
     if not features.startswith("timm:") or not features[5:]:
         raise BadInput(f"--features {features!r}: use 'classifier' or 'timm:<model name>'")

@@ -118,13 +118,13 @@ def classifier_features(model: Any, images: np.ndarray, device: str = "cpu", bat
     import torch
 
     from bench.models import embed
-    from bench.train import _to_float
+    from bench.train import to_float
 
     dev = torch.device(device)
     model = model.to(dev).eval()
     feats = []
     for k in range(0, len(images), batch):
-        x = _to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + batch])).to(dev))
+        x = to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + batch])).to(dev))
         f = embed(model, x).float()
         feats.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
     return np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32)

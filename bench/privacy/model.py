@@ -238,13 +238,13 @@ def model_confidence(model: Any, images: np.ndarray, labels: np.ndarray, device:
     input normalization; logits, not probabilities, so that a confident model's phi does not saturate)."""
     import torch
 
-    from bench.train import _to_float
+    from bench.train import to_float
 
     model = model.to(device).eval()
     out = []
     with torch.no_grad():
         for k in range(0, len(images), 256):
-            xb = _to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + 256])).to(device))
+            xb = to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + 256])).to(device))
             out.append(model(xb).float().cpu().numpy())
     y = np.asarray(labels, dtype=np.int64)
     if not out:
