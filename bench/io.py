@@ -22,6 +22,12 @@ import pandas as pd
 from bench.errors import BadInput
 
 
+def cache_dir() -> Path:
+    """medsynbench's own cache: $MEDSYNBENCH_CACHE, else ~/.cache/medsynbench (never needed for correctness)."""
+    env = os.environ.get("MEDSYNBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medsynbench"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

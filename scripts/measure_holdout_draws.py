@@ -1,11 +1,11 @@
-"""How far apart are two equal draws of real training patients? The margin of the positive control.
+"""How far apart are two equal draws of real training patients? The draw sd of the positive control.
 
 The `real-holdout` control trains on the task's reserve patients, real-only on its training patients: the same
 hospitals, as many patients, none shared. Its interval covers test patients and training seeds but not which
 patients were drawn, so the ratio of the two sits off 1 by the luck of the draw alone. This script re-draws the
 splits with several split seeds on one phantom and reports the ratio (synthetic-only real-holdout / real-only,
-macro AUROC, headline split) for each: its mean says whether the control is centred on 1, its spread what margin
-`bench.generators.controls.HOLDOUT_MARGIN` must allow.
+macro AUROC, headline split) for each: its mean says whether the control is centred on 1, its spread what draw sd
+`bench.generators.controls.HOLDOUT_DRAW_SD` must allow.
 
     .venv/bin/python scripts/measure_holdout_draws.py --split-seeds 1 2 3 4 5
     .venv/bin/python scripts/measure_holdout_draws.py --patients 700 --preset configs/presets/demo.yaml --seeds 0 1 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -265,28 +266,29 @@ def test_each_control_fails_on_its_own_wrong_number(over, control, check):
 @pytest.mark.parametrize(
     ("ratio_ci", "status"),
     [
-        ((0.93, 1.04), PASS),  # contains 1
-        (
-            (0.88, 0.96),
-            PASS,
-        ),  # misses 1 but reaches the band 0.95-1.05: two draws of patients differ that much
-        ((0.87, 0.95), PASS),  # the band's edge itself
-        # checked at 98.3% (Bonferroni over 3 interval checks): each 95% half-width x 1.2216
-        ((0.86, 0.949), PASS),  # 95% interval below the band, the family-wise one reaches 0.959
-        ((0.84, 0.925), FAIL),  # wholly below the band even at 98.3% (upper limit 0.934)
-        ((1.07, 1.14), FAIL),  # wholly above it: the control beats real data, the pipeline is not even
+        # checked at 98.3% (Bonferroni over 3 interval checks): each 95% half-width x 1.2216 about the ratio (here
+        # the midpoint), then the draw of training patients added in quadrature: z 2.3940 x sd 0.04 = 0.0958
+        ((0.93, 1.04), PASS),  # contains 1 as it stands
+        ((0.86, 0.94), PASS),  # half 0.0489 -> hypot 0.1075: upper end 1.0075 reaches 1 only with the draw
+        ((0.84, 0.90), FAIL),  # half 0.0366 -> hypot 0.1026: upper end 0.9726
+        ((1.08, 1.15), FAIL),  # half 0.0428 -> hypot 0.1049: lower end 1.0101, the control beats real data
+        ((0.60, 0.80), FAIL),  # a broken synthetic path: upper end 0.7 + hypot(0.1222, 0.0958) = 0.8553
     ],
 )
-def test_positive_control_allows_the_declared_draw_margin_and_no_more(ratio_ci, status):
-    from bench.generators.controls import HOLDOUT_MARGIN
+def test_positive_control_allows_the_draw_of_training_patients_and_no_more(ratio_ci, status):
+    from bench.generators.controls import HOLDOUT_DRAW_SD
 
-    assert HOLDOUT_MARGIN == 0.05  # the hand-worked cases below assume it
+    assert HOLDOUT_DRAW_SD == 0.04  # the hand-worked cases below assume it
     task = _task(reserve=0.2, train=0.4)
     table, comps, privacy, gens = _inputs(ratio_ci=ratio_ci)
+    comps.loc[comps["generator"] == "rh", "ratio"] = sum(ratio_ci) / 2
     (r,) = [r for r in check_controls(table, comps, privacy, task, gens) if r.control == "real-holdout"]
     assert r.status == status, r.to_dict()
+    mid, half = sum(ratio_ci) / 2, (ratio_ci[1] - ratio_ci[0]) / 2
+    reach = math.hypot(half * norm.ppf(1 - 0.05 / 6) / norm.ppf(0.975), norm.ppf(1 - 0.05 / 6) * 0.04)
+    assert (r.ci_low, r.ci_high) == pytest.approx((mid - reach, mid + reach))
     if status == FAIL:
-        assert "0.95 to 1.05" in r.reason
+        assert "does not reach 1 even with the draw of training patients (sd 0.04)" in r.reason
 
 
 def test_missing_controls_and_audits_are_not_run_with_a_reason():

@@ -137,3 +137,30 @@ def test_a_warm_build_joins_nothing_and_writes_the_pages_a_cold_build_writes(boa
     assert main(["leaderboard", "build", str(copy_)]) == 0
     assert len(calls) == len(list((copy_ / "records").glob("*.json")))
     assert snapshot(copy_) == warm
+
+
+def test_a_warm_build_parses_no_predictions_and_ranks_as_a_cold_one(board, tmp_path, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from bench.leaderboard import rank as rank_module
+
+    copy_ = tmp_path / "board"
+    shutil.copytree(board, copy_)
+    shutil.rmtree(cache_file().parent, ignore_errors=True)  # cold: no scores, replicates or validated records
+    assert main(["leaderboard", "build", str(copy_)]) == 0
+    cold = snapshot(copy_)
+    replicates = sorted((cache_file().parent / "rank-replicates").glob("*.npy"))
+    assert replicates and (cache_file().parent / "valid-records.json").is_file()
+    parsed, scored = [], []
+    real_read, real_rep = pd.read_parquet, rank_module.entry_replicates
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: parsed.append(1) or real_read(*a, **k))
+    monkeypatch.setattr(rank_module, "entry_replicates", lambda *a, **k: scored.append(1) or real_rep(*a, **k))
+    assert main(["leaderboard", "build", str(copy_)]) == 0
+    # the answer key and one table (the shared cases) are read; no record is re-scored or re-bootstrapped
+    assert (len(parsed), scored) == (2, [])  # the answer key, one table
+    assert snapshot(copy_) == cold
+    # A damaged replicate file is not trusted: that record is bootstrapped again, the pages do not change.
+    np.save(replicates[0], np.zeros(3))
+    assert main(["leaderboard", "build", str(copy_)]) == 0
+    assert len(scored) == 1 and snapshot(copy_) == cold

@@ -116,6 +116,13 @@ def widen(lo: float, hi: float, level: float, df: float | None = None) -> tuple[
     return mid - f * half, mid + f * half
 
 
+def with_draw(lo: float, hi: float, value: float, draw_sd: float, level: float) -> tuple[float, float]:
+    """[lo, hi] about `value` with an independent draw effect of sd `draw_sd` added in quadrature at `level`."""
+    e = float(norm.ppf(1 - (1 - level) / 2)) * draw_sd
+    c = value if lo <= value <= hi else (lo + hi) / 2
+    return c - math.hypot(c - lo, e), c + math.hypot(hi - c, e)
+
+
 def _contains(lo: float | None, hi: float | None, x: float, margin: float = 0.0) -> bool:
     """Whether [lo, hi] reaches the band x +/- margin (with margin 0: contains x)."""
     return lo is not None and hi is not None and lo <= x + margin and hi >= x - margin
@@ -178,7 +185,7 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        lo, hi = widen(lo, hi, level)
+        lo, hi = widen(lo, hi, level, _num(r["df"]) if "df" in r.index else None)
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
@@ -212,11 +219,14 @@ def _one(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
         lo, hi = widen(lo, hi, level, _num(r["df"]) if "df" in r.index else None)
+        if check.draw_sd and v is not None:
+            lo, hi = with_draw(lo, hi, v, check.draw_sd, level)
         ok = _contains(lo, hi, target, check.margin)
         band = (
             f"{target:g}" if not check.margin else f"{target - check.margin:g} to {target + check.margin:g}"
         )
-        why = "" if ok else f"the interval does not reach {band}"
+        with_sd = f" even with the draw of training patients (sd {check.draw_sd:g})" if check.draw_sd else ""
+        why = "" if ok else f"the interval does not reach {band}{with_sd}"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
     return res(NOT_RUN, f"unknown check kind {check.kind!r}")
 

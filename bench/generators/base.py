@@ -25,20 +25,25 @@ class ControlCheck:
     `privacy_flagged` (the privacy audit flags the set), `chance` (the 95% interval of `regime`'s macro AUROC
     contains 0.5) or `ratio_near_one` (the interval of `regime` / real-only reaches 1 +/- `margin`).
 
-    `margin` widens the target to a band, for a control whose training images are not the real-only run's: the
-    interval covers test patients and training seeds, not which patients happened to be drawn for training, and two
-    disjoint draws of the same size differ by that alone.
+    `margin` widens the target to a fixed band. `draw_sd` is for a control whose training images are not the
+    real-only run's: the interval covers test patients and training seeds, not which patients happened to be drawn
+    for training, and two disjoint draws of the same size differ by that alone. It is the standard deviation of that
+    draw effect on the checked quantity, added to the interval's half-widths in quadrature at the check's level
+    (the sum of two independent errors), so the band grows with the check's confidence instead of being fixed.
     """
 
     kind: str
     regime: str | None
     expected: str
     margin: float = 0.0
+    draw_sd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "regime": self.regime, "expected": self.expected}
         if self.margin:
             out["margin"] = self.margin
+        if self.draw_sd:
+            out["draw_sd"] = self.draw_sd
         return out
 
 

@@ -11,13 +11,15 @@ import numpy as np
 
 from bench.generators.base import Control, ControlCheck, Generator, register_generator
 
-# How far the positive control's ratio may sit from 1 before it fails. Its interval covers test patients and
-# training seeds; it cannot cover that the control trains on other patients than real-only does. Measured on the
-# cpu demo's phantom (scripts/measure_holdout_draws.py, split seeds 0-5, two training seeds each): with ~170
-# training patients the ratio ranged 0.945-1.038 on the external hospitals (mean 0.98, sd 0.04) and 0.943-1.015 on
-# the internal test split (mean 0.99, sd 0.03). A broken synthetic path (wrong labels, mangled images) falls far
-# outside the band; the luck of the draw does not.
-HOLDOUT_MARGIN = 0.05
+# How far the positive control's ratio may sit from 1 by the luck of which patients it trained on. Its interval
+# covers test patients and training seeds; it cannot cover that the control trains on other patients than real-only
+# does. Measured on the cpu demo's phantom (scripts/measure_holdout_draws.py, split seeds 0-5, two training seeds
+# each, ~170 training patients): the ratio's sd over split draws was 0.04 on the external hospitals (range
+# 0.945-1.038) and 0.03 on the internal test split. That spread also holds test-patient and seed noise, so 0.04 is
+# an upper bound of the draw effect. It enters the check in quadrature at the check's level (z 2.39 at 98.3%: a
+# band of about +/- 0.096 when the interval itself is narrow); a broken synthetic path (wrong labels, mangled
+# images: ratio 0.6-0.8) still falls far outside.
+HOLDOUT_DRAW_SD = 0.04
 
 
 def _draw(pools: dict[int, np.ndarray], labels: np.ndarray, rng: np.random.Generator, who: str) -> np.ndarray:
@@ -98,9 +100,9 @@ class RealHoldout(Generator):
             ControlCheck(
                 "ratio_near_one",
                 "synthetic",
-                f"synthetic-only / real-only macro AUROC ratio: interval reaches 1 +/- {HOLDOUT_MARGIN:g} (two draws "
-                "of training patients differ by about that much; the interval does not cover which were drawn)",
-                margin=HOLDOUT_MARGIN,
+                "synthetic-only / real-only macro AUROC ratio: interval reaches 1 once the draw of training patients "
+                f"(sd {HOLDOUT_DRAW_SD:g} of the ratio, which the interval does not cover) is added to it",
+                draw_sd=HOLDOUT_DRAW_SD,
             ),
         ),
     )

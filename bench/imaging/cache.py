@@ -29,6 +29,7 @@ from bench.imaging.decode import (
     load_image,
     npz_member,
 )
+from bench.io import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ _STALE_TMP_S = 24 * 3600
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("MEDSYNBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medsynbench"
+    return cache_dir()
 
 
 class ImageCache:

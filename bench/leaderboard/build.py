@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config,
 from bench.leaderboard.fidelity import fidelity_cells
 from bench.leaderboard.key import AnswerKey, key_path
 from bench.leaderboard.model_privacy import model_privacy_cells
-from bench.leaderboard.rank import rank_predictions
+from bench.leaderboard.rank import rank_predictions, replicate_cache
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
 from bench.leaderboard.score import score_submission
@@ -41,10 +42,6 @@ LEGACY_COLUMN_FIELDS = {"ece": "calibration_error"}
 ADDED_FIELDS = frozenset({"status", "reason"})
 
 
-def _classes_from(df: pd.DataFrame) -> list[str]:
-    return [c[len("prob_") :] for c in df.columns if str(c).startswith("prob_")]
-
-
 def _binary_positive(cfg: LeaderboardConfig) -> list[str] | None:
     try:
         task = load_task(cfg.task.name)
@@ -55,24 +52,67 @@ def _binary_positive(cfg: LeaderboardConfig) -> list[str] | None:
     return list(task.labels.binary_view.positive)
 
 
-def load_predictions(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
-    """Each record's stored predictions, checked against the hash the record carries."""
-    out, problems = {}, []
-    for r in records:
-        p = cfg.folder / r["predictions"]["file"]
-        if not p.is_file():
-            problems.append(f"record {r['id']}: predictions file {p} is missing")
-            continue
-        data = p.read_bytes()  # read once: hashed, then parsed
-        if hashlib.sha256(data).hexdigest() != r["predictions_sha256"]:
-            problems.append(
-                f"record {r['id']}: {p} does not match the record's predictions_sha256 (file changed)"
-            )
-            continue
-        out[r["id"]] = pd.read_parquet(io.BytesIO(data))
-    if problems:
-        raise BadInput(f"{cfg.folder}: {len(problems)} record(s) without their predictions", problems)
-    return out
+class StoredPredictions(Mapping[str, pd.DataFrame]):
+    """Each record's stored predictions, checked against the hash the record carries when the board is opened and
+    parsed only when a table is asked for: a warm build hashes every file but reads the rows of few."""
+
+    def __init__(self, cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> None:
+        self._files: dict[str, tuple[Path, str]] = {}
+        self._parsed: dict[str, pd.DataFrame] = {}
+        problems = []
+        for r in records:
+            p = cfg.folder / r["predictions"]["file"]
+            if not p.is_file():
+                problems.append(f"record {r['id']}: predictions file {p} is missing")
+                continue
+            if sha256_file(p) != r["predictions_sha256"]:
+                problems.append(
+                    f"record {r['id']}: {p} does not match the record's predictions_sha256 (file changed)"
+                )
+                continue
+            self._files[r["id"]] = (p, r["predictions_sha256"])
+        if problems:
+            raise BadInput(f"{cfg.folder}: {len(problems)} record(s) without their predictions", problems)
+
+    def sha256(self, rid: str) -> str:
+        return self._files[rid][1]
+
+    def __getitem__(self, rid: str) -> pd.DataFrame:
+        if rid not in self._parsed:
+            path, sha = self._files[rid]
+            data = path.read_bytes()  # read once: hashed again (it may have changed since), then parsed
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise BadInput(f"record {rid}: {path} changed while the leaderboard was being built")
+            self._parsed[rid] = pd.read_parquet(io.BytesIO(data))
+        return self._parsed[rid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def load_predictions(cfg: LeaderboardConfig, records: list[dict[str, Any]]) -> StoredPredictions:
+    """Each record's stored predictions, checked against the hash the record carries (parsed on first use)."""
+    return StoredPredictions(cfg, records)
+
+
+class _Joined(Mapping[str, pd.DataFrame]):
+    """Verified records' predictions joined to the answer key: the stored table itself where it is its join."""
+
+    def __init__(self, stored: Mapping[str, pd.DataFrame], own: dict[str, pd.DataFrame | None]) -> None:
+        self._stored, self._own = stored, own
+
+    def __getitem__(self, rid: str) -> pd.DataFrame:
+        j = self._own[rid]
+        return self._stored[rid] if j is None else j
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._own)
+
+    def __len__(self) -> int:
+        return len(self._own)
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -129,11 +169,11 @@ def differences(stored: Any, fresh: Any, where: str = "metrics") -> list[str]:
 def verify_records(
     cfg: LeaderboardConfig,
     records: list[dict[str, Any]],
-    tables: dict[str, pd.DataFrame],
+    tables: Mapping[str, pd.DataFrame],
     key: AnswerKey,
     task: Task,
     spec: ScoringSpec,
-) -> dict[str, pd.DataFrame]:
+) -> Mapping[str, pd.DataFrame]:
     """Re-score every record from its stored predictions joined to the answer key; BadInput names each record
     whose stored numbers, spec (task definition, settings) or predictions do not agree. Returns the joined tables.
 
@@ -142,7 +182,7 @@ def verify_records(
     key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
     cache, fresh_cache = read_cache(), {}
     problems: list[str] = []
-    joined: dict[str, pd.DataFrame] = {}
+    joined: dict[str, pd.DataFrame | None] = {}
     for r in records:
         rid, gen = r["id"], r["generator"]["name"]
         ck = spec.cache_key(r["predictions_sha256"], key_sha, gen)
@@ -151,17 +191,17 @@ def verify_records(
         # was written; the others (the record's own fields, its spec) always run. Same verdict, warm or cold.
         entry = cache[ck] if hit is not None else {}
         skip = set(entry.get("passed") or [])
-        found = record_problems(RecordCase(r, tables[rid], key, spec), skip=skip)
+        found = record_problems(RecordCase(r, lambda rid=rid: tables[rid], key, spec), skip=skip)
         if found:
             problems += found
             continue
-        df = tables[rid]
         # `submit` stores predictions already joined to the key; an entry that saw these predictions equal their
-        # join (a function of the predictions and the key, both in the cache key) spares the join.
+        # join (a function of the predictions and the key, both in the cache key) spares the join, and the table
+        # is read only if the ranking needs it.
         stored_is_joined = entry.get("stored_is_joined") is True and set(cacheable_checks()) <= skip
-        if stored_is_joined:
-            j = df
-        else:
+        j: pd.DataFrame | None = None
+        if not stored_is_joined:
+            df = tables[rid]
             try:
                 j = key.join(df, source=f"record {rid}: {r['predictions']['file']}")
             except BadInput as e:
@@ -173,7 +213,12 @@ def verify_records(
             metrics, split = hit
         else:
             metrics, split = score_submission(
-                j, task, generator=gen, primary=spec.primary, n_boot=spec.n_boot, seed=spec.seed
+                tables[rid] if j is None else j,
+                task,
+                generator=gen,
+                primary=spec.primary,
+                n_boot=spec.n_boot,
+                seed=spec.seed,
             )
             metrics = json.loads(json.dumps(metrics))
         fresh_cache[ck] = {
@@ -199,7 +244,7 @@ def verify_records(
             f"{cfg.folder}: leaderboard not built: {len(problems)} problem(s) with the records (pages unchanged)",
             problems,
         )
-    return joined
+    return _Joined(tables, joined)
 
 
 def exclusion(cfg: LeaderboardConfig, record: dict[str, Any]) -> str | None:
@@ -272,8 +317,9 @@ def board_rows(
     primary, split = primaries.pop(), splits.pop()
     task, spec = board_spec(cfg, records)
     key = load_key(cfg)
-    tables = verify_records(cfg, records, load_predictions(cfg, records), key, task, spec)
-    classes = _classes_from(next(iter(tables.values())))
+    stored = load_predictions(cfg, records)
+    tables = verify_records(cfg, records, stored, key, task, spec)
+    classes = list(task.classes)
     reasons = {r["id"]: exclusion(cfg, r) for r in records}
     ranked = [r for r in records if reasons[r["id"]] is None]
     notes: list[str] = []
@@ -281,7 +327,7 @@ def board_rows(
     ranking = None
     if ranked:
         ranking, notes = rank_predictions(
-            {r["id"]: tables[r["id"]] for r in ranked},
+            _Joined(tables, {r["id"]: None for r in ranked}),
             {r["id"]: r["metrics"]["headline_regime"] for r in ranked},
             classes,
             primary,
@@ -289,6 +335,8 @@ def board_rows(
             n_boot=cfg.bootstrap.n,
             seed=cfg.bootstrap.seed,
             binary_positive=list(task.labels.binary_view.positive) if task.labels.binary_view else None,
+            digests={r["id"]: stored.sha256(r["id"]) for r in ranked},
+            cache=replicate_cache(),
         )
         ranks = ranking.as_dict()
 

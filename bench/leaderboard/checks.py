@@ -15,6 +15,7 @@ calls `service_prediction_problems` and `service_exclusion`, which run the entri
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,19 @@ class Check:
 
 @dataclass(frozen=True)
 class RecordCase:
-    """A stored record with its predictions, the board's answer key and the spec it scores with."""
+    """A stored record with its predictions, the board's answer key and the spec it scores with.
+
+    `source` is the predictions table, or a function that reads it: a build whose score cache vouches for every
+    check that reads the table never reads it."""
 
     record: Mapping[str, Any]
-    predictions: pd.DataFrame
+    source: pd.DataFrame | Callable[[], pd.DataFrame]
     key: AnswerKey
     spec: ScoringSpec | None = None
+
+    @functools.cached_property
+    def predictions(self) -> pd.DataFrame:
+        return self.source if isinstance(self.source, pd.DataFrame) else self.source()
 
     @property
     def rid(self) -> str:

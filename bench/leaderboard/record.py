@@ -6,8 +6,11 @@ record breaks it. Records hold hashes and aggregates only, never a patient or ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BadInput
-from bench.io import read_json, sha256_file
+from bench.io import cache_dir, sha256_file
 from bench.runfolder import BASELINE
 
 SCHEMA_VERSION = "1.0"
@@ -58,13 +61,49 @@ def check_record(record: Any, source: str) -> None:
         raise BadInput(f"{source}: record does not match schema {SCHEMA_VERSION}", problems)
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def _schema_sha() -> str:
+    return hashlib.sha256(json.dumps(record_schema(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class _Valid:
+    """Digests of record files that matched the schema, kept in the medsynbench cache: a board of a thousand
+    records is validated once, not at every build (the schema validator takes some 25 ms a record)."""
+
+    def __init__(self) -> None:
+        self.path = cache_dir() / "valid-records.json"
+        try:
+            seen = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            seen = []
+        self.seen = set(seen) if isinstance(seen, list) else set()
+        self.fresh: set[str] = set()
+
+    def digest(self, data: bytes) -> str:
+        return hashlib.sha256(_schema_sha().encode() + b"\0" + data).hexdigest()
+
+    def save(self) -> None:
+        if not self.fresh:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(sorted(self.seen | self.fresh)))
+            os.replace(tmp, self.path)
+
+
+def read_record(path: str | Path, valid: _Valid | None = None) -> dict[str, Any]:
     path = Path(path)
     try:
-        rec = read_json(path)
+        data = path.read_bytes()
+        rec = json.loads(data)
     except (OSError, ValueError) as e:
         raise BadInput(f"{path}: not a readable JSON record: {e}") from e
-    check_record(rec, str(path))
+    digest = valid.digest(data) if valid is not None else None
+    if digest is None or digest not in valid.seen:  # type: ignore[union-attr]
+        check_record(rec, str(path))
+        if valid is not None and digest is not None:
+            valid.fresh.add(digest)
     if rec["id"] != path.stem:
         raise BadInput(f"{path}: field 'id' is {rec['id']!r} but the file is named {path.name!r}")
     return rec
@@ -77,11 +116,13 @@ def read_records(records_dir: str | Path) -> list[dict[str, Any]]:
         return []
     recs = []
     problems = []
+    valid = _Valid()
     for p in sorted(d.glob("*.json")):
         try:
-            recs.append(read_record(p))
+            recs.append(read_record(p, valid))
         except BadInput as e:
             problems.append(str(e))
+    valid.save()
     if problems:
         raise BadInput(f"{d}: {len(problems)} invalid record(s)", problems)
     return sorted(recs, key=lambda r: (r["created"], r["id"]))
@@ -183,18 +224,26 @@ def scrub_local_paths(obj: Any, roots: Iterable[Path] = ()) -> Any:
 
 def local_paths(obj: Any, where: str = "") -> list[str]:
     """Fields of `obj` that hold an absolute path or a `path` entry (what `scrub_local_paths` removes)."""
-    out = []
-    if isinstance(obj, str):
-        if _ABSOLUTE.match(obj) or _EMBEDDED.search(obj) or str(Path.home()) in obj:
-            out.append(f"field {where or '(top level)'!r}: {obj!r}")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            sub = f"{where}.{k}" if where else str(k)
-            if k == "path" and v not in (None, ""):
-                out.append(f"field {sub!r}: a local path ({v!r})")
-            else:
-                out += local_paths(v, sub)
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            out += local_paths(v, f"{where}.{i}")
+    out: list[str] = []
+    home = str(Path.home())
+
+    def name(trail: tuple[Any, ...]) -> str:
+        return ".".join(str(x) for x in ((where,) if where else ()) + trail)
+
+    def walk(v: Any, trail: tuple[Any, ...]) -> None:
+        # the field's dotted name is built only for a finding: a record holds thousands of leaves
+        if isinstance(v, str):
+            if _ABSOLUTE.match(v) or _EMBEDDED.search(v) or home in v:
+                out.append(f"field {name(trail) or '(top level)'!r}: {v!r}")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if k == "path" and x not in (None, ""):
+                    out.append(f"field {name((*trail, k))!r}: a local path ({x!r})")
+                else:
+                    walk(x, (*trail, k))
+        elif isinstance(v, list | tuple):
+            for i, x in enumerate(v):
+                walk(x, (*trail, i))
+
+    walk(obj, ())
     return out

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import bench.leaderboard.score as score_module
 import bench.metrics as metrics_package
 from bench import __version__
-from bench.io import read_json, write_json
+from bench.io import cache_dir, read_json, write_json
 from bench.leaderboard.record import SCHEMA_VERSION
 from bench.metrics.core import metric_specs
 from bench.tasks import Task
@@ -223,9 +222,7 @@ class ScoringSpec:
 
 
 def cache_file() -> Path:
-    env = os.environ.get("MEDSYNBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "medsynbench"
-    return base / "leaderboard-scores.json"
+    return cache_dir() / "leaderboard-scores.json"
 
 
 def read_cache() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.io import cache_dir
 from bench.sources import pseudonym, register_default_root, register_source
 from bench.tasks import Task
 
@@ -311,9 +312,7 @@ def phantom_home() -> Path:
     """Where the phantom is written when a task needs it: $MEDSYNBENCH_DATA, else the medsynbench cache."""
     if env := os.environ.get("MEDSYNBENCH_DATA"):
         return Path(env).expanduser() / "phantom"
-    if env := os.environ.get("MEDSYNBENCH_CACHE"):
-        return Path(env).expanduser() / "phantom"
-    return Path.home() / ".cache" / "medsynbench" / "phantom"
+    return cache_dir() / "phantom"
 
 
 def phantom_root(params: dict[str, Any] | None = None) -> Path:
