@@ -185,7 +185,7 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        lo, hi = widen(lo, hi, level, _num(r["df"]) if "df" in r.index else None)
+        lo, hi = widen(lo, hi, level)
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)

@@ -450,46 +450,6 @@ def seed_difference(
     return SeedDifference(a, b, diff, float(df), float(var_s), float(np.sqrt(var_t)), paired)
 
 
-def seed_df(per_seed_points: Any, reps: Any) -> float:
-    """Satterthwaite degrees of freedom of one arm's two-stage variance (inf: one seed, no seed stage).
-
-    The seed stage's share, s2 / n, is estimated from n seeds (n - 1 df); the patient stage's from hundreds of
-    patients (taken as infinite). The total is the replicates' variance.
-    """
-    pt = np.asarray(per_seed_points, dtype=float)
-    pt = pt[np.isfinite(pt)]
-    n = len(pt)
-    r = np.asarray(reps, dtype=float)
-    r = r[np.isfinite(r)]
-    if n < 2 or len(r) < 2:
-        return float("inf")
-    seed_part = float(np.var(pt, ddof=1)) / n
-    total = float(np.var(r, ddof=1))
-    if not seed_part > 0 or not total > 0:
-        return float("inf")
-    return float(max(total, seed_part) ** 2 / (seed_part**2 / (n - 1)))
-
-
-def t_scaled(
-    lo: float, hi: float, point: float, reps: Any, df: float, alpha: float = ALPHA
-) -> tuple[float, float]:
-    """A bootstrap interval [lo, hi] stretched about `point` to the width t_df * se gives (never narrowed).
-
-    The replicates' quantiles carry normal tails, but their seed stage rests on a few seeds: the interval keeps
-    its shape (BCa's skew near a bound) and takes the t interval's width, as the comparisons do.
-    """
-    if not np.isfinite(df) or not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(point)) or hi <= lo:
-        return lo, hi
-    r = np.asarray(reps, dtype=float)
-    r = r[np.isfinite(r)]
-    if len(r) < 2:
-        return lo, hi
-    half = float(t_dist.ppf(1 - alpha / 2, max(df, 1.0))) * float(np.std(r, ddof=1))
-    f = max(1.0, half / ((hi - lo) / 2))
-    c = point if lo <= point <= hi else (lo + hi) / 2
-    return float(c - f * (c - lo)), float(c + f * (hi - c))
-
-
 def t_interval(
     point: float, reps: Any, df: float, alpha: float = ALPHA, se: float | None = None
 ) -> tuple[float, float, float]:

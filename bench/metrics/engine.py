@@ -47,7 +47,6 @@ TABLE_COLUMNS = [
     "backbone",
     "n_undefined",
     "p_gap",
-    "df",
 ]
 # Structured names of the groups a group summary is about (empty on every other row), so that nobody parses
 # `group` back: `<metric>_worst` names its group in worst_group; `<metric>_gap` and `fnr_gap` name both ends.

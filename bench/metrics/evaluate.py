@@ -1,7 +1,7 @@
 """The tidy metric table: every metric, scope and group with a patient-clustered interval and its n.
 
 Table columns (`TABLE_COLUMNS`): metric, scope, split, group_by, group, worst_group, best_group, value, ci_low,
-ci_high, n_cases, n_patients, n_pos, status, reason, seed_sd, generator, regime, backbone, n_undefined, p_gap, df. The
+ci_high, n_cases, n_patients, n_pos, status, reason, seed_sd, generator, regime, backbone, n_undefined, p_gap. The
 metrics and their order come from the metric registry (`bench.metrics.core.METRICS`). Method: docs/STATISTICS.md.
 
 Rows
@@ -30,10 +30,6 @@ Numbers
   site x patient label (the most frequent class of the patient's cases), then the arm's training seeds resampled
   with replacement. Replicates in which a metric is undefined are left out; `n_undefined` counts them (for worst
   and gap: replicates in which any eligible group was undefined) and the reason says so.
-  With two or more seeds the group rows' interval is stretched to the width of a t interval (`df`: Satterthwaite
-  degrees of freedom of the two-stage variance, whose seed share rests on n - 1; NaN with one seed, where the
-  tails are normal): the replicates' quantiles alone cover too little when three seeds make up much of the
-  variance.
 - `p_gap` (gap rows, `fnr_gap`, `equalized_odds_difference`): permutation p-value of "no gap", group labels
   permuted between patients within site x label strata (`metrics.permutations`); NaN on other rows.
 - `n_cases`, `n_patients`: cases and patients in the group; `n_pos`: cases positive in the task's binary view.

@@ -16,9 +16,7 @@ from bench.metrics.bootstrap import (
     chunks,
     patient_strata,
     percentile_interval,
-    seed_df,
     stream_id,
-    t_scaled,
 )
 from bench.metrics.engine import (
     _CELL_BUDGET,
@@ -51,7 +49,6 @@ def _row(
     best_group: str = "",
     n_undefined: int = 0,
     p_gap: float = float("nan"),
-    df: float = float("nan"),
 ) -> dict:
     return dict(
         n_undefined=int(n_undefined),
@@ -73,7 +70,6 @@ def _row(
         reason=reason,
         seed_sd=sd,
         **key,
-        df=df,
     )
 
 
@@ -108,8 +104,6 @@ def _table_rows(
             r = res[(c, m)]
             value, sd = _mean_sd(r.point)
             lo, hi, used = bca_interval(r.reps, value, r.jack, info.n_patients)
-            df = seed_df(r.point, r.reps)
-            lo, hi = t_scaled(lo, hi, value, r.reps, df)
             notes = []
             if np.isnan(value):
                 status = "undefined"
@@ -150,8 +144,6 @@ def _table_rows(
                     sd,
                     key,
                     n_undefined=engine.n_boot - used if status == "ok" else 0,
-                    # NaN: no seed stage (one seed), the interval's tails are normal
-                    df=df if status == "ok" and np.isfinite(df) else float("nan"),
                 )
             )
     # group summaries ---------------------------------------------------------------------------------------
