@@ -12,13 +12,13 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from bench.cli import main
+from bench.evaluation.summary import summarize
 from bench.metrics import (
     COMPARISON_COLUMNS,
     TABLE_COLUMNS,
     choose_threshold,
     compare_to_baseline,
     evaluate_predictions,
-    summarize,
 )
 from bench.metrics.simulate import simulate_predictions
 from bench.tasks import Task

@@ -12,6 +12,7 @@ from test_leaderboard_support import make_board, make_run
 
 from bench.cli import main
 from bench.evaluation.report import Settings, build_report
+from bench.evaluation.summary import summarize
 from bench.leaderboard.render import columns
 from bench.metrics import (
     METRICS,
@@ -22,7 +23,6 @@ from bench.metrics import (
     metric_names,
     register_metric,
     reported,
-    summarize,
 )
 from bench.metrics.simulate import simulate_predictions
 from bench.tasks import Task

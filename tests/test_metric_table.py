@@ -91,3 +91,13 @@ def test_by_group_lists_each_group():
     g = t.by_group("auroc_macro", split="external", group_by="sex", regime="synthetic")
     assert list(g["group"]) == ["F", "M"]
     assert MetricTable.estimate(g.iloc[1])["status"] == "undefined"
+
+
+def test_select_matches_any_of_a_collection_and_keeps_row_order():
+    t = MetricTable(_table())
+    rows = t.select(scope=("subgroup", "overall"), regime="synthetic")
+    assert list(rows["group"]) == ["all", "F", "M"]
+    assert list(t.select(scope=["subgroup"])["group"]) == ["F", "M"]
+    assert t.select(scope=()).empty
+    # None leaves a column unfiltered
+    assert len(t.select(scope="overall", regime=None)) == 2

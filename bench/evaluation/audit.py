@@ -16,9 +16,11 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.evaluation.report import Settings, build_report
 from bench.evaluation.run import write_tables
+from bench.evaluation.summary import summary_entry
 from bench.io import atomic_dir, read_table, write_json, write_text
-from bench.metrics.compare import headline_split, summary_entry
+from bench.metrics.compare import headline_split
 from bench.metrics.evaluate import GROUP_COLUMNS, evaluate_predictions, prepare_predictions
+from bench.metrics.table import MetricTable
 from bench.runfolder import ARM_KEYS
 from bench.tasks import Subgroups, Task, load_task
 
@@ -189,15 +191,13 @@ def audit_summary(table: pd.DataFrame, task: Task, by: Sequence[str]) -> dict[st
     runs = []
     for key, t in table.groupby(list(ARM_KEYS), sort=True):
         run: dict[str, Any] = dict(zip(ARM_KEYS, key, strict=True))
+        mt = MetricTable(t)
         for col in by:
-            fam = t[(t["split"] == split) & (t["group_by"] == col) & (t["scope"] == "subgroup")]
-            pick = {
-                m: fam[fam["metric"] == m]
-                for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")
-            }
             run[col] = {
-                m: summary_entry(r.iloc[0], ("group", *GROUP_COLUMNS)) if len(r) else None
-                for m, r in pick.items()
+                m: summary_entry(
+                    mt.one(m, split=split, scope="subgroup", group_by=col), ("group", *GROUP_COLUMNS)
+                )
+                for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")
             }
         runs.append(run)
     return {

@@ -27,6 +27,7 @@ from scipy.stats import t as t_dist
 from bench.generators import Control, ControlCheck, control_of, list_controls
 from bench.io import read_json
 from bench.metrics.compare import auroc_metric, headline_split
+from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, RunDir
 from bench.tasks import Task
 
@@ -169,14 +170,10 @@ def _one(
             ci_high=_num(audit.get("ci_high")),
         )
     if check.kind == "chance":
-        metric = "auroc_macro" if (table["metric"] == "auroc_macro").any() else auroc_metric(task)
-        t = table[
-            (table["generator"] == gen)
-            & (table["regime"] == check.regime)
-            & (table["metric"] == metric)
-            & (table["split"] == split)
-            & (table["scope"] == "overall")
-        ]
+        metric = "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
+        t = MetricTable(table).select(
+            generator=gen, regime=check.regime, metric=metric, split=split, scope="overall"
+        )
         if t.empty:
             return res(NOT_RUN, f"no {check.regime} run of {gen}", metric=metric, split=split)
         r = t.sort_values("backbone").iloc[0]
@@ -193,13 +190,9 @@ def _one(
         primary = task.metrics.primary
         c = pd.DataFrame() if comparisons is None else comparisons
         if len(c):
-            c = c[
-                (c["generator"] == gen)
-                & (c["regime"] == check.regime)
-                & (c["metric"] == primary)
-                & (c["split"] == split)
-                & (c["scope"] == "overall")
-            ]
+            c = MetricTable(c).select(
+                generator=gen, regime=check.regime, metric=primary, split=split, scope="overall"
+            )
         if c.empty:
             return res(
                 NOT_RUN,

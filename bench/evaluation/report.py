@@ -20,6 +20,7 @@ import pandas as pd
 from bench.evaluation.report_plots import _grid, _plt, _png, plot_differences, plot_utility
 from bench.metrics.core import ece_bin_index, reported
 from bench.metrics.power import tie_note
+from bench.metrics.table import MetricTable
 from bench.metrics.validate import prob_column
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
@@ -268,11 +269,7 @@ def plot_reliability(cases: pd.DataFrame, classes: Sequence[str], n_bins: int, s
 
 def plot_forest(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     """Subgroup (and intersection) values with 95% intervals; hollow markers: insufficient groups."""
-    t = table[
-        (table["metric"] == metric)
-        & (table["split"] == split)
-        & table["scope"].isin(["subgroup", "intersection"])
-    ]
+    t = MetricTable(table).select(metric=metric, split=split, scope=("subgroup", "intersection"))
     t = t[t["value"].notna()]
     if t.empty:
         return None
@@ -318,11 +315,7 @@ def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task:
     if comparisons is None or comparisons.empty:
         return
     primary = task.metrics.primary
-    c = comparisons[
-        (comparisons["metric"] == primary)
-        & (comparisons["split"] == split)
-        & (comparisons["scope"] == "overall")
-    ]
+    c = MetricTable(comparisons).select(metric=primary, split=split, scope="overall")
     if c.empty:
         return
     rep.h("At a glance: difference from real-only")
@@ -368,7 +361,7 @@ def add_difference_overview(rep: Report, comparisons: pd.DataFrame | None, task:
 
 def add_patient_level(rep: Report, table: pd.DataFrame, task: Task) -> None:
     """Patient-level scores (scope `patient`) of tasks that aggregate several images per patient."""
-    t = table[(table["scope"] == "patient") & (table["metric"] == task.metrics.primary)]
+    t = MetricTable(table).select(scope="patient", metric=task.metrics.primary)
     if t.empty:
         return
     rep.h("Patient-level scores")
@@ -489,7 +482,7 @@ def build_report(
         )
         if comparisons is not None and len(comparisons):
             rep.h("Comparisons with the real-only baseline")
-            c = comparisons[comparisons["scope"] == "overall"]
+            c = MetricTable(comparisons).select(scope="overall")
             rep.table(
                 pd.DataFrame(
                     {
@@ -543,16 +536,15 @@ def build_report(
         f"{primary}_gap",
         *(f"{m.name}_worst" for m in reported("report_worst")),
     ]
-    f = table[table["metric"].isin(fair_metrics) & table["scope"].isin(["subgroup", "intersection", "site"])]
+    f = MetricTable(table).select(metric=fair_metrics, scope=("subgroup", "intersection", "site"))
     rep.table(_tidy_view(f))
     rep.p(
         "Equalized-odds difference: the larger of the between-group ranges of sensitivity and of the false-positive "
         "rate; FNR gap: highest minus lowest false-negative rate (underdiagnosis), both at the threshold above, "
         "over groups with status ok."
     )
-    insufficient = table[
-        (table["status"] != "ok") & table["scope"].isin(["site", "subgroup", "intersection"])
-    ]
+    grouped = MetricTable(table).select(scope=("site", "subgroup", "intersection"))
+    insufficient = grouped[grouped["status"] != "ok"]
     if len(insufficient):
         rep.h("Groups not ranked")
         rep.table(
@@ -569,7 +561,7 @@ def build_report(
                     f"ROC by site, {sp} (binary view, seed-averaged scores)",
                     plot_roc(cases, "site", sp, f"ROC by site, {sp}"),
                 )
-        sub_cols = sorted({gb for gb in table.loc[table["scope"] == "subgroup", "group_by"].unique()})
+        sub_cols = sorted({gb for gb in MetricTable(table).select(scope="subgroup")["group_by"].unique()})
         for col in sub_cols:
             rep.figure(f"ROC by {col}, {split}", plot_roc(cases, col, split, f"ROC by {col}, {split}"))
         rep.figure(
@@ -604,7 +596,7 @@ def _tidy_view(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def _wide(table: pd.DataFrame, metric: str, scopes: Sequence[str]) -> pd.DataFrame:
-    t = table[(table["metric"] == metric) & table["scope"].isin(scopes)]
+    t = MetricTable(table).select(metric=metric, scope=tuple(scopes))
     if t.empty:
         return pd.DataFrame()
     t = t.assign(_run=_run_label(t), _cell=[_fmt_row(r) for _, r in t.iterrows()])

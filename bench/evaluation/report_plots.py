@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, BASELINE_REGIME
 
 
@@ -40,11 +41,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 def plot_differences(comparisons: pd.DataFrame, metric: str, split: str) -> bytes | None:
     """Each (generator, regime) minus real-only on `metric` with its 95% two-stage bootstrap interval."""
-    c = comparisons[
-        (comparisons["metric"] == metric)
-        & (comparisons["split"] == split)
-        & (comparisons["scope"] == "overall")
-    ]
+    c = MetricTable(comparisons).select(metric=metric, split=split, scope="overall")
     c = c[c["diff"].notna()]
     if c.empty:
         return None
@@ -79,7 +76,7 @@ def synthetic_ratio(regime: str) -> float | None:
 
 def plot_utility(table: pd.DataFrame, metric: str, split: str) -> bytes | None:
     """Primary metric against the synthetic ratio of the regime, one line per generator (real-only at 0)."""
-    t = table[(table["metric"] == metric) & (table["split"] == split) & (table["scope"] == "overall")].copy()
+    t = MetricTable(table).select(metric=metric, split=split, scope="overall").copy()
     t["x"] = [synthetic_ratio(r) for r in t["regime"]]
     t = t[t["x"].notna() & t["value"].notna()]
     if t.empty:

@@ -13,8 +13,9 @@ from bench.evaluation.controls import check_controls, controls_blocks, read_priv
 from bench.evaluation.model_privacy import check_copycat_leak, model_privacy_summary, read_model_privacy
 from bench.evaluation.report import Settings, build_report
 from bench.evaluation.report_sections import fidelity_section, model_privacy_section
+from bench.evaluation.summary import summarize
 from bench.io import atomic_dir, read_table, write_json, write_table, write_text
-from bench.metrics.compare import compare_to_baseline, summarize
+from bench.metrics.compare import compare_to_baseline
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
 from bench.metrics.validate import ROW_NOTE, validate_predictions
 from bench.runfolder import DONE, PREDICTIONS_FILE, RunDir

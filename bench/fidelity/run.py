@@ -25,6 +25,7 @@ from bench.fidelity.features import embed_manifest, open_embedder
 from bench.io import atomic_dir, portable_path, write_json, write_table
 from bench.manifest import Manifest, load_valid_manifest, read_manifest
 from bench.metrics import fidelity as F
+from bench.metrics.table import MetricTable
 from bench.runfolder import FIDELITY_FILE, FIDELITY_TABLE, RunDir
 from bench.tasks import Task, load_task
 
@@ -186,7 +187,7 @@ def fidelity_stats(
 
 def _overall(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     out = {}
-    for row in table[table["scope"] == "overall"].itertuples(index=False):
+    for row in MetricTable(table).select(scope="overall").itertuples(index=False):
         out[row.metric] = {
             "value": F._none_if_nan(row.value),
             "ci_low": F._none_if_nan(row.ci_low),

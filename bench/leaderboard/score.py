@@ -2,7 +2,7 @@
 
 Every number comes from bench.metrics on the predictions themselves (reported numbers are never read):
 `evaluate_predictions` for each regime's primary metric, the headline regime's worst subgroup and subgroup gap (via
-`summarize`) and every metric the registry gives a leaderboard column (`columns`, calibration error among them), `compare_to_baseline` for the paired ratio and differences against the
+`bench.evaluation.summary.summarize`) and every metric the registry gives a leaderboard column (`columns`, calibration error among them), `compare_to_baseline` for the paired ratio and differences against the
 real-only runs of the same submission. All use the same patient-clustered bootstrap (patients resampled within
 site x label strata, training seeds averaged inside each replicate) with the leaderboard's replicate count and
 seed, so a record is reproducible from its stored predictions.
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import compare_to_baseline, evaluate_predictions, get_metric, reported, summarize
+from bench.evaluation.summary import summarize
+from bench.metrics import compare_to_baseline, evaluate_predictions, get_metric, reported
 from bench.metrics.compare import headline_split
 from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, BASELINE_REGIME
@@ -38,14 +39,7 @@ def _est(value: Any, lo: Any, hi: Any) -> dict[str, float | None]:
 def _comparison(comp: pd.DataFrame, gen: str, regime: str, metric: str, split: str) -> pd.Series | None:
     if comp is None or comp.empty:
         return None
-    r = comp[
-        (comp["generator"] == gen)
-        & (comp["regime"] == regime)
-        & (comp["metric"] == metric)
-        & (comp["split"] == split)
-        & (comp["scope"] == "overall")
-    ]
-    return r.iloc[0] if len(r) else None
+    return MetricTable(comp).one(metric, split=split, generator=gen, regime=regime)
 
 
 def _scarce_pairs(regimes: list[str], own: list[str]) -> list[tuple[float, str, str]]:

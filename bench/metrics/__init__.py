@@ -1,15 +1,16 @@
 """Evaluation: metric functions, patient-clustered bootstrap, DeLong, fairness, tidy tables and comparisons.
 
 Public interface: `evaluate_predictions` (tidy metric table), `compare_to_baseline` (paired comparisons with the
-real-only baseline), `summarize` (headline numbers), the metric registry (`METRICS`, `register_metric`,
-`get_metric`, `metric_specs`, `reported`) and the metric functions themselves (`auroc`, `auroc_macro`,
-`balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
+real-only baseline), `MetricTable` (the reader of both tables: rows by arm, overall, by group, one estimate), the
+metric registry (`METRICS`, `register_metric`, `get_metric`, `metric_specs`, `reported`) and the metric functions
+themselves (`auroc`, `auroc_macro`, `balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
 
 This package is the metric library: it imports only the contracts below it (`bench.tasks`, `bench.runfolder`,
-`bench.registry`, `bench.errors`); orchestration (RUN folders, reports, audits) lives in `bench.evaluation`.
+`bench.registry`, `bench.errors`); orchestration and presentation (RUN folders, summary.json, reports, audits) live
+in `bench.evaluation`.
 """
 
-from bench.metrics.compare import COMPARISON_COLUMNS, compare_to_baseline, summarize
+from bench.metrics.compare import COMPARISON_COLUMNS, compare_to_baseline
 from bench.metrics.core import (
     METRICS,
     REGISTRY,
@@ -31,6 +32,7 @@ from bench.metrics.core import (
 )
 from bench.metrics.delong import delong_test
 from bench.metrics.evaluate import TABLE_COLUMNS, evaluate_predictions, positive_classes, prepare_predictions
+from bench.metrics.table import MetricTable
 from bench.metrics.validate import validate_predictions, validate_probabilities
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "REGISTRY",
     "TABLE_COLUMNS",
     "Metric",
+    "MetricTable",
     "auroc",
     "auroc_class",
     "auroc_macro",
@@ -58,7 +61,6 @@ __all__ = [
     "reported",
     "sensitivity",
     "specificity",
-    "summarize",
     "validate_predictions",
     "validate_probabilities",
 ]

@@ -1,4 +1,4 @@
-"""Paired comparisons against the real-only baseline, and the headline summary.
+"""Paired comparisons against the real-only baseline, and the headline choices (split, AUROC) their readers share.
 
 Every (generator, regime) is compared with the baseline of the same backbone (generator `none`, regime `real`) on
 the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
@@ -43,7 +43,7 @@ from bench.metrics.bootstrap import (
     t_interval,
 )
 from bench.metrics.delong import delong_seeds
-from bench.metrics.evaluate import GROUP_COLUMNS, Engine, Limits, _group_info, _mean_sd, prepare_predictions
+from bench.metrics.evaluate import Engine, Limits, _group_info, _mean_sd, prepare_predictions
 from bench.runfolder import ARM_KEYS, BASELINE, BASELINE_REGIME, SCORED_SPLITS
 from bench.tasks import Task
 
@@ -366,26 +366,7 @@ def _seed_scores(views: list) -> pd.DataFrame:
     return out.dropna()
 
 
-# --------------------------------------------------------------------------------------------- summary
-
-
-def summary_entry(row: pd.Series | None, extra: Sequence[str] = ()) -> dict[str, Any] | None:
-    """A metric-table row as a summary.json entry: value, interval, n, status and the `extra` columns."""
-    if row is None:
-        return None
-    out = {k: _num(row[k]) for k in ("value", "ci_low", "ci_high")}
-    out.update(n_cases=int(row["n_cases"]), n_patients=int(row["n_patients"]), status=str(row["status"]))
-    for k in extra:
-        out[k] = _num(row[k]) if isinstance(row[k], (int, float, np.floating, np.integer)) else str(row[k])
-    return out
-
-
-def _num(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(f) else f
+# --------------------------------------------------------------------------------------------- headline choices
 
 
 def headline_split(table: pd.DataFrame) -> str:
@@ -395,86 +376,3 @@ def headline_split(table: pd.DataFrame) -> str:
 def auroc_metric(task: Task) -> str:
     """The AUROC used for worst-group and gap headlines: the primary metric when it is an AUROC."""
     return task.metrics.primary if task.metrics.primary.startswith("auroc") else "auroc_macro"
-
-
-def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task) -> dict[str, Any]:
-    """Headline numbers per (generator, regime, backbone), each {value, ci_low, ci_high, n_cases, n_patients, status}.
-
-    Keys of each run: `external_primary` (primary metric, external sites pooled), `test_primary` (internal test),
-    `patient_primary` (tasks with `metrics.patient_aggregation`: primary metric per patient, headline split),
-    `worst_subgroup_auroc` and `largest_subgroup_gap` (over the task's subgroup columns on the headline split, with
-    `group_by`, `group`, `worst_group` and `best_group`), one key per metric registered with `headline=True`
-    (overall, headline split; `ece` among the built-ins), `fnr_gap` (largest over subgroup columns, headline split),
-    `diff_vs_real` (primary metric on the headline split minus the real-only baseline, with `p_boot_holm`) and
-    `utility_ratio` (primary metric on the headline split / real-only). Missing numbers are null.
-    """
-    primary = task.metrics.primary
-    split = headline_split(table) if len(table) else "test"
-    am = auroc_metric(task)
-    runs = []
-    for (gen, reg, bb), t in table.groupby(list(ARM_KEYS), sort=True):
-
-        def one(metric: str, split_: str, scope: str = "overall", t=t) -> pd.Series | None:
-            r = t[(t["metric"] == metric) & (t["split"] == split_) & (t["scope"] == scope)]
-            return r.iloc[0] if len(r) else None
-
-        def extreme(metric: str, lowest: bool, t=t) -> pd.Series | None:
-            r = t[
-                (t["metric"] == metric)
-                & (t["split"] == split)
-                & (t["scope"] == "subgroup")
-                & (t["status"] == "ok")
-            ]
-            if r.empty:
-                return None
-            return r.loc[r["value"].idxmin() if lowest else r["value"].idxmax()]
-
-        run: dict[str, Any] = dict(generator=gen, regime=reg, backbone=bb)
-        run["external_primary"] = summary_entry(one(primary, "external"))
-        run["test_primary"] = summary_entry(one(primary, "test"))
-        if (t["scope"] == "patient").any():
-            run["patient_primary"] = summary_entry(one(primary, split, "patient"))
-        where = ("group_by", "group", *GROUP_COLUMNS)
-        run["worst_subgroup_auroc"] = summary_entry(extreme(f"{am}_worst", True), where)
-        run["largest_subgroup_gap"] = summary_entry(extreme(f"{am}_gap", False), where)
-        for m in core.reported("headline"):
-            run[m.name] = summary_entry(one(m.name, split))
-        run["fnr_gap"] = summary_entry(extreme("fnr_gap", False), where)
-        run["diff_vs_real"] = run["utility_ratio"] = None
-        if comparisons is not None and len(comparisons):
-            c = comparisons[
-                (comparisons["generator"] == gen)
-                & (comparisons["regime"] == reg)
-                & (comparisons["backbone"] == bb)
-                & (comparisons["metric"] == primary)
-                & (comparisons["split"] == split)
-                & (comparisons["scope"] == "overall")
-            ]
-            if len(c):
-                r = c.iloc[0]
-                run["diff_vs_real"] = {
-                    "value": _num(r["diff"]),
-                    "ci_low": _num(r["ci_low"]),
-                    "ci_high": _num(r["ci_high"]),
-                    "p_boot_holm": _num(r["p_boot_holm"]),
-                    "n_cases": int(r["n_cases"]),
-                    "n_patients": int(r["n_patients"]),
-                    "status": str(r["status"]),
-                }
-                run["utility_ratio"] = {
-                    "value": _num(r["ratio"]),
-                    "ci_low": _num(r["ratio_ci_low"]),
-                    "ci_high": _num(r["ratio_ci_high"]),
-                    "n_cases": int(r["n_cases"]),
-                    "n_patients": int(r["n_patients"]),
-                    "status": str(r["status"]),
-                }
-        runs.append(run)
-    return {
-        "task": task.name,
-        "task_version": task.version,
-        "primary_metric": primary,
-        "headline_split": split,
-        "auroc_metric": am,
-        "runs": runs,
-    }

@@ -32,10 +32,16 @@ class MetricTable:
         self.df = table
 
     def select(self, **where: Any) -> pd.DataFrame:
-        """Rows whose columns equal the given values (e.g. `metric=`, `split=`, `scope=`, `generator=`)."""
+        """Rows whose columns equal the given values (e.g. `metric=`, `split=`, `scope=`, `generator=`); a list,
+        tuple or set matches any of its values, and None matches everything. Works on any frame with these columns
+        (the comparisons too), keeping its row order."""
         mask = np.ones(len(self.df), dtype=bool)
         for col, value in where.items():
-            if value is not None:
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple, set, frozenset)):
+                mask &= self.df[col].isin(list(value)).to_numpy()
+            else:
                 mask &= (self.df[col] == value).to_numpy()
         return self.df[mask]
 

@@ -21,6 +21,7 @@ from bench.leaderboard.key import KEYED, MAX_EXAMPLES, AnswerKey, hash_ids
 from bench.leaderboard.spec import ScoringSpec
 from bench.metrics import evaluate_predictions, get_metric
 from bench.metrics.compare import headline_split
+from bench.metrics.table import MetricTable
 from bench.metrics.validate import ROW_NOTE, validate_probabilities
 from bench.runfolder import RUN_KEYS
 from bench.tasks import Task
@@ -129,7 +130,8 @@ def _score_frame(df: pd.DataFrame, task: Task, split: str, spec: ScoringSpec) ->
         subgroup_columns=[],
         intersections=[],
     )
-    r = table[(table["metric"] == name) & (table["scope"] == "overall") & (table["split"] == split)].iloc[0]
+    r = MetricTable(table).one(name, split=split)
+    assert r is not None  # a scored split always has the metric's overall row
     return {
         "metric": name,
         "higher_is_better": higher,
