@@ -155,7 +155,9 @@ def test_a_warm_build_parses_no_predictions_and_ranks_as_a_cold_one(board, tmp_p
     parsed, scored = [], []
     real_read, real_rep = pd.read_parquet, rank_module.entry_replicates
     monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: parsed.append(1) or real_read(*a, **k))
-    monkeypatch.setattr(rank_module, "entry_replicates", lambda *a, **k: scored.append(1) or real_rep(*a, **k))
+    monkeypatch.setattr(
+        rank_module, "entry_replicates", lambda *a, **k: scored.append(1) or real_rep(*a, **k)
+    )
     assert main(["leaderboard", "build", str(copy_)]) == 0
     # the answer key and one table (the shared cases) are read; no record is re-scored or re-bootstrapped
     assert (len(parsed), scored) == (2, [])  # the answer key, one table
