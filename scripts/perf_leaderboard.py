@@ -6,9 +6,9 @@ predictions file: the board is valid, every clone is verified, joined to the ans
 (Clones keep the generator's name: the bootstrap's random streams are keyed by it, so a renamed clone would score
 differently from its original.)
 
-- first build after the submits: the score cache holds every record's scores (as after each record's `submit`);
-  the build verifies the records, reads the scores, bootstraps every record's ranking replicates, ranks and writes
-  the pages.
+- first build after the submits: the caches hold what each record's `submit` left (its scores and its ranking
+  replicates); the build hashes and checks the records, validates their files against the schema, reads the
+  scores and replicates, ranks and writes the pages.
 - warm: the same board built again: the record files are hashed and their checks run, but scores, ranking
   replicates and schema validation come from the cache (`bench.leaderboard.rank.ReplicateCache`).
 - cold: no cache; the build re-scores every record. Re-scoring costs the same for every record, so it is measured on
@@ -58,24 +58,32 @@ def make_board(dest: Path, n_records: int) -> Path:
 
 
 def fill_cache(board: Path) -> None:
-    """What each record's `submit` leaves behind: its scores under its cache key."""
+    """What each record's `submit` leaves behind: its scores under its cache key, its ranking replicates."""
     from bench.io import sha256_file
     from bench.leaderboard.checks import cacheable_checks
     from bench.leaderboard.config import board_spec, load_config, load_key
     from bench.leaderboard.key import key_path
+    from bench.leaderboard.rank import prime_replicates
     from bench.leaderboard.record import read_records
     from bench.leaderboard.spec import remember_scores
+    from bench.tasks import load_task
 
     cfg = load_config(board)
     records = read_records(cfg.records_dir)
     _, spec = board_spec(cfg, records)
     assert cfg.answer_key is not None
     key = load_key(cfg)
-    joined = {
-        r["id"]
-        for r in records
-        if key.join(stored := pd.read_parquet(cfg.folder / r["predictions"]["file"])).equals(stored)
-    }
+    task = load_task(cfg.task.name)
+    positive = list(task.labels.binary_view.positive) if task.labels.binary_view else None
+    joined = set()
+    for r in records:
+        stored = pd.read_parquet(cfg.folder / r["predictions"]["file"])
+        if key.join(stored).equals(stored):
+            joined.add(r["id"])
+            prime_replicates(
+                stored, r, list(task.classes), n_boot=cfg.bootstrap.n, seed=cfg.bootstrap.seed,
+                binary_positive=positive,
+            )  # fmt: skip
     remember_scores(
         spec,
         sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         s = timed_build(warm)
         print(
             f"first build after the submits, {args.records} records: {s:.1f} s, {s / args.records:.4f} s per "
-            "record (scores cached; ranking replicates computed)",
+            "record (scores and ranking replicates cached by submit)",
             flush=True,
         )
         s = timed_build(warm)

@@ -166,3 +166,23 @@ def test_a_warm_build_parses_no_predictions_and_ranks_as_a_cold_one(board, tmp_p
     np.save(replicates[0], np.zeros(3))
     assert main(["leaderboard", "build", str(copy_)]) == 0
     assert len(scored) == 1 and snapshot(copy_) == cold
+
+
+def test_the_build_after_a_submit_finds_its_ranking_replicates(tmp_path, monkeypatch):
+    from bench.leaderboard import rank as rank_module
+
+    shutil.rmtree(cache_file().parent, ignore_errors=True)
+    run = make_run(tmp_path / "run", {"good": 2.0})
+    b = make_board(tmp_path / "board")
+    assert main(["submit", str(run), "--leaderboard", str(b)]) == 0
+    scored = []
+    real_rep = rank_module.entry_replicates
+    monkeypatch.setattr(
+        rank_module, "entry_replicates", lambda *a, **k: scored.append(1) or real_rep(*a, **k)
+    )
+    assert main(["leaderboard", "build", str(b)]) == 0
+    assert scored == []  # every record's replicates were cached by submit
+    warm = snapshot(b)
+    shutil.rmtree(cache_file().parent)
+    assert main(["leaderboard", "build", str(b)]) == 0
+    assert scored == [1] and snapshot(b) == warm  # cold: bootstrapped here, the same pages

@@ -413,3 +413,29 @@ def rank_predictions(
     n_patients = int(codes.max() + 1) if len(codes) else 0
     ranking = rank_replicates(keys, point, reps, metric.higher_is_better, len(y), n_patients)
     return ranking, notes
+
+
+def prime_replicates(
+    table: pd.DataFrame,
+    record: Mapping[str, Any],
+    classes: Sequence[str],
+    *,
+    n_boot: int,
+    seed: int,
+    binary_positive: Sequence[str] | None = None,
+) -> None:
+    """Cache one newly stored record's ranking replicates, as `submit` writes it: the build that follows finds them
+    when the board's records share this record's cases (the usual case; otherwise it computes them itself)."""
+    with contextlib.suppress(BadInput, KeyError, ValueError):
+        rank_predictions(
+            {record["id"]: table},
+            {record["id"]: record["metrics"]["headline_regime"]},
+            classes,
+            record["evaluation"]["primary_metric"],
+            split=record["evaluation"]["split"],
+            n_boot=n_boot,
+            seed=seed,
+            binary_positive=binary_positive,
+            digests={record["id"]: record["predictions_sha256"]},
+            cache=replicate_cache(),
+        )

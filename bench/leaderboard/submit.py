@@ -36,6 +36,7 @@ from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
 from bench.leaderboard.key import AnswerKey, hash_ids, key_path, row_names
 from bench.leaderboard.model_privacy import record_model_privacy
+from bench.leaderboard.rank import prime_replicates
 from bench.leaderboard.record import (
     PUBLISHED_MODE,
     SCHEMA_VERSION,
@@ -366,13 +367,20 @@ def write_records(
     return done
 
 
-def _stored_is_joined(key: AnswerKey, path: Path) -> bool:
-    """Whether a written predictions file reads back equal to its join to the key (only a cache hint: the records
-    are already written, so any failure here just means the next build joins it)."""
+def _read_back(path: Path) -> pd.DataFrame | None:
+    """A written predictions file as build will read it (None: unreadable; the build will say so)."""
     try:
-        stored = pd.read_parquet(path)
+        return pd.read_parquet(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_joined(key: AnswerKey, stored: pd.DataFrame) -> bool:
+    """Whether stored predictions equal their join to the key (only a cache hint: the records are already written,
+    so any failure here just means the next build joins it)."""
+    try:
         return key.join(stored).equals(stored)
-    except (BadInput, OSError, ValueError):
+    except (BadInput, ValueError):
         return False
 
 
@@ -401,7 +409,8 @@ def submit(
     done = write_records(cfg, scored)
     assert cfg.answer_key is not None
     # What build will read back: a stored file equal to its join to the key lets the next build skip the join.
-    joined = {rec["id"] for rec in done if _stored_is_joined(key, cfg.folder / rec["predictions"]["file"])}
+    tables = {rec["id"]: _read_back(cfg.folder / rec["predictions"]["file"]) for rec in done}
+    joined = {rid for rid, t in tables.items() if t is not None and _is_joined(key, t)}
     remember_scores(
         ScoringSpec.for_board(cfg, sub.task),
         sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
@@ -410,4 +419,15 @@ def submit(
         passed=cacheable_checks(),
         stored_is_joined=joined,
     )
+    positive = sub.task.labels.binary_view.positive if sub.task.labels.binary_view else None
+    for rec in done:
+        if rec["id"] in joined:  # build ranks the joined table; a stored one that is its join is that table
+            prime_replicates(
+                tables[rec["id"]],  # type: ignore[arg-type]
+                rec,
+                list(sub.task.classes),
+                n_boot=cfg.bootstrap.n,
+                seed=cfg.bootstrap.seed,
+                binary_positive=list(positive) if positive else None,
+            )
     return done
