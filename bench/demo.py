@@ -13,9 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from bench.errors import BadInput
+from bench.leaderboard.config import CONFIG_FILE, Bootstrap, LeaderboardConfig, ProtocolPin, TaskPin
+from bench.runfolder import RunDir
+from bench.tasks import load_task
 from bench.threads import available_cores, threads_per_process, wait_policy
 
 TASK = "mediastinal-neoplasm"
@@ -189,8 +193,6 @@ def run_demo(
 
     def privacy_args(g: str) -> list[str]:
         # Classifier features come from the real-only model the matrix just trained (no downloaded weights).
-        from bench.runfolder import RunDir
-
         ckpt = [r.checkpoint for r in RunDir(run).baseline_runs(seed=0) if r.checkpoint.is_file()]
         args = [
             "privacy",
@@ -275,11 +277,6 @@ def _threads_used(p: DemoPreset) -> dict:
 def _init_leaderboard(board: Path, p: DemoPreset) -> None:
     """A leaderboard of the demo's own: pinned to the task and protocol, not to the shipped manifests (the demo's
     phantom is smaller than the seeded leaderboard's)."""
-    import yaml
-
-    from bench.leaderboard.config import CONFIG_FILE, Bootstrap, LeaderboardConfig, ProtocolPin, TaskPin
-    from bench.tasks import load_task
-
     task = load_task(TASK)
     protocol = yaml.safe_load((_configs_dir() / "protocols" / f"{p.protocol}.yaml").read_text())
     cfg = LeaderboardConfig(

@@ -9,6 +9,7 @@ asking for one GPU each on CUDA machines.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -139,13 +140,10 @@ def check_executor(kind: str, workers: int = 1, ray_address: str | None = None) 
         raise BadInput(f"--workers {workers}: must be at least 1")
     if ray_address and kind != "ray":
         raise BadInput("--ray-address needs --executor ray")
-    if kind == "ray":
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise BadInput(
-                "--executor ray: Ray is not installed; install the extra: pip install 'medsynbench[ray]'"
-            )
+    if kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise BadInput(
+            "--executor ray: Ray is not installed; install the extra: pip install 'medsynbench[ray]'"
+        )
 
 
 def make_executor(kind: str, workers: int = 1, ray_address: str | None = None) -> LocalExecutor | RayExecutor:

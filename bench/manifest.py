@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.imaging import check_readable
 from bench.io import read_table, write_table
 from bench.tasks import Task
 
@@ -179,8 +180,6 @@ def validate_manifest(
             problems.append(f"training-site rows marked 'external' (rows {_rows(bad)})")
 
     if check_images and "image" in df.columns:
-        from bench.imaging import check_readable
-
         for i, rel in df["image"].items():
             if rel is None or pd.isna(rel):
                 continue

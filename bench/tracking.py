@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
@@ -21,8 +23,6 @@ METRICS_FILE = "medsynbench-metrics.json"
 
 
 def check_mode(mode: str) -> str:
-    from bench.errors import BadInput
-
     if mode not in MODES:
         raise BadInput(f"--wandb {mode!r}: expected one of {list(MODES)}")
     return mode

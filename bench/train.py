@@ -9,6 +9,7 @@ is deterministic for a seed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BadInput
+from bench.io import _json_default, atomic_path
 from bench.metrics.core import auroc_macro
 from bench.models import create_model
 
@@ -434,8 +436,6 @@ def predict_proba(
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Weights + plain-data metadata, written atomically; loadable with `torch.load(weights_only=True)`."""
-    from bench.io import atomic_path
-
     spec = getattr(model, "bench_spec", None)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": "medsynbench-checkpoint/1", "model": spec, "state_dict": state, "meta": _plain(meta)}
@@ -446,10 +446,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
 
 def _plain(obj: Any) -> Any:
     """JSON-like data only, so the checkpoint loads under `weights_only=True`."""
-    import json
-
-    from bench.io import _json_default
-
     return json.loads(json.dumps(obj, default=_json_default))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from bench.errors import BadInput
+from bench.runfolder import RunDir
 from bench.schema import Strict
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,13 @@ class TuneSpec(Strict):
 
 
 def default_storage(run_dir: Path) -> str:
-    from bench.runfolder import RunDir
-
     return f"sqlite:///{RunDir(run_dir).tuning_db.resolve()}"
 
 
 def redact(url: str) -> str:
     """The storage URL without its password (what goes into config.json)."""
     try:
+        # sqlalchemy (optuna's storage) is slow to import; only a storage URL needs it
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)

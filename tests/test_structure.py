@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle between files or packages of bench/, no file over 700 lines."""
+"""The package's shape: no import cycle between files or packages of bench/, no file over 700 lines, and every bench
+import inside a function outside the command line says why."""
 
 from __future__ import annotations
 
@@ -107,3 +108,55 @@ def test_no_file_over_700_lines():
         if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def _deferred_bench_imports_without_reason(source: str) -> list[int]:
+    """Lines of `from bench...`/`import bench...` statements inside a function that carry no comment saying why: none
+    on the same line, none on the line above the run of import lines the statement belongs to."""
+    lines = source.splitlines()
+
+    def is_bench(node: ast.AST) -> bool:
+        if isinstance(node, ast.Import):
+            return any(a.name == "bench" or a.name.startswith("bench.") for a in node.names)
+        return (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "bench"
+        )
+
+    def commented(node: ast.stmt) -> bool:
+        if "#" in lines[node.lineno - 1]:
+            return True
+        i = node.lineno - 2
+        while i >= 0 and lines[i].strip().startswith(("from ", "import ")):
+            i -= 1
+        return i >= 0 and lines[i].strip().startswith("#")
+
+    bad = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            bad += [n.lineno for n in ast.walk(fn) if is_bench(n) and not commented(n)]
+    return sorted(set(bad))
+
+
+def test_every_bench_import_inside_a_function_says_why():
+    # docs/ARCHITECTURE.md "Where an import goes": outside the command line a bench module is imported inside a
+    # function only when importing it at the top would load torch, or close a cycle; a comment says which.
+    found = {
+        f"{f.relative_to(BENCH.parent).as_posix()}:{n}"
+        for f in BENCH.rglob("*.py")
+        if "cli" not in f.relative_to(BENCH).parts
+        for n in _deferred_bench_imports_without_reason(f.read_text(encoding="utf-8"))
+    }
+    assert found == set()
+
+
+def test_the_deferred_import_check_finds_one_without_a_comment():
+    src = (
+        "from bench.io import read_json\n"
+        "def a():\n    # torch: only when training\n    from bench.train import fit\n    from bench.models import embed\n"
+        "def b():\n    from bench.io import write_json  # torch-free, but deferred\n"
+        "def c():\n    x = 1\n    from bench.io import atomic_path\n"
+        "def d():\n    import bench.tasks\n"
+    )
+    assert _deferred_bench_imports_without_reason(src) == [10, 12]

@@ -26,7 +26,8 @@ from scipy.stats import t as t_dist
 
 from bench.generators import Control, ControlCheck, control_of, list_controls
 from bench.io import read_json
-from bench.metrics.compare import auroc_metric, headline_split
+from bench.metrics.compare import auroc_metric, compare_to_baseline, headline_split
+from bench.metrics.evaluate import evaluate_predictions
 from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, RunDir
 from bench.tasks import Task
@@ -336,9 +337,6 @@ def controls_from_predictions(
 ) -> list[ControlResult]:
     """`check_controls` scored from predictions alone (the controls' runs and the real-only baseline; no subgroups),
     as a leaderboard re-scores a submission without trusting its evaluation folder."""
-    from bench.metrics.compare import compare_to_baseline
-    from bench.metrics.evaluate import evaluate_predictions
-
     keep = preds["generator"].astype(str).isin([BASELINE, *generators])
     sub = preds[keep].reset_index(drop=True)
     if sub.empty or not (sub["generator"].astype(str) == BASELINE).any():

@@ -200,6 +200,7 @@ def _case_level(prep: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
 
 def plot_roc(cases: pd.DataFrame, by: str, split: str, title: str) -> bytes | None:
     """Binary-view ROC per group `by`, one panel per run key (seed-averaged scores)."""
+    # sklearn is slow to import; only the report's ROC panels need it
     from sklearn.metrics import roc_auc_score, roc_curve
 
     d = cases[cases["split"] == split]

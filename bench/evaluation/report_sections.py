@@ -10,6 +10,7 @@ import pandas as pd
 
 from bench.evaluation.report import Report, fmt_interval
 from bench.evaluation.report_plots import _grid, _plt, _png
+from bench.metrics.fidelity import rank_correlation
 
 # --------------------------------------------------------------------------------------------- fidelity
 
@@ -46,8 +47,6 @@ def plot_fidelity_vs_utility(
 ) -> tuple[bytes | None, dict[str, dict[str, Any]]]:
     """One panel per fidelity metric: its value (x) against utility (y) across generators, titled with Spearman's
     rank correlation and its bootstrap interval. Returns the PNG and the correlations."""
-    from bench.metrics.fidelity import rank_correlation
-
     gens = sorted(g for g in points if g in utility)
     corr = {}
     shown = [

@@ -14,7 +14,7 @@ from bench.evaluation.model_privacy import check_copycat_leak, model_privacy_sum
 from bench.evaluation.report import Settings, build_report
 from bench.evaluation.report_sections import fidelity_section, model_privacy_section
 from bench.evaluation.summary import summarize
-from bench.io import atomic_dir, read_table, write_json, write_table, write_text
+from bench.io import atomic_dir, read_json, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
 from bench.metrics.validate import ROW_NOTE, validate_predictions
@@ -107,8 +107,6 @@ def evaluate_run(
 
 def read_fidelity(run: str | Path) -> dict[str, dict[str, Any]]:
     """RUN/fidelity/<generator>/fidelity.json of every generator that has one (`medsynbench fidelity --run RUN`)."""
-    from bench.io import read_json
-
     out = {}
     for g, path in RunDir(run).fidelity_files().items():
         try:

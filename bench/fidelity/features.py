@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench.errors import BadInput
+from bench.imaging import PreprocessSpec, build_cache, cache_key, default_cache_dir
 from bench.io import atomic_path, sha256_file
 from bench.manifest import Manifest
 from bench.tasks import Task
@@ -90,6 +91,7 @@ def _check_classifier(model: Any, path: Path, task: Task) -> None:
 
 def load_classifier(checkpoint: str | Path, task: Task, device: str | None) -> tuple[Any, int]:
     """The run's classifier and the image size it was trained at."""
+    # torch (bench.train): only when a classifier feature space is used
     from bench.train import load_checkpoint
 
     path = Path(checkpoint)
@@ -132,6 +134,7 @@ def open_embedder(
     """The feature space `features` ("classifier" or "timm:<model>"); BadInput names what is missing."""
     import torch
 
+    # torch (bench.train): only when features are computed
     from bench.train import resolve_device, to_float
 
     dev = resolve_device(device or "auto")
@@ -144,6 +147,7 @@ def open_embedder(
                 "fidelity: the classifier feature space needs --checkpoint (a run's real-only checkpoint.pt; "
                 "`medsynbench fidelity --run RUN` finds it), or choose --features timm:<model> --weights FILE"
             )
+        # torch (bench.models): only for the classifier feature space
         from bench.models import embed
 
         spec = getattr(classifier, "bench_spec", {}) or {}
@@ -223,8 +227,6 @@ def embed_manifest(
     classifier), from the feature cache when the same inputs were embedded before."""
     import torch
 
-    from bench.imaging import PreprocessSpec, build_cache, cache_key, default_cache_dir
-
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = PreprocessSpec.from_task(task, emb.space.image_size)
     csize = emb.classifier_size or emb.space.image_size
@@ -258,6 +260,7 @@ def embed_manifest(
     f = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32)
     proba = None
     if emb.classifier is not None:
+        # torch (bench.train): only with a classifier
         from bench.train import predict_proba
 
         cimages = images

@@ -15,6 +15,7 @@ fixes every image.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -178,8 +179,6 @@ class Ddpm(Generator):
 
 
 def _autocast(dev):
-    import contextlib
-
     import torch
 
     if dev.type == "cuda":

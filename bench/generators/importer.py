@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import GeneratorCard, read_card, write_card
+from bench.imaging import Unreadable, _read_raw, _sniff
 from bench.io import read_table
 from bench.manifest import Manifest, validate_manifest, write_manifest
 from bench.tasks import Task, load_task
@@ -37,8 +38,6 @@ def image_shape(path: str | Path) -> tuple[int, int, int]:
     reported, naming it, when the cache is built); DICOM and NPZ are read. Raises ValueError with a short reason
     (no path) if the file cannot be used.
     """
-    from bench.imaging import Unreadable, _read_raw, _sniff
-
     p = Path(path)
     try:
         kind = _sniff(p)

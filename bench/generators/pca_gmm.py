@@ -35,6 +35,7 @@ class PcaGmm(Generator):
     }
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        # sklearn is slow to import; only fitting this generator needs it
         from sklearn.decomposition import PCA
         from sklearn.mixture import GaussianMixture
 

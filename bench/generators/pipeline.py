@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,6 @@ def load_pixels(m: Manifest, task: Task, size: int, cache_dir: Path | None = Non
 
 
 def _describe(cls: type) -> str:
-    import sys
-
     doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
     return doc.splitlines()[0] if doc else ""
 

@@ -24,7 +24,9 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.io import sha256_file, write_table
+from bench.manifest import read_manifest
 from bench.runfolder import RUN_KEYS, SCORED_SPLITS
+from bench.tasks import load_task
 
 KEY_FILE = "answer_key.parquet"
 BASE_COLUMNS = ("case_id", "patient_id", "label", "site", "split", "part")
@@ -116,9 +118,6 @@ class AnswerKey:
 
         `private_fraction` of the patients of each site (drawn with `seed`) form the private part.
         """
-        from bench.manifest import read_manifest
-        from bench.tasks import load_task
-
         task = load_task(task)
         if not 0.0 <= private_fraction < 1.0:
             raise BadInput(f"private_fraction must be in [0, 1) (got {private_fraction})")

@@ -39,6 +39,7 @@ def record_schema() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _validator():
+    # jsonschema is slow to import; only validating a record needs it
     import jsonschema
 
     schema = record_schema()

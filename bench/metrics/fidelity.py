@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
 from bench.metrics.core import AurocKernel
 
@@ -463,8 +464,6 @@ def label_fidelity(
 
 
 def _rank(v: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
     return rankdata(v, axis=-1)
 
 

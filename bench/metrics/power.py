@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.stats import nct
+from scipy.stats import nct, norm
 from scipy.stats import t as t_dist
 
 from bench.metrics.bootstrap import seed_components
@@ -93,8 +93,6 @@ def power(comp: Components, effect: float, seeds: int | None = None, patients: i
     df = comp.df(seeds, patients)
     ncp = abs(effect) / np.sqrt(v)
     if not np.isfinite(df):
-        from scipy.stats import norm
-
         q = norm.ppf(1 - ALPHA / 2)
         return float(norm.sf(q - ncp) + norm.cdf(-q - ncp))
     q = t_dist.ppf(1 - ALPHA / 2, df)

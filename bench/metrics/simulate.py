@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
@@ -96,8 +98,6 @@ SU, SE, SN, TAU = 0.7, 0.5, 0.4, 0.15
 
 def clustered_auroc(mu: float, tau: float = TAU) -> float:
     """The procedure's expected AUROC under the calibration model: mean over mu_s of Phi(mu_s / sigma)."""
-    from scipy.stats import norm
-
     sig = np.sqrt(2 * (SU**2 + SE**2 + SN**2))
     x, w = np.polynomial.hermite_e.hermegauss(40)
     return float(np.sum(w * norm.cdf((mu + tau * x) / sig)) / np.sum(w))
@@ -105,8 +105,6 @@ def clustered_auroc(mu: float, tau: float = TAU) -> float:
 
 def signal_for_auroc(target: float, tau: float = TAU) -> float:
     """The signal mu whose expected AUROC (`clustered_auroc`) is `target`."""
-    from scipy.optimize import brentq
-
     return float(brentq(lambda m: clustered_auroc(m, tau) - target, -5.0, 8.0))
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,6 @@ class _SliceEncoder:
         return b"".join(out)
 
     def encode(self, ds: Any) -> bytes:
-        import struct
-
         meta = self._join(self.meta, ds.file_meta)
         group_len = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(meta))
         return b"\x00" * 128 + b"DICM" + group_len + meta + self._join(self.body, ds)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.generators.pipeline import load_pixels
 from bench.io import atomic_dir, portable_path, write_json, write_table
 from bench.manifest import Manifest, manifest_hash
 from bench.privacy.contamination import _audit_model, contamination_problems, find_duplicates, prepare
@@ -58,8 +59,6 @@ def audit(
     n_pairs: int = 8,
 ) -> dict[str, Any]:
     """Run the audit and write OUT/privacy.json, OUT/distances.parquet and OUT/closest_pairs.png (atomically)."""
-    from bench.generators.pipeline import load_pixels
-
     features = tuple(features)
     unknown = [f for f in features if f not in FEATURES]
     if unknown or not features:
@@ -93,6 +92,7 @@ def audit(
         spaces["pixel"] = (pixel_features, lambda x, ref: shift_tolerant_nearest(x, ref, device=nn_dev))
     if "classifier" in features:
         model = _audit_model(checkpoint, t, x_tr, inp.train.df, seed, dev, classifier_epochs)
+        # torch (bench.train): only for the classifier feature space
         from bench.train import resolve_device
 
         cdev = str(resolve_device(dev))

@@ -13,6 +13,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import GeneratorCard, find_card, hash_id, read_card
+from bench.generators.importer import check_image_set, image_shape
 from bench.manifest import Manifest, load_valid_manifest, manifest_hash
 from bench.privacy.memorization import (
     MIN_HOLDOUT,
@@ -85,8 +86,6 @@ def prepare(
     seed: int = 0,
 ) -> AuditInputs:
     """Read and check every input; BadInput (exit 2) names the file and what is wrong."""
-    from bench.generators.importer import check_image_set, image_shape
-
     task = load_task(task)
     syn = load_valid_manifest(synthetic, task)
     not_syn = syn.df.index[syn.df["origin"] != "synthetic"]
@@ -221,6 +220,7 @@ def _audit_model(
     if checkpoint is None:
         y = train_df["label"].map({c: i for i, c in enumerate(t.classes)}).to_numpy(np.int64)
         return train_audit_classifier(x_tr, y, len(t.classes), seed=seed, device=dev, epochs=epochs)
+    # torch (bench.train): only with a classifier checkpoint
     from bench.train import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)

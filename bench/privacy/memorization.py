@@ -39,6 +39,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.stats import binom
 
 from bench.generators.card import hash_id
 
@@ -117,6 +118,7 @@ def classifier_features(model: Any, images: np.ndarray, device: str = "cpu", bat
     """L2-normalized penultimate features of `model` for uint8 images, normalized as bench.train does."""
     import torch
 
+    # torch (bench.models, bench.train): only when features are computed
     from bench.models import embed
     from bench.train import to_float
 
@@ -138,6 +140,7 @@ def train_audit_classifier(
     Its checkpoint is selected on a seeded 20% of those same images: the holdout and the synthetic set must both be
     unseen by the feature extractor, or the comparison between them would be biased.
     """
+    # torch (bench.train): only when the audit trains its own classifier
     from bench.train import FitSettings, fit
 
     rng = np.random.default_rng(seed)
@@ -229,8 +232,6 @@ def nearest_neighbors(
 
 def quantile_ci(values: np.ndarray, q: float, level: float = 0.95) -> tuple[float, float, float]:
     """The q-quantile with a distribution-free order-statistic interval (binomial ranks)."""
-    from scipy.stats import binom
-
     v = np.sort(np.asarray(values, dtype=float))
     n = len(v)
     if n == 0:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import hash_id
+from bench.imaging import build_cache
 from bench.io import atomic_dir, read_json, write_json, write_table
 from bench.manifest import read_manifest
 from bench.privacy.attack import (
@@ -216,7 +218,7 @@ def score_models(
 
     Images come from the real manifest's image cache at each run's size (the cache training filled, so nothing is
     decoded again); logits, not probabilities, so that a confident model's phi does not saturate."""
-    from bench.imaging import build_cache
+    # torch (bench.train): only when models are scored
     from bench.train import load_checkpoint
 
     labels = pool["label"].astype(str).map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64)
@@ -238,6 +240,7 @@ def model_confidence(model: Any, images: np.ndarray, labels: np.ndarray, device:
     input normalization; logits, not probabilities, so that a confident model's phi does not saturate)."""
     import torch
 
+    # torch (bench.train): only when models are scored
     from bench.train import to_float
 
     model = model.to(device).eval()
@@ -331,8 +334,6 @@ class _quiet:
     """Silences numpy's mean-of-empty-slice warning: a replicate without members is NaN on purpose."""
 
     def __enter__(self) -> None:
-        import warnings
-
         self._w = warnings.catch_warnings()
         self._w.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -371,7 +372,6 @@ def audit_run(
     finished = rd.finished_runs()
     if not finished:
         raise BadInput(f"{rd.path}: no finished run to attack")
-    from bench.imaging import build_cache
 
     # Training left out images the cache could not decode; so does the recomputation of its rows, and the pool.
     size = int(finished[0].config().train.get("image_size") or task.image.size)

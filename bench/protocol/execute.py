@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.imaging import build_cache
 from bench.io import atomic_dir, read_json, write_json, write_table, write_text
 from bench.manifest import read_manifest
 from bench.metrics.core import auroc_macro
@@ -28,6 +29,7 @@ from bench.regimes import compose, training_budget
 from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
 from bench.tasks import Task, load_task
 from bench.threads import torch_threads
+from bench.tracking import Tracker
 from bench.tune import run_study
 
 # What the validation rounds of a run report; they choose no weights (`SELECTION`), only tuning reads them.
@@ -45,8 +47,6 @@ class ManifestImages:
     """A manifest and its decoded images (rows of images that could not be decoded are left out)."""
 
     def __init__(self, path: str, task: Task, size: int, cache_dir: str | None, skip_corrupt: bool):
-        from bench.imaging import build_cache
-
         self.m = read_manifest(path)
         self.cache = build_cache(
             self.m,
@@ -115,6 +115,7 @@ def train_regime(
     progress: Any = False,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any], ManifestImages]:
     """Compose the regime's training set and train on it; returns (model, history rows, composition, real data)."""
+    # torch (bench.train): only in the process that trains
     from bench.train import FitSettings, fit
 
     task = data.task
@@ -279,7 +280,7 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
     """Train, predict and write one run folder (atomically, DONE inside)."""
     import torch
 
-    from bench.tracking import Tracker
+    # torch (bench.train): only in the process that trains
     from bench.train import predict_proba, save_checkpoint
 
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from bench.errors import BadInput
-from bench.manifest import Manifest, read_manifest, validate_manifest
+from bench.generators.card import card_path_for, hash_id, read_card
+from bench.manifest import Manifest, load_valid_manifest, read_manifest, validate_manifest
 from bench.runfolder import PREDICTED_SPLITS, check_generator_name
 from bench.tasks import Task
 
@@ -29,8 +30,6 @@ def parse_synthetic_args(items: list[str] | None) -> dict[str, Path]:
 
 def load_real(path: str | Path, task: Task) -> Manifest:
     """The real manifest: valid for the task, real rows only, with training and validation rows."""
-    from bench.manifest import load_valid_manifest
-
     m = load_valid_manifest(path, task, check_images=False)
     df = m.df
     syn = df.index[df["origin"] != "real"]
@@ -47,8 +46,6 @@ def load_real(path: str | Path, task: Task) -> Manifest:
 
 def find_card_file(manifest: Path) -> Path | None:
     """The generator card beside a synthetic manifest, if there is one."""
-    from bench.generators.card import card_path_for
-
     cands = list(card_path_for(manifest)) + [manifest.with_name("card.json"), manifest.with_name("card.yml")]
     return next((p for p in cands if p.is_file()), None)
 
@@ -57,8 +54,6 @@ def load_synthetic(
     name: str, path: str | Path, task: Task, real: Manifest
 ) -> tuple[Manifest, dict | None, Path | None]:
     """Read and check one synthetic manifest and its card; every problem found is bad input (exit 2)."""
-    from bench.generators.card import hash_id, read_card
-
     path = Path(path)
     m = read_manifest(path)
     df = m.df

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from bench.errors import BadInput
+from bench.executors import check_executor, make_executor
+from bench.imaging import build_cache
 from bench.io import write_json, write_text
 from bench.manifest import read_manifest
 from bench.protocol.execute import execute_run, execute_study
@@ -86,8 +88,6 @@ def _write_header(plan: MatrixPlan) -> None:
 
 def _prepare_caches(plan: MatrixPlan, progress: bool) -> None:
     """Decode every manifest once in this process, so workers only open the finished caches."""
-    from bench.imaging import build_cache
-
     size = plan.runs[0].settings.image_size
     ctx = plan.ctx
     cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else None
@@ -105,8 +105,6 @@ def _prepare_caches(plan: MatrixPlan, progress: bool) -> None:
 def run_matrix(options: MatrixOptions) -> MatrixResult:
     """Plan, tune (if asked) and run every run of the matrix that is not DONE yet."""
     from rich.console import Console
-
-    from bench.executors import check_executor, make_executor
 
     t0 = time.perf_counter()
     plan = plan_matrix(options)

@@ -8,6 +8,7 @@ import json
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from bench.regimes import expand_regimes, parse_regime, training_budget
 from bench.runfolder import BASELINE, SCHEMA_VERSION, ManifestRef, RunDir, run_name, study_key
 from bench.tasks import Task, load_task
 from bench.threads import threads_per_process
+from bench.tracking import check_mode
 from bench.tune import TuneSpec, default_storage
 
 
@@ -170,8 +172,6 @@ ENV_PACKAGES = (
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages whose versions decide the numbers (None: not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     pkgs: dict[str, str | None] = {}
     for p in ENV_PACKAGES:
         try:
@@ -214,6 +214,7 @@ def default_threads(workers: int) -> int:
 def _settings(
     options: MatrixOptions, task: Task, proto: Protocol, preset_ref: str | Path
 ) -> tuple[Any, RunSettings]:
+    # torch (bench.models): only once a matrix is planned, not when bench.protocol is imported
     from bench.models import model_info
 
     pre, preset_path = load_preset(preset_ref)
@@ -246,8 +247,6 @@ def _manifest_ref(path: str | Path, m: Manifest) -> ManifestRef:
 
 def plan_matrix(options: MatrixOptions) -> MatrixPlan:
     """Resolve every input and setting into the list of runs (nothing is trained or written)."""
-    from bench.tracking import check_mode
-
     check_mode(options.wandb)
     task = load_task(options.task)
     out = Path(options.out).resolve()

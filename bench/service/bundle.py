@@ -104,6 +104,7 @@ def read_predictions(
     kind = Path(filename).suffix[1:]
     try:
         if filename.lower().endswith(".parquet"):
+            # pyarrow.parquet is slow to import; only a parquet upload needs it
             import pyarrow.parquet as pq
 
             meta = pq.ParquetFile(src).metadata

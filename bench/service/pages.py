@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bench.io import atomic_path
 from bench.service import db
 from bench.service.host import Host
 
@@ -129,8 +130,6 @@ interval.</p>
 
 def write_page(host: Host) -> Path:
     """Rebuild the static copy of the page (storage/page/index.html), for hosting it elsewhere too."""
-    from bench.io import atomic_path
-
     out = host.page_dir / "index.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

@@ -20,10 +20,19 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.generators.card import read_card, write_card
+from bench.generators.importer import import_synthetic
+from bench.io import write_json
 from bench.leaderboard.checks import service_exclusion
+from bench.manifest import manifest_hash, read_manifest, write_manifest
+from bench.privacy import audit
+from bench.privacy.model import aggregate_figures
+from bench.protocol import MatrixOptions, run_matrix
+from bench.runfolder import RunDir, check_generator_name
 from bench.service import db
 from bench.service.bundle import read_predictions, unpack_bundle
 from bench.service.host import Host, json_safe
+from bench.service.pages import write_page
 from bench.service.sandbox import LIMIT_NAMES, Limits, Outcome, run_limited
 from bench.service.scoring import salt_ids, score_parts
 from bench.service.settings import ServiceSettings
@@ -74,8 +83,6 @@ def _spec_summary(host: Host) -> dict[str, Any]:
 
 def _host_train_manifest(host: Host, out: Path) -> Path:
     """The host's real training rows: what the privacy audit compares the synthetic images with."""
-    from bench.manifest import read_manifest, write_manifest
-
     m = read_manifest(host.settings.real_manifest)
     df = m.df.assign(image=[str(p) for p in m.image_paths()])
     keep = df["split"].astype(str) == "train"
@@ -86,10 +93,6 @@ def _host_train_manifest(host: Host, out: Path) -> Path:
 
 def _privacy(host: Host, synthetic: Path, work: Path) -> dict[str, Any] | None:
     """Memorization of the host's training images; only summary numbers leave this function."""
-    from bench.generators.card import read_card, write_card
-    from bench.manifest import manifest_hash, read_manifest
-    from bench.privacy import audit
-
     p = host.settings.privacy
     if not p.enabled:
         return None
@@ -130,10 +133,6 @@ def _privacy(host: Host, synthetic: Path, work: Path) -> dict[str, Any] | None:
 
 
 def score_synthetic_bundle(host: Host, path: Path, work: Path) -> dict[str, Any]:
-    from bench.generators.card import read_card
-    from bench.generators.importer import import_synthetic
-    from bench.runfolder import check_generator_name
-
     st = host.settings
     root, labels, card = unpack_bundle(path, work / "bundle", st.limits.max_unpacked_bytes)
     gen = check_generator_name(read_card(card).name, "generator card field 'name'")
@@ -146,8 +145,6 @@ def score_synthetic_bundle(host: Host, path: Path, work: Path) -> dict[str, Any]
 
 
 def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> dict[str, Any]:
-    from bench.protocol import MatrixOptions, run_matrix
-
     st = host.settings
     pr = st.protocol
     run = work / "run"
@@ -169,8 +166,6 @@ def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> di
             cache_dir=host.cache,
         )
     )
-    from bench.runfolder import RunDir
-
     regime = pr.regimes[0]
     frames = [
         pd.read_parquet(r.predictions)
@@ -217,8 +212,6 @@ def _exclusion(privacy: dict[str, Any] | None, rules: Any) -> str | None:
 def _model_privacy(host: Host, run: Path) -> dict[str, Any] | None:
     """Membership inference against the models trained on the host's data; only aggregate figures (per run key,
     with intervals) leave this function, never a patient, case or seed."""
-    from bench.privacy.model import aggregate_figures
-
     p = host.settings.privacy
     if not (p.enabled and p.model_audit):
         return None
@@ -234,8 +227,6 @@ def _model_privacy(host: Host, run: Path) -> dict[str, Any] | None:
 
 
 def write_record(host: Host, sub: db.Submission, team: str, result: dict[str, Any]) -> Path:
-    from bench.io import write_json
-
     rec = {
         "submission": sub.id,
         "team": team,
@@ -328,8 +319,6 @@ def _reason(host: Host, job: str, kind: str, outcome: Outcome) -> str | None:
 
 def process(host: Host, job: str, worker: str) -> str:
     """Run one claimed job to its end; returns the status written (or 'lost' when the lease was taken over)."""
-    from bench.service.pages import write_page
-
     beat = _Heartbeat(host, job, worker)
     beat.start()
     work = host.work / f"{job}-{uuid.uuid4().hex[:8]}"

@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.registry import Registry
+from bench.splits import assign_splits
 from bench.tasks import Task
 
 SourceFn = Callable[[Task, Path, dict[str, Any]], pd.DataFrame]
@@ -78,8 +79,6 @@ def pseudonym(value: Any, salt: str) -> str:
 
 def build_manifest(task: Task, root: str | Path, options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Read a dataset through the task's source and return a complete real manifest (absolute image paths)."""
-    from bench.splits import assign_splits
-
     root = Path(root)
     if not root.exists():
         raise BadInput(f"{root}: data root does not exist")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.io import cache_dir
+from bench.phantom import DEFAULTS, params_key, write_phantom
 from bench.sources import pseudonym, register_default_root, register_source
 from bench.tasks import Task
 
@@ -317,8 +318,6 @@ def phantom_home() -> Path:
 
 def phantom_root(params: dict[str, Any] | None = None) -> Path:
     """The phantom export for `params` (patients, slices, size, seed), written on first use."""
-    from bench.phantom import DEFAULTS, params_key, write_phantom
-
     p = {k: int((params or {}).get(k, v)) for k, v in DEFAULTS.items()}
     unknown = sorted(set(params or {}) - set(DEFAULTS))
     if unknown:
