@@ -15,6 +15,10 @@ real-only's external AUROC below its internal test AUROC.
     .venv/bin/python scripts/measure_verdicts.py --draws 10 --work /tmp/verdicts            # about 1.5 h on 2 cores
     .venv/bin/python scripts/measure_verdicts.py --draws 10 --threads 1 2 --work /tmp/verdicts
 
+`--table-only --rejudge` judges every finished draw again with this code's control checks, from the metric table
+and comparisons each draw stored (nothing is retrained or re-bootstrapped), and prints each draw's differences and
+real-holdout's ratio with their intervals (the interval widths the task card quotes).
+
 `--threads 1 2` repeats each draw's matrix, audit and evaluation with 1 and with 2 CPU threads per worker (the data
 and synthetic sets are shared), and counts the verdicts that flip between them: float-level differences must not
 decide a verdict. A cpu draw costs about what the demo's stages up to evaluation cost (8-9 minutes on a quiet
@@ -54,16 +58,34 @@ def _stage(marker_dir: Path, name: str, args: list[str]) -> None:
     marker.write_text("done\n")
 
 
-def verdicts_of(evaluation: Path) -> dict[str, bool | None]:
-    """The demo's verdicts read from one evaluation folder (None: the check was not run)."""
+def verdicts_of(evaluation: Path, rejudge: bool = False) -> dict[str, bool | None]:
+    """The demo's verdicts read from one evaluation folder (None: the check was not run).
+
+    `rejudge`: make the control checks again with this code from the stored metric table and comparisons (no
+    bootstrap is repeated), so a draw measured before a change of a check is judged by the current check;
+    otherwise they are read from summary.json as `evaluate` made them."""
     import pandas as pd
 
     out: dict[str, bool | None] = {}
-    summary = json.loads((evaluation / "summary.json").read_text())
-    for c in summary["controls"]:
+    comps = pd.read_parquet(evaluation / "comparisons.parquet")
+    if rejudge:
+        from bench.evaluation.controls import check_controls, read_privacy, run_controls
+        from bench.runfolder import RunDir
+        from bench.tasks import load_task
+
+        run = evaluation.parent
+        gens = run_controls(run)
+        table = pd.read_parquet(evaluation / "metrics.parquet")
+        task = load_task(RunDir(run).task_file)
+        controls = [
+            c.to_dict() for c in check_controls(table, comps, read_privacy(run, list(gens)), task, gens)
+        ]
+    else:
+        controls = json.loads((evaluation / "summary.json").read_text())["controls"]
+    for c in controls:
         name = f"control {c['control']}: {c['check']}"
         out[name] = None if c["status"] not in ("PASS", "FAIL") else c["status"] == "PASS"
-    cmp = pd.read_parquet(evaluation / "comparisons.parquet")
+    cmp = comps
     cmp = cmp[(cmp["metric"] == "auroc_macro") & (cmp["scope"] == "overall")]
     for gen, regime in TRAILING:
         for split in SPLITS:
@@ -79,6 +101,27 @@ def verdicts_of(evaluation: Path) -> dict[str, bool | None]:
     ].set_index("split")["value"]
     ok = all(s in real.index for s in SPLITS)
     out["real-only external below internal test"] = bool(real["external"] < real["test"]) if ok else None
+    return out
+
+
+def figures_of(evaluation: Path) -> list[str]:
+    """Per comparison the demo states: the paired difference (or ratio) to real-only with its 95% interval."""
+    import pandas as pd
+
+    cmp = pd.read_parquet(evaluation / "comparisons.parquet")
+    cmp = cmp[(cmp["metric"] == "auroc_macro") & (cmp["scope"] == "overall")]
+    out = []
+    for gen, regime, col in (*((g, r, "diff") for g, r in TRAILING), ("real-holdout", "synthetic", "ratio")):
+        for split in SPLITS:
+            row = cmp[(cmp["generator"] == gen) & (cmp["regime"] == regime) & (cmp["split"] == split)]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            lo, hi = ("ci_low", "ci_high") if col == "diff" else ("ratio_ci_low", "ratio_ci_high")
+            out.append(
+                f"{gen} {regime} {col} ({split}): {r[col]:+.3f} [{r[lo]:+.3f}, {r[hi]:+.3f}], "
+                f"width {r[hi] - r[lo]:.3f}"
+            )
     return out
 
 
@@ -187,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--table-only", action="store_true", help="print the table of what WORK holds, run nothing"
     )
+    ap.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="with --table-only: judge every finished draw again from its stored tables with this code's checks",
+    )
     args = ap.parse_args(argv)
     if args.draws < 1 or args.first < 0:
         ap.error("--draws must be at least 1 and --first at least 0")
@@ -195,12 +243,27 @@ def main(argv: list[str] | None = None) -> int:
         for draw in range(args.first, args.first + args.draws):
             print(f"draw {draw} ...", file=sys.stderr, flush=True)
             run_draw(args.work, draw, args.preset, threads, args.workers)
+    if args.rejudge:
+        for f in sorted(args.work.glob("draw-*/verdicts-*.json")):
+            found = json.loads(f.read_text())
+            tag = f.stem.removeprefix("verdicts-")
+            found["verdicts"] = verdicts_of(f.parent / f"run-{tag}" / "evaluation", rejudge=True)
+            f.write_text(json.dumps(found, indent=2) + "\n")
     results = collect(args.work)
     if not results:
         print("no finished draw under", args.work, file=sys.stderr)
         return 1
     print(f"{len({r['draw'] for r in results})} draw(s), preset {args.preset}, work {args.work}\n")
     print(verdict_table(results))
+    print()
+    for r in sorted(results, key=lambda r: (r["draw"], r["threads"] or 0)):
+        ev = (
+            args.work / f"draw-{r['draw']}" / f"run-{'t' + str(r['threads']) if r['threads'] else 'tdefault'}"
+        )
+        if (ev / "evaluation" / "comparisons.parquet").is_file():
+            print(f"draw {r['draw']} ({_setting(r['threads'])}):")
+            for line in figures_of(ev / "evaluation"):
+                print(f"  {line}")
     return 0
 
 

@@ -294,3 +294,26 @@ def test_verdicts_are_read_from_an_evaluation_folder(tmp_path):
     assert v["pca-gmm synthetic below real-only (test)"] is False
     assert v["ddpm synthetic below real-only (test)"] is None
     assert v["real-only external below internal test"] is True
+
+
+def test_rejudged_verdicts_come_from_the_stored_tables_not_the_summary(tmp_path):
+    from test_leaderboard_support import make_run
+
+    from bench.cli import main
+
+    mv = _measure_verdicts()
+    run = make_run(tmp_path / "run", {"good": 2.0, "label-shuffle": 0.0})
+    ev = run / "evaluation"
+    assert main(["evaluate", str(run), "--out", str(ev), "--n-boot", "60"]) == 0
+    name = "control label-shuffle: chance"
+    made = mv.verdicts_of(ev)[name]
+    assert made is not None and mv.verdicts_of(ev, rejudge=True)[name] is made
+    # A summary written under another check says the opposite; judged again from the tables by this code's check,
+    # the verdict is what the tables give.
+    summary = json.loads((ev / "summary.json").read_text())
+    for c in summary["controls"]:
+        if c["control"] == "label-shuffle":
+            c["status"] = "FAIL" if made else "PASS"
+    (ev / "summary.json").write_text(json.dumps(summary))
+    assert mv.verdicts_of(ev)[name] is (not made)
+    assert mv.verdicts_of(ev, rejudge=True)[name] is made
