@@ -179,12 +179,12 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     # Task 3.1.0 (final weights, three paired seeds, t intervals on the seed stage), measured on the phantom's
     # seed-0 draw: pca-gmm -0.145 [-0.238, -0.053] internal, -0.029 [-0.073, 0.015] external (a tie the report
     # gives its detectable difference); ddpm -0.290 [-0.347, -0.232] internal, -0.187 [-0.226, -0.147] external.
-    # Asserted are the verdicts whose margin is several interval half-widths; pca-gmm on the external hospitals is
-    # within one and is not asserted (scripts/measure_verdicts.py counts it over draws).
-    assert pca.loc["test", "ci_high"] < 0, pca.loc["test"].to_dict()
-    assert pca.loc["external", "diff"] < 0, pca.loc["external"].to_dict()
-    for split in ("external", "test"):
-        assert ddpm.loc[split, "ci_high"] < 0, (split, ddpm.loc[split].to_dict())
+    # Asserted are the verdicts that held in every independent draw of the demo's protocol measured
+    # (scripts/measure_verdicts.py, the task card's table): both generators below real-only on the internal test
+    # split. On the external hospitals pca-gmm ties in most draws (point estimate above 0 in one) and ddpm's
+    # interval reached 0 in one draw of seven (-0.059 [-0.214, 0.096]): neither is asserted.
+    for gen in (pca, ddpm):
+        assert gen.loc["test", "ci_high"] < 0, gen.loc["test"].to_dict()
     # Stage timings and the threads they ran with are kept.
     assert summary["seconds"] >= sum(summary["stages"].values()) - 1
     assert summary["threads"]["cores"] >= 1 and summary["threads"]["run_threads_per_worker"] >= 1
