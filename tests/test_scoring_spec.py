@@ -175,13 +175,19 @@ def test_the_build_after_a_submit_finds_its_ranking_replicates(tmp_path, monkeyp
     run = make_run(tmp_path / "run", {"good": 2.0})
     b = make_board(tmp_path / "board")
     assert main(["submit", str(run), "--leaderboard", str(b)]) == 0
-    scored = []
-    real_rep = rank_module.entry_replicates
+    from bench.leaderboard import record as record_module
+
+    scored, validated = [], []
+    real_rep, real_check = rank_module.entry_replicates, record_module.check_record
     monkeypatch.setattr(
         rank_module, "entry_replicates", lambda *a, **k: scored.append(1) or real_rep(*a, **k)
     )
+    monkeypatch.setattr(
+        record_module, "check_record", lambda *a, **k: validated.append(1) or real_check(*a, **k)
+    )
     assert main(["leaderboard", "build", str(b)]) == 0
-    assert scored == []  # every record's replicates were cached by submit
+    # every record's replicates and its schema check were cached by submit
+    assert (scored, validated) == ([], [])
     warm = snapshot(b)
     shutil.rmtree(cache_file().parent)
     assert main(["leaderboard", "build", str(b)]) == 0

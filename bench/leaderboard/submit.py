@@ -45,6 +45,7 @@ from bench.leaderboard.record import (
     new_record_id,
     now_iso,
     redact,
+    remember_valid,
     scrub_local_paths,
 )
 from bench.leaderboard.score import score_all, score_submission
@@ -359,6 +360,7 @@ def write_records(
             for rec in done:
                 write_json(cfg.records_dir / f"{rec['id']}.json", rec, PUBLISHED_MODE)
                 written.append(cfg.records_dir / f"{rec['id']}.json")
+            remember_valid(p for p in written if p.suffix == ".json")
         except BaseException:
             for p in written:
                 with contextlib.suppress(OSError):
