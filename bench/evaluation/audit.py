@@ -16,7 +16,7 @@ import pandas as pd
 from bench.errors import BadInput
 from bench.evaluation.report import Settings, build_report
 from bench.evaluation.run import write_tables
-from bench.evaluation.summary import summary_entry
+from bench.evaluation.summary import summary_entry, summary_header
 from bench.io import atomic_dir, read_table, write_json, write_text
 from bench.metrics.compare import headline_split
 from bench.metrics.evaluate import GROUP_COLUMNS, evaluate_predictions, prepare_predictions
@@ -200,10 +200,4 @@ def audit_summary(table: pd.DataFrame, task: Task, by: Sequence[str]) -> dict[st
                 for m in (f"{primary}_worst", f"{primary}_gap", "equalized_odds_difference", "fnr_gap")
             }
         runs.append(run)
-    return {
-        "task": task.name,
-        "task_version": task.version,
-        "primary_metric": primary,
-        "headline_split": split,
-        "runs": runs,
-    }
+    return {**summary_header(task, primary, split), "runs": runs}

@@ -28,7 +28,7 @@ from bench.generators import Control, ControlCheck, control_of, list_controls
 from bench.io import read_json
 from bench.metrics.compare import auroc_metric, compare_to_baseline, headline_split
 from bench.metrics.evaluate import evaluate_predictions
-from bench.metrics.table import MetricTable
+from bench.metrics.table import MetricTable, number
 from bench.runfolder import BASELINE, RunDir
 from bench.tasks import Task
 
@@ -94,14 +94,6 @@ def read_privacy(run: str | Path, generators: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def _num(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
 def family_level(m: int, alpha: float = FAMILY_ALPHA) -> float:
     """Per-check confidence level of m interval checks at family-wise error `alpha` (Bonferroni)."""
     return 1 - alpha / max(int(m), 1)
@@ -160,15 +152,15 @@ def _one(
             return res(
                 NOT_RUN, f"no privacy audit for {gen} (medsynbench privacy ... --out RUN/privacy/{gen})"
             )
-        rate = _num(audit.get("memorization_rate"))
+        rate = number(audit.get("memorization_rate"))
         flagged = audit.get("flagged") is True
         return res(
             PASS if flagged else FAIL,
             "" if flagged else "the privacy audit did not flag copies of the training images",
             metric="memorization_rate",
             value=rate,
-            ci_low=_num(audit.get("ci_low")),
-            ci_high=_num(audit.get("ci_high")),
+            ci_low=number(audit.get("ci_low")),
+            ci_high=number(audit.get("ci_high")),
         )
     if check.kind == "chance":
         metric = "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
@@ -178,7 +170,7 @@ def _one(
         if t.empty:
             return res(NOT_RUN, f"no {check.regime} run of {gen}", metric=metric, split=split)
         r = t.sort_values("backbone").iloc[0]
-        lo, hi, v = _num(r["ci_low"]), _num(r["ci_high"]), _num(r["value"])
+        lo, hi, v = number(r["ci_low"]), number(r["ci_high"]), number(r["value"])
         if lo is None or hi is None:
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
@@ -203,16 +195,16 @@ def _one(
             )
         r = c.sort_values("backbone").iloc[0]
         if check.kind == "gain_contains_zero":
-            v, lo, hi, target = _num(r["diff"]), _num(r["ci_low"]), _num(r["ci_high"]), 0.0
+            v, lo, hi, target = number(r["diff"]), number(r["ci_low"]), number(r["ci_high"]), 0.0
             metric = f"{primary} diff vs real"
         else:
-            v, lo, hi, target = _num(r["ratio"]), _num(r["ratio_ci_low"]), _num(r["ratio_ci_high"]), 1.0
+            v, lo, hi, target = number(r["ratio"]), number(r["ratio_ci_low"]), number(r["ratio_ci_high"]), 1.0
             metric = f"{primary} ratio to real"
         if lo is None or hi is None:
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        lo, hi = widen(lo, hi, level, _num(r["df"]) if "df" in r.index else None)
+        lo, hi = widen(lo, hi, level, number(r["df"]) if "df" in r.index else None)
         if check.draw_sd and v is not None:
             lo, hi = with_draw(lo, hi, v, check.draw_sd, level)
         ok = _contains(lo, hi, target, check.margin)

@@ -16,29 +16,29 @@ import pandas as pd
 from bench.metrics import core
 from bench.metrics.compare import auroc_metric, headline_split
 from bench.metrics.evaluate import GROUP_COLUMNS
-from bench.metrics.table import MetricTable
+from bench.metrics.table import MetricTable, number
 from bench.runfolder import ARM_KEYS
 from bench.tasks import Task
 
 
-def _num(x: Any) -> float | None:
-    # summary.json keeps full precision and infinities (unlike `MetricTable.estimate`): its files are compared
-    # byte for byte across releases.
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(f) else f
+def summary_header(task: Task, primary: str, split: str) -> dict[str, Any]:
+    """What every summary file (evaluation, audit) opens with: the task, its primary metric and headline split."""
+    return {
+        "task": task.name,
+        "task_version": task.version,
+        "primary_metric": primary,
+        "headline_split": split,
+    }
 
 
 def summary_entry(row: pd.Series | None, extra: Sequence[str] = ()) -> dict[str, Any] | None:
     """A metric-table row as a summary.json entry: value, interval, n, status and the `extra` columns."""
     if row is None:
         return None
-    out = {k: _num(row[k]) for k in ("value", "ci_low", "ci_high")}
+    out = {k: number(row[k]) for k in ("value", "ci_low", "ci_high")}
     out.update(n_cases=int(row["n_cases"]), n_patients=int(row["n_patients"]), status=str(row["status"]))
     for k in extra:
-        out[k] = _num(row[k]) if isinstance(row[k], (int, float, np.floating, np.integer)) else str(row[k])
+        out[k] = number(row[k]) if isinstance(row[k], (int, float, np.floating, np.integer)) else str(row[k])
     return out
 
 
@@ -54,16 +54,16 @@ def _comparison_entries(row: pd.Series) -> tuple[dict[str, Any], dict[str, Any]]
     """`diff_vs_real` and `utility_ratio` of one comparison row."""
     n = {"n_cases": int(row["n_cases"]), "n_patients": int(row["n_patients"]), "status": str(row["status"])}
     diff = {
-        "value": _num(row["diff"]),
-        "ci_low": _num(row["ci_low"]),
-        "ci_high": _num(row["ci_high"]),
-        "p_boot_holm": _num(row["p_boot_holm"]),
+        "value": number(row["diff"]),
+        "ci_low": number(row["ci_low"]),
+        "ci_high": number(row["ci_high"]),
+        "p_boot_holm": number(row["p_boot_holm"]),
         **n,
     }
     ratio = {
-        "value": _num(row["ratio"]),
-        "ci_low": _num(row["ratio_ci_low"]),
-        "ci_high": _num(row["ratio_ci_high"]),
+        "value": number(row["ratio"]),
+        "ci_low": number(row["ratio_ci_low"]),
+        "ci_high": number(row["ratio_ci_high"]),
         **n,
     }
     return diff, ratio
@@ -103,11 +103,4 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
         if c is not None:
             run["diff_vs_real"], run["utility_ratio"] = _comparison_entries(c)
         runs.append(run)
-    return {
-        "task": task.name,
-        "task_version": task.version,
-        "primary_metric": primary,
-        "headline_split": split,
-        "auroc_metric": am,
-        "runs": runs,
-    }
+    return {**summary_header(task, primary, split), "auroc_metric": am, "runs": runs}

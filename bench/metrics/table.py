@@ -25,6 +25,16 @@ def _num(x: Any) -> float | None:
     return round(f, 6) if np.isfinite(f) else None
 
 
+def number(x: Any) -> float | None:
+    """A table cell as a float, None where it is missing or NaN; full precision, infinities kept (summary.json and
+    control results keep numbers as computed; `MetricTable.estimate` rounds for records)."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(f) else f
+
+
 class MetricTable:
     """Read-only view of a metric table (columns `bench.metrics.evaluate.TABLE_COLUMNS`)."""
 
