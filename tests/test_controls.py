@@ -291,6 +291,33 @@ def test_positive_control_allows_the_draw_of_training_patients_and_no_more(ratio
         assert "does not reach 1 even with the draw of training patients (sd 0.04)" in r.reason
 
 
+@pytest.mark.parametrize(
+    ("seed_sd", "status"),
+    [
+        # 0.44 [0.40, 0.48] at 95%, three seeds, checked at 98.3%. Seed part sd^2 / 3; patients' part
+        # (0.04 / 1.96)^2 minus it. seed_sd 0.05: the seeds' part is all of it, half = t_2 7.6488 x 0.02887 =
+        # 0.2208 -> [0.219, 0.661] holds 0.5 (z alone: 0.44 + 0.0489 would not).
+        (0.05, PASS),
+        # seed_sd 0.005: patients' part 0.0004082, half sqrt(2.3940^2 x 0.0004082 + 7.6488^2 x 8.33e-6) = 0.0532
+        # -> upper end 0.4932: a consistent shortfall from chance is still a failure
+        (0.005, FAIL),
+    ],
+)
+def test_chance_check_takes_the_seed_stage_on_t_quantiles_of_its_seeds(seed_sd, status):
+    task = _task(reserve=0.2, train=0.4)
+    table, comps, privacy, gens = _inputs(shuffle_ci=(0.40, 0.48))
+    table["seed_sd"] = seed_sd
+    ls = _row("label-shuffle", "synthetic", "auroc_macro", 0.44, 0, 0, diff=-0.36, n_seeds=3)
+    comps = pd.concat([comps, pd.DataFrame([ls])], ignore_index=True)
+    (r,) = [r for r in check_controls(table, comps, privacy, task, gens) if r.check == "chance"]
+    assert r.status == status, r.to_dict()
+    half = {0.05: 0.2208, 0.005: 0.0532}[seed_sd]
+    assert (r.ci_low, r.ci_high) == pytest.approx((0.44 - half, 0.44 + half), abs=2e-4)
+    # without a seed count (no comparison row for the arm) the check keeps normal quantiles: 0.44 +/- 0.0489
+    (plain,) = [r for r in check_controls(table, _inputs()[1], privacy, task, gens) if r.check == "chance"]
+    assert (plain.status, plain.ci_high) == (FAIL, pytest.approx(0.44 + 0.04 * 2.3940 / 1.9600, abs=1e-4))
+
+
 def test_missing_controls_and_audits_are_not_run_with_a_reason():
     task = Task.model_validate(TINY_TASK)
     table, comps, _, _ = _inputs()

@@ -117,6 +117,56 @@ def with_draw(lo: float, hi: float, value: float, draw_sd: float, level: float) 
     return c - math.hypot(c - lo, e), c + math.hypot(hi - c, e)
 
 
+def seed_t(
+    lo: float, hi: float, value: float, seed_var: float, seed_df: float, level: float, q95: float = 1.959964
+) -> tuple[float, float]:
+    """A 95% interval about `value`, built as value +- `q95` x se, re-made at `level` with its seed stage on t
+    quantiles of `seed_df` degrees of freedom: each half-width h holds the patients' part
+    c = (h / q95)^2 - seed_var and the seeds' part `seed_var` (what the two-stage bootstrap's seed stage adds), and
+    becomes sqrt(z^2 c + t^2 seed_var).
+
+    Why a fixed n - 1 and not the Satterthwaite df: when a run's few seeds happen to agree, their s2 and with it
+    the Satterthwaite df's seed share are small, so the interval is narrowest exactly where s2 underestimates the
+    procedure's seed variance; with n - 1 df the seeds' mean over their own spread is a t statistic whatever s2
+    came out. Measured on the family-wise simulation (docs/STATISTICS.md).
+    """
+    q = 1 - (1 - level) / 2
+    z = float(norm.ppf(q))
+    tq = float(t_dist.ppf(q, max(seed_df, 1.0))) if math.isfinite(seed_df) else z
+    seed_var = max(float(seed_var), 0.0)
+
+    def half(h: float) -> float:
+        common = max(0.0, (h / q95) ** 2 - seed_var)
+        return math.sqrt(z**2 * common + tq**2 * seed_var)
+
+    return value - half(max(value - lo, 0.0)), value + half(max(hi - value, 0.0))
+
+
+def _comparison_at(
+    r: pd.Series, lo: float, hi: float, value: float | None, level: float
+) -> tuple[float, float]:
+    """A comparison's 95% interval (difference or ratio, +- t_df x se) at `level`, its seed stage on `seed_df`
+    (`seed_t`); a table without the seed columns (written before they existed) keeps t_df quantiles throughout."""
+    df, se, seed_se, seed_df = (
+        number(r[k]) if k in r.index else None for k in ("df", "se", "seed_se", "seed_df")
+    )
+    if value is None or se is None or seed_se is None or seed_df is None or not se > 0:
+        return widen(lo, hi, level, df)
+    q95 = float(t_dist.ppf(0.975, max(df, 1.0))) if df is not None and math.isfinite(df) else 1.959964
+    # the ratio's replicates have their own scale: its seed stage keeps the difference's share of the variance
+    own = max(hi - value, value - lo) / q95
+    return seed_t(lo, hi, value, (seed_se / se) ** 2 * own**2, seed_df, level, q95)
+
+
+def _seed_count(comparisons: pd.DataFrame | None, gen: str, regime: str | None, split: str) -> int | None:
+    """Training seeds of an arm, as its comparison with real-only counted them (None without one)."""
+    if comparisons is None or not len(comparisons) or "n_seeds" not in comparisons.columns:
+        return None
+    rows = MetricTable(comparisons).select(generator=gen, regime=regime, split=split, scope="overall")
+    counts = {int(x) for x in rows["n_seeds"] if number(x) is not None}
+    return max(counts) if counts else None
+
+
 def _contains(lo: float | None, hi: float | None, x: float, margin: float = 0.0) -> bool:
     """Whether [lo, hi] reaches the band x +/- margin (with margin 0: contains x)."""
     return lo is not None and hi is not None and lo <= x + margin and hi >= x - margin
@@ -175,7 +225,12 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        lo, hi = widen(lo, hi, level)
+        n = _seed_count(comparisons, gen, check.regime, split)
+        sd = number(r["seed_sd"]) if "seed_sd" in r.index else None
+        if v is not None and sd is not None and n is not None and n >= 2:
+            lo, hi = seed_t(lo, hi, v, sd**2 / n, n - 1, level)
+        else:
+            lo, hi = widen(lo, hi, level)
         ok = _contains(lo, hi, 0.5)
         why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
@@ -204,7 +259,7 @@ def _one(
             return res(
                 NOT_RUN, f"interval undefined ({r.get('reason', '')})", metric=metric, split=split, value=v
             )
-        lo, hi = widen(lo, hi, level, number(r["df"]) if "df" in r.index else None)
+        lo, hi = _comparison_at(r, lo, hi, v, level)
         if check.draw_sd and v is not None:
             lo, hi = with_draw(lo, hi, v, check.draw_sd, level)
         ok = _contains(lo, hi, target, check.margin)

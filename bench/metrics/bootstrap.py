@@ -385,6 +385,9 @@ class SeedDifference:
     seed_var: float  # the seed stage's part of the difference's variance
     se: float  # standard error of the difference: sqrt(patient stage's variance + seed_var)
     paired: bool  # seeds resampled as matched pairs
+    seed_df: float = float(
+        "inf"
+    )  # degrees of freedom of seed_var alone: n - 1 paired, the smaller arm's otherwise
 
     @property
     def expansion(self) -> float:
@@ -447,7 +450,8 @@ def seed_difference(
         raw = float(np.nanvar(ma - mb, ddof=1))
     var_t = max(0.0, raw - sum(c.within / c.n for c in live)) + var_s
     df = var_t**2 / den if den > 0 and np.isfinite(var_t) else float("inf")
-    return SeedDifference(a, b, diff, float(df), float(var_s), float(np.sqrt(var_t)), paired)
+    seed_df = float(min(c.n - 1 for c in live)) if live else float("inf")
+    return SeedDifference(a, b, diff, float(df), float(var_s), float(np.sqrt(var_t)), paired, seed_df)
 
 
 def t_interval(

@@ -18,7 +18,11 @@ the cases both were scored on. Comparison table columns (`COMPARISON_COLUMNS`):
   `reason`;
 - `seed_note`: empty, or `few_seeds: ...` when an arm has fewer than 3 training seeds (`MIN_SEEDS`): the
   interval's seed stage then rests on too few models (one seed: seed variance is missing altogether);
-- `df`: the difference's Satterthwaite degrees of freedom (inf: no seed stage), behind its t interval.
+- `df`: the difference's Satterthwaite degrees of freedom (inf: no seed stage), behind its t interval;
+- `se`: the difference's standard error; `seed_se` the seed stage's part of it (se^2 = patients' part +
+  seed_se^2), known to `seed_df` degrees of freedom (n - 1 seeds, the smaller arm's when unpaired). The control
+  checks use them to take the seed stage on its own t quantiles at their family-wise level
+  (`bench.evaluation.controls`).
 
 Intervals and p-values: the difference +- t_df x its two-stage bootstrap standard error. Each replicate resamples
 patients within site x label strata (shared by both arms, so the comparison is paired), then training seeds:
@@ -79,6 +83,9 @@ COMPARISON_COLUMNS = [
     "reason",
     "seed_note",
     "df",
+    "se",
+    "seed_se",
+    "seed_df",
 ]
 
 
@@ -270,6 +277,9 @@ def _compare_one(
                     reason=reason,
                     seed_note=note,
                     df=sd.df,
+                    se=sd.se,
+                    seed_se=float(np.sqrt(sd.seed_var)),
+                    seed_df=sd.seed_df,
                 )
             )
     return rows
