@@ -70,20 +70,16 @@ class Manifest:
 def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     path = Path(path)
     df = read_table(path)
-    for col in (
-        "case_id",
-        "patient_id",
-        "image",
-        "label",
-        "site",
-        "split",
-        "origin",
-        "generator",
-        "mask_path",
-    ):
+    for col in ("case_id", "patient_id", "image", "label", "site", "split", "origin", "generator"):
         if col in df.columns:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
             df[col] = df[col].map(lambda v: v if v is None else str(v))
+    if "mask_path" in df.columns:  # None (not NaN) where a row has no mask, whatever the file format
+        df["mask_path"] = pd.Series(
+            [str(v) if isinstance(v, str) and v.strip() else None for v in df["mask_path"]],
+            index=df.index,
+            dtype=object,
+        )
     return Manifest(df, root if root is not None else path.resolve().parent, path.resolve())
 
 
