@@ -474,3 +474,22 @@ def test_cache_key_follows_mask_files_and_bad_masks_are_named(seg_manifest, tmp_
     )
     n_bad = int((df["mask_path"] == str(local)).sum())
     assert len(kept) == len(df) - n_bad and kept.masks.shape[0] == len(kept)
+
+
+def test_task_phantom_option_masks(tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load(load_task(TASK).path.read_text())
+    raw["source"]["options"]["phantom"] = {"patients": 6, "slices": 1, "size": 32, "seed": 1, "masks": True}
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "task.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MEDSYNBENCH_DATA", str(tmp_path / "data"))
+    out = tmp_path / "m.parquet"
+    assert main(["data", "manifest", "--task", str(d), "--out", str(out)]) == 0
+    m = read_manifest(out)
+    lesion = m.df["label"] != "normal"
+    assert lesion.any() and m.df.loc[lesion, "mask_path"].notna().all()
+    assert m.df.loc[~lesion, "mask_path"].isna().all()
+    raw["source"]["options"]["phantom"]["masks"] = "yes"
+    (d / "task.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["data", "manifest", "--task", str(d), "--out", str(out)]) == 2
+    assert "phantom.masks" in capsys.readouterr().err

@@ -62,6 +62,7 @@ from bench.imaging.decode import (
 from bench.imaging.loader import CachedLoader
 from bench.imaging.masks import (
     SEG_SOP_CLASSES,
+    SegFile,
     SegHeader,
     class_key,
     geometry_problem,
@@ -70,6 +71,7 @@ from bench.imaging.masks import (
     mask_areas,
     preprocess_mask,
     read_mask,
+    read_seg,
     read_seg_header,
     seg_label_maps,
     segment_values,
@@ -78,6 +80,7 @@ from bench.imaging.masks import (
 __all__ = [
     "FORMATS",
     "SEG_SOP_CLASSES",
+    "SegFile",
     "SegHeader",
     "class_key",
     "geometry_problem",
@@ -86,6 +89,7 @@ __all__ = [
     "mask_areas",
     "preprocess_mask",
     "read_mask",
+    "read_seg",
     "read_seg_header",
     "seg_label_maps",
     "segment_values",

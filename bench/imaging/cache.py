@@ -162,7 +162,10 @@ def _decode_masks(
     """Fill `masks` for every row whose image decoded; a mask that cannot be used marks its row unreadable."""
     images = manifest.image_paths()
     rels = manifest.df["mask_path"].tolist()
-    for i, (img, mask) in enumerate(zip(images, mask_paths(manifest), strict=True)):
+    masks_of = mask_paths(manifest)
+    # Rows of one SEG one after another: each SEG file is then decoded once (seg_label_maps keeps a few).
+    for i in sorted(range(len(images)), key=lambda k: str(masks_of[k] or "")):
+        img, mask = images[i], masks_of[i]
         if not ok[i]:
             continue
         try:

@@ -100,6 +100,10 @@ def read_seg_header(path: str | Path) -> SegHeader:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         raise Unreadable(f"not a readable DICOM file: {type(e).__name__}: {e}") from e
+    return _header(ds, path)
+
+
+def _header(ds: Any, path: Path) -> SegHeader:
     if str(ds.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
         raise Unreadable("not a DICOM Segmentation (SOP Class UID)")
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
@@ -220,13 +224,21 @@ def geometry_problem(head: SegHeader, image: dict[str, Any]) -> str | None:
     return None
 
 
-_segs: OrderedDict[tuple[str, int, int, tuple[str, ...]], dict[str, np.ndarray]] = OrderedDict()
+@dataclass
+class SegFile:
+    """A decoded SEG: its header, and its label maps by source SOP Instance UID or why there are none."""
+
+    head: SegHeader
+    maps: dict[str, np.ndarray] | None
+    error: str | None
+
+
+_segs: OrderedDict[tuple[str, int, int, tuple[str, ...]], SegFile] = OrderedDict()
 _segs_lock = threading.Lock()
 
 
-def seg_label_maps(path: str | Path, classes: list[str]) -> dict[str, np.ndarray]:
-    """Every referenced image's label map in a SEG (uint8 [rows, columns], by source SOP Instance UID). Raises
-    Unreadable for segments naming no class and for overlapping segments of different classes."""
+def read_seg(path: str | Path, classes: list[str]) -> SegFile:
+    """The SEG decoded once per process (the last few are kept: a series' slices are read one after another)."""
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, tuple(classes))
@@ -234,24 +246,39 @@ def seg_label_maps(path: str | Path, classes: list[str]) -> dict[str, np.ndarray
         if key in _segs:
             _segs.move_to_end(key)
             return _segs[key]
-    maps = _decode_seg(path, classes)
+    entry = _decode_seg(path, classes)
     with _segs_lock:
-        _segs[key] = maps
+        _segs[key] = entry
         while len(_segs) > _SEGS_KEPT:
             _segs.popitem(last=False)
-    return maps
+    return entry
 
 
-def _decode_seg(path: Path, classes: list[str]) -> dict[str, np.ndarray]:
+def seg_label_maps(path: str | Path, classes: list[str]) -> dict[str, np.ndarray]:
+    """Every referenced image's label map in a SEG (uint8 [rows, columns], by source SOP Instance UID). Raises
+    Unreadable for segments naming no class and for overlapping segments of different classes."""
+    entry = read_seg(Path(path), classes)
+    if entry.maps is None:
+        raise Unreadable(entry.error or "SEG cannot be used")
+    return entry.maps
+
+
+def _decode_seg(path: Path, classes: list[str]) -> SegFile:
     import highdicom as hd
+    import pydicom
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    head = read_seg_header(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise Unreadable(f"not a readable DICOM file: {type(e).__name__}: {e}") from e
+    head = _header(ds, path)
     values, problems = segment_values(head, classes)
     if problems:
-        raise Unreadable("; ".join(problems))
+        return SegFile(head, None, "; ".join(problems))
     try:
-        seg = hd.seg.segread(path)
+        # The dataset already parsed, handed over rather than read a second time.
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
         numbers = sorted(values)
         uids = list(head.referenced)
         # [images, rows, columns, segments]; a referenced image without a frame reads as empty.
@@ -259,26 +286,26 @@ def _decode_seg(path: Path, classes: list[str]) -> dict[str, np.ndarray]:
             uids, segment_numbers=numbers, combine_segments=False, rescale_fractional=True
         )
     except Exception as e:  # noqa: BLE001 - highdicom raises many types; all mean "this SEG cannot be used"
-        raise Unreadable(f"SEG pixel data cannot be read: {type(e).__name__}: {e}") from e
+        return SegFile(head, None, f"SEG pixel data cannot be read: {type(e).__name__}: {e}")
     on = np.asarray(arr) >= 0.5
     lut = np.array([values[n] for n in numbers], dtype=np.uint8)
     out: dict[str, np.ndarray] = {}
     for i, uid in enumerate(uids):
         frame = on[i]
-        claimed = np.zeros(frame.shape[:2], dtype=np.uint8)
         label = np.zeros(frame.shape[:2], dtype=np.uint8)
         for j, v in enumerate(lut):
             m = frame[..., j]
-            clash = m & (claimed > 0) & (label != v)
+            clash = m & (label > 0) & (label != v)
             if clash.any():
-                raise Unreadable(
+                return SegFile(
+                    head,
+                    None,
                     f"segments of different classes overlap ({int(clash.sum())} pixel(s) of one frame); a label "
-                    "map has one class per pixel"
+                    "map has one class per pixel",
                 )
             label[m] = v
-            claimed |= m.astype(np.uint8)
         out[uid] = label
-    return out
+    return SegFile(head, out, None)
 
 
 def _label_map_file(path: Path, kind: str, n_classes: int) -> np.ndarray:
@@ -332,14 +359,17 @@ def read_mask(image: str | Path, mask: str | Path | None, classes: list[str]) ->
     if kind == "dicom":
         if _sniff(Path(image)) != "dicom":
             raise Unreadable("a DICOM SEG mask needs a DICOM image to reference")
-        head = read_seg_header(mask)
+        entry = read_seg(mask, classes)
+        head = entry.head
         geo = image_geometry(image)
         if geo["uid"] not in head.referenced:
             raise Unreadable("the SEG does not reference this image (its SOP Instance UID)")
         problem = geometry_problem(head, geo)
         if problem:
             raise Unreadable(problem)
-        label = seg_label_maps(mask, classes)[geo["uid"]]
+        if entry.maps is None:
+            raise Unreadable(entry.error or "SEG cannot be used")
+        label = entry.maps[geo["uid"]]
     else:
         label = _label_map_file(mask, kind, len(classes))
     if label.shape != shape:

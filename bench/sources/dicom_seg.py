@@ -25,8 +25,7 @@ from bench.imaging import (
     Unreadable,
     geometry_problem,
     mask_areas,
-    read_seg_header,
-    seg_label_maps,
+    read_seg,
     segment_values,
 )
 from bench.tasks import Task
@@ -59,7 +58,8 @@ def match_masks(
     for seg in segs:
         seg_problems: list[str] = []
         try:
-            head = read_seg_header(seg)
+            entry = read_seg(seg, classes)
+            head = entry.head
         except Unreadable as e:
             problems.append(f"{seg}: {e}")
             continue
@@ -87,11 +87,10 @@ def match_masks(
         if seg_problems:
             problems += seg_problems
             continue
-        try:
-            maps = seg_label_maps(seg, classes)
-        except Unreadable as e:
-            problems.append(f"{seg}: {e}")
+        if entry.maps is None:
+            problems.append(f"{seg}: {entry.error}")
             continue
+        maps = entry.maps
         for row in mine:
             implied[row.path] = task.label_from_mask(mask_areas(maps[row.SOPInstanceUID], len(classes)))
 
