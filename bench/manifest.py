@@ -193,6 +193,7 @@ def validate_manifest(
     if task.is_segmentation:
         problems += _mask_problems(m, task)
     if check_images and "image" in df.columns:
+        readable = []
         for i, rel in df["image"].items():
             if rel is None or pd.isna(rel):
                 continue
@@ -200,9 +201,23 @@ def validate_manifest(
             err = check_readable(p)
             if err:
                 problems.append(f"row {i}: image {str(rel)!r}: {err}")
-            elif task.is_segmentation and "mask_path" in df.columns:
+            else:
+                readable.append((i, p))
+        if task.is_segmentation and "mask_path" in df.columns:
+            # Rows of one SEG one after another, so that each SEG file is decoded once.
+            readable.sort(key=lambda ip: str(df.at[ip[0], "mask_path"] or ""))
+            for i, p in readable:
                 problems += _check_mask(m, task, i, p)
+            problems.sort(key=_row_number)
     return problems
+
+
+def _row_number(problem: str) -> tuple[int, int]:
+    """Problems about rows in row order (the others, about columns, first as they came)."""
+    head = problem.split(":", 1)[0]
+    if head.startswith("row ") and head[4:].isdigit():
+        return (1, int(head[4:]))
+    return (0, 0)
 
 
 def _has_mask(v: object) -> bool:
