@@ -493,3 +493,74 @@ def test_task_phantom_option_masks(tmp_path, monkeypatch, capsys):
     (d / "task.yaml").write_text(yaml.safe_dump(raw))
     assert main(["data", "manifest", "--task", str(d), "--out", str(out)]) == 2
     assert "phantom.masks" in capsys.readouterr().err
+
+
+def _user_seg(images: list[Path], pixels: np.ndarray, labels: list[str], kind: str, out: Path) -> Path:
+    """A SEG as another tool would write it: highdicom, several segments, the given segmentation type."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(p) for p in images]
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=k + 1,
+            segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Mass,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for k, label in enumerate(labels)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=kind,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=7,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="another tool",
+        manufacturer_model_name="x",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    seg.save_as(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["LABELMAP", "BINARY"])
+def test_users_multi_segment_seg_reads_as_label_maps(seg_export, tmp_path, kind):
+    task = load_task(TASK)
+    plan = next(p for p in (plan_patient(SEED, i) for i in range(10)) if p.label == "normal")
+    folder = seg_export / f"PA{plan.index:06d}/ST000000/SE000000"
+    images = sorted(folder.glob("*.dcm"))
+    rng = np.random.default_rng(0)
+    # Two classes (Title Case labels, as a person types them) on the first slice, one on the second, none on the
+    # third: the third slice has no frame in the file and reads as empty.
+    want = np.zeros((3, 48, 48), dtype=np.uint8)
+    want[0, 5:15, 5:20], want[0, 30:40, 30:35], want[1, 20:30, 10:25] = 1, 2, 2
+    want[1][rng.random((48, 48)) < 0.02] = 1
+    if kind == "LABELMAP":
+        pixels = want
+    else:
+        pixels = np.stack([want == 1, want == 2], axis=-1).astype(np.uint8)
+    seg = _user_seg(images, pixels, ["Thymoma", "benign cyst"], kind, tmp_path / "user.dcm")
+    spec = PreprocessSpec(size=48)  # no crop, no resize: the label map as stored
+    for k, img in enumerate(images):
+        got = load_mask(img, seg, spec, task.mask_classes)
+        assert np.array_equal(got, want[k]), k
+    assert task.label_from_mask(np.bincount(want[0].ravel(), minlength=6)[1:]) == "thymoma"
+
+
+def test_overlapping_segments_of_two_classes_are_refused(seg_export, tmp_path):
+    task = load_task(TASK)
+    plan = next(p for p in (plan_patient(SEED, i) for i in range(10)) if p.label == "normal")
+    images = sorted((seg_export / f"PA{plan.index:06d}/ST000000/SE000000").glob("*.dcm"))
+    pixels = np.zeros((3, 48, 48, 2), dtype=np.uint8)
+    pixels[0, 10:20, 10:20, 0] = 1
+    pixels[0, 15:25, 15:25, 1] = 1
+    seg = _user_seg(images, pixels, ["thymoma", "thymic carcinoma"], "BINARY", tmp_path / "overlap.dcm")
+    with pytest.raises(BadInput) as e:
+        load_mask(images[0], seg, PreprocessSpec(size=48), task.mask_classes)
+    assert str(seg) in str(e.value) and "overlap (25 pixel(s)" in str(e.value)

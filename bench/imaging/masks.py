@@ -154,6 +154,8 @@ def segment_values(head: SegHeader, classes: list[str]) -> tuple[dict[int, int],
     keys = {class_key(c): k + 1 for k, c in enumerate(classes)}
     values, problems = {}, []
     for number, label in sorted(head.segments.items()):
+        if number == 0:  # a LABELMAP SEG's background segment
+            continue
         v = keys.get(class_key(label))
         if v is None:
             problems.append(
@@ -161,7 +163,7 @@ def segment_values(head: SegHeader, classes: list[str]) -> tuple[dict[int, int],
             )
         else:
             values[number] = v
-    if not head.segments:
+    if not set(head.segments) - {0}:
         problems.append("the SEG defines no segment")
     return values, problems
 
