@@ -169,8 +169,8 @@ def _decode_masks(
         if not ok[i]:
             continue
         try:
-            label, raw = read_mask(img, mask, classes)
-            masks[i] = preprocess_mask(label, raw, spec)
+            label, grid = read_mask(img, mask, classes)
+            masks[i] = preprocess_mask(label, grid, spec)
         except Unreadable as e:
             reasons[i] = f"mask {rels[i]!s}: {e}"
             ok[i] = False

@@ -34,6 +34,7 @@ from bench.errors import BadInput
 from bench.imaging.decode import (
     PreprocessSpec,
     Unreadable,
+    _pixel_spacing,
     _read_raw,
     _sniff,
     crop_window,
@@ -183,9 +184,17 @@ def image_geometry(path: str | Path) -> dict[str, Any]:
             "PixelSpacing",
             "ImageOrientationPatient",
             "ImagePositionPatient",
+            "SamplesPerPixel",
         ],
     )
+    try:
+        spacing, spacing_error = _pixel_spacing(ds.get("PixelSpacing", None), "PixelSpacing (0028,0030)")
+    except Exception as e:  # noqa: BLE001 - a malformed DS matters only to a crop, as for the image itself
+        spacing, spacing_error = None, f"PixelSpacing (0028,0030) cannot be read ({e})"
     return {
+        "samples": int(ds.get("SamplesPerPixel", 1) or 1),
+        "grid_spacing": spacing,
+        "spacing_error": spacing_error,
         "uid": str(ds.get("SOPInstanceUID", "") or ""),
         "frame_of_reference": str(ds.get("FrameOfReferenceUID", "") or ""),
         "rows": int(ds.get("Rows", 0) or 0),
@@ -348,22 +357,41 @@ def _label_map_file(path: Path, kind: str, n_classes: int) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def read_mask(image: str | Path, mask: str | Path | None, classes: list[str]) -> tuple[np.ndarray, Any]:
-    """The label map of `image` in its own pixel grid, and the image's raw reading (for its preprocessing).
-    `mask` None: an empty label map. Raises Unreadable for a mask that is unreadable, misaligned, or names classes
-    the task does not have."""
-    raw = _read_raw(Path(image))
-    shape = raw.array.shape[:2]
+@dataclass
+class Grid:
+    """What a mask's preprocessing needs of its image: pixel grid, spacing, and whether it is in modality units
+    (only those are cropped)."""
+
+    shape: tuple[int, int]
+    hu: bool
+    spacing: tuple[float, float] | None
+    spacing_error: str | None = None
+
+
+def read_mask(image: str | Path, mask: str | Path | None, classes: list[str]) -> tuple[np.ndarray, Grid]:
+    """The label map of `image` in its own pixel grid, and the image's grid (for its preprocessing). `mask` None:
+    an empty label map. Raises Unreadable for a mask that is unreadable, misaligned, or names classes the task does
+    not have. A DICOM image's grid comes from its header; other images are decoded."""
+    image = Path(image)
+    geo = None
+    if _sniff(image) == "dicom":
+        geo = image_geometry(image)
+        # As the image reader: a grayscale DICOM image is in modality units, a colour one a display image.
+        shape = (geo["rows"], geo["columns"])
+        grid = Grid(shape, geo["samples"] == 1, geo["grid_spacing"], geo["spacing_error"])
+    else:
+        raw = _read_raw(image)
+        shape = raw.array.shape[:2]
+        grid = Grid((shape[0], shape[1]), raw.hu, raw.spacing, raw.spacing_error)
     if mask is None:
-        return np.zeros(shape, dtype=np.uint8), raw
+        return np.zeros(shape, dtype=np.uint8), grid
     mask = Path(mask)
     kind = _sniff(mask)
     if kind == "dicom":
-        if _sniff(Path(image)) != "dicom":
+        if geo is None:
             raise Unreadable("a DICOM SEG mask needs a DICOM image to reference")
         entry = read_seg(mask, classes)
         head = entry.head
-        geo = image_geometry(image)
         if geo["uid"] not in head.referenced:
             raise Unreadable("the SEG does not reference this image (its SOP Instance UID)")
         problem = geometry_problem(head, geo)
@@ -376,17 +404,19 @@ def read_mask(image: str | Path, mask: str | Path | None, classes: list[str]) ->
         label = _label_map_file(mask, kind, len(classes))
     if label.shape != shape:
         raise Unreadable(f"mask is {label.shape[0]}x{label.shape[1]} pixels, image {shape[0]}x{shape[1]}")
-    return label, raw
+    return label, grid
 
 
-def preprocess_mask(label: np.ndarray, raw: Any, spec: PreprocessSpec) -> np.ndarray:
+def preprocess_mask(label: np.ndarray, grid: Grid, spec: PreprocessSpec) -> np.ndarray:
     """A label map through its image's crop and resize (nearest neighbour): uint8 [S, S]."""
     from PIL import Image
 
-    if spec.crop_mm is not None and raw.hu:
-        if raw.spacing is None:
+    if spec.crop_mm is not None and grid.hu:
+        if grid.spacing_error:
+            raise Unreadable(f"the task crops {spec.crop_mm:g} mm, but {grid.spacing_error}")
+        if grid.spacing is None:
             raise Unreadable(f"the task crops {spec.crop_mm:g} mm, but the image has no pixel spacing")
-        rows, cols = crop_window(label.shape, raw.spacing, spec.crop_mm)
+        rows, cols = crop_window(label.shape, grid.spacing, spec.crop_mm)
         label = label[rows, cols]
     if label.shape != (spec.size, spec.size):
         im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L")
@@ -400,8 +430,8 @@ def load_mask(
     """The label map of a manifest row, preprocessed like its image: uint8 [S, S]. Raises BadInput naming the
     mask (or the image) if it cannot be used."""
     try:
-        label, raw = read_mask(image, mask, classes)
-        return preprocess_mask(label, raw, spec)
+        label, grid = read_mask(image, mask, classes)
+        return preprocess_mask(label, grid, spec)
     except Unreadable as e:
         raise BadInput(f"{mask if mask is not None else image}: {e}") from e
 
