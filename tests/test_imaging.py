@@ -582,7 +582,9 @@ def test_cache_reopens_from_disk(tmp_path, tiny_task):
 
 
 @pytest.mark.skipif(HAS_JPEG_LS_DECODER, reason="a JPEG-LS decoder is installed")
-def test_validate_cli_names_undecodable_and_corrupt_images(tiny_manifest, tiny_task_path, capsys, no_pyjpegls):
+def test_validate_cli_names_undecodable_and_corrupt_images(
+    tiny_manifest, tiny_task_path, capsys, no_pyjpegls
+):
     m = read_manifest(tiny_manifest)
     df = m.df.copy()
     shutil.copy(JPEG_LS, m.root / "images" / "jls.dcm")

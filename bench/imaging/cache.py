@@ -163,7 +163,7 @@ def _decode_masks(
     images = manifest.image_paths()
     rels = manifest.df["mask_path"].tolist()
     masks_of = mask_paths(manifest)
-    # Rows of one SEG one after another: each SEG file is then decoded once (seg_label_maps keeps a few).
+    # Rows of one SEG one after another: each SEG file is then decoded once (read_seg keeps a few).
     for i in sorted(range(len(images)), key=lambda k: str(masks_of[k] or "")):
         img, mask = images[i], masks_of[i]
         if not ok[i]:

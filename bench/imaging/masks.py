@@ -81,17 +81,6 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
-def is_seg(path: str | Path) -> bool:
-    """True if the file is a DICOM Segmentation (by SOP Class UID, whatever its name)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # noqa: BLE001 - anything unreadable is not a SEG
-        return False
-    return str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES
-
-
 def read_seg_header(path: str | Path) -> SegHeader:
     """The SEG's references, geometry and segments (headers only). Raises Unreadable."""
     import pydicom
