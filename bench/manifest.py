@@ -1,8 +1,9 @@
 """The manifest contract: one row per image, the unit every later step reads.
 
 Required columns: case_id, patient_id, image, label, site, origin, split; `generator` for synthetic rows; subgroup
-columns as the task names them (`age_group` may be derived from `age`). Image paths are relative to the manifest's
-own folder unless absolute.
+columns as the task names them (`age_group` may be derived from `age`); `mask_path` for a segmentation task (the
+row's mask file, empty for an image without lesion). Image and mask paths are relative to the manifest's own folder
+unless absolute.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BadInput
-from bench.imaging import check_readable
+from bench.imaging import Unreadable, check_readable, mask_areas, read_mask
 from bench.io import read_table, write_table
 from bench.tasks import Task
 
@@ -73,6 +74,12 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         if col in df.columns:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
             df[col] = df[col].map(lambda v: v if v is None else str(v))
+    if "mask_path" in df.columns:  # None (not NaN) where a row has no mask, whatever the file format
+        df["mask_path"] = pd.Series(
+            [str(v) if isinstance(v, str) and v.strip() else None for v in df["mask_path"]],
+            index=df.index,
+            dtype=object,
+        )
     return Manifest(df, root if root is not None else path.resolve().parent, path.resolve())
 
 
@@ -92,6 +99,10 @@ def write_manifest(df: pd.DataFrame, path: str | Path, image_root: str | Path | 
         return os.path.relpath(q.resolve(), base)
 
     out["image"] = out["image"].astype(str).map(rel)
+    if "mask_path" in out.columns:
+        out["mask_path"] = out["mask_path"].map(
+            lambda p: None if p is None or pd.isna(p) or not str(p) else rel(p)
+        )
     return write_table(path, out)
 
 
@@ -179,7 +190,10 @@ def validate_manifest(
         if len(bad):
             problems.append(f"training-site rows marked 'external' (rows {_rows(bad)})")
 
+    if task.is_segmentation:
+        problems += _mask_problems(m, task)
     if check_images and "image" in df.columns:
+        readable = []
         for i, rel in df["image"].items():
             if rel is None or pd.isna(rel):
                 continue
@@ -187,7 +201,55 @@ def validate_manifest(
             err = check_readable(p)
             if err:
                 problems.append(f"row {i}: image {str(rel)!r}: {err}")
+            else:
+                readable.append((i, p))
+        if task.is_segmentation and "mask_path" in df.columns:
+            # Rows of one SEG one after another, so that each SEG file is decoded once.
+            readable.sort(key=lambda ip: str(df.at[ip[0], "mask_path"] or ""))
+            for i, p in readable:
+                problems += _check_mask(m, task, i, p)
+            problems.sort(key=_row_number)
     return problems
+
+
+def _row_number(problem: str) -> tuple[int, int]:
+    """Problems about rows in row order (the others, about columns, first as they came)."""
+    head = problem.split(":", 1)[0]
+    if head.startswith("row ") and head[4:].isdigit():
+        return (1, int(head[4:]))
+    return (0, 0)
+
+
+def _has_mask(v: object) -> bool:
+    return v is not None and not (isinstance(v, float) and pd.isna(v)) and bool(str(v).strip())
+
+
+def _mask_problems(m: Manifest, task: Task) -> list[str]:
+    """A segmentation manifest's mask column: present, and set on every row whose label is a lesion class."""
+    df = m.df
+    if "mask_path" not in df.columns:
+        return [f"column 'mask_path': required for segmentation task {task.name!r}"]
+    has = df["mask_path"].map(_has_mask)
+    empty = task.masks.empty_label if task.masks else None
+    bad = df.index[~has & df["label"].notna() & (df["label"] != empty)] if "label" in df.columns else []
+    if len(bad):
+        return [f"column 'mask_path': rows {_rows(bad)} have a lesion label but no mask"]
+    return []
+
+
+def _check_mask(m: Manifest, task: Task, i: int, image: Path) -> list[str]:
+    """The row's mask opens, lies on its image's pixels, names only mask classes, and implies the row's label."""
+    v = m.df.at[i, "mask_path"]
+    mask = m.image_path(str(v)) if _has_mask(v) else None
+    try:
+        label_map, _ = read_mask(image, mask, task.mask_classes)
+    except Unreadable as e:
+        return [f"row {i}: mask {str(v)!r}: {e}"]
+    implied = task.label_from_mask(mask_areas(label_map, len(task.mask_classes)))
+    label = m.df.at[i, "label"] if "label" in m.df.columns else None
+    if label is not None and not pd.isna(label) and implied != label:
+        return [f"row {i}: label {label!r}, but its mask {str(v)!r} implies {implied!r} (its largest class)"]
+    return []
 
 
 def _rows(idx, limit: int = 20) -> str:

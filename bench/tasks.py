@@ -74,6 +74,30 @@ class Labels(Strict):
         return self
 
 
+class Masks(Strict):
+    """How a segmentation task's masks are read and how an image's label follows from its mask."""
+
+    classes: list[str] = Field(
+        min_length=1,
+        description="mask classes in label-map order: value k in a label map is the k-th class (1-based), 0 is "
+        "background; each is also a label class, and a SEG segment is matched to one by its label",
+    )
+    label_from_mask: Literal["largest"] = Field(
+        "largest", description="`largest`: an image's label is the mask class with the largest area"
+    )
+    empty_label: str = Field(description="the label of an image whose mask is empty (or that has none)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Masks:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be unique")
+        if self.empty_label in self.classes:
+            raise ValueError(f"empty_label {self.empty_label!r} cannot also be a mask class")
+        if len(self.classes) > 254:
+            raise ValueError("at most 254 mask classes (label maps are 8-bit)")
+        return self
+
+
 class Sites(Strict):
     train: list[str] = Field(min_length=1)
     external: list[str] = Field(default_factory=list)
@@ -175,10 +199,15 @@ class Source(Strict):
 class Task(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: str = Field(pattern=r"^\d+(\.\d+){0,2}$")
+    kind: Literal["classification", "segmentation"] = Field(
+        "classification",
+        description="what the downstream model does: classify images, or segment them (needs `masks`)",
+    )
     modality: str
     description: str = ""
     image: ImageSpec = ImageSpec()
     labels: Labels
+    masks: Masks | None = None
     sites: Sites
     splits: Splits = Splits()
     subgroups: Subgroups = Subgroups()
@@ -188,9 +217,51 @@ class Task(Strict):
     # Where the task was loaded from; not part of the YAML.
     path: Path | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _masks_match_kind(self) -> Task:
+        if self.kind == "segmentation":
+            if self.masks is None:
+                raise ValueError("masks: a segmentation task needs a `masks` section (classes, empty_label)")
+            labels = set(self.labels.classes)
+            unknown = [c for c in self.masks.classes if c not in labels]
+            if unknown:
+                raise ValueError(f"masks.classes: {unknown} are not label classes {self.labels.classes}")
+            if self.masks.empty_label not in labels:
+                raise ValueError(
+                    f"masks.empty_label: {self.masks.empty_label!r} is not a label class {self.labels.classes}"
+                )
+            uncovered = sorted(labels - set(self.masks.classes) - {self.masks.empty_label})
+            if uncovered:
+                raise ValueError(
+                    f"masks: label classes {uncovered} can follow from no mask (neither a mask class nor "
+                    "empty_label)"
+                )
+        elif self.masks is not None:
+            raise ValueError("masks: only a task of kind `segmentation` has masks")
+        return self
+
     @property
     def classes(self) -> list[str]:
         return list(self.labels.classes)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.kind == "segmentation"
+
+    @property
+    def mask_classes(self) -> list[str]:
+        """Label-map order: value k is `mask_classes[k - 1]`; empty for a classification task."""
+        return list(self.masks.classes) if self.masks else []
+
+    def label_from_mask(self, areas: Any) -> str:
+        """The image label a mask implies, from its per-class pixel counts (index k-1 for class value k):
+        the class of the largest area, the empty label if there is none (ties: the first class)."""
+        if self.masks is None:
+            raise ValueError(f"task {self.name!r} has no masks")
+        a = np.asarray(areas, dtype=np.int64)
+        if a.size == 0 or a.max() <= 0:
+            return self.masks.empty_label
+        return self.masks.classes[int(np.argmax(a))]
 
     @property
     def all_sites(self) -> list[str]:
@@ -201,8 +272,13 @@ class Task(Strict):
         return self.path.parent if self.path else None
 
     def spec(self) -> dict[str, Any]:
-        """The task as plain data (what a result record pins)."""
-        return self.model_dump(mode="json", exclude={"path"})
+        """The task as plain data (what a result record pins). A classification task's spec leaves out `kind` and
+        `masks`, so its hash is what it was before tasks had kinds."""
+        spec = self.model_dump(mode="json", exclude={"path"})
+        if self.kind == "classification":
+            spec.pop("kind", None)
+            spec.pop("masks", None)
+        return spec
 
     def age_group(self, age: pd.Series) -> pd.Series:
         """Bin ages with the task's edges; missing or unparsable ages become `unknown`."""

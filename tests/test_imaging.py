@@ -31,7 +31,18 @@ from bench.manifest import Manifest, read_manifest, write_manifest
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 # JPEG-LS Lossless: Pillow cannot decode it; only pylibjpeg-libjpeg, gdcm or pyjpegls can.
 JPEG_LS = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
-HAS_JPEG_LS_DECODER = any(importlib.util.find_spec(m) for m in ("libjpeg", "gdcm", "jpeg_ls"))
+# pyjpegls (a highdicom dependency) is hidden from pydicom by `no_pyjpegls`; the other decoders cannot be.
+HAS_JPEG_LS_DECODER = any(importlib.util.find_spec(m) for m in ("libjpeg", "gdcm"))
+
+
+@pytest.fixture
+def no_pyjpegls(monkeypatch):
+    """pydicom as it is without pyjpegls, so the missing-decoder message can be tested where highdicom put it."""
+    from pydicom.pixels import decoders
+
+    for name in ("JPEGLSLosslessDecoder", "JPEGLSNearLosslessDecoder"):
+        d = getattr(decoders, name)
+        monkeypatch.setattr(d, "_available", {k: v for k, v in d._available.items() if k != "pyjpegls"})
 
 
 def spec(size=8, channels=1, kind="uint8", center=None, width=None) -> PreprocessSpec:
@@ -122,7 +133,7 @@ def test_multiframe_uses_middle_frame(tmp_path):
 
 
 @pytest.mark.skipif(HAS_JPEG_LS_DECODER, reason="a JPEG-LS decoder is installed")
-def test_compressed_dicom_without_decoder_names_file_and_decoder(tmp_path):
+def test_compressed_dicom_without_decoder_names_file_and_decoder(tmp_path, no_pyjpegls):
     with pytest.raises(BadInput) as e:
         read_dicom_hu(JPEG_LS)
     msg = str(e.value)
@@ -571,7 +582,9 @@ def test_cache_reopens_from_disk(tmp_path, tiny_task):
 
 
 @pytest.mark.skipif(HAS_JPEG_LS_DECODER, reason="a JPEG-LS decoder is installed")
-def test_validate_cli_names_undecodable_and_corrupt_images(tiny_manifest, tiny_task_path, capsys):
+def test_validate_cli_names_undecodable_and_corrupt_images(
+    tiny_manifest, tiny_task_path, capsys, no_pyjpegls
+):
     m = read_manifest(tiny_manifest)
     df = m.df.copy()
     shutil.copy(JPEG_LS, m.root / "images" / "jls.dcm")

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--masks",
+        action="store_true",
+        help="also write each lesion's mask as a DICOM SEG per series (for segmentation tasks)",
+    )
     p.set_defaults(func=cmd_phantom)
 
 
@@ -46,11 +51,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         overwrite=args.overwrite,
+        masks=args.masks,
     )
     labels = ", ".join(f"{k} {v}" for k, v in sorted(s["label"].items()))
     sites = ", ".join(f"{k} {v}" for k, v in sorted(s["site"].items()))
+    masks = f", {s['masks']} DICOM SEG masks" if args.masks else ""
     print(
-        f"wrote {s['out']}: {s['patients']} patients, {s['images']} DICOM images in {s['seconds']:.1f} s "
+        f"wrote {s['out']}: {s['patients']} patients, {s['images']} DICOM images{masks} in {s['seconds']:.1f} s "
         f"({s['workers']} worker(s))\n  classes: {labels}\n  sites: {sites}"
     )
     return 0

@@ -23,12 +23,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         console.print(yaml.safe_dump(t.spec(), sort_keys=False))
         return 0
     table = Table(title="medsynbench tasks")
-    for col in ("name", "version", "modality", "classes", "train sites", "external sites"):
+    for col in ("name", "version", "kind", "modality", "classes", "train sites", "external sites"):
         table.add_column(col)
     for t in list_tasks():
         table.add_row(
             t.name,
             t.version,
+            t.kind,
             t.modality,
             ", ".join(t.classes),
             ", ".join(t.sites.train),

@@ -26,6 +26,10 @@ field of view.
 
 Images are resized to S x S with an antialiased bilinear filter (aspect ratio is not kept) and quantized to uint8.
 
+A segmentation task's masks (DICOM SEG or label-map files, `bench.imaging.masks`) are read as uint8 label maps in
+their image's pixel grid and go through the same crop and resize, with nearest-neighbour sampling; the cache keeps
+them beside the images (`masks.npy`) and its key then covers every mask file.
+
 The cache is keyed by the manifest's content hash, its image folder, each image file's size and mtime, the
 preprocessing spec and a format version. It holds pixels and the manifest's case ids only: no DICOM header value
 is ever written.
@@ -56,9 +60,39 @@ from bench.imaging.decode import (
     window,
 )
 from bench.imaging.loader import CachedLoader
+from bench.imaging.masks import (
+    SEG_SOP_CLASSES,
+    SegFile,
+    SegHeader,
+    class_key,
+    geometry_problem,
+    image_geometry,
+    load_mask,
+    mask_areas,
+    preprocess_mask,
+    read_mask,
+    read_seg,
+    read_seg_header,
+    seg_label_maps,
+    segment_values,
+)
 
 __all__ = [
     "FORMATS",
+    "SEG_SOP_CLASSES",
+    "SegFile",
+    "SegHeader",
+    "class_key",
+    "geometry_problem",
+    "image_geometry",
+    "load_mask",
+    "mask_areas",
+    "preprocess_mask",
+    "read_mask",
+    "read_seg",
+    "read_seg_header",
+    "seg_label_maps",
+    "segment_values",
     "FORMAT_VERSION",
     "MEMBER_SEP",
     "CachedLoader",

@@ -29,6 +29,7 @@ from bench.imaging.decode import (
     load_image,
     npz_member,
 )
+from bench.imaging.masks import preprocess_mask, read_mask
 from bench.io import cache_dir
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ _PROBE = 16  # images decoded before deciding whether worker processes pay off
 _PARALLEL_MIN_S = 3.0  # estimated serial seconds above which they do (a worker starts in about a second)
 _CHUNK = 64
 _STALE_TMP_S = 24 * 3600
+# Bump whenever a change could change a cached label map.
+MASK_FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -48,7 +51,8 @@ def default_cache_dir() -> Path:
 
 
 class ImageCache:
-    """A built cache: `images` uint8 [N, C, S, S] (memory-mapped), `case_ids`, `skipped` (image, reason)."""
+    """A built cache: `images` uint8 [N, C, S, S] (memory-mapped), `case_ids`, `skipped` (image, reason); for a
+    segmentation task also `masks` uint8 [N, S, S], each image's label map preprocessed like it (else None)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -63,6 +67,15 @@ class ImageCache:
             raise ValueError(
                 f"{self.path}: images {self.images.shape} {self.images.dtype} != index ({n}, {c}, {s}, {s})"
             )
+        self.masks: np.ndarray | None = None
+        if (self.path / "masks.npy").exists():
+            self.masks = np.load(self.path / "masks.npy", mmap_mode="r")
+            if self.masks.shape != (n, s, s) or self.masks.dtype != np.uint8:
+                raise ValueError(
+                    f"{self.path}: masks {self.masks.shape} {self.masks.dtype} != ({n}, {s}, {s})"
+                )
+        elif index.get("mask_classes"):
+            raise ValueError(f"{self.path}: the index names mask classes but masks.npy is missing")
         self._pos = {cid: i for i, cid in enumerate(self.case_ids)}
 
     def __len__(self) -> int:
@@ -98,8 +111,9 @@ class UnknownCase(BadInput, KeyError):
         return BadInput.__str__(self)
 
 
-def cache_key(manifest: Any, spec: PreprocessSpec) -> str:
-    """sha256 of the manifest's content and image files (path, size, mtime), the spec and the format version."""
+def cache_key(manifest: Any, spec: PreprocessSpec, mask_classes: Sequence[str] | None = None) -> str:
+    """sha256 of the manifest's content and image files (path, size, mtime), the spec and the format version; with
+    `mask_classes` (a segmentation task) also of the classes and every mask file."""
     h = hashlib.sha256()
     h.update(f"medsynbench-image-cache\n{FORMAT_VERSION}\n{manifest.sha256}\n{spec.key()}\n".encode())
     for p in manifest.image_paths():
@@ -109,7 +123,57 @@ def cache_key(manifest: Any, spec: PreprocessSpec) -> str:
             h.update(f"{p}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\x1fmissing\n".encode())
+    if mask_classes:
+        h.update(f"masks {MASK_FORMAT_VERSION}\x1f{json.dumps(list(mask_classes))}\n".encode())
+        for q in mask_paths(manifest):
+            try:
+                st = q.stat() if q is not None else None
+                h.update(f"{q}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode() if st else b"-\n")
+            except OSError:
+                h.update(f"{q}\x1fmissing\n".encode())
     return h.hexdigest()
+
+
+def mask_paths(manifest: Any) -> list[Path | None]:
+    """Each row's mask file (`mask_path`, relative to the manifest's folder unless absolute), None where empty."""
+    if "mask_path" not in manifest.df.columns:
+        return [None] * len(manifest.df)
+    out: list[Path | None] = []
+    for v in manifest.df["mask_path"]:
+        if v is None or (isinstance(v, float) and np.isnan(v)) or not str(v).strip():
+            out.append(None)
+        else:
+            out.append(manifest.image_path(str(v)))
+    return out
+
+
+def _mask_classes(task: Any, manifest: Any) -> list[str] | None:
+    if getattr(task, "kind", "classification") != "segmentation":
+        return None
+    if "mask_path" not in manifest.df.columns:
+        where = manifest.path or manifest.root
+        raise BadInput(f"{where}: column 'mask_path' is missing (task {task.name!r} is a segmentation task)")
+    return list(task.mask_classes)
+
+
+def _decode_masks(
+    manifest: Any, spec: PreprocessSpec, classes: list[str], masks: np.ndarray, ok: np.ndarray, reasons: dict
+) -> None:
+    """Fill `masks` for every row whose image decoded; a mask that cannot be used marks its row unreadable."""
+    images = manifest.image_paths()
+    rels = manifest.df["mask_path"].tolist()
+    masks_of = mask_paths(manifest)
+    # Rows of one SEG one after another: each SEG file is then decoded once (read_seg keeps a few).
+    for i in sorted(range(len(images)), key=lambda k: str(masks_of[k] or "")):
+        img, mask = images[i], masks_of[i]
+        if not ok[i]:
+            continue
+        try:
+            label, grid = read_mask(img, mask, classes)
+            masks[i] = preprocess_mask(label, grid, spec)
+        except Unreadable as e:
+            reasons[i] = f"mask {rels[i]!s}: {e}"
+            ok[i] = False
 
 
 def _decode_chunk(
@@ -195,8 +259,9 @@ def build_cache(
     """
     spec = PreprocessSpec.from_task(task, size)
     _check_ids(manifest)
+    classes = _mask_classes(task, manifest)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = cache_key(manifest, spec)
+    key = cache_key(manifest, spec, classes)
     final = root / key
     hit = _open_existing(final)
     if hit is not None:
@@ -243,6 +308,10 @@ def build_cache(
                 for i, img, why in _decode_serial(rest, spec):
                     _store(arr, ok, reasons, i, img, why)
                     advance(1)
+        masks = None
+        if classes is not None:
+            masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, s, s))
+            _decode_masks(manifest, spec, classes, masks, ok, reasons)
         skipped = [(images_col[i], reasons[i]) for i in sorted(reasons)]
         if skipped and not skip_corrupt:
             where = manifest.path or manifest.root
@@ -264,10 +333,18 @@ def build_cache(
             packed.flush()
             del packed, full
             os.replace(tmp / "images.packed.npy", tmp / "images.npy")
+            if masks is not None:
+                masks.flush()
+                kept_masks = np.ascontiguousarray(masks[keep])
+                del masks
+                np.save(tmp / "masks.npy", kept_masks)
             kept_ids = [case_ids[i] for i in keep]
         else:
             arr.flush()
             del arr
+            if masks is not None:
+                masks.flush()
+                del masks
             kept_ids = case_ids
         index = {
             "format": FORMAT_VERSION,
@@ -277,6 +354,7 @@ def build_cache(
             "n": len(kept_ids),
             "case_ids": kept_ids,
             "skipped": skipped,
+            **({"mask_classes": classes} if classes is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         # index.json is written last: a folder holding it is complete.

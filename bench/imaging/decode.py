@@ -535,14 +535,20 @@ def _crop(raw: _Raw, crop_mm: float) -> np.ndarray:
             f"the task crops {crop_mm:g} mm around the centre, so an image in modality units needs its pixel "
             "spacing (DICOM PixelSpacing, or a 'spacing' array in the NPZ), and this one has none"
         )
-    a = raw.array
+    rows, cols = crop_window(raw.array.shape, raw.spacing, crop_mm)
+    return raw.array[rows, cols]
+
+
+def crop_window(shape: tuple[int, ...], spacing: tuple[float, float], crop_mm: float) -> tuple[slice, slice]:
+    """Rows and columns of the centred crop_mm square of an image of `shape` with `spacing` (mm per pixel, rows
+    then columns): what `image.crop_mm` keeps, for the image and, the same pixels, for its mask."""
     out = []
-    for axis, mm in enumerate(raw.spacing):
-        n = a.shape[axis]
+    for axis, mm in enumerate(spacing):
+        n = shape[axis]
         keep = min(n, max(1, int(round(crop_mm / mm))))
         start = (n - keep) // 2
         out.append(slice(start, start + keep))
-    return a[out[0], out[1]]
+    return out[0], out[1]
 
 
 def _load(path: Path, spec: PreprocessSpec) -> np.ndarray:

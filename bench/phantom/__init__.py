@@ -46,6 +46,7 @@ from bench.phantom.write import (
     check_params,
     params_key,
     phantom_phi_values,
+    seg_path,
     series_dir,
     write_phantom,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "phantom_phi_values",
     "plan_patient",
     "render_patient",
+    "seg_path",
     "series_dir",
     "write_phantom",
 ]

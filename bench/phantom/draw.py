@@ -41,8 +41,9 @@ def _gauss_gain(sigma: float) -> float:
 
 def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The series of `plan` in Hounsfield units, float32 [slices, size, size], before quantization, and its
-    geometry (pixel spacing, slice positions, the lesion mask). Written pixels are `round(hu)` clipped to the CT
-    range, minus the site's rescale intercept."""
+    geometry (pixel spacing, slice positions, the lesion body and its visible part `mask`, bool
+    [slices, size, size]). Written pixels are `round(hu)` clipped to the CT range, minus the site's rescale
+    intercept."""
     site = SITE_BY_NAME[plan.site]
     rng = np.random.default_rng([seed, plan.index, 1])
     ce = plan.contrast == "CE"
@@ -123,22 +124,29 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
     # Lesion (painted before bone so the spine keeps its contour).
     lesion = _draw_lesion(hu, plan.label, rng, X, Y, z, s, cav_y, cy_, ce, spacing, shape, slices, site)
 
-    # Spine, sternum, ribs.
+    # Spine, sternum, ribs. What they cover of the lesion is no longer lesion: the mask is what an annotator sees.
+    bone = np.zeros(hu.shape[1:], dtype=bool)
+
+    def paint(m: np.ndarray, v: float) -> None:
+        nonlocal bone
+        hu[np.broadcast_to(m, shape)] = v
+        bone = bone | m[0]
+
     vb_y, vb_r = cav_y + 0.74 * cy_, 15 * s
     vb = _ell(X, Y, 0, vb_y, vb_r, vb_r * 0.9)
-    hu[np.broadcast_to(vb, shape)] = rng.uniform(620, 720)
-    hu[np.broadcast_to(_ell(X, Y, 0, vb_y, vb_r - 2.2, vb_r * 0.9 - 2.2), shape)] = rng.uniform(180, 280)
+    paint(vb, rng.uniform(620, 720))
+    paint(_ell(X, Y, 0, vb_y, vb_r - 2.2, vb_r * 0.9 - 2.2), rng.uniform(180, 280))
     canal_y = vb_y + vb_r * 0.9 + 7 * s
-    hu[np.broadcast_to(_ell(X, Y, 0, canal_y, 7 * s, 6 * s), shape)] = 20.0
+    paint(_ell(X, Y, 0, canal_y, 7 * s, 6 * s), 20.0)
     lam = _ell(X, Y, 0, canal_y + 9 * s, 16 * s, 3.5 * s) & ~_ell(X, Y, 0, canal_y, 8 * s, 7 * s)
-    hu[np.broadcast_to(lam, shape)] = 550.0
-    hu[np.broadcast_to(_ell(X, Y, 0, canal_y + 14 * s, 3.5 * s, 7 * s), shape)] = 520.0  # spinous process
+    paint(lam, 550.0)
+    paint(_ell(X, Y, 0, canal_y + 14 * s, 3.5 * s, 7 * s), 520.0)  # spinous process
     st_y = cav_y - cy_ - 2
-    hu[np.broadcast_to(_ell(X, Y, 0, st_y, 14 * s, 6 * s), shape)] = 520.0
-    hu[np.broadcast_to(_ell(X, Y, 0, st_y, 11 * s, 3.5 * s), shape)] = 190.0
+    paint(_ell(X, Y, 0, st_y, 14 * s, 6 * s), 520.0)
+    paint(_ell(X, Y, 0, st_y, 11 * s, 3.5 * s), 190.0)
     for ang in np.deg2rad([-150, -115, -65, -30, 30, 65, 115, 150]):
         rx, ry = (cx_ + 4) * np.cos(ang), cav_y + (cy_ + 4) * np.sin(ang)
-        hu[np.broadcast_to(_ell(X, Y, rx, ry, 5 * s, 4 * s), shape)] = 600.0
+        paint(_ell(X, Y, rx, ry, 5 * s, 4 * s), 600.0)
 
     # The scanner: reconstruction blur, noise (grows with body size), calibration offset.
     blur = site.sharp_mm / spacing
@@ -151,6 +159,8 @@ def render_patient(plan: PatientPlan, slices: int, size: int, seed: int) -> tupl
         "z": [float(v) for v in (k_idx * -site.thickness_mm)],
         "lesion_area_mm2": [float(a) * spacing * spacing for a in lesion.sum(axis=(1, 2))],
         "lesion": lesion,
+        # The lesion as drawn in the written image (bone painted over it removed): the segmentation mask.
+        "mask": lesion & ~bone[None],
         "hu_offset": site.hu_offset,
     }
     return hu.astype(np.float32), geometry

@@ -48,8 +48,14 @@ def series_dir(plan: PatientPlan) -> str:
     return f"PA{plan.index:06d}/ST000000/SE000000"
 
 
+def seg_path(plan: PatientPlan) -> str:
+    """The patient's lesion mask: a second series of the study, named like an image file (readers find a SEG by
+    its SOP Class, not by its name)."""
+    return f"PA{plan.index:06d}/ST000000/SE000001/IM000001.dcm"
+
+
 def _write_series(
-    out: Path, plan: PatientPlan, slices: int, size: int, seed: int, fast: bool = True
+    out: Path, plan: PatientPlan, slices: int, size: int, seed: int, fast: bool = True, masks: bool = False
 ) -> list[str]:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
@@ -128,6 +134,7 @@ def _write_series(
     folder.mkdir(parents=True, exist_ok=True)
     x0 = -(size - 1) / 2 * spacing
     files = []
+    sources: list[Any] = []
     encoder = None
     for k in range(slices):
         sop = _uid(seed, plan.index, "image", k)
@@ -146,7 +153,112 @@ def _write_series(
         else:
             ds.save_as(path, enforce_file_format=True)
         files.append(str(path.relative_to(out)))
+        if masks:
+            sources.append(_source_header(ds))
+    if masks and geo["mask"].any():
+        files.append(_write_seg(out, plan, sources, geo["mask"], seed, time_s))
     return files
+
+
+# What a SEG copies or checks of its source images (patient, study, series, geometry); the slice's other elements
+# would only cost copying time.
+_SOURCE_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ImageType",
+)
+
+
+def _source_header(ds: Any) -> Any:
+    """The part of one written slice's header a SEG needs of its source image."""
+    from pydicom.dataset import Dataset
+
+    src = Dataset()
+    for kw in _SOURCE_KEYWORDS:
+        if kw in ds:
+            setattr(src, kw, ds.data_element(kw).value)
+    return src
+
+
+def _write_seg(
+    out: Path, plan: PatientPlan, sources: list[Any], mask: np.ndarray, seed: int, time_s: str
+) -> str:
+    """One BINARY DICOM SEG for the series, one segment (the patient's lesion class), one frame per slice that shows
+    lesion, each frame referencing its slice by SOP Instance UID and carrying its plane position."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every attribute it copies
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=plan.label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Mass,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=_uid(seed, plan.index, "seg-series"),
+        series_number=100,
+        sop_instance_uid=_uid(seed, plan.index, "seg"),
+        instance_number=1,
+        manufacturer="medsynbench",
+        manufacturer_model_name="phantom",
+        software_versions=f"phantom {PHANTOM_VERSION}",
+        device_serial_number="0",
+        content_label="LESION",
+        content_description="mediastinal lesion",
+    )
+    # highdicom stamps the creation time and draws a dimension-organization UID; the phantom's files depend on the
+    # seed alone.
+    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = plan.study_date
+    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = time_s
+    dim_uid = _uid(seed, plan.index, "seg-dimensions")
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = dim_uid
+    for item in seg.get("DimensionIndexSequence", []):
+        item.DimensionOrganizationUID = dim_uid
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = plan.study_date + time_s
+    path = out / seg_path(plan)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path, enforce_file_format=True)
+    return str(path.relative_to(out))
 
 
 # Elements that differ between the slices of one series; everything else is encoded once per series.
@@ -210,11 +322,13 @@ class _SliceEncoder:
         return b"\x00" * 128 + b"DICM" + group_len + meta + self._join(self.body, ds)
 
 
-def _write_chunk(out: str, indices: list[int], slices: int, size: int, seed: int) -> list[dict[str, Any]]:
+def _write_chunk(
+    out: str, indices: list[int], slices: int, size: int, seed: int, masks: bool = False
+) -> list[dict[str, Any]]:
     rows = []
     for i in indices:
         plan = plan_patient(seed, i)
-        _write_series(Path(out), plan, slices, size, seed)
+        _write_series(Path(out), plan, slices, size, seed, masks=masks)
         rows.append(
             {
                 "patient_id": plan.patient_id,
@@ -250,11 +364,14 @@ def write_phantom(
     seed: int = DEFAULTS["seed"],
     workers: int | None = None,
     overwrite: bool = False,
+    masks: bool = False,
 ) -> dict[str, Any]:
     """Write the phantom export to `out` (atomically: a temporary folder renamed at the end).
 
     Layout: `PA<index>/ST000000/SE000000/IM<k>.dcm` per patient, `labels.csv` (LABEL_COLUMNS, one row per patient)
-    and `phantom.json` (parameters and version). Returns a summary with counts and the wall time.
+    and `phantom.json` (parameters and version). With `masks`, each patient with a lesion also gets one DICOM SEG
+    (`seg_path`) of its lesion, aligned pixel for pixel with its slices; the images are the same bytes either way.
+    Returns a summary with counts and the wall time.
     """
     check_params(patients, slices, size, seed)
     out = Path(out)
@@ -269,7 +386,7 @@ def write_phantom(
         rows: list[dict[str, Any]] = []
         if workers <= 1 or len(chunks) == 1:
             for ch in chunks:
-                rows += _write_chunk(str(tmp), ch, slices, size, seed)
+                rows += _write_chunk(str(tmp), ch, slices, size, seed, masks)
         else:
             with cf.ProcessPoolExecutor(max_workers=workers) as ex:
                 for part in ex.map(
@@ -279,6 +396,7 @@ def write_phantom(
                     [slices] * len(chunks),
                     [size] * len(chunks),
                     [seed] * len(chunks),
+                    [masks] * len(chunks),
                 ):
                     rows += part
         buf = io.StringIO()
@@ -286,7 +404,9 @@ def write_phantom(
         w.writeheader()
         w.writerows(rows)
         (tmp / "labels.csv").write_text(buf.getvalue(), encoding="utf-8")
-        params = {"patients": patients, "slices": slices, "size": size, "seed": seed}
+        params: dict[str, Any] = {"patients": patients, "slices": slices, "size": size, "seed": seed}
+        if masks:  # absent otherwise, so an export without masks is the bytes it always was
+            params["masks"] = True
         (tmp / "phantom.json").write_text(
             json.dumps({"phantom_version": PHANTOM_VERSION, **params}, indent=2, sort_keys=True) + "\n",
             encoding="utf-8",
@@ -300,6 +420,7 @@ def write_phantom(
         "out": str(out),
         "patients": patients,
         "images": patients * slices,
+        "masks": sum(r["label"] != "normal" for r in rows) if masks else 0,
         "seconds": seconds,
         "workers": workers,
         **counts,
@@ -308,7 +429,9 @@ def write_phantom(
 
 def params_key(params: dict[str, Any]) -> str:
     """Short hash of the phantom parameters and version (names the default-root cache folder)."""
-    p = {k: int(params.get(k, DEFAULTS[k])) for k in DEFAULTS}
+    p: dict[str, Any] = {k: int(params.get(k, DEFAULTS[k])) for k in DEFAULTS}
+    if params.get("masks"):  # only then, so an export without masks keeps its folder
+        p["masks"] = True
     blob = json.dumps({"v": PHANTOM_VERSION, **p}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -4,12 +4,15 @@
 `age`, `contrast` (CE or PL). An empty or missing optional column falls back to the header: InstitutionName,
 PatientSex, PatientAge, and ContrastBolusAgent (present = CE). Only headers are read here (no pixel data).
 
-Each DICOM image file becomes one manifest row. Identifiers are pseudonymized with `pseudonym(..., salt=task.name)`:
+Each DICOM image file becomes one manifest row. For a segmentation task, DICOM SEG files anywhere in the export
+(found by SOP Class UID) are matched to the images they reference (`bench.sources.dicom_seg`): each row gets
+`mask_path` (the SEG file, empty for an image no SEG references) and the label its mask implies. Identifiers are pseudonymized with `pseudonym(..., salt=task.name)`:
 no PatientID, PatientName, birth date or UID reaches the manifest.
 
 With no data root configured, a task whose source options carry `phantom: {patients, slices, size, seed}` uses the
 built-in phantom, written once into the cache (`$MEDSYNBENCH_DATA/phantom/<key>` or
-`~/.cache/medsynbench/phantom/<key>`, or under `$MEDSYNBENCH_CACHE`).
+`~/.cache/medsynbench/phantom/<key>`, or under `$MEDSYNBENCH_CACHE`); `masks: true` adds the lesion masks (a
+different folder, the same images).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.imaging import SEG_SOP_CLASSES
 from bench.io import cache_dir
 from bench.phantom import DEFAULTS, params_key, write_phantom
 from bench.sources import pseudonym, register_default_root, register_source
+from bench.sources.dicom_seg import match_masks
 from bench.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,12 @@ _HEADER_TAGS = [
     "ImagePositionPatient",
     "NumberOfFrames",
     "Rows",
+    "Columns",
     "Modality",
+    "SOPClassUID",
+    "FrameOfReferenceUID",
+    "PixelSpacing",
+    "ImageOrientationPatient",
 ]
 _SKIP_SUFFIXES = {
     ".csv",
@@ -143,8 +153,11 @@ def read_labels(path: Path, classes: list[str]) -> pd.DataFrame:
     return df
 
 
-def scan_headers(root: Path, skip: set[Path] | None = None) -> tuple[pd.DataFrame, int]:
-    """One row per DICOM image file under `root` (headers only) and the number of non-DICOM files skipped."""
+def scan_headers(
+    root: Path, skip: set[Path] | None = None, segs: list[Path] | None = None
+) -> tuple[pd.DataFrame, int]:
+    """One row per DICOM image file under `root` (headers only) and the number of other files skipped. DICOM
+    Segmentations (by SOP Class UID) are no images: they are appended to `segs` when given, else skipped."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -164,6 +177,12 @@ def scan_headers(root: Path, skip: set[Path] | None = None) -> tuple[pd.DataFram
                 log.debug("skipping %s: not a DICOM file (%s)", p, e)
                 skipped += 1
                 continue
+            if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:
+                if segs is not None:
+                    segs.append(p.resolve())
+                else:
+                    skipped += 1
+                continue
             if "Rows" not in ds:  # DICOMDIR, structured reports, presentation states: no image
                 skipped += 1
                 continue
@@ -181,9 +200,27 @@ def scan_headers(root: Path, skip: set[Path] | None = None) -> tuple[pd.DataFram
                     "InstanceNumber": _num(ds.get("InstanceNumber")),
                     "z": _num(ipp[2]) if ipp is not None and len(ipp) == 3 else None,
                     "frames": int(_num(ds.get("NumberOfFrames")) or 1),
+                    # Geometry, for aligning masks (read here, so no image is opened twice).
+                    "FrameOfReferenceUID": str(ds.get("FrameOfReferenceUID", "") or ""),
+                    "Rows": int(_num(ds.get("Rows")) or 0),
+                    "Columns": int(_num(ds.get("Columns")) or 0),
+                    "PixelSpacing": _nums(ds.get("PixelSpacing")),
+                    "ImageOrientationPatient": _nums(ds.get("ImageOrientationPatient")),
+                    "ImagePositionPatient": _nums(ipp),
                 }
             )
     return pd.DataFrame(rows), skipped
+
+
+def _nums(v: Any) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    try:
+        return tuple(
+            float(x) for x in (v if not isinstance(v, str | bytes) and hasattr(v, "__len__") else [v])
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def _num(v: Any) -> float | None:
@@ -202,7 +239,8 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
     if not labels_path.is_absolute():
         labels_path = root / labels_path
     labels = read_labels(labels_path, task.classes)
-    headers, skipped = scan_headers(root, skip={labels_path})
+    segs: list[Path] | None = [] if task.is_segmentation else None
+    headers, skipped = scan_headers(root, skip={labels_path}, segs=segs)
     if headers.empty:
         raise BadInput(f"{root}: no DICOM image files found (expected one folder per patient/study/series)")
     if skipped:
@@ -243,6 +281,11 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
 
     lab = labels.set_index("patient_id")
     df = headers.join(lab, on="PatientID")
+    masks: dict[str, tuple[str | None, str]] = {}
+    if segs is not None:
+        masks, problems = match_masks(task, df, segs, labels_path)
+        if problems:
+            raise BadInput(f"{root}: the DICOM images and their masks (DICOM SEG) do not match", problems)
     out_rows = []
     for r in df.itertuples(index=False):
         site = (getattr(r, "site", "") or "") or r.InstitutionName
@@ -274,6 +317,10 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
                 "_order": r.z if r.z is not None else r.InstanceNumber,
             }
         )
+        if segs is not None:
+            # The image's label follows from its mask; the SEG's path addresses it (its frames are found by the
+            # image's own SOP Instance UID, so no UID enters the manifest).
+            out_rows[-1]["mask_path"], out_rows[-1]["label"] = masks[r.path]
     if problems:
         raise BadInput(f"{root}: {len(problems)} problem(s)", sorted(set(problems)))
     out = pd.DataFrame(out_rows)
@@ -282,6 +329,10 @@ def dicom_source(task: Task, root: Path, options: dict[str, Any]) -> pd.DataFram
     out = out.sort_values(["patient_id", "_series", "_order", "image"], ascending=[True, True, False, True])
     out["slice"] = out.groupby(["patient_id", "_series"]).cumcount().astype(int)
     out["age"] = pd.to_numeric(out["age"], errors="coerce")
+    if "mask_path" in out.columns:  # None, not NaN, where an image has no mask
+        out["mask_path"] = pd.Series(
+            [p if isinstance(p, str) else None for p in out["mask_path"]], index=out.index, dtype=object
+        )
     return out.drop(columns=["_series", "_order"]).reset_index(drop=True)
 
 
@@ -317,11 +368,18 @@ def phantom_home() -> Path:
 
 
 def phantom_root(params: dict[str, Any] | None = None) -> Path:
-    """The phantom export for `params` (patients, slices, size, seed), written on first use."""
-    p = {k: int((params or {}).get(k, v)) for k, v in DEFAULTS.items()}
-    unknown = sorted(set(params or {}) - set(DEFAULTS))
+    """The phantom export for `params` (patients, slices, size, seed; `masks: true` adds each lesion's DICOM SEG),
+    written on first use."""
+    p: dict[str, Any] = {k: int((params or {}).get(k, v)) for k, v in DEFAULTS.items()}
+    known = [*DEFAULTS, "masks"]
+    unknown = sorted(set(params or {}) - set(known))
     if unknown:
-        raise BadInput(f"source option 'phantom': unknown key(s) {unknown} (known: {sorted(DEFAULTS)})")
+        raise BadInput(f"source option 'phantom': unknown key(s) {unknown} (known: {sorted(known)})")
+    masks = (params or {}).get("masks", False)
+    if not isinstance(masks, bool):
+        raise BadInput(f"source option 'phantom.masks': must be true or false, got {masks!r}")
+    if masks:
+        p["masks"] = True
     root = phantom_home() / params_key(p)
     if not (root / "labels.csv").is_file():
         log.info("writing the built-in phantom (%s) to %s", ", ".join(f"{k}={v}" for k, v in p.items()), root)
