@@ -192,8 +192,8 @@ def _compare_one(
     # seed k of both arms: the same initialisation and batch order (common random numbers) -> resample pairs
     paired = [v.seed for v in vc] == [v.seed for v in vb]
     streams = (stream_id(_arm_name(key)), stream_id(f"{BASELINE}|{BASELINE_REGIME}|{key['backbone']}"))
-    sc = _seed_scores(vc)
-    sb = _seed_scores(vb)
+    # binary-view scores per seed, for DeLong's test on `auroc` only
+    sc, sb = (_seed_scores(vc), _seed_scores(vb)) if "auroc" in names else (None, None)
     note = seed_note(len(vc), len(vb))
     rows = []
     for cell in cells:
@@ -203,7 +203,7 @@ def _compare_one(
             pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique()
         )
         for m in names:
-            metric = core.get_metric(m, engine.task.classes)
+            metric = core.get_metric(m, engine.classes)
             (pc, xc), (pb, xb) = rc[(cell, m)], rb[(cell, m)]
             val, _ = _mean_sd(pc)
             bval, _ = _mean_sd(pb)
