@@ -88,9 +88,13 @@ def count_matrix(
     per = max(1, _CHUNK_PIXELS // max(t[0].size, 1))
     for a in range(0, n, per):
         b = min(n, a + per)
-        out[a:b, :, :3] = _pixel_counts(t[a:b], p[a:b], n_classes)
+        pix = _pixel_counts(t[a:b], p[a:b], n_classes)
+        out[a:b, :, :3] = pix
         for k in range(n_classes):
-            out[a:b, k, 3:] = _lesion_counts(t[a:b] == k + 1, p[a:b] == k + 1, iou_threshold, connectivity)
+            # only images where the class is in the truth or the prediction can hold its lesions
+            has = a + np.flatnonzero(pix[:, k].any(axis=1))
+            if len(has):
+                out[has, k, 3:] = _lesion_counts(t[has] == k + 1, p[has] == k + 1, iou_threshold, connectivity)
     return out.reshape(n, -1)
 
 
@@ -111,10 +115,20 @@ def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int, np.nda
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, connectivity)
     lab, n = ndimage.label(mask, structure)
-    image = np.zeros(n + 1, dtype=np.int64)
-    z = np.nonzero(lab)[0]
-    image[lab[lab > 0]] = z
-    return lab, n, image[1:]
+    flat = lab.reshape(len(lab), -1)
+    last = flat.max(axis=1)
+    first = np.where(flat > 0, flat, n + 1).min(axis=1)
+    prev = np.maximum.accumulate(np.concatenate([[0], last[:-1]]))
+    present = last > 0
+    if np.array_equal(first[present], prev[present] + 1):
+        # labels run image by image (scipy numbers components in scan order): image j holds labels
+        # prev[j] + 1 .. last[j], found by one search instead of a pass over every labelled pixel
+        image = np.searchsorted(np.maximum.accumulate(last), np.arange(1, n + 1), side="left")
+    else:
+        image = np.zeros(n + 1, dtype=np.int64)
+        image[lab[lab > 0]] = np.nonzero(lab)[0]
+        image = image[1:]
+    return lab, n, image.astype(np.int64)
 
 
 def _lesion_counts(t: np.ndarray, p: np.ndarray, thr: float, connectivity: int) -> np.ndarray:
