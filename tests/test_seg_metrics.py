@@ -346,6 +346,25 @@ def test_metric_table_per_site_and_subgroup_from_counts(task):
     assert row["n_patients"] == s1["patient_id"].nunique()
 
 
+def test_a_class_never_segmented_is_undefined_not_perfect(task):
+    counts = seg_counts(3, {("none", "real"): 0.9}, n_pat=20)
+    cyst = {f"{s}_cyst": 0.0 for s in STATS}  # a fourth mask class no case holds or predicts
+    table = evaluate_segmentation(
+        counts.assign(**cyst), task, classes=[*CLASSES, "cyst"], n_boot=50, n_perm=0
+    )
+    row = table[(table["metric"] == "dice_cyst") & (table["scope"] == "overall")].iloc[0]
+    assert row["status"] == "undefined" and np.isnan(row["value"])
+    assert row["reason"] == "class absent from truth and prediction in these cases"
+    macro = table[
+        (table["metric"] == "dice_macro") & (table["scope"] == "overall") & (table["split"] == "test")
+    ]
+    plain = evaluate_segmentation(counts, task, classes=CLASSES, n_boot=50, n_perm=0)
+    same = plain[
+        (plain["metric"] == "dice_macro") & (plain["scope"] == "overall") & (plain["split"] == "test")
+    ]
+    assert macro["value"].iloc[0] == pytest.approx(same["value"].iloc[0])
+
+
 def test_classification_tables_keep_their_metrics(task):
     from bench.metrics.simulate import simulate_predictions
 

@@ -82,7 +82,9 @@ def prepare_counts(
     M = C.to_numpy(float)
     if "y_true" in df.columns:
         df["y_true"] = df["y_true"].astype(str)
-        df["_y"] = pd.Categorical(df["y_true"]).codes.astype(np.int64)
+        known = set(df["y_true"]) <= set(task.classes)
+        cats = list(task.classes) if known else sorted(set(df["y_true"]))
+        df["_y"] = pd.Categorical(df["y_true"], categories=cats).codes.astype(np.int64)
     else:
         df["_y"] = true_label(M, len(classes))
     area = sum(M[:, ccols.index(f"{s}_{c}")] for c in classes for s in ("tp", "fn"))

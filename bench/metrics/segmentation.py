@@ -94,7 +94,9 @@ def count_matrix(
             # only images where the class is in the truth or the prediction can hold its lesions
             has = a + np.flatnonzero(pix[:, k].any(axis=1))
             if len(has):
-                out[has, k, 3:] = _lesion_counts(t[has] == k + 1, p[has] == k + 1, iou_threshold, connectivity)
+                out[has, k, 3:] = _lesion_counts(
+                    t[has] == k + 1, p[has] == k + 1, iou_threshold, connectivity
+                )
     return out.reshape(n, -1)
 
 
