@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import core
+from bench.metrics import core, segmentation
 from bench.metrics.bootstrap import (
     holm,
     seed_difference,
@@ -232,6 +232,8 @@ def _compare_one(
                     (v.threshold_reason for v in vc + vb if v.threshold_reason),
                     "metric undefined for these cases",
                 )
+                if metric.task_kind == "segmentation":
+                    reason = segmentation.undefined_reason(m)
                 lo = hi = p_boot = np.nan
             elif small:
                 # no interval or test for too small a group (see the metric table)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import core
+from bench.metrics import core, segmentation
 from bench.metrics.bootstrap import (
     bca_interval,
     chunks,
@@ -116,7 +116,7 @@ def _table_rows(
                     if absent:
                         why = f"no cases of {', '.join(absent)} (macro AUROC is over the task's classes)"
                 if why is None and metric.task_kind == "segmentation":
-                    why = "class absent from truth and prediction in these cases"
+                    why = segmentation.undefined_reason(metric.name)
                 notes.append(why or "metric undefined for these cases")
                 lo = hi = float("nan")
                 used = 0

@@ -223,6 +223,13 @@ def true_label(counts: Any, n_classes: int) -> np.ndarray:
     return np.where(area.sum(axis=1) > 0, area.argmax(axis=1) + 1, 0).astype(np.int64)
 
 
+def undefined_reason(metric: str) -> str:
+    """Why a segmentation metric has no value for a group of cases (it is NaN only for these reasons)."""
+    if metric == "instance_dice":
+        return "no true lesion in these cases"
+    return "class absent from truth and prediction in these cases"
+
+
 # --------------------------------------------------------------------------------------------- kernels
 
 
