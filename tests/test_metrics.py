@@ -123,6 +123,7 @@ def test_registry_directions_and_unknown_names():
         "lesion_f1_macro": True,
         "lesion_f1_<class>": True,
         "instance_dice": True,
+        "hd95_macro": False,
     }
     assert get_metric("auroc_disc", classes=["blank", "disc"]).higher_is_better
     with pytest.raises(KeyError, match="unknown metric"):

@@ -146,6 +146,34 @@ def test_pixel_counts_and_case_dice_match_monai_and_brute_force():
         assert np.nanmean(mine[:, 0]) != pytest.approx(pooled[0])
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecation inside get_mask_edges
+def test_hd95_matches_monai_where_defined():
+    torch = pytest.importorskip("torch")
+    from monai.metrics import compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    rng = np.random.default_rng(95)
+    t = random_maps(rng, 16, blobs=4)
+    p = perturb(rng, t)
+    p[0] = 0  # truth without prediction: undefined
+    C = count_matrix(t, p, K).reshape(len(t), K, len(STATS))
+    mine = C[..., STATS.index("hd95")]
+    yt = one_hot(torch.as_tensor(t[:, None].astype(np.int64)), K + 1)
+    yp = one_hot(torch.as_tensor(p[:, None].astype(np.int64)), K + 1)
+    with pytest.warns(UserWarning):  # MONAI warns of the empty masks it scores inf or nan
+        monai = compute_hausdorff_distance(yp, yt, include_background=False, percentile=95).numpy()
+    present_t = (t[:, None] == np.arange(1, K + 1)[None, :, None, None]).any(axis=(2, 3))
+    present_p = (p[:, None] == np.arange(1, K + 1)[None, :, None, None]).any(axis=(2, 3))
+    defined = present_t & present_p
+    assert defined.sum() > 10 and (~defined).any()
+    np.testing.assert_allclose(mine[defined], monai[defined], rtol=1e-5)
+    assert np.isnan(mine[~defined]).all()
+    # the macro metric: per class, the mean over cases where it is defined, then over classes
+    per_class = [np.nanmean(mine[:, k]) for k in range(K) if defined[:, k].any()]
+    assert get_metric("hd95_macro")(C.reshape(len(t), -1), None) == pytest.approx(np.mean(per_class))
+    assert np.isnan(count_matrix(t, p, K, hd95=False).reshape(len(t), K, len(STATS))[..., 7]).all()
+
+
 @pytest.mark.parametrize("thr", [0.5, 0.1])
 def test_lesion_counts_match_a_brute_force_matcher(thr):
     rng = np.random.default_rng(5)
@@ -154,7 +182,7 @@ def test_lesion_counts_match_a_brute_force_matcher(thr):
     C = count_matrix(t, p, K, iou_threshold=thr).reshape(len(t), K, len(STATS))
     for i in range(len(t)):
         for k in range(K):
-            ltp, lfp, lfn, idice = C[i, k, 3:]
+            ltp, lfp, lfn, idice = C[i, k, 3:7]
             bt = brute_lesions(t[i], p[i], k + 1, thr)
             assert (ltp, lfp, lfn) == bt[:3]
             assert idice == pytest.approx(bt[3])
@@ -222,7 +250,7 @@ def test_count_table_layout_and_bad_maps():
     cases = pd.DataFrame({"case_id": list("abcd")})
     tab = count_table(t, t, CLASSES, cases)
     assert list(tab.columns) == ["case_id", *count_columns(CLASSES)]
-    assert count_columns(CLASSES)[:7] == [f"{s}_disc" for s in STATS]
+    assert count_columns(CLASSES)[: len(STATS)] == [f"{s}_disc" for s in STATS]
     assert tab.attrs["version"] == COUNTS_VERSION
     with pytest.raises(BadInput, match="values must be integers 0..3"):
         count_matrix(t, t + 4, K)
@@ -243,6 +271,7 @@ def test_segmentation_metrics_are_listed_for_segmentation_tasks_only():
         "lesion_f1_macro",
         *(f"lesion_f1_{c}" for c in CLASSES),
         "instance_dice",
+        "hd95_macro",
     ]
     assert not set(seg) & set(metric_names(CLASSES))
     assert all(m.task_kind == "classification" for m in metric_specs())
@@ -348,7 +377,7 @@ def test_metric_table_per_site_and_subgroup_from_counts(task):
 
 def test_a_class_never_segmented_is_undefined_not_perfect(task):
     counts = seg_counts(3, {("none", "real"): 0.9}, n_pat=20)
-    cyst = {f"{s}_cyst": 0.0 for s in STATS}  # a fourth mask class no case holds or predicts
+    cyst = {f"{s}_cyst": 0.0 for s in STATS} | {"hd95_cyst": np.nan}  # a class no case holds or predicts
     table = evaluate_segmentation(
         counts.assign(**cyst), task, classes=[*CLASSES, "cyst"], n_boot=50, n_perm=0
     )

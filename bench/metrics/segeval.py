@@ -66,7 +66,10 @@ def prepare_counts(
         raise BadInput(f"{source}: missing column(s): {', '.join(missing)}")
     problems = []
     C = df[ccols].apply(pd.to_numeric, errors="coerce")
-    bad = (C.isna() | (C < 0)).any(axis=1).to_numpy()
+    # HD95 is empty where a class is missing from truth or prediction; counts are never missing
+    exact = [c for c in ccols if not c.startswith("hd95_")]
+    unreadable = (df[ccols].notna() & C.isna()).any(axis=1)
+    bad = (C[exact].isna().any(axis=1) | (C < 0).any(axis=1) | unreadable).to_numpy()
     if bad.any():
         problems.append(describe_rows(df, bad, "a count is missing, not a number or negative"))
     dup = df.duplicated([*RUN_KEYS, "case_id"], keep=False).to_numpy()

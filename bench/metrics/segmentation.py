@@ -18,6 +18,9 @@ Count table (version `COUNTS_VERSION`), one row per case, for each mask class `<
   (two small predictions over one true lesion) or a merged one (one prediction over two true lesions) then counts
   as missed plus false positives unless one part still exceeds the threshold.
 - `idice_<c>`: the sum of the Dice of the matched lesion pairs (an unmatched true lesion contributes 0).
+- `hd95_<c>`: the case's 95th-percentile Hausdorff distance of the class in pixels, as MONAI's
+  `compute_hausdorff_distance(percentile=95)` defines it (edges: the mask minus its erosion; the larger of the two
+  directed 95th percentiles of edge-to-edge distances); NaN unless the class is in both truth and prediction.
 
 Metrics (pooled over the cases and patient multiplicities of a group or bootstrap replicate):
 
@@ -27,6 +30,7 @@ Metrics (pooled over the cases and patient multiplicities of a group or bootstra
 - `lesion_f1_<c>` = 2 ltp / (2 ltp + lfp + lfn), `lesion_f1_macro` its mean over defined classes.
 - `instance_dice` = sum of matched-lesion Dice / number of true lesions, over every class: each true lesion
   counts once, a missed one with Dice 0 (false-positive lesions do not enter; `lesion_f1` penalises them).
+- `hd95_macro`: per class, the mean HD95 over the cases where it is defined; then the mean over classes with any.
 
 Why pooled: most cases have an empty mask or one small lesion, so a per-case Dice is 0, 1 or undefined on most
 cases and its mean is dominated by how empty cases are counted. Pooled Dice weighs each pixel once. The per-case mean
@@ -47,7 +51,7 @@ from bench.errors import BadInput
 from bench.metrics.core import Kernel, Metric, _matmul_kernel, _nanmean_rows, _safe_div, register_metric
 
 COUNTS_VERSION = "seg-counts/1"
-STATS: tuple[str, ...] = ("tp", "fp", "fn", "ltp", "lfp", "lfn", "idice")
+STATS: tuple[str, ...] = ("tp", "fp", "fn", "ltp", "lfp", "lfn", "idice", "hd95")
 IOU_THRESHOLD = 0.5
 CONNECTIVITY = 2  # 8-neighbours in 2-D: a lesion touching itself diagonally is one lesion
 _CHUNK_PIXELS = 8_000_000  # pixels per batch of images (int64 codes: 64 MB)
@@ -80,8 +84,11 @@ def count_matrix(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     connectivity: int = CONNECTIVITY,
+    hd95: bool = True,
 ) -> np.ndarray:
-    """(cases, n_classes x len(STATS)) counts of stacks of label maps (n, H, W), in `count_columns` order."""
+    """(cases, n_classes x len(STATS)) counts of stacks of label maps (n, H, W), in `count_columns` order.
+
+    `hd95=False` leaves the HD95 columns NaN (undefined) and skips the distance transforms."""
     t, p = _check_maps(true_maps, pred_maps, n_classes)
     n = t.shape[0]
     out = np.zeros((n, n_classes, len(STATS)))
@@ -94,10 +101,31 @@ def count_matrix(
             # only images where the class is in the truth or the prediction can hold its lesions
             has = a + np.flatnonzero(pix[:, k].any(axis=1))
             if len(has):
-                out[has, k, 3:] = _lesion_counts(
+                out[has, k, 3:7] = _lesion_counts(
                     t[has] == k + 1, p[has] == k + 1, iou_threshold, connectivity
                 )
+    out[:, :, 7] = np.nan
+    if hd95:
+        both = (out[:, :, 0] + out[:, :, 2] > 0) & (out[:, :, 0] + out[:, :, 1] > 0)
+        for i, k in zip(*np.nonzero(both), strict=True):
+            out[i, k, 7] = _hd95(t[i] == k + 1, p[i] == k + 1)
     return out.reshape(n, -1)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _hd95(t: np.ndarray, p: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance of two non-empty 2-D masks, on their union's bounding box
+    padded by a background pixel (erosion then sees background outside the image, as on the full map)."""
+    ys, xs = np.nonzero(t | p)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    et = _edges(np.pad(t[box], 1))
+    ep = _edges(np.pad(p[box], 1))
+    d_pt = ndimage.distance_transform_edt(~et)[ep]
+    d_tp = ndimage.distance_transform_edt(~ep)[et]
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
 
 
 def _pixel_counts(t: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
@@ -173,6 +201,7 @@ def case_counts(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     connectivity: int = CONNECTIVITY,
+    hd95: bool = True,
 ) -> dict[str, np.ndarray]:
     """One case's counts: {stat: array over the mask classes 1..n_classes} for every stat of `STATS`."""
     row = count_matrix(
@@ -181,6 +210,7 @@ def case_counts(
         n_classes,
         iou_threshold=iou_threshold,
         connectivity=connectivity,
+        hd95=hd95,
     )
     per_class = row.reshape(n_classes, len(STATS))
     return {s: per_class[:, j] for j, s in enumerate(STATS)}
@@ -194,11 +224,12 @@ def count_table(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     connectivity: int = CONNECTIVITY,
+    hd95: bool = True,
 ) -> pd.DataFrame:
     """The count table of stacks of label maps: `cases`' columns (ids, keys, groups; one row per map) followed by
     `count_columns(classes)`. The table's `attrs` hold the version and the matching settings."""
     C = count_matrix(
-        true_maps, pred_maps, len(classes), iou_threshold=iou_threshold, connectivity=connectivity
+        true_maps, pred_maps, len(classes), iou_threshold=iou_threshold, connectivity=connectivity, hd95=hd95
     )
     counts = pd.DataFrame(C, columns=count_columns(classes))
     if cases is not None:
@@ -227,6 +258,8 @@ def undefined_reason(metric: str) -> str:
     """Why a segmentation metric has no value for a group of cases (it is NaN only for these reasons)."""
     if metric == "instance_dice":
         return "no true lesion in these cases"
+    if metric == "hd95_macro":
+        return "no case with a class in both truth and prediction"
     return "class absent from truth and prediction in these cases"
 
 
@@ -266,6 +299,20 @@ def _f_macro_kernel(counts: Any, y_score: Any = None, *, lesion: bool) -> Kernel
         return _nanmean_rows(_safe_div(s[:, 0::2], s[:, 1::2]))
 
     return _matmul_kernel(cols, combine)
+
+
+def _hd95_macro_kernel(counts: Any, y_score: Any = None) -> Kernel:
+    C, n_classes = _blocks(counts)
+    cols = []
+    for k in range(n_classes):
+        h = C[:, _col(k, "hd95")]
+        ok = np.isfinite(h)
+        cols += [np.where(ok, h, 0.0), ok.astype(float)]
+
+    def combine(s: np.ndarray) -> np.ndarray:
+        return _nanmean_rows(_safe_div(s[:, 0::2], s[:, 1::2]))
+
+    return _matmul_kernel(np.column_stack(cols), combine)
 
 
 def _instance_dice_kernel(counts: Any, y_score: Any = None) -> Kernel:
@@ -343,4 +390,17 @@ instance_dice = _seg_metric(
     "instance Dice",
     "Dice of each true lesion with its matched prediction (0 if missed), mean over true lesions",
     comparisons=True,
+)
+hd95_macro = register_metric(
+    Metric(
+        "hd95_macro",
+        False,
+        "segmentation",
+        _hd95_macro_kernel,
+        description="95th-percentile Hausdorff distance (pixels), mean over cases with the class in truth and "
+        "prediction, then over classes",
+        order=250,
+        label="macro HD95 (px)",
+        digits=2,
+    )
 )
