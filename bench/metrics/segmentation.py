@@ -58,7 +58,7 @@ _CHUNK_PIXELS = 8_000_000  # pixels per batch of images (int64 codes: 64 MB)
 
 
 def count_columns(classes: Sequence[str]) -> list[str]:
-    """The count table's columns for these mask classes, class-major: tp_<c1>, fp_<c1>, ..., idice_<c1>, tp_<c2>..."""
+    """The count table's columns for these mask classes, class-major: tp_<c1>, fp_<c1>, ..., hd95_<c1>, tp_<c2>..."""
     return [f"{s}_{c}" for c in classes for s in STATS]
 
 
