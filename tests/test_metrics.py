@@ -118,6 +118,12 @@ def test_registry_directions_and_unknown_names():
         "specificity": True,
         "ece": False,
         "brier": False,
+        "dice_macro": True,
+        "dice_<class>": True,
+        "lesion_f1_macro": True,
+        "lesion_f1_<class>": True,
+        "instance_dice": True,
+        "hd95_macro": False,
     }
     assert get_metric("auroc_disc", classes=["blank", "disc"]).higher_is_better
     with pytest.raises(KeyError, match="unknown metric"):

@@ -1,7 +1,8 @@
 """Evaluation: metric functions, patient-clustered bootstrap, DeLong, fairness, tidy tables and comparisons.
 
 Public interface: `evaluate_predictions` (tidy metric table), `compare_to_baseline` (paired comparisons with the
-real-only baseline), `MetricTable` (the reader of both tables: rows by arm, overall, by group, one estimate), the
+real-only baseline), their segmentation counterparts on per-case count tables (`evaluate_segmentation`,
+`compare_segmentation`; counts from label maps: `count_table`), `MetricTable` (the reader of both tables: rows by arm, overall, by group, one estimate), the
 metric registry (`METRICS`, `register_metric`, `get_metric`, `metric_specs`, `reported`) and the metric functions
 themselves (`auroc`, `auroc_macro`, `balanced_accuracy`, `sensitivity`, `specificity`, `ece`, `brier`).
 
@@ -32,11 +33,14 @@ from bench.metrics.core import (
 )
 from bench.metrics.delong import delong_test
 from bench.metrics.evaluate import TABLE_COLUMNS, evaluate_predictions, positive_classes, prepare_predictions
+from bench.metrics.segeval import compare_segmentation, evaluate_segmentation
+from bench.metrics.segmentation import COUNTS_VERSION, count_columns, count_matrix, count_table
 from bench.metrics.table import MetricTable
 from bench.metrics.validate import validate_predictions, validate_probabilities
 
 __all__ = [
     "COMPARISON_COLUMNS",
+    "COUNTS_VERSION",
     "METRICS",
     "REGISTRY",
     "TABLE_COLUMNS",
@@ -48,10 +52,15 @@ __all__ = [
     "balanced_accuracy",
     "brier",
     "choose_threshold",
+    "compare_segmentation",
     "compare_to_baseline",
+    "count_columns",
+    "count_matrix",
+    "count_table",
     "delong_test",
     "ece",
     "evaluate_predictions",
+    "evaluate_segmentation",
     "get_metric",
     "metric_names",
     "metric_specs",

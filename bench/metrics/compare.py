@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import core
+from bench.metrics import core, segmentation
 from bench.metrics.bootstrap import (
     holm,
     seed_difference,
@@ -199,8 +199,8 @@ def _compare_one(
     # seed k of both arms: the same initialisation and batch order (common random numbers) -> resample pairs
     paired = [v.seed for v in vc] == [v.seed for v in vb]
     streams = (stream_id(_arm_name(key)), stream_id(f"{BASELINE}|{BASELINE_REGIME}|{key['backbone']}"))
-    sc = _seed_scores(vc)
-    sb = _seed_scores(vb)
+    # binary-view scores per seed, for DeLong's test on `auroc` only
+    sc, sb = (_seed_scores(vc), _seed_scores(vb)) if "auroc" in names else (None, None)
     note = seed_note(len(vc), len(vb))
     rows = []
     for cell in cells:
@@ -210,7 +210,7 @@ def _compare_one(
             pd.concat([v.frame.iloc[v.cells[cell]]["case_id"] for v in vc if cell in v.cells]).unique()
         )
         for m in names:
-            metric = core.get_metric(m, engine.task.classes)
+            metric = core.get_metric(m, engine.classes)
             (pc, xc), (pb, xb) = rc[(cell, m)], rb[(cell, m)]
             val, _ = _mean_sd(pc)
             bval, _ = _mean_sd(pb)
@@ -239,6 +239,8 @@ def _compare_one(
                     (v.threshold_reason for v in vc + vb if v.threshold_reason),
                     "metric undefined for these cases",
                 )
+                if metric.task_kind == "segmentation":
+                    reason = segmentation.undefined_reason(m)
                 lo = hi = p_boot = np.nan
             elif small:
                 # no interval or test for too small a group (see the metric table)

@@ -203,7 +203,8 @@ _REQUIREMENTS: dict[str, tuple[Callable[[np.ndarray, Any], bool], str]] = {
     "class cases": (lambda y, k: bool((y == k).any()), "no cases of this class"),
     "other cases": (lambda y, k: not bool((y == k).all()), "only this class present"),
 }
-KINDS = ("binary", "threshold", "multiclass", "per-class")
+KINDS = ("binary", "threshold", "multiclass", "per-class", "segmentation")
+TASK_KINDS = ("classification", "segmentation")
 CLASS_PLACEHOLDER = "<class>"
 
 
@@ -211,7 +212,9 @@ CLASS_PLACEHOLDER = "<class>"
 class Metric:
     """A metric with the scikit-learn signature, a batched kernel for the bootstrap, and where it is reported.
 
-    `target` is "binary" (0/1 truth, 1-D score) or "multiclass" (class indices, (n, K) probabilities).
+    `target` is "binary" (0/1 truth, 1-D score), "multiclass" (class indices, (n, K) probabilities) or
+    "segmentation" (truth: a per-case count matrix, `bench.metrics.segmentation`; no score). The target decides the
+    kind of task the metric applies to (`task_kind`): segmentation metrics are reported for segmentation tasks only.
     `params` are bound keyword arguments (class index, threshold, number of bins); `task_params` names kernel
     arguments read from the task's `metrics` section (e.g. `n_bins` from `ece_bins`). `requires` lists what the
     input must hold for a value (keys of `_REQUIREMENTS`); the first unmet one is the reason for NaN.
@@ -258,6 +261,11 @@ class Metric:
         if self.per_class:
             return "per-class"
         return "threshold" if self.needs_threshold else self.target
+
+    @property
+    def task_kind(self) -> str:
+        """The kind of task (TASK_KINDS) whose evaluations report this metric."""
+        return "segmentation" if self.target == "segmentation" else "classification"
 
     @property
     def display(self) -> str:
@@ -435,15 +443,20 @@ def auroc_class(k: int, name: str | None = None) -> Metric:
     return replace(m, name=name) if name else m
 
 
-def metric_specs() -> list[Metric]:
-    """Every registered metric (per-class families unexpanded), in table order."""
-    return sorted((m for _, m in METRICS.items()), key=lambda m: (m.order, m.name))
+def metric_specs(task_kind: str | None = "classification") -> list[Metric]:
+    """Every registered metric of a kind of task (None: of every kind; per-class families unexpanded), in table
+    order."""
+    if task_kind is not None and task_kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {task_kind!r} (known: {', '.join(TASK_KINDS)})")
+    ms = (m for _, m in METRICS.items() if task_kind is None or m.task_kind == task_kind)
+    return sorted(ms, key=lambda m: (m.order, m.name))
 
 
-def metric_names(classes: Sequence[str]) -> list[str]:
-    """Every metric name an evaluation reports for these classes, in table order."""
+def metric_names(classes: Sequence[str], task_kind: str = "classification") -> list[str]:
+    """Every metric name an evaluation of this kind of task reports for these classes (a segmentation task's mask
+    classes), in table order."""
     out: list[str] = []
-    for m in metric_specs():
+    for m in metric_specs(task_kind):
         if m.per_class:
             out += [m.name.replace(CLASS_PLACEHOLDER, str(c)) for c in classes]
         else:
@@ -451,18 +464,19 @@ def metric_names(classes: Sequence[str]) -> list[str]:
     return out
 
 
-def reported(where: str) -> list[Metric]:
-    """The registered metrics flagged `where` (headline, comparisons, leaderboard, fairness, report_worst)."""
+def reported(where: str, task_kind: str = "classification") -> list[Metric]:
+    """The registered metrics of a kind of task flagged `where` (headline, comparisons, leaderboard, fairness,
+    report_worst)."""
     if where not in ("headline", "comparisons", "leaderboard", "fairness", "report_worst"):
         raise ValueError(f"unknown report place {where!r}")
-    return [m for m in metric_specs() if getattr(m, where)]
+    return [m for m in metric_specs(task_kind) if getattr(m, where)]
 
 
 def get_metric(name: str, classes: Sequence[str] | None = None, **params: Any) -> Metric:
     """A metric by name; `auroc_<class>` needs the task's class list. Unknown names raise KeyError."""
     m = _lookup(name, classes)
     if m is None:
-        known = ", ".join(metric_names(classes or []) if classes else [s.name for s in metric_specs()])
+        known = ", ".join(metric_names(classes or []) if classes else [s.name for s in metric_specs(None)])
         raise KeyError(f"unknown metric {name!r} (known: {known})")
     return m.bind(**params) if params else m
 
@@ -470,7 +484,7 @@ def get_metric(name: str, classes: Sequence[str] | None = None, **params: Any) -
 def _lookup(name: str, classes: Sequence[str] | None) -> Metric | None:
     if name in METRICS and not METRICS.get(name).per_class:
         return METRICS.get(name)
-    for fam in metric_specs():
+    for fam in metric_specs(None):
         if not fam.per_class or classes is None:
             continue
         head, _, tail = fam.name.partition(CLASS_PLACEHOLDER)

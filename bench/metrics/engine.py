@@ -179,6 +179,8 @@ class Engine:
         seed_stage: bool = True,
     ):
         self.task = task
+        # the class list that per-class metric names refer to (a segmentation engine: the mask classes)
+        self.classes: list[str] = list(task.classes)
         self.seed_stage = seed_stage
         self.df = df
         self.n_boot = int(n_boot)
@@ -237,7 +239,7 @@ class Engine:
 
     # metrics ------------------------------------------------------------------------------------------------
     def metric(self, name: str, view: SeedView) -> core.Metric:
-        m = core.get_metric(name, self.task.classes).for_task(self.task.metrics)
+        m = core.get_metric(name, self.classes).for_task(self.task.metrics)
         return m.bind(threshold=view.threshold) if m.needs_threshold else m
 
     def kernel(self, name: str, view: SeedView, idx: np.ndarray) -> core.Kernel:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.metrics import core
+from bench.metrics import core, segmentation
 from bench.metrics.bootstrap import (
     bca_interval,
     chunks,
@@ -107,7 +107,7 @@ def _table_rows(
             notes = []
             if np.isnan(value):
                 status = "undefined"
-                metric = core.get_metric(m, task.classes)
+                metric = core.get_metric(m, engine.classes)
                 why = (thr_reason if metric.needs_threshold else None) or metric.undefined_reason(
                     info.ybin if metric.target == "binary" else info.y
                 )
@@ -115,6 +115,8 @@ def _table_rows(
                     absent = [cl for k, cl in enumerate(task.classes) if not (info.y == k).any()]
                     if absent:
                         why = f"no cases of {', '.join(absent)} (macro AUROC is over the task's classes)"
+                if why is None and metric.task_kind == "segmentation":
+                    why = segmentation.undefined_reason(metric.name)
                 notes.append(why or "metric undefined for these cases")
                 lo = hi = float("nan")
                 used = 0
@@ -156,7 +158,7 @@ def _table_rows(
         perm_metrics = {}
         design: dict = {}
         for m in names:
-            metric = core.get_metric(m, task.classes)
+            metric = core.get_metric(m, engine.classes)
             if not metric.fairness:
                 continue
             elig = [c for c in members if status_of[(c, m)] == "ok" and not _excluded(task, c)]
@@ -169,6 +171,8 @@ def _table_rows(
             rows += _summary_rows(
                 m, metric.higher_is_better, fam_cell, elig, res, infos, key, engine.n_boot, members, perm
             )
+        if "sensitivity" not in names or "specificity" not in names:
+            continue  # no operating point (a segmentation table): no equalized-odds or FNR rows
         elig = [
             c
             for c in members
