@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bench.errors import BadInput
 from bench.labelmaps import FORMAT, load_labelmaps, save_labelmaps
-from bench.models import check_kind, create_model, list_models, model_info
+from bench.models import check_kind, create_model, list_models, model_info, register_model
 from bench.train import FitSettings, augment, augment_pair, fit, load_checkpoint, save_checkpoint
 from bench.train_seg import dice_per_class, fit_segmenter, predict_labelmaps
 
@@ -63,6 +63,8 @@ def test_segmenters_are_registered_and_give_per_pixel_logits(name):
         out = model(torch.randn(2, 1, 64, 48))
     assert out.shape == (2, 6, 64, 48)
     assert set(list_models("segmentation")) | set(list_models("classification")) == set(list_models())
+    with pytest.raises(ValueError, match="kind 'detection' is not one of"):
+        register_model("detector", "plug-in", kind="detection")
 
 
 def test_a_backbone_of_the_other_kind_is_bad_input_naming_it():
@@ -107,6 +109,16 @@ def test_unet_small_learns_to_segment_held_out_discs_at_every_seed():
         # The recorded validation Dice is the held-out Dice of the weights returned (select="last").
         assert history[-1]["selected"] and history[-1]["val_dice_macro"] == pytest.approx(dice.mean())
         assert history[-1]["step"] == 200 and history[-1]["samples_seen"] == 200 * 8
+
+
+def test_with_each_image_paired_to_another_images_mask_nothing_is_learnt():
+    # The mask-shuffle control in miniature: the same images and masks, mispaired, teach no segmentation.
+    x, y = discs(64, 32, 1)
+    xv, yv = discs(64, 32, 2)
+    for seed in (0, 1):
+        st = settings(seed=seed, steps=200, eval_every=200, lr=1e-2, batch_size=8)
+        model, _ = fit_segmenter(st, x, np.roll(y, 1, axis=0), xv[:0], yv[:0])
+        assert (dice_per_class(yv, predict_labelmaps(model, xv, "cpu"), 3) < 0.3).all()
 
 
 def test_same_seed_gives_identical_label_maps_on_cpu_and_another_seed_does_not():
