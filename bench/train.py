@@ -361,9 +361,17 @@ def fit(
             return {"val_loss": val_loss, "val_auroc_macro": auc}, key
 
         history = run_rounds(
-            model, st, len(xtr), dev, batch_loss, validate, ("val_auroc_macro", "AUROC"),
-            on_epoch=on_epoch, progress=progress, label=label,
-        )  # fmt: skip
+            model,
+            st,
+            len(xtr),
+            dev,
+            batch_loss,
+            validate,
+            ("val_auroc_macro", "AUROC"),
+            on_epoch=on_epoch,
+            progress=progress,
+            label=label,
+        )
     return model, history
 
 

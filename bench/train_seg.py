@@ -148,9 +148,17 @@ def fit_segmenter(
             return {"val_dice_macro": d}, (0 if math.isnan(d) else 1, -1.0 if math.isnan(d) else d)
 
         history = run_rounds(
-            model, st, len(xtr), dev, batch_loss, validate, ("val_dice_macro", "Dice"),
-            on_epoch=on_epoch, progress=progress, label=label,
-        )  # fmt: skip
+            model,
+            st,
+            len(xtr),
+            dev,
+            batch_loss,
+            validate,
+            ("val_dice_macro", "Dice"),
+            on_epoch=on_epoch,
+            progress=progress,
+            label=label,
+        )
     return model, history
 
 
