@@ -147,6 +147,9 @@ def test_a_segmenter_checkpoint_rebuilds_the_same_predictions(tmp_path):
     again, meta = load_checkpoint(path)
     assert meta == {"task": "discs"} and model_info(again.bench_spec["name"]).kind == "segmentation"
     assert np.array_equal(predict_labelmaps(model, x, "cpu"), predict_labelmaps(again, x, "cpu"))
+    # Fine-tuning starts from given weights: one near-zero step leaves the predictions as they were.
+    tuned, _ = fit_segmenter(settings(steps=1, eval_every=1, lr=1e-9), x, y, x[:0], y[:0], init=again)
+    assert np.array_equal(predict_labelmaps(tuned, x, "cpu"), predict_labelmaps(model, x, "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
