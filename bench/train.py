@@ -89,8 +89,32 @@ def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Ten
     `strength` 0 disables augmentation; 1 means up to 15 degrees rotation, 10% scale and shift, 20% contrast and
     0.1 brightness jitter. Draws come from `gen`, so a seed fixes them.
     """
+    return _augment(x, None, strength, gen)[0]
+
+
+def augment_pair(
+    x: torch.Tensor, mask: torch.Tensor, strength: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`augment` for an image batch `[B, C, H, W]` and its label maps `[B, H, W]` (integer class values).
+
+    The flip and the affine move both alike; the mask is resampled by nearest neighbour, so it keeps only class
+    values that were there, and the intensity jitter touches the image alone. The draws are those `augment` makes
+    with the same generator.
+    """
+    if mask.shape[0] != x.shape[0] or mask.shape[-2:] != x.shape[-2:]:
+        raise ValueError(
+            f"augment_pair: images {tuple(x.shape)} and masks {tuple(mask.shape)} differ in size"
+        )
+    out, moved = _augment(x, mask, strength, gen)
+    assert moved is not None
+    return out, moved
+
+
+def _augment(
+    x: torch.Tensor, mask: torch.Tensor | None, strength: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if strength <= 0:
-        return x
+        return x, mask
     n = x.shape[0]
     dev = x.device
 
@@ -109,10 +133,16 @@ def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Ten
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Border padding: zero padding would paint black frames, a cue absent from unaugmented test images.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if mask is not None:
+        # The same grid, nearest and border-padded like the image: a pixel copied from the image's edge keeps the
+        # edge pixel's class. Class values are small integers, exact in float32.
+        m = torch.where(flip[:, None, None], mask.flip(-1), mask)[:, None].float()
+        m = F.grid_sample(m, grid.float(), mode="nearest", padding_mode="border", align_corners=False)
+        mask = m[:, 0].round().to(mask.dtype)
     contrast = 1 + u(n, 1, 1, 1) * 0.2 * strength
     bright = u(n, 1, 1, 1) * 0.1 * strength
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * contrast + mean + bright
+    return (x - mean) * contrast + mean + bright, mask
 
 
 # -- progress ----------------------------------------------------------------------------------------------------
@@ -285,7 +315,7 @@ def fit(
     raise (e.g. optuna pruning). `progress`: False, True (own bars) or a rich Progress to add bars to.
     """
     st = settings
-    num_classes, seed, batch_size = st.num_classes, st.seed, st.batch_size
+    num_classes, seed = st.num_classes, st.seed
     # Labels are copied (small, and torch wants writable memory); images stay as given until moved to the device.
     x_train, y_train = np.asarray(x_train), np.array(y_train, dtype=np.int64)
     x_val, y_val = np.asarray(x_val), np.array(y_val, dtype=np.int64)
@@ -298,103 +328,161 @@ def fit(
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     with _deterministic(not cuda):
-        model = create_model(st.backbone, num_classes, int(x_train.shape[1]))
-        if init is not None:
-            state = init.state_dict() if isinstance(init, nn.Module) else init
-            model.load_state_dict(state)
-        model = model.to(dev)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+        model = build_model(st, int(x_train.shape[1]), dev, init, kind="classification")
         resident = _fits_on_gpu(dev, x_train, x_val)
         xtr = _DeviceArray(x_train, dev, resident)
         xva = _DeviceArray(x_val, dev, resident)
         ytr = torch.from_numpy(y_train).to(dev)
-        order_gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
-        batch_size = min(batch_size, len(xtr))
-        own_epoch = len(_batches(len(xtr), batch_size, torch.Generator().manual_seed(0)))
-        if st.steps is None:
-            total, steps_per_epoch = st.epochs * own_epoch, own_epoch
-        else:
-            total, steps_per_epoch = int(st.steps), int(st.eval_every or own_epoch)
-        rounds = math.ceil(total / steps_per_epoch)
-        stream = _batch_stream(len(xtr), batch_size, order_gen)
-        # The fused kernel: on a CPU the per-parameter loop of the default AdamW took a quarter of each step.
-        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            xb = to_float(xtr.batch(idx))
+            if cuda:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = augment(xb, st.aug_strength, aug_gen)
+            yb = ytr.index_select(0, idx.to(dev))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                return F.cross_entropy(model(xb), yb)
+
+        def validate(epoch: int) -> tuple[dict[str, Any], tuple[Any, ...]]:
+            if not len(xva):
+                nan = float("nan")
+                return {"val_loss": nan, "val_auroc_macro": nan}, (
+                    0,
+                    0.0,
+                    float(epoch),
+                )  # the last round wins
+            prob = _predict(model, xva, dev, max(min(st.batch_size, len(xtr)), 256))
+            val_loss = float(
+                F.nll_loss(torch.from_numpy(np.log(np.clip(prob, 1e-12, 1))), torch.from_numpy(y_val))
+            )
+            auc = auroc_macro(y_val, prob)
+            key = (0 if math.isnan(auc) else 1, -1.0 if math.isnan(auc) else auc, -val_loss)
+            return {"val_loss": val_loss, "val_auroc_macro": auc}, key
+
+        history = run_rounds(
+            model,
+            st,
+            len(xtr),
+            dev,
+            batch_loss,
+            validate,
+            ("val_auroc_macro", "AUROC"),
+            on_epoch=on_epoch,
+            progress=progress,
+            label=label,
         )
-        history: list[dict[str, Any]] = []
-        best_key, best_state, best_epoch, stale = None, None, 0, 0
-        done_steps, samples = 0, 0
-        with _Bars(progress, rounds, steps_per_epoch, label) as bars:
-            for epoch in range(1, rounds + 1):
-                model.train()
-                t0 = time.perf_counter()
-                loss_sum, seen = 0.0, 0
-                n_this = min(steps_per_epoch, total - done_steps)
-                for _ in range(n_this):
-                    idx = next(stream)
-                    xb = to_float(xtr.batch(idx))
-                    if cuda:
-                        xb = xb.contiguous(memory_format=torch.channels_last)
-                    xb = augment(xb, st.aug_strength, aug_gen)
-                    yb = ytr.index_select(0, idx.to(dev))
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                        loss = F.cross_entropy(model(xb), yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    loss_sum += float(loss.detach()) * len(idx)
-                    seen += len(idx)
-                    bars.step()
-                done_steps += n_this
-                samples += seen
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                train_s = time.perf_counter() - t0
-                rec: dict[str, Any] = {
-                    "epoch": epoch,
-                    "step": done_steps,
-                    "samples_seen": samples,
-                    "train_loss": loss_sum / max(seen, 1),
-                    "lr": opt.param_groups[0]["lr"],
-                    "train_seconds": train_s,
-                    "images_per_second": seen / train_s if train_s > 0 else float("nan"),
-                }
-                if len(xva):
-                    prob = _predict(model, xva, dev, max(batch_size, 256))
-                    rec["val_loss"] = float(
-                        F.nll_loss(torch.from_numpy(np.log(np.clip(prob, 1e-12, 1))), torch.from_numpy(y_val))
-                    )
-                    rec["val_auroc_macro"] = auroc_macro(y_val, prob)
-                    auc = rec["val_auroc_macro"]
-                    key = (0 if math.isnan(auc) else 1, -1.0 if math.isnan(auc) else auc, -rec["val_loss"])
-                else:
-                    rec["val_loss"] = rec["val_auroc_macro"] = float("nan")
-                    key = (0, 0.0, float(epoch))  # no validation data: the last epoch wins
-                if st.select == "last":
-                    best_epoch = epoch  # the final weights are kept whatever the validation rounds showed
-                elif best_key is None or key > best_key:
-                    best_key, best_epoch, stale = key, epoch, 0
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    stale += 1
-                rec["best_epoch"] = best_epoch
-                history.append(rec)
-                bars.epoch(f"{label} round {epoch}/{rounds} val AUROC {rec['val_auroc_macro']:.3f}")
-                if on_epoch is not None:
-                    on_epoch(dict(rec))
-                if st.patience is not None and stale >= st.patience:
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        for rec in history:
-            rec["selected"] = rec["epoch"] == best_epoch
     return model, history
+
+
+def build_model(
+    st: FitSettings,
+    in_chans: int,
+    dev: torch.device,
+    init: nn.Module | dict[str, torch.Tensor] | None,
+    kind: str,
+) -> nn.Module:
+    """The network `st.backbone` for a `kind` fit, from `init`'s weights if given, on `dev`."""
+    model = create_model(st.backbone, st.num_classes, in_chans, kind=kind)
+    if init is not None:
+        state = init.state_dict() if isinstance(init, nn.Module) else init
+        model.load_state_dict(state)
+    model = model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def run_rounds(
+    model: nn.Module,
+    st: FitSettings,
+    n_train: int,
+    dev: torch.device,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    validate: Callable[[int], tuple[dict[str, Any], tuple[Any, ...]]],
+    shown: tuple[str, str],
+    *,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = False,
+    label: str = "train",
+) -> list[dict[str, Any]]:
+    """The optimisation every fit shares: budget, batch order, AdamW + cosine schedule, rounds and selection.
+
+    `batch_loss(idx)` is the loss of the training images `idx`; `validate(round)` returns the round's validation
+    fields and the key `select="best_val"` maximises. One loop for every kind of task keeps them under one budget
+    and one selection rule. `shown` is the history field and its name for the progress bar. The model is trained
+    in place and holds the kept weights on return; the history is returned.
+    """
+    cuda = dev.type == "cuda"
+    order_gen = torch.Generator().manual_seed(st.seed)
+    batch_size = min(st.batch_size, n_train)
+    own_epoch = len(_batches(n_train, batch_size, torch.Generator().manual_seed(0)))
+    if st.steps is None:
+        total, steps_per_epoch = st.epochs * own_epoch, own_epoch
+    else:
+        total, steps_per_epoch = int(st.steps), int(st.eval_every or own_epoch)
+    rounds = math.ceil(total / steps_per_epoch)
+    stream = _batch_stream(n_train, batch_size, order_gen)
+    # The fused kernel: on a CPU the per-parameter loop of the default AdamW took a quarter of each step.
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    history: list[dict[str, Any]] = []
+    best_key, best_state, best_epoch, stale = None, None, 0, 0
+    done_steps, samples = 0, 0
+    with _Bars(progress, rounds, steps_per_epoch, label) as bars:
+        for epoch in range(1, rounds + 1):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            n_this = min(steps_per_epoch, total - done_steps)
+            for _ in range(n_this):
+                idx = next(stream)
+                loss = batch_loss(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                bars.step()
+            done_steps += n_this
+            samples += seen
+            if cuda:
+                torch.cuda.synchronize(dev)
+            train_s = time.perf_counter() - t0
+            rec: dict[str, Any] = {
+                "epoch": epoch,
+                "step": done_steps,
+                "samples_seen": samples,
+                "train_loss": loss_sum / max(seen, 1),
+                "lr": opt.param_groups[0]["lr"],
+                "train_seconds": train_s,
+                "images_per_second": seen / train_s if train_s > 0 else float("nan"),
+            }
+            fields, key = validate(epoch)
+            rec.update(fields)
+            if st.select == "last":
+                best_epoch = epoch  # the final weights are kept whatever the validation rounds showed
+            elif best_key is None or key > best_key:
+                best_key, best_epoch, stale = key, epoch, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            rec["best_epoch"] = best_epoch
+            history.append(rec)
+            bars.epoch(f"{label} round {epoch}/{rounds} val {shown[1]} {rec[shown[0]]:.3f}")
+            if on_epoch is not None:
+                on_epoch(dict(rec))
+            if st.patience is not None and stale >= st.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for rec in history:
+        rec["selected"] = rec["epoch"] == best_epoch
+    return history
 
 
 @torch.no_grad()
