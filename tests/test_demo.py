@@ -179,10 +179,10 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     # Task 3.1.0 (final weights, three paired seeds, t intervals on the seed stage), measured on the phantom's
     # seed-0 draw: pca-gmm -0.145 [-0.238, -0.053] internal, -0.029 [-0.073, 0.015] external (a tie the report
     # gives its detectable difference); ddpm -0.290 [-0.347, -0.232] internal, -0.187 [-0.226, -0.147] external.
-    # Asserted are the verdicts that held in every independent draw of the demo's protocol measured
+    # Asserted are the verdicts that held in at least 9 of 10 independent draws of the demo's protocol
     # (scripts/measure_verdicts.py, the task card's table): both generators below real-only on the internal test
-    # split. On the external hospitals pca-gmm ties in most draws (point estimate above 0 in one) and ddpm's
-    # interval reached 0 in one draw of seven (-0.059 [-0.214, 0.096]): neither is asserted.
+    # split (ddpm 10/10, pca-gmm 9/10). On the external hospitals pca-gmm ties in 8 of 10 draws and ddpm's
+    # interval reached 0 in one (-0.059 [-0.214, 0.096]): neither is asserted.
     for gen in (pca, ddpm):
         assert gen.loc["test", "ci_high"] < 0, gen.loc["test"].to_dict()
     # Stage timings and the threads they ran with are kept.

@@ -8,8 +8,9 @@ A run's generators are matched to controls by the registered generator name on t
 
 The interval checks are one family: each is made at level 1 - FAMILY_ALPHA / m (Bonferroni over the m interval
 checks that run), so a working pipeline fails some check in at most FAMILY_ALPHA of draws. The 95% intervals of the
-metric table and the comparisons are widened about their midpoint to that level (t quantiles where the comparison
-records its degrees of freedom, normal ones otherwise); the result shows the widened interval and its level.
+metric table and the comparisons are re-made at that level with the training seeds' part on t quantiles of n - 1
+degrees of freedom and the patients' part on normal ones (`seed_t`; tables without the seed columns are widened
+about their midpoint on their own quantiles); the result shows the interval checked and its level.
 """
 
 from __future__ import annotations
@@ -343,8 +344,9 @@ def level_note(results: list[ControlResult] | list[dict[str, Any]]) -> str:
         return ""
     m = round(FAMILY_ALPHA / (1 - levels[0])) if levels[0] < 1 else len(levels)
     return (
-        f"Interval checks at {100 * levels[0]:.1f}% each (Bonferroni over {m}): a working pipeline fails some "
-        f"check in at most {100 * FAMILY_ALPHA:g}% of draws."
+        f"Interval checks at {100 * levels[0]:.1f}% each (Bonferroni over {m}), the training seeds' part of each "
+        f"interval on t quantiles of its seeds: a working pipeline fails some check in at most "
+        f"{100 * FAMILY_ALPHA:g}% of draws."
     )
 
 
