@@ -8,7 +8,7 @@ from test_leaderboard_support import make_run
 
 from bench.cli import main
 from bench.metrics.compare import compare_to_baseline, comparison_inputs
-from bench.metrics.power import Components, components, mde, plan, power
+from bench.metrics.power import Components, components, mde, plan, power, site_spread
 from bench.metrics.simulate import clustered_auroc, signal_for_auroc, simulate_clustered, simulation_task
 
 TASK = simulation_task()
@@ -66,6 +66,18 @@ def _planned(mu_c: float, seeds: int, patients: int, pilots: int = 10) -> float:
 MU_C = signal_for_auroc(clustered_auroc(1.2) + 0.04)
 
 
+def test_site_spread_by_hand():
+    # d = 0.1, -0.1, 0.3 with se 0.1 each: w = 100, pooled 0.1, Q = 100 x (0 + 0.04 + 0.04) = 8 on 2 df,
+    # C = 300 - 30000 / 300 = 200, tau2 = (8 - 2) / 200 = 0.03; p = exp(-8 / 2) for 2 df
+    s = site_spread(["a", "b", "c"], [0.1, -0.1, 0.3], [0.1, 0.1, 0.1])
+    assert (s.q, s.tau2, s.p) == pytest.approx((8.0, 0.03, np.exp(-4.0)))
+    assert s.sd == pytest.approx(np.sqrt(0.03))
+    # sites that agree within their noise: Q < k - 1, no between-site variance
+    assert site_spread(["a", "b"], [0.01, 0.02], [0.05, 0.05]).tau2 == 0.0
+    # a site without a standard error does not count; fewer than two left: nothing to say
+    assert site_spread(["a", "b"], [0.1, 0.2], [0.1, float("nan")]) is None
+
+
 def test_planned_power_matches_simulated_power_in_one_design():
     planned = _planned(MU_C, 5, 300, pilots=4)
     simulated = _sim_power(MU_C, 5, 300, 30, 81000)
@@ -87,6 +99,8 @@ def test_plan_command_prints_power_and_needs(tmp_path, capsys):
     assert main(["plan", str(run), "--detect", "0.02", "--n-boot", "50"]) == 0
     out = capsys.readouterr().out
     assert "good/synthetic" in out and "MDE" in out and "seeds needed" in out and "patients needed" in out
+    # one external hospital: nothing to say about a new one, and the command says so
+    assert "between sites: 1 hospital(s)" in out and "not measured" in out
 
 
 def test_plan_bad_input_exits_2_naming_it(tmp_path, capsys):

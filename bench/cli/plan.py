@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from bench.errors import BadInput
     from bench.evaluation.run import load_run_predictions
-    from bench.metrics.compare import comparison_inputs
-    from bench.metrics.power import TARGET_POWER, components, plan
+    from bench.metrics.compare import compare_to_baseline, comparison_inputs
+    from bench.metrics.power import TARGET_POWER, components, plan, site_spread
+    from bench.metrics.table import MetricTable
 
     if not args.detect > 0:
         raise BadInput(f"--detect must be a positive difference, got {args.detect}")
@@ -41,6 +42,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{args.run}: {task.metrics.primary} on the {inputs[0]['split']} split, detect {args.detect:g} at 5% "
         f"two-sided with {100 * TARGET_POWER:.0f}% power"
     )
+    by_site = MetricTable(
+        compare_to_baseline(preds, task, n_boot=args.n_boot, seed=args.seed, metrics=[task.metrics.primary])
+    ).select(scope="site", split=inputs[0]["split"], metric=task.metrics.primary, status="ok")
     for x in inputs:
         comp = components(x["xa"], x["xb"], x["pa"], x["pb"], paired=x["paired"], patients=x["n_patients"])
         pl = plan(comp, args.detect)
@@ -56,6 +60,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"    components: common patients {comp.common:.2e}, seed-to-seed {_fmt(comp.tau2)}, "
             f"models' own errors {_fmt(comp.within)}"
         )
+        rows = MetricTable(by_site).select(
+            generator=x["generator"], regime=x["regime"], backbone=x["backbone"]
+        )
+        spread = site_spread(list(rows["group"]), list(rows["diff"]), list(rows["se"])) if len(rows) else None
+        if spread is not None:
+            each = ", ".join(f"{s} {d:+.3f}" for s, d in zip(spread.sites, spread.diffs, strict=True))
+            print(
+                f"    between sites ({len(spread.sites)}): {each}; Q {spread.q:.2f} on {len(spread.sites) - 1} df "
+                f"(p {spread.p:.2f}), between-site sd {spread.sd:.3f}: the plan is for these hospitals; at a "
+                "new one the difference also varies by that sd, which only more sites measure"
+            )
+        else:
+            print(
+                f"    between sites: {len(rows)} hospital(s) with a difference on this split; how much a new "
+                "hospital's difference varies is not measured"
+            )
     return 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.stats import nct, norm
+from scipy.stats import chi2, nct, norm
 from scipy.stats import t as t_dist
 
 from bench.metrics.bootstrap import seed_components
@@ -179,3 +179,48 @@ def tie_note(ci_low: float, ci_high: float, df: float | None = None) -> str:
     if not (np.isfinite(ci_low) and np.isfinite(ci_high)) or not ci_low <= 0 <= ci_high:
         return ""
     return f"tie; detects ≥ {detectable_difference(ci_low, ci_high, df):.3f}"
+
+
+@dataclass(frozen=True)
+class SiteSpread:
+    """How much a comparison's difference varies between the hospitals it was scored at, beyond its noise."""
+
+    sites: tuple[str, ...]
+    diffs: tuple[float, ...]
+    q: float  # Cochran's Q: inverse-variance weighted squared deviations from the pooled difference
+    p: float  # chi-square test of no difference between sites (k - 1 df)
+    tau2: float  # DerSimonian-Laird between-site variance of the difference (0 when Q <= k - 1)
+
+    @property
+    def sd(self) -> float:
+        return float(np.sqrt(self.tau2))
+
+
+def site_spread(sites: list[str], diffs: list[float], ses: list[float]) -> SiteSpread | None:
+    """DerSimonian-Laird spread of per-site differences with standard errors `ses` (None below two usable sites).
+
+    The planner's design is for the hospitals of the pilot: patients and seeds shrink the variance around their
+    difference, but a new hospital's difference also varies by `tau2` whatever the design, which only more sites
+    measure. Q and tau2 rest on k sites, so with two or three hospitals they are a warning, not an estimate.
+    """
+    keep = [
+        (s, d, e)
+        for s, d, e in zip(sites, diffs, ses, strict=True)
+        if np.isfinite(d) and np.isfinite(e) and e > 0
+    ]
+    if len(keep) < 2:
+        return None
+    d = np.array([k[1] for k in keep])
+    w = 1 / np.array([k[2] for k in keep]) ** 2
+    pooled = float(np.sum(w * d) / np.sum(w))
+    q = float(np.sum(w * (d - pooled) ** 2))
+    k = len(keep)
+    c = float(np.sum(w) - np.sum(w**2) / np.sum(w))
+    tau2 = max(0.0, (q - (k - 1)) / c) if c > 0 else 0.0
+    return SiteSpread(
+        sites=tuple(str(x[0]) for x in keep),
+        diffs=tuple(float(x) for x in d),
+        q=q,
+        p=float(chi2.sf(q, k - 1)),
+        tau2=tau2,
+    )
