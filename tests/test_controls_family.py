@@ -50,9 +50,10 @@ def test_family_wise_false_failures_few_draws():
 
 @pytest.mark.slow
 def test_family_wise_false_failure_rate_is_at_most_five_percent():
-    # 300 draws; Monte-Carlo sd of a 5% rate 1.3 points. Measured 4 of 300 (1.3%, every one the chance check) with
-    # the seed stage on t quantiles of its seeds; 35 of 300 with the widening it replaced (docs/STATISTICS.md).
-    bad, ran = false_failures(300, 41000)
+    # 200 draws (CI time); Monte-Carlo sd of a 5% rate 1.5 points. Measured on draws 41000-41299: 4 of 300 (1.3%,
+    # every one the chance check) with the seed stage on t quantiles of its seeds; 35 of 300 with the widening it
+    # replaced (docs/STATISTICS.md, scripts/measure_control_checks.py).
+    bad, ran = false_failures(200, 41000)
     print(f"family-wise false failures {bad}/{ran}")
-    assert ran == 300
-    assert bad / ran <= 0.05 + 0.013
+    assert ran == 200
+    assert bad / ran <= 0.05 + 0.015
