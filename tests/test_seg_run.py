@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from bench.cli import main
+from bench.evaluation import controls as ctl
+from bench.evaluation.controls import check_controls
+from bench.generators import Control, ControlCheck
 from bench.imaging import build_cache
 from bench.io import read_table
 from bench.labelmaps import load_labelmaps
@@ -76,13 +80,19 @@ def world(tmp_path_factory):
     real = root / "manifest.parquet"
     assert main(["data", "manifest", "--task", TASK, "--root", str(phantom), "--out", str(real)]) == 0
     syn = write_pair_set(real, root / "pairs")
-    return {"root": root, "real": real, "syn": syn}
+    # The task with group-size limits a 60-patient phantom meets, so intervals are defined.
+    spec = load_task(TASK).spec()
+    spec["metrics"].update(min_patients=3, min_positives=1, min_negatives=1)
+    task_path = root / "task" / "task.yaml"
+    task_path.parent.mkdir()
+    task_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return {"root": root, "real": real, "syn": syn, "task": str(task_path)}
 
 
 @pytest.fixture(scope="module")
 def matrix(world):
     out = world["root"] / "run"
-    args = ["run", "--task", TASK, "--real", str(world["real"]), "--out", str(out)]
+    args = ["run", "--task", world["task"], "--real", str(world["real"]), "--out", str(out)]
     args += ["--synthetic", f"pairs={world['syn']}", "--regimes", "real,augment:1", "--seeds", "0,1", *FAST]
     assert main(args) == 0
     return out
@@ -130,7 +140,7 @@ def test_counts_are_recomputed_from_label_maps_and_truth_masks(matrix):
 
 def test_resuming_skips_finished_segmentation_runs(world, matrix):
     before = {r.name: r.seg_predictions.stat().st_mtime_ns for r in RunDir(matrix).finished_runs()}
-    args = ["run", "--task", TASK, "--real", str(world["real"]), "--out", str(matrix)]
+    args = ["run", "--task", world["task"], "--real", str(world["real"]), "--out", str(matrix)]
     args += ["--synthetic", f"pairs={world['syn']}", "--regimes", "real,augment:1", "--seeds", "0,1", *FAST]
     assert main(args) == 0
     after = {r.name: r.seg_predictions.stat().st_mtime_ns for r in RunDir(matrix).finished_runs()}
@@ -143,3 +153,115 @@ def test_a_classifier_backbone_for_a_segmentation_task_is_refused(world, tmp_pat
     err = capsys.readouterr().err
     assert "resnet10t" in err and "segmentation" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def evaluation(matrix):
+    out = matrix / "evaluation"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(matrix),
+                "--out",
+                str(out),
+                "--n-boot",
+                "50",
+                "--min-patients",
+                "3",
+                "--min-positives",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_evaluate_scores_count_tables_like_predictions(matrix, evaluation):
+    task = load_task(TASK)
+    table = read_table(evaluation / "metrics.parquet")
+    comps = read_table(evaluation / "comparisons.parquet")
+    # The same columns as a classification evaluation's tables.
+    cls_cols = [
+        "metric",
+        "scope",
+        "split",
+        "group_by",
+        "group",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n_cases",
+        "status",
+    ]
+    assert set(cls_cols) <= set(table.columns)
+    assert {"diff", "ci_low", "ci_high", "ratio", "p_boot_holm"} <= set(comps.columns)
+    metrics = set(table["metric"])
+    assert {"dice_macro", "lesion_f1_macro", "instance_dice"} <= metrics
+    assert {f"dice_{c}" for c in task.mask_classes} <= metrics
+    assert {"overall", "site", "subgroup"} <= set(table["scope"])
+    assert set(comps["generator"]) == {"pairs"} and set(comps["regime"]) == {"augment:1"}
+    # The metric table's overall Dice is the pooled Dice of the stored counts (both seeds pooled, per class).
+    counts = pd.concat([read_table(r.seg_predictions) for r in RunDir(matrix).finished_runs()])
+    base = counts[(counts["generator"] == "none") & (counts["split"] == "test")]
+    row = table[
+        (table["metric"] == "dice_macro")
+        & (table["scope"] == "overall")
+        & (table["split"] == "test")
+        & (table["generator"] == "none")
+    ]
+    per_seed = []
+    for _, g in base.groupby("seed"):
+        d = [
+            2 * g[f"tp_{c}"].sum() / (2 * g[f"tp_{c}"].sum() + g[f"fp_{c}"].sum() + g[f"fn_{c}"].sum())
+            for c in task.mask_classes
+            if (2 * g[f"tp_{c}"].sum() + g[f"fp_{c}"].sum() + g[f"fn_{c}"].sum()) > 0
+        ]
+        per_seed.append(np.mean(d))
+    assert row["value"].iloc[0] == pytest.approx(np.mean(per_seed))
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert summary["primary_metric"] == "dice_macro"
+    runs = {(r["generator"], r["regime"]): r for r in summary["runs"]}
+    assert runs[("pairs", "augment:1")]["diff_vs_real"] is not None
+    assert runs[("none", "real")]["test_primary"]["value"] == pytest.approx(row["value"].iloc[0])
+    report = (evaluation / "report.md").read_text()
+    assert "Dice per mask class" in report and "Lesion detection" in report
+    assert "Fairness at the operating point" not in report and "label-shuffle" not in report
+
+
+def test_segmentation_controls_are_checked_on_their_own_metric(matrix, evaluation):
+    task = load_task(TASK)
+    table = read_table(evaluation / "metrics.parquet")
+    comps = read_table(evaluation / "comparisons.parquet")
+    # label-shuffle's AUROC-at-chance check does not apply to segmenters; real-holdout's and copycat's do.
+    results = check_controls(table, comps, {}, task, {})
+    assert {r.control for r in results} >= {"copycat", "real-holdout"}
+    assert "label-shuffle" not in {r.control for r in results}
+    # A Dice-at-chance check reads the arm's macro Dice: the copied real pairs sit far above a tiny ceiling.
+    check = ControlCheck("dice_at_chance", "augment:1", "macro Dice at chance", margin=0.0)
+    control = Control("negative", "test", (check,))
+    split = "test"
+    res = ctl._one("mask-test", "pairs", control, check, table, comps, {}, task, split, 0.95)
+    assert res.metric == "dice_macro"
+    row = table[
+        (table["metric"] == "dice_macro")
+        & (table["scope"] == "overall")
+        & (table["split"] == split)
+        & (table["generator"] == "pairs")
+    ].iloc[0]
+    assert res.value == pytest.approx(row["value"])
+    assert res.status == ("PASS" if res.ci_low <= 0.0 else "FAIL")
+    ceiling = ctl._one(
+        "mask-test",
+        "pairs",
+        control,
+        ControlCheck("dice_at_chance", "augment:1", "x", margin=1.0),
+        table,
+        comps,
+        {},
+        task,
+        split,
+        0.95,
+    )
+    assert ceiling.status == "PASS"
