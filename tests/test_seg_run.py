@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from bench import demo
 from bench.cli import main
 from bench.evaluation import controls as ctl
 from bench.evaluation.controls import check_controls
@@ -265,3 +266,33 @@ def test_segmentation_controls_are_checked_on_their_own_metric(matrix, evaluatio
         0.95,
     )
     assert ceiling.status == "PASS"
+
+
+def test_the_segmentation_demo_runs_its_stages_through_the_command_line(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+
+    def cli(args: list[str]) -> int:
+        calls.append(args)
+        return 0
+
+    summary = demo.run_demo(tmp_path / "demo", cli, "smoke", task=TASK)
+    commands = [c[0] if c[0] not in ("data",) else f"data {c[1]}" for c in calls]
+    gens = demo.pair_generators((*demo.SEG_GENERATORS, *demo.SEG_CONTROLS))
+    assert commands == [
+        "data phantom",
+        "data manifest",
+        "data validate",
+        *["generate"] * len(gens),
+        "run",
+        "evaluate",
+    ]
+    assert "--masks" in calls[0]
+    assert all(TASK in c for c in calls[1:] if c[0] != "evaluate")
+    run = calls[-2]
+    assert [a for a in run if a.endswith("demo-seg.yaml")] and "--protocol" in run
+    if not gens:  # without pair generators the matrix runs the regimes that need none
+        assert run[run.index("--regimes") + 1] == demo.SEG_REAL_ONLY_REGIMES
+    assert summary["task"] == TASK and summary["generators"] == gens
+    # A control of classification tasks only (shuffled labels) is not asked for pairs.
+    monkeypatch.setattr(demo, "SEG_GENERATORS", ("label-shuffle",))
+    assert demo.pair_generators(demo.SEG_GENERATORS) == []
