@@ -296,3 +296,15 @@ def test_the_segmentation_demo_runs_its_stages_through_the_command_line(tmp_path
     # A control of classification tasks only (shuffled labels) is not asked for pairs.
     monkeypatch.setattr(demo, "SEG_GENERATORS", ("label-shuffle",))
     assert demo.pair_generators(demo.SEG_GENERATORS) == []
+
+
+def test_tuning_a_segmenter_maximises_validation_dice(world, tmp_path):
+    out = tmp_path / "tuned"
+    args = ["run", "--task", world["task"], "--real", str(world["real"]), "--out", str(out), *FAST]
+    assert main([*args, "--regimes", "real", "--seeds", "0", "--tune", "1"]) == 0
+    (study,) = RunDir(out).tuning_dir.glob("*.json")
+    result = json.loads(study.read_text())
+    assert result["objective"] == "val_dice_macro" and result["n_complete"] == 1
+    (run,) = RunDir(out).finished_runs()
+    history = read_table(run.history)
+    assert result["best_value"] == pytest.approx(history["val_dice_macro"].iloc[-1], abs=1e-12)
