@@ -484,6 +484,8 @@ def build_report(
                     **{
                         f"{m.display} {split}": e(m.name, digits=m.digits)
                         for m in reported("headline", task.kind)
+                        if m.name
+                        != primary  # macro Dice is both a segmentation task's primary and a headline
                     },
                     "diff vs real": e("diff_vs_real")
                     + (
