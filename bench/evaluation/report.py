@@ -505,46 +505,47 @@ def build_report(
         if comparisons is not None and len(comparisons):
             rep.h("Comparisons with the real-only baseline")
             c = MetricTable(comparisons).select(scope="overall")
-            rep.table(
-                pd.DataFrame(
-                    {
-                        "generator": c["generator"],
-                        "regime": c["regime"],
-                        "backbone": c["backbone"],
-                        "metric": c["metric"],
-                        "split": c["split"],
-                        "value": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["value"]],
-                        "baseline": [
-                            fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]
-                        ],
-                        "difference [95% CI] n": [
-                            fmt_interval(d, lo, hi, n, p, s)
-                            for d, lo, hi, n, p, s in zip(
-                                c["diff"],
-                                c["ci_low"],
-                                c["ci_high"],
-                                c["n_cases"],
-                                c["n_patients"],
-                                c["status"],
-                                strict=True,
-                            )
-                        ],
-                        "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
-                        "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
-                        "ratio [95% CI]": [
-                            fmt_interval(r, lo, hi)
-                            for r, lo, hi in zip(
-                                c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True
-                            )
-                        ],
-                    }
-                )
+            comp_table = pd.DataFrame(
+                {
+                    "generator": c["generator"],
+                    "regime": c["regime"],
+                    "backbone": c["backbone"],
+                    "metric": c["metric"],
+                    "split": c["split"],
+                    "value": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["value"]],
+                    "baseline": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]],
+                    "difference [95% CI] n": [
+                        fmt_interval(d, lo, hi, n, p, s)
+                        for d, lo, hi, n, p, s in zip(
+                            c["diff"],
+                            c["ci_low"],
+                            c["ci_high"],
+                            c["n_cases"],
+                            c["n_patients"],
+                            c["status"],
+                            strict=True,
+                        )
+                    ],
+                    "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
+                    "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
+                    "ratio [95% CI]": [
+                        fmt_interval(r, lo, hi)
+                        for r, lo, hi in zip(c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True)
+                    ],
+                }
             )
+            seg = task.kind == "segmentation"
+            # DeLong's test is about AUROC: a segmentation comparison has none.
+            rep.table(comp_table.drop(columns=["p (DeLong, Holm)"]) if seg else comp_table)
             rep.p(
                 "Differences are candidate minus baseline from a paired patient bootstrap (both models scored on "
                 "the same replicates); p-values are two-sided and Holm-adjusted across the candidates compared on "
-                "the same metric and split. DeLong's test applies to the binary-view AUROC and treats cases as "
-                "independent."
+                "the same metric and split."
+                + (
+                    ""
+                    if seg
+                    else " DeLong's test applies to the binary-view AUROC and treats cases as independent."
+                )
             )
         rep.h(f"{primary} by site")
         rep.table(_wide(table, primary, ["overall", "site"]))
