@@ -8,6 +8,7 @@ RUN/tuning.db, RUN/tuning/<key>.json optuna studies and each study's chosen para
 RUN/wandb/                           offline Weights & Biases runs
 RUN/<generator>__<regime>__<backbone>__seed<k>/
     config.json composition.json predictions.parquet metrics.json checkpoint.pt history.csv DONE
+    (a segmentation task: seg_predictions.parquet and labelmaps.npz instead of predictions.parquet)
 RUN/evaluation/                      `medsynbench evaluate RUN`
 RUN/privacy/<generator>/privacy.json `medsynbench privacy ... --out RUN/privacy/<generator>`
 RUN/fidelity/<generator>/fidelity.json, fidelity.parquet   `medsynbench fidelity --run RUN`
@@ -49,6 +50,10 @@ DONE = "DONE"
 CONFIG_FILE = "config.json"
 COMPOSITION_FILE = "composition.json"
 PREDICTIONS_FILE = "predictions.parquet"
+# A segmentation run's counterpart of the predictions file: the per-case count table (`bench.metrics.count_table`,
+# with the predictions contract's case and run-key columns) and the label maps it was counted from.
+SEG_PREDICTIONS_FILE = "seg_predictions.parquet"
+LABELMAPS_FILE = "labelmaps.npz"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
@@ -237,8 +242,8 @@ class RunFolder:
 
     @property
     def finished(self) -> bool:
-        """DONE and predictions present: what evaluation and submission read."""
-        return self.done and self.predictions.is_file()
+        """DONE and predictions (or a segmentation run's count table) present: what evaluation and submission read."""
+        return self.done and (self.predictions.is_file() or self.seg_predictions.is_file())
 
     @property
     def done_marker(self) -> Path:
@@ -248,6 +253,14 @@ class RunFolder:
     @property
     def predictions(self) -> Path:
         return self.path / PREDICTIONS_FILE
+
+    @property
+    def seg_predictions(self) -> Path:
+        return self.path / SEG_PREDICTIONS_FILE
+
+    @property
+    def labelmaps(self) -> Path:
+        return self.path / LABELMAPS_FILE
 
     @property
     def config_path(self) -> Path:
@@ -360,7 +373,7 @@ class RunDir:
                 yield RunFolder(d, rn)
 
     def finished_runs(self) -> list[RunFolder]:
-        """Run folders with DONE and a predictions file, sorted by name."""
+        """Run folders with DONE and a predictions file (or count table), sorted by name."""
         return [r for r in self.iter_runs() if r.finished]
 
     def baseline_runs(self, seed: int | None = None) -> list[RunFolder]:

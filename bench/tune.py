@@ -109,10 +109,13 @@ def run_study(
     storage: str,
     spec: TuneSpec,
     objective: Objective,
+    *,
+    objective_name: str = "val_auroc_macro",
 ) -> dict[str, Any]:
     """Run (or resume) study `name` until it holds `spec.trials` finished trials; return the summary.
 
-    `objective(params, report)` trains with `params` and returns the validation macro AUROC; it calls
+    `objective(params, report)` trains with `params` and returns the validation score `objective_name`
+    (macro AUROC for a classifier, macro Dice for a segmenter; higher is better); it calls
     `report(epoch, value)` after each epoch so the pruner can stop a hopeless trial.
     """
     import optuna
@@ -184,5 +187,5 @@ def run_study(
             f"n_warmup_steps={spec.pruner_warmup_epochs})"
         ),
         "search_space": {k: v.model_dump() for k, v in sorted(spec.search_space.items())},
-        "objective": "val_auroc_macro",
+        "objective": objective_name,
     }

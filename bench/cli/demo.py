@@ -17,6 +17,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         choices=["smoke", "cpu", "gpu"],
         help="smoke: ~2 min; cpu: <10 min on 2 cores (default without a GPU); gpu: full size (default with one)",
     )
+    p.add_argument(
+        "--task",
+        help="mediastinal-neoplasm (default: classifiers) or mediastinal-neoplasm-seg (segmenters on image-mask "
+        "pairs, scored by Dice and lesion detection)",
+    )
     p.set_defaults(func=cmd_demo, loads_torch=True)
 
 
@@ -24,5 +29,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bench.cli import main
     from bench.demo import run_demo
 
-    run_demo(args.out, main, args.preset)
+    run_demo(args.out, main, args.preset, task=args.task)
     return 0

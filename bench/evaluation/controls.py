@@ -36,7 +36,10 @@ from bench.tasks import Task
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
 REAL_HOLDOUT = "real-holdout"
 FAMILY_ALPHA = 0.05  # chance that a working pipeline fails some interval check
-INTERVAL_CHECKS = ("chance", "gain_contains_zero", "ratio_near_one")
+INTERVAL_CHECKS = ("chance", "gain_contains_zero", "ratio_near_one", "dice_at_chance")
+# Checks that only mean something for one task kind: a control with one of them is left out of the other kind's
+# checks (label-shuffle's AUROC at chance for segmenters, mask-shuffle's Dice at chance for classifiers).
+KIND_CHECKS = {"chance": "classification", "dice_at_chance": "segmentation"}
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,13 @@ def _one(
             ci_low=number(audit.get("ci_low")),
             ci_high=number(audit.get("ci_high")),
         )
-    if check.kind == "chance":
-        metric = "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
+    if check.kind in ("chance", "dice_at_chance"):
+        if check.kind == "dice_at_chance":
+            metric = "dice_macro"
+        else:
+            metric = (
+                "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
+            )
         t = MetricTable(table).select(
             generator=gen, regime=check.regime, metric=metric, split=split, scope="overall"
         )
@@ -232,8 +240,20 @@ def _one(
             lo, hi = seed_t(lo, hi, v, sd**2 / n, n - 1, level)
         else:
             lo, hi = widen(lo, hi, level)
-        ok = _contains(lo, hi, 0.5)
-        why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
+        if check.kind == "dice_at_chance":
+            # `margin` is the most an image-blind segmenter gets: the control must not be told apart from one.
+            ok = lo <= check.margin
+            why = (
+                ""
+                if ok
+                else (
+                    f"the interval lies above {check.margin:g}, the most an image-blind segmenter gets: images paired "
+                    "with other patients' masks still taught where lesions are"
+                )
+            )
+        else:
+            ok = _contains(lo, hi, 0.5)
+            why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
     if check.kind in ("gain_contains_zero", "ratio_near_one"):
         primary = task.metrics.primary
@@ -289,6 +309,8 @@ def check_controls(
     for name in list_controls():
         control = control_of(name)
         assert control is not None
+        if any(KIND_CHECKS.get(c.kind, task.kind) != task.kind for c in control.checks):
+            continue
         for gen in sorted(by_control.get(name, [])) or [None]:
             plan += [(name, gen, control, check) for check in control.checks]
     level = family_level(sum(g is not None and c.kind in INTERVAL_CHECKS for _, g, _, c in plan))

@@ -386,7 +386,23 @@ def add_patient_level(rep: Report, table: pd.DataFrame, task: Task) -> None:
 # --------------------------------------------------------------------------------------------- report
 
 
+def _seg_settings_text(task: Task, s: Settings) -> str:
+    classes = ", ".join(task.mask_classes)
+    return (
+        f"Task `{task.name}` version {task.version} (segmentation); mask classes {classes}. Dice and lesion "
+        f'detection are pooled over the cases of a group (docs/STATISTICS.md, "Segmentation metrics"); a lesion is '
+        f"found when a predicted lesion of its class overlaps it with IoU > 0.5. Intervals: 95% intervals from "
+        f"{s.n_boot} bootstrap replicates resampling patients (not images) within site x patient-label strata, seed "
+        f"{s.seed}; training seeds are averaged inside every replicate and their spread is `seed_sd` in the tables. "
+        f"Minimum group size: {s.min_patients} patients and {s.min_positives} patients with a lesion; smaller "
+        f"groups are marked {INSUFFICIENT_MARK} (insufficient) and left out of worst-group and gap statistics. "
+        f"Numbers read value [95% interval] n=cases/patients."
+    )
+
+
 def _settings_text(task: Task, s: Settings) -> str:
+    if task.kind == "segmentation":
+        return _seg_settings_text(task, s)
     thr = (
         f"chosen per training seed on the validation split as the most sensitive operating point with specificity "
         f">= {task.metrics.target_specificity:g} on the binary view, then applied unchanged to test and external data"
@@ -465,7 +481,12 @@ def build_report(
                         else ""
                     ),
                     "largest gap": e("largest_subgroup_gap"),
-                    **{f"{m.display} {split}": e(m.name, digits=m.digits) for m in reported("headline")},
+                    **{
+                        f"{m.display} {split}": e(m.name, digits=m.digits)
+                        for m in reported("headline", task.kind)
+                        if m.name
+                        != primary  # macro Dice is both a segmentation task's primary and a headline
+                    },
                     "diff vs real": e("diff_vs_real")
                     + (
                         f" p(Holm)={_fmt_p(r['diff_vs_real']['p_boot_holm'])}"
@@ -484,51 +505,103 @@ def build_report(
         if comparisons is not None and len(comparisons):
             rep.h("Comparisons with the real-only baseline")
             c = MetricTable(comparisons).select(scope="overall")
-            rep.table(
-                pd.DataFrame(
-                    {
-                        "generator": c["generator"],
-                        "regime": c["regime"],
-                        "backbone": c["backbone"],
-                        "metric": c["metric"],
-                        "split": c["split"],
-                        "value": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["value"]],
-                        "baseline": [
-                            fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]
-                        ],
-                        "difference [95% CI] n": [
-                            fmt_interval(d, lo, hi, n, p, s)
-                            for d, lo, hi, n, p, s in zip(
-                                c["diff"],
-                                c["ci_low"],
-                                c["ci_high"],
-                                c["n_cases"],
-                                c["n_patients"],
-                                c["status"],
-                                strict=True,
-                            )
-                        ],
-                        "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
-                        "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
-                        "ratio [95% CI]": [
-                            fmt_interval(r, lo, hi)
-                            for r, lo, hi in zip(
-                                c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True
-                            )
-                        ],
-                    }
-                )
+            comp_table = pd.DataFrame(
+                {
+                    "generator": c["generator"],
+                    "regime": c["regime"],
+                    "backbone": c["backbone"],
+                    "metric": c["metric"],
+                    "split": c["split"],
+                    "value": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["value"]],
+                    "baseline": [fmt_interval(v, np.nan, np.nan).split(" [")[0] for v in c["baseline_value"]],
+                    "difference [95% CI] n": [
+                        fmt_interval(d, lo, hi, n, p, s)
+                        for d, lo, hi, n, p, s in zip(
+                            c["diff"],
+                            c["ci_low"],
+                            c["ci_high"],
+                            c["n_cases"],
+                            c["n_patients"],
+                            c["status"],
+                            strict=True,
+                        )
+                    ],
+                    "p (bootstrap, Holm)": [_fmt_p(p) for p in c["p_boot_holm"]],
+                    "p (DeLong, Holm)": [_fmt_p(p) for p in c["p_delong_holm"]],
+                    "ratio [95% CI]": [
+                        fmt_interval(r, lo, hi)
+                        for r, lo, hi in zip(c["ratio"], c["ratio_ci_low"], c["ratio_ci_high"], strict=True)
+                    ],
+                }
             )
+            seg = task.kind == "segmentation"
+            # DeLong's test is about AUROC: a segmentation comparison has none.
+            rep.table(comp_table.drop(columns=["p (DeLong, Holm)"]) if seg else comp_table)
             rep.p(
                 "Differences are candidate minus baseline from a paired patient bootstrap (both models scored on "
                 "the same replicates); p-values are two-sided and Holm-adjusted across the candidates compared on "
-                "the same metric and split. DeLong's test applies to the binary-view AUROC and treats cases as "
-                "independent."
+                "the same metric and split."
+                + (
+                    ""
+                    if seg
+                    else " DeLong's test applies to the binary-view AUROC and treats cases as independent."
+                )
             )
         rep.h(f"{primary} by site")
         rep.table(_wide(table, primary, ["overall", "site"]))
     rep.h(f"{primary} by subgroup")
     rep.table(_wide(table, primary, ["subgroup", "intersection"]))
+    if task.kind == "segmentation":
+        # A segmenter has no operating point or class probabilities: per-class and lesion-level tables instead.
+        _seg_tables(rep, table, task)
+    else:
+        _operating_point(rep, table, task, split, prepared)
+    rep.figure(f"{primary} by subgroup with 95% intervals, {split}", plot_forest(table, primary, split))
+    if not audit:
+        rep.figure(f"{primary} against synthetic ratio, {split}", plot_utility(table, primary, split))
+    rep.p(
+        "Full tables: `metrics.csv` / `metrics.parquet`"
+        + ("" if audit else ", `comparisons.csv` / `comparisons.parquet`")
+        + "; headline numbers: `summary.json`."
+    )
+    return rep
+
+
+def _seg_tables(rep: Report, table: pd.DataFrame, task: Task) -> None:
+    """A segmentation evaluation's tables: Dice per mask class, lesion detection and instance Dice."""
+    per_class = [f"dice_{c}" for c in task.mask_classes]
+    lesion = [
+        "lesion_f1_macro",
+        *(f"lesion_f1_{c}" for c in task.mask_classes),
+        "instance_dice",
+        "hd95_macro",
+    ]
+    for title, names in (("Dice per mask class", per_class), ("Lesion detection and instance Dice", lesion)):
+        t = MetricTable(table).select(metric=names, scope="overall")
+        if t.empty:
+            continue
+        t = t.assign(_run=_run_label(t), _cell=[_fmt_row(r) for _, r in t.iterrows()])
+        w = t.pivot_table(
+            index=["metric", "split"], columns="_run", values="_cell", aggfunc="first", sort=False
+        )
+        rep.h(title)
+        rep.table(w.reset_index().rename_axis(columns=None))
+    rep.h("lesion_f1_macro by site")
+    rep.table(_wide(table, "lesion_f1_macro", ["overall", "site"]))
+    rep.p(
+        "Dice: pooled over the pixels of a group's cases per mask class (undefined where a class is in neither truth "
+        "nor prediction). Lesion F1: a predicted lesion (connected component) finds a true lesion of its class when "
+        "their IoU exceeds 0.5; instance Dice: each true lesion's Dice with its match, 0 when missed. HD95 in pixels "
+        "of the evaluated image size."
+    )
+    _groups_not_ranked(rep, table)
+
+
+def _operating_point(
+    rep: Report, table: pd.DataFrame, task: Task, split: str, prepared: pd.DataFrame | None
+) -> None:
+    """A classification evaluation's fairness at its operating point and its ROC and reliability figures."""
+    primary = task.metrics.primary
     rep.h("Fairness at the operating point")
     fair_metrics = [
         "equalized_odds_difference",
@@ -544,15 +617,7 @@ def build_report(
         "rate; FNR gap: highest minus lowest false-negative rate (underdiagnosis), both at the threshold above, "
         "over groups with status ok."
     )
-    grouped = MetricTable(table).select(scope=("site", "subgroup", "intersection"))
-    insufficient = grouped[grouped["status"] != "ok"]
-    if len(insufficient):
-        rep.h("Groups not ranked")
-        rep.table(
-            insufficient[["split", "scope", "group_by", "group", "status", "reason"]]
-            .drop_duplicates(["split", "scope", "group_by", "group", "status"])
-            .head(60)
-        )
+    _groups_not_ranked(rep, table)
     if prepared is not None:
         cases = _case_level(prepared, task.classes)
         rep.h("Figures")
@@ -568,15 +633,18 @@ def build_report(
         rep.figure(
             f"Reliability, {split}", plot_reliability(cases, task.classes, task.metrics.ece_bins, split)
         )
-    rep.figure(f"{primary} by subgroup with 95% intervals, {split}", plot_forest(table, primary, split))
-    if not audit:
-        rep.figure(f"{primary} against synthetic ratio, {split}", plot_utility(table, primary, split))
-    rep.p(
-        "Full tables: `metrics.csv` / `metrics.parquet`"
-        + ("" if audit else ", `comparisons.csv` / `comparisons.parquet`")
-        + "; headline numbers: `summary.json`."
-    )
-    return rep
+
+
+def _groups_not_ranked(rep: Report, table: pd.DataFrame) -> None:
+    grouped = MetricTable(table).select(scope=("site", "subgroup", "intersection"))
+    insufficient = grouped[grouped["status"] != "ok"]
+    if len(insufficient):
+        rep.h("Groups not ranked")
+        rep.table(
+            insufficient[["split", "scope", "group_by", "group", "status", "reason"]]
+            .drop_duplicates(["split", "scope", "group_by", "group", "status"])
+            .head(60)
+        )
 
 
 def _tidy_view(t: pd.DataFrame) -> pd.DataFrame:

@@ -17,8 +17,9 @@ from bench.evaluation.summary import summarize
 from bench.io import atomic_dir, read_json, read_table, write_json, write_table, write_text
 from bench.metrics.compare import compare_to_baseline
 from bench.metrics.evaluate import evaluate_predictions, prepare_predictions
+from bench.metrics.segeval import compare_segmentation, evaluate_segmentation, mask_classes, prepare_counts
 from bench.metrics.validate import ROW_NOTE, validate_predictions
-from bench.runfolder import DONE, PREDICTIONS_FILE, RunDir
+from bench.runfolder import DONE, PREDICTIONS_FILE, SEG_PREDICTIONS_FILE, RunDir
 from bench.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,44 @@ def load_run_predictions(run: str | Path) -> tuple[Task, pd.DataFrame]:
     return task, pd.concat(frames, ignore_index=True)
 
 
+def load_run_counts(run: str | Path) -> tuple[Task, pd.DataFrame]:
+    """A segmentation RUN folder's task and the count tables (`seg_predictions.parquet`) of every finished run, each
+    file checked on its own first."""
+    rd = RunDir(run).require()
+    task = load_task(rd.task_file)
+    runs = [r for r in rd.finished_runs() if r.seg_predictions.is_file()]
+    if not runs:
+        raise BadInput(
+            f"{rd.path}: no finished segmentation runs (sub-folders with {DONE} and {SEG_PREDICTIONS_FILE})"
+        )
+    frames, problems = [], []
+    for r in runs:
+        f = read_table(r.seg_predictions)
+        try:
+            prepare_counts(f, task, mask_classes(task), source=str(r.seg_predictions))
+        except BadInput as e:
+            problems.append(str(e))
+        frames.append(f)
+    if problems:
+        raise BadInput(f"{rd.path}: {len(problems)} problem(s) in count tables ({ROW_NOTE})", problems)
+    return task, pd.concat(frames, ignore_index=True)
+
+
+def _score(
+    run: Path, n_boot: int, seed: int, mp: int, mpos: int
+) -> tuple[Task, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """The metric table, the comparisons with real-only and (classification) the prepared predictions."""
+    src = str(run)
+    kw = dict(n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src)
+    if load_task(RunDir(run).require().task_file).is_segmentation:
+        task, counts = load_run_counts(run)
+        return task, evaluate_segmentation(counts, task, **kw), compare_segmentation(counts, task, **kw), None
+    task, preds = load_run_predictions(run)
+    table = evaluate_predictions(preds, task, **kw)
+    comps = compare_to_baseline(preds, task, **kw)
+    return task, table, comps, prepare_predictions(preds, task, source=src)
+
+
 def evaluate_run(
     run: str | Path,
     out: str | Path | None = None,
@@ -59,17 +98,12 @@ def evaluate_run(
     """
     run = Path(run)
     out = Path(out) if out else RunDir(run).evaluation
-    task, preds = load_run_predictions(run)
+    task = load_task(RunDir(run).require().task_file)
     n_boot = int(task.metrics.bootstrap if n_boot is None else n_boot)
     mp = int(task.metrics.min_patients if min_patients is None else min_patients)
     mpos = int(task.metrics.min_positives if min_positives is None else min_positives)
     src = str(run)
-    table = evaluate_predictions(
-        preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src
-    )
-    comps = compare_to_baseline(
-        preds, task, n_boot=n_boot, seed=seed, min_patients=mp, min_positives=mpos, source=src
-    )
+    task, table, comps, prepared = _score(run, n_boot, seed, mp, mpos)
     summary = summarize(table, comps, task)
     summary["settings"] = dict(
         n_boot=n_boot,
@@ -87,7 +121,6 @@ def evaluate_run(
         controls += check_copycat_leak(model_privacy, ctl_gens)
         summary["model_privacy"] = model_privacy_summary(model_privacy)
     summary["controls"] = [c.to_dict() for c in controls]
-    prepared = prepare_predictions(preds, task, source=src)
     # The report is shared: it names the run folder, not where it lies on this machine.
     settings = Settings(n_boot, seed, mp, mpos, source=Path(src).name)
     report = build_report(table, comps, summary, task, settings, prepared)

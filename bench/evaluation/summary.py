@@ -82,7 +82,10 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
     """
     primary = task.metrics.primary
     split = headline_split(table) if len(table) else "test"
-    am = auroc_metric(task)
+    # Worst group and gap: an AUROC for a classification task; a segmentation task's own primary metric (macro
+    # Dice). The key keeps its name (`auroc_metric`, `worst_subgroup_auroc`) so every reader finds it.
+    seg = task.kind == "segmentation"
+    am = primary if seg else auroc_metric(task)
     comps = MetricTable(comparisons) if comparisons is not None and len(comparisons) else None
     where = ("group_by", "group", *GROUP_COLUMNS)
     runs = []
@@ -95,9 +98,10 @@ def summarize(table: pd.DataFrame, comparisons: pd.DataFrame | None, task: Task)
             run["patient_primary"] = summary_entry(mt.one(primary, split=split, scope="patient"))
         run["worst_subgroup_auroc"] = summary_entry(_extreme(mt, f"{am}_worst", split, lowest=True), where)
         run["largest_subgroup_gap"] = summary_entry(_extreme(mt, f"{am}_gap", split, lowest=False), where)
-        for m in core.reported("headline"):
+        for m in core.reported("headline", task.kind):
             run[m.name] = summary_entry(mt.one(m.name, split=split))
-        run["fnr_gap"] = summary_entry(_extreme(mt, "fnr_gap", split, lowest=False), where)
+        if not seg:
+            run["fnr_gap"] = summary_entry(_extreme(mt, "fnr_gap", split, lowest=False), where)
         run["diff_vs_real"] = run["utility_ratio"] = None
         c = None if comps is None else comps.one(primary, split=split, generator=gen, regime=reg, backbone=bb)
         if c is not None:

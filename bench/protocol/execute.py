@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.errors import BadInput
 from bench.imaging import build_cache
 from bench.io import atomic_dir, read_json, write_json, write_table, write_text
+from bench.labelmaps import save_labelmaps
 from bench.manifest import read_manifest
 from bench.metrics.core import auroc_macro
 from bench.protocol.config import RunSettings
 from bench.protocol.plan import MatrixContext, RunSpec, StudySpec, environment
+from bench.protocol.segment import case_frame, seg_predictions_frame, seg_run_metrics
 from bench.regimes import compose, training_budget
 from bench.runfolder import PREDICTED_SPLITS, SCHEMA_VERSION, RunFolder
 from bench.tasks import Task, load_task
@@ -32,8 +35,10 @@ from bench.threads import torch_threads
 from bench.tracking import Tracker
 from bench.tune import run_study
 
-# What the validation rounds of a run report; they choose no weights (`SELECTION`), only tuning reads them.
+# What the validation rounds of a run report, per task kind; they choose no weights (`SELECTION`), only tuning and
+# tracking read them.
 VALIDATION_METRIC = "val_auroc_macro"
+VALIDATION_METRICS = {"classification": VALIDATION_METRIC, "segmentation": "val_dice_macro"}
 # Every arm of a comparison keeps the final weights of the same step budget: real validation labels must not choose
 # among the checkpoints of a model that never saw a real label (docs/STATISTICS.md, "Which weights a run keeps").
 SELECTION = {
@@ -61,9 +66,16 @@ class ManifestImages:
             df = df[self.cache.contains(df["case_id"])]
         self.df = df.reset_index(drop=True)
         self.images = self.cache.images
+        self.masks = self.cache.masks
 
     def take(self, case_ids: pd.Series) -> np.ndarray:
         return np.asarray(self.images[self.cache.rows(case_ids.astype(str))])
+
+    def take_masks(self, case_ids: pd.Series) -> np.ndarray:
+        """The cached label maps of `case_ids` (a segmentation task's manifest)."""
+        if self.masks is None:
+            raise BadInput(f"{self.m.path}: no masks for a segmentation task (manifest column mask_path)")
+        return np.asarray(self.masks[self.cache.rows(case_ids.astype(str))])
 
 
 class DataStore:
@@ -88,14 +100,18 @@ class DataStore:
         return None if ref is None else self._get(str(ref.path), size)
 
 
-def _images_for(rows: pd.DataFrame, real: ManifestImages, syn: ManifestImages | None) -> np.ndarray:
+def _images_for(
+    rows: pd.DataFrame, real: ManifestImages, syn: ManifestImages | None, *, masks: bool = False
+) -> np.ndarray:
+    """The images (or, with `masks`, the label maps) of composed rows, each from its own manifest's cache."""
     is_syn = (rows["origin"] == "synthetic").to_numpy()
-    x = np.empty((len(rows), *real.images.shape[1:]), dtype=np.uint8)
-    if (~is_syn).any():
-        x[~is_syn] = real.take(rows.loc[~is_syn, "case_id"])
-    if is_syn.any():
-        assert syn is not None
-        x[is_syn] = syn.take(rows.loc[is_syn, "case_id"])
+    shape = (real.masks if masks and real.masks is not None else real.images).shape[1:]
+    x = np.empty((len(rows), *shape), dtype=np.uint8)
+    for sel, src in ((~is_syn, real), (is_syn, syn)):
+        if sel.any():
+            assert src is not None
+            ids = rows.loc[sel, "case_id"]
+            x[sel] = src.take_masks(ids) if masks else src.take(ids)
     return x
 
 
@@ -115,10 +131,12 @@ def train_regime(
     progress: Any = False,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any], ManifestImages]:
     """Compose the regime's training set and train on it; returns (model, history rows, composition, real data)."""
-    # torch (bench.train): only in the process that trains
+    # torch (bench.train, bench.train_seg): only in the process that trains
     from bench.train import FitSettings, fit
+    from bench.train_seg import fit_segmenter
 
     task = data.task
+    seg = task.is_segmentation
     real = data.real(settings.image_size)
     syn = data.synthetic(generator, settings.image_size)
     classes = task.classes
@@ -127,7 +145,11 @@ def train_regime(
     rows, comp = compose(
         regime, train_df, syn.df if syn else None, seed, classes=classes, balance=data.ctx.balance
     )
-    x_val, y_val = real.take(val_df["case_id"]), _labels(val_df, classes)
+    x_val = real.take(val_df["case_id"])
+    y_val = real.take_masks(val_df["case_id"]) if seg else _labels(val_df, classes)
+    # A segmenter's classes are the background and the mask classes, in label-map order.
+    n_out = len(task.mask_classes) + 1 if seg else len(classes)
+    train_fn = fit_segmenter if seg else fit
     # The budget comes from the real training split, the same for every regime of the protocol.
     budget = training_budget(
         len(train_df),
@@ -148,7 +170,7 @@ def train_regime(
             steps = budget["pretrain_split"][stage]
         fit_settings = FitSettings(
             backbone=settings.backbone,
-            num_classes=len(classes),
+            num_classes=n_out,
             epochs=(settings.pretrain_epochs or settings.epochs) if stage == "pretrain" else settings.epochs,
             lr=settings.lr,
             weight_decay=settings.weight_decay,
@@ -165,10 +187,10 @@ def train_regime(
             if on_epoch is not None:
                 on_epoch({**rec, "stage": stage})
 
-        model, hist = fit(
+        model, hist = train_fn(
             fit_settings,
             _images_for(part, real, syn),
-            _labels(part, classes),
+            _images_for(part, real, syn, masks=True) if seg else _labels(part, classes),
             x_val,
             y_val,
             init=init,
@@ -280,8 +302,9 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
     """Train, predict and write one run folder (atomically, DONE inside)."""
     import torch
 
-    # torch (bench.train): only in the process that trains
+    # torch (bench.train, bench.train_seg): only in the process that trains
     from bench.train import predict_proba, save_checkpoint
+    from bench.train_seg import predict_labelmaps
 
     t0 = time.perf_counter()
     run_dir = ctx.run_dir
@@ -317,17 +340,17 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
         eval_df = real.df[real.df["split"].isin(PREDICTED_SPLITS)]
         order = {s: i for i, s in enumerate(PREDICTED_SPLITS)}
         eval_df = eval_df.iloc[np.argsort(eval_df["split"].map(order).to_numpy(), kind="stable")]
-        prob = predict_proba(model, real.take(eval_df["case_id"]), settings.device)
-        preds = predictions_frame(
-            task,
-            eval_df,
-            prob,
-            generator=gen,
-            regime=spec.regime,
-            seed=int(spec.seed),
-            backbone=spec.backbone,
-        )
-        metrics = run_metrics(preds, task.classes)
+        keys = dict(generator=gen, regime=spec.regime, seed=int(spec.seed), backbone=spec.backbone)
+        maps = None
+        if task.is_segmentation:
+            maps = predict_labelmaps(model, real.take(eval_df["case_id"]), settings.device)
+            cases = case_frame(task, eval_df, **keys)
+            preds = seg_predictions_frame(task, cases, real.take_masks(eval_df["case_id"]), maps)
+            metrics = seg_run_metrics(preds, task.mask_classes)
+        else:
+            prob = predict_proba(model, real.take(eval_df["case_id"]), settings.device)
+            preds = predictions_frame(task, eval_df, prob, **keys)
+            metrics = run_metrics(preds, task.classes)
         config["budget"] = {
             **comp["budget"],
             "steps_run": int(sum(h["step"] for h in _stage_ends(history))),
@@ -355,7 +378,13 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
             staged = RunFolder(Path(tmp), run.name)
             write_json(staged.config_path, config)
             write_json(staged.composition, comp)
-            write_table(staged.predictions, preds)
+            if maps is None:
+                write_table(staged.predictions, preds)
+            else:
+                write_table(staged.seg_predictions, preds)
+                save_labelmaps(
+                    staged.labelmaps, preds["case_id"], maps, num_classes=len(task.mask_classes) + 1
+                )
             write_table(staged.history, pd.DataFrame(history))
             save_checkpoint(
                 staged.checkpoint,
@@ -364,6 +393,7 @@ def execute_run(ctx: MatrixContext, spec: RunSpec, progress: Any = False) -> dic
                     "run_id": rid,
                     "task": config["task"],
                     "classes": task.classes,
+                    **({"mask_classes": task.mask_classes} if task.is_segmentation else {}),
                     "image": config["image"],
                     "generator": gen,
                     "regime": spec.regime,
@@ -388,7 +418,9 @@ def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -
         return read_json(path)
     spec = ctx.tune
     assert spec is not None, "a study is planned only when tuning is on"
-    data = DataStore(ctx, load_task(ctx.task_path))
+    task = load_task(ctx.task_path)
+    data = DataStore(ctx, task)
+    val_metric = VALIDATION_METRICS[task.kind]
 
     def objective(params: dict[str, float], report) -> float:
         settings = study.settings.with_params(params)
@@ -400,14 +432,14 @@ def execute_study(ctx: MatrixContext, study: StudySpec, progress: Any = False) -
             settings,
             on_epoch=lambda rec: report(
                 int(rec["epoch"]) + (0 if rec["stage"] != "finetune" else 10_000),
-                float(rec[VALIDATION_METRIC]),
+                float(rec[val_metric]),
             ),
             progress=progress,
         )
         # The weights a run keeps are the final ones, so a trial is scored by them, not by its best round.
-        return float(history[-1][VALIDATION_METRIC])
+        return float(history[-1][val_metric])
 
     name = f"{ctx.task.name}-{ctx.task.version}__{study.key}"
-    result = run_study(name, ctx.storage, spec, objective)
+    result = run_study(name, ctx.storage, spec, objective, objective_name=val_metric)
     write_json(path, result)
     return result

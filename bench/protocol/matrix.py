@@ -135,7 +135,9 @@ def run_matrix(options: MatrixOptions) -> MatrixResult:
             bar.note(f"tuning {len(studies)} studies x {plan.ctx.tune.trials} trials")
             for study, res in ex.map(execute_study, plan.ctx, studies, progress=bar.inner):
                 tuned[study.key] = res
-                bar.note(f"tuned {study.key}: {res['best_params']} (val AUROC {res['best_value']:.3f})")
+                bar.note(
+                    f"tuned {study.key}: {res['best_params']} ({res.get('objective', 'val')} {res['best_value']:.3f})"
+                )
         specs = [with_tuning(r, tuned[r.tuning_key]) if r.tuning_key else r for r in pending]
         try:
             for spec, res in ex.map(execute_run, plan.ctx, specs, progress=bar.inner):

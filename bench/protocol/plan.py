@@ -215,7 +215,7 @@ def _settings(
     options: MatrixOptions, task: Task, proto: Protocol, preset_ref: str | Path
 ) -> tuple[Any, RunSettings]:
     # torch (bench.models): only once a matrix is planned, not when bench.protocol is imported
-    from bench.models import model_info
+    from bench.models import check_kind, model_info
 
     pre, preset_path = load_preset(preset_ref)
     base = pre.model_dump(exclude={"name", "description"})
@@ -226,8 +226,12 @@ def _settings(
         base["epochs"] = int(options.epochs)
     if options.device is not None:
         base["device"] = options.device
-    bb = options.backbone or proto.backbone or proto.train.backbone or pre.backbone or task.protocol.backbone
-    model_info(bb)
+    # A preset (cpu, gpu, smoke ...) is training settings shared by both task kinds: its backbone applies only to
+    # tasks of its kind, so a segmentation task run with the cpu preset keeps the task's own segmenter.
+    pre_bb = pre.backbone if pre.backbone and model_info(pre.backbone).kind == task.kind else None
+    bb = options.backbone or proto.backbone or proto.train.backbone or pre_bb or task.protocol.backbone
+    # A classifier for a segmentation task (or the reverse) fails here, before anything is decoded or written.
+    check_kind(bb, task.kind)
     base["backbone"] = bb
     # An explicit size in the protocol wins; otherwise the task's own size for this preset, then the preset's.
     if proto.train.image_size is not None:

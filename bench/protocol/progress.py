@@ -55,6 +55,8 @@ class RunProgress:
         if self.p is not None:
             self.p.advance(self.task)
         m = res.get("metrics") or {}
-        auc = m.get("auroc_macro") or {}
+        primary = m.get("primary", "auroc_macro")
+        auc = m.get(primary) or {}
         parts = " ".join(f"{k} {v:.3f}" for k, v in auc.items() if v is not None)
-        self.console.print(f"done {rid} {res.get('seconds', 0):.1f}s AUROC {parts}", soft_wrap=True)
+        label = {"auroc_macro": "AUROC", "dice_macro": "Dice"}.get(primary, primary)
+        self.console.print(f"done {rid} {res.get('seconds', 0):.1f}s {label} {parts}", soft_wrap=True)
