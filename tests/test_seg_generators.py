@@ -332,3 +332,21 @@ def test_import_pairs_bad_cases_exit_2_naming_the_file(user_pairs, tmp_path, cap
         expect = expect.replace("'benign_cyst'", repr(pd.read_csv(csv)["label"][0]))
     assert expect in err and str(csv) in err
     assert not out.exists() and not out.with_name("syn.card.yaml").exists()
+
+
+@pytest.mark.parametrize("ci, status", [((0.02, 0.12), "PASS"), ((0.45, 0.60), "FAIL")])
+def test_check_controls_judges_mask_shuffle_by_dice_at_chance(task, ci, status):
+    from bench.evaluation.controls import check_controls
+
+    def row(gen, regime, value, lo, hi):
+        return dict(generator=gen, regime=regime, backbone="unet-small", metric="dice_macro", scope="overall",
+                    split="test", value=value, ci_low=lo, ci_high=hi, status="ok")  # fmt: skip
+
+    table = pd.DataFrame([row("none", "real", 0.6, 0.55, 0.65), row("ms", "synthetic", sum(ci) / 2, *ci)])
+    results = check_controls(table, None, {}, task, {"ms": "mask-shuffle"})
+    assert {r.control for r in results} == {"copycat", "mask-shuffle", "real-holdout"}
+    (r,) = [r for r in results if r.control == "mask-shuffle"]
+    assert (r.check, r.metric, r.status) == ("dice_at_chance", "dice_macro", status)
+    # Widened to the family's level: the interval it judged contains the one it was given.
+    assert r.ci_low <= ci[0] + 1e-9 and r.ci_high >= ci[1] - 1e-9
+    assert (r.reason == "") == (status == "PASS")

@@ -25,6 +25,7 @@ from scipy.stats import norm
 from scipy.stats import t as t_dist
 
 from bench.generators import Control, ControlCheck, control_of, list_controls
+from bench.generators.segcontrols import dice_at_chance
 from bench.io import read_json
 from bench.metrics.compare import auroc_metric, compare_to_baseline, headline_split
 from bench.metrics.evaluate import evaluate_predictions
@@ -35,7 +36,7 @@ from bench.tasks import Task
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
 REAL_HOLDOUT = "real-holdout"
 FAMILY_ALPHA = 0.05  # chance that a working pipeline fails some interval check
-INTERVAL_CHECKS = ("chance", "gain_contains_zero", "ratio_near_one")
+INTERVAL_CHECKS = ("chance", "gain_contains_zero", "ratio_near_one", "dice_at_chance")
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,13 @@ def _one(
             ci_low=number(audit.get("ci_low")),
             ci_high=number(audit.get("ci_high")),
         )
-    if check.kind == "chance":
-        metric = "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
+    if check.kind in ("chance", "dice_at_chance"):
+        if check.kind == "dice_at_chance":
+            metric = "dice_macro"
+        else:
+            metric = (
+                "auroc_macro" if len(MetricTable(table).select(metric="auroc_macro")) else auroc_metric(task)
+            )
         t = MetricTable(table).select(
             generator=gen, regime=check.regime, metric=metric, split=split, scope="overall"
         )
@@ -231,8 +237,12 @@ def _one(
             lo, hi = seed_t(lo, hi, v, sd**2 / n, n - 1, level)
         else:
             lo, hi = widen(lo, hi, level)
-        ok = _contains(lo, hi, 0.5)
-        why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
+        if check.kind == "dice_at_chance":
+            verdict, why = dice_at_chance(lo, hi, check.margin)
+            ok = bool(verdict)
+        else:
+            ok = _contains(lo, hi, 0.5)
+            why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
         return res(PASS if ok else FAIL, why, metric=metric, split=split, value=v, ci_low=lo, ci_high=hi)
     if check.kind in ("gain_contains_zero", "ratio_near_one"):
         primary = task.metrics.primary
@@ -285,7 +295,7 @@ def check_controls(
     for gen, name in generators.items():
         by_control.setdefault(name, []).append(gen)
     plan = []
-    for name in list_controls():
+    for name in list_controls(task.kind):
         control = control_of(name)
         assert control is not None
         for gen in sorted(by_control.get(name, [])) or [None]:
