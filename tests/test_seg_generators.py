@@ -14,12 +14,14 @@ from PIL import Image
 
 from bench.cli import main
 from bench.errors import BadInput
+from bench.evaluation.controls import check_controls
 from bench.generators import generate, get_generator, import_synthetic, list_controls
 from bench.generators.pipeline import load_pairs, mask_labels
 from bench.generators.segcontrols import CHANCE_DICE, dice_at_chance, shuffled_mask_sources
 from bench.imaging import build_cache
 from bench.manifest import Manifest, read_manifest, validate_manifest, write_manifest
 from bench.phantom import write_phantom
+from bench.privacy import audit
 from bench.sources import build_manifest
 from bench.tasks import load_task
 
@@ -235,8 +237,6 @@ def test_dice_at_chance_verdicts(lo, hi, verdict):
 
 
 def test_privacy_audit_flags_copycat_pairs(env, task, tmp_path):
-    from bench.privacy import audit
-
     out = env["sets"]["copycat"]
     r = audit(task, out / "manifest.parquet", out / "train_manifest.parquet", env["real"], tmp_path / "audit",
               features=("pixel",), n_boot=200, size=SIZE, cache_dir=env["cache"])  # fmt: skip
@@ -336,8 +336,6 @@ def test_import_pairs_bad_cases_exit_2_naming_the_file(user_pairs, tmp_path, cap
 
 @pytest.mark.parametrize("ci, status", [((0.02, 0.12), "PASS"), ((0.45, 0.60), "FAIL")])
 def test_check_controls_judges_mask_shuffle_by_dice_at_chance(task, ci, status):
-    from bench.evaluation.controls import check_controls
-
     def row(gen, regime, value, lo, hi):
         return dict(generator=gen, regime=regime, backbone="unet-small", metric="dice_macro", scope="overall",
                     split="test", value=value, ci_low=lo, ci_high=hi, status="ok")  # fmt: skip

@@ -114,6 +114,7 @@ class PcaGmm(Generator):
         num_classes: int,
         num_mask_classes: int,
     ) -> None:
+        # sklearn is slow to import; only fitting this generator needs it
         from sklearn.decomposition import PCA
         from sklearn.mixture import GaussianMixture
 
