@@ -26,6 +26,7 @@ from scipy.stats import norm
 from scipy.stats import t as t_dist
 
 from bench.generators import Control, ControlCheck, control_of, list_controls
+from bench.generators.segcontrols import dice_at_chance
 from bench.io import read_json
 from bench.metrics.compare import auroc_metric, compare_to_baseline, headline_split
 from bench.metrics.evaluate import evaluate_predictions
@@ -241,16 +242,8 @@ def _one(
         else:
             lo, hi = widen(lo, hi, level)
         if check.kind == "dice_at_chance":
-            # `margin` is the most an image-blind segmenter gets: the control must not be told apart from one.
-            ok = lo <= check.margin
-            why = (
-                ""
-                if ok
-                else (
-                    f"the interval lies above {check.margin:g}, the most an image-blind segmenter gets: images paired "
-                    "with other patients' masks still taught where lesions are"
-                )
-            )
+            verdict, why = dice_at_chance(lo, hi, check.margin)
+            ok = bool(verdict)
         else:
             ok = _contains(lo, hi, 0.5)
             why = "" if ok else "the interval excludes 0.5: labels without information still taught something"
@@ -306,7 +299,7 @@ def check_controls(
     for gen, name in generators.items():
         by_control.setdefault(name, []).append(gen)
     plan = []
-    for name in list_controls():
+    for name in list_controls(task.kind):
         control = control_of(name)
         assert control is not None
         if any(KIND_CHECKS.get(c.kind, task.kind) != task.kind for c in control.checks):

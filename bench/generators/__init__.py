@@ -11,6 +11,7 @@ from __future__ import annotations
 from bench.generators.base import (
     CHECK_KINDS,
     GENERATORS,
+    TASK_KINDS,
     Control,
     ControlCheck,
     Generator,
@@ -26,6 +27,7 @@ from bench.generators.pipeline import generate
 __all__ = [
     "CHECK_KINDS",
     "GENERATORS",
+    "TASK_KINDS",
     "Control",
     "ControlCheck",
     "Generator",

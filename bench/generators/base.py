@@ -14,7 +14,8 @@ import numpy as np
 from bench.errors import BadInput
 from bench.registry import Registry
 
-CHECK_KINDS = ("gain_contains_zero", "privacy_flagged", "chance", "ratio_near_one")
+CHECK_KINDS = ("gain_contains_zero", "privacy_flagged", "chance", "ratio_near_one", "dice_at_chance")
+TASK_KINDS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class ControlCheck:
 
     `kind`: `gain_contains_zero` (the 95% interval of `regime` minus real-only on the primary metric contains 0),
     `privacy_flagged` (the privacy audit flags the set), `chance` (the 95% interval of `regime`'s macro AUROC
-    contains 0.5) or `ratio_near_one` (the interval of `regime` / real-only reaches 1 +/- `margin`).
+    contains 0.5), `ratio_near_one` (the interval of `regime` / real-only reaches 1 +/- `margin`) or
+    `dice_at_chance` (segmentation: the interval of `regime`'s macro Dice reaches down to `margin`, the most an
+    image-blind segmenter gets; `bench.generators.segcontrols.dice_at_chance`).
 
     `margin` widens the target to a fixed band. `draw_sd` is for a control whose training images are not the
     real-only run's: the interval covers test patients and training seeds, not which patients happened to be drawn
@@ -69,6 +72,13 @@ class Generator:
 
     `config` is a preset name from `presets` or a mapping that overrides preset values (`preset` key picks the
     base). The resolved configuration is what the card records.
+
+    Image–mask pairs (segmentation tasks): a generator that sets `task_kinds` to include `"segmentation"` also
+    implements `fit_pairs` and `sample_pairs`. It learns from images with their label maps (uint8 `[N, S, S]`,
+    0 = background, k = the task's k-th mask class) and samples pairs, one per requested class index; the pipeline
+    then sets each synthetic image's label from its mask (the task's `label_from_mask`), so a pair whose mask drifted
+    to another class is labelled by what it shows. Separate methods rather than optional arguments keep every
+    classification generator, a user's included, exactly as it was.
     """
 
     name: str = ""
@@ -82,6 +92,12 @@ class Generator:
     source_split: str = "train"
     # Whether fit/sample run torch ops: `generate` then sets torch's CPU thread count for them (`--threads`).
     uses_torch: bool = False
+    # The task kinds it serves: `classification` (images per class) and/or `segmentation` (image–mask pairs via
+    # fit_pairs / sample_pairs). A control that makes sense for one kind only lists that kind.
+    task_kinds: tuple[str, ...] = ("classification",)
+    # The patient of each training image, set by `generate` before fitting, for a generator that must keep images of
+    # one patient apart (mask-shuffle); None when fitted outside the pipeline.
+    patients: np.ndarray | None = None
 
     def __init__(self, config: str | dict[str, Any] | None = None, seed: int = 0, device: str | None = None):
         self.config = self.resolve_config(config)
@@ -120,6 +136,26 @@ class Generator:
         """uint8 `[len(labels), C, S, S]`, one image per requested class index, deterministic for the seed."""
         raise NotImplementedError
 
+    @classmethod
+    def supports(cls, kind: str) -> bool:
+        """Whether it serves tasks of this kind (`classification` or `segmentation`)."""
+        return kind in cls.task_kinds
+
+    def fit_pairs(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        num_mask_classes: int,
+    ) -> None:
+        """Learn from images `[N, C, S, S]` and their label maps `[N, S, S]` (values 0..num_mask_classes)."""
+        raise NotImplementedError(f"generator {self.name!r} does not produce image–mask pairs")
+
+    def sample_pairs(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images `[len(labels), C, S, S]` and label maps `[len(labels), S, S]`, deterministic for the seed."""
+        raise NotImplementedError(f"generator {self.name!r} does not produce image–mask pairs")
+
 
 def _as_generator(name: str, obj: object) -> type[Generator]:
     if not (isinstance(obj, type) and issubclass(obj, Generator)):
@@ -137,6 +173,7 @@ GENERATORS: Registry[type[Generator]] = Registry(
     builtins=(
         "bench.generators.copycat",
         "bench.generators.controls",
+        "bench.generators.segcontrols",
         "bench.generators.pca_gmm",
         "bench.generators.ddpm",
     ),
@@ -165,8 +202,16 @@ def control_of(name: str | None) -> Control | None:
     return GENERATORS.get(name).control
 
 
-def list_controls() -> list[str]:
-    return [n for n in GENERATORS.names() if GENERATORS.get(n).control is not None]
+def list_controls(kind: str = "classification") -> list[str]:
+    """The controls that apply to tasks of `kind` (classification by default, so that classification reports list
+    exactly the controls they always did; pass the task's kind)."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task kind {kind!r}: expected one of {TASK_KINDS}")
+    return [
+        n
+        for n in GENERATORS.names()
+        if GENERATORS.get(n).control is not None and GENERATORS.get(n).supports(kind)
+    ]
 
 
 def _cuda() -> bool:

@@ -13,6 +13,7 @@ task: {name: tiny, version: "1.0"}
 samples_per_class: {blank: 20, disc: 20, bar: 20}
 n_samples: 60
 image: {size: 32, channels: 1, format: png}
+masks: {pairs: true, classes: [...], ...}  # segmentation sets only (image–mask pairs)
 only: {sex: M}              # subgroup the generator was restricted to, or null
 training:                   # required
   manifest_sha256: <64 hex> # bench.manifest.manifest_hash of the training manifest
@@ -61,6 +62,18 @@ class ImageInfo(StrictMutable):
     format: str | None = None
 
 
+class MaskInfo(StrictMutable):
+    """A segmentation set's masks: image–mask pairs, label maps in the task's mask-class order."""
+
+    pairs: bool = True
+    classes: list[str] = Field(min_length=1)
+    format: str | None = None
+    column: str = "mask_path"
+    method: str | None = None
+    requested_per_class: dict[str, int] | None = None
+    n_empty: int | None = Field(None, ge=0)
+
+
 class Training(StrictMutable):
     manifest_sha256: str | None = Field(None, pattern=HEX64)
     manifest: str | None = None
@@ -85,6 +98,7 @@ class GeneratorCard(StrictMutable):
     samples_per_class: dict[str, int] = Field(default_factory=dict)
     n_samples: int | None = None
     image: ImageInfo | None = None
+    masks: MaskInfo | None = Field(None, description="segmentation sets only: the masks beside the images")
     only: dict[str, str] | None = None
     training: Training
     config: dict[str, Any] = Field(default_factory=dict)

@@ -24,9 +24,21 @@ HOLDOUT_DRAW_SD = 0.04
 
 def _draw(pools: dict[int, np.ndarray], labels: np.ndarray, rng: np.random.Generator, who: str) -> np.ndarray:
     """One pool image per requested class index; every image of a class used once before any is used twice."""
+    return _draw_pairs(pools, None, labels, rng, who)[0]
+
+
+def _draw_pairs(
+    pools: dict[int, np.ndarray],
+    mask_pools: dict[int, np.ndarray] | None,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    who: str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """As `_draw`, with each image's own mask when `mask_pools` (same classes, same order) is given."""
     labels = np.asarray(labels, dtype=int)
     first = next(v for v in pools.values() if len(v))
     out = np.empty((len(labels),) + first.shape[1:], dtype=np.uint8)
+    out_m = None if mask_pools is None else np.empty((len(labels),) + first.shape[2:], dtype=np.uint8)
     for c in np.unique(labels):
         pool = pools.get(int(c))
         if pool is None or len(pool) == 0:
@@ -35,7 +47,9 @@ def _draw(pools: dict[int, np.ndarray], labels: np.ndarray, rng: np.random.Gener
         reps = -(-len(where) // len(pool))
         order = np.concatenate([rng.permutation(len(pool)) for _ in range(reps)])[: len(where)]
         out[where] = pool[order]
-    return out
+        if out_m is not None and mask_pools is not None:
+            out_m[where] = mask_pools[int(c)][order]
+    return out, out_m
 
 
 def shuffled_labels(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -64,7 +78,10 @@ def shuffled_labels(labels: np.ndarray, seed: int) -> np.ndarray:
 
 @register_generator("label-shuffle")
 class LabelShuffle(Generator):
-    """Negative control: the real training images with their labels permuted; trained on alone, a model is at chance."""
+    """Negative control: the real training images with their labels permuted; trained on alone, a model is at chance.
+
+    Classification only: a segmenter learns from masks, not labels, and a segmentation set's labels follow from its
+    masks, so shuffled labels would change nothing it learns. Its segmentation counterpart is `mask-shuffle`."""
 
     version = "1.1"
     presets = {"tiny": {}, "full": {}}
@@ -88,9 +105,13 @@ class LabelShuffle(Generator):
 
 @register_generator("real-holdout")
 class RealHoldout(Generator):
-    """Positive control: real images of training-site patients that no run trains on (the task's reserve split)."""
+    """Positive control: real images of training-site patients that no run trains on (the task's reserve split).
+
+    On a segmentation task: the reserve patients' image–mask pairs, each image with its own mask."""
 
     version = "1.0"
+    task_kinds = ("classification", "segmentation")
+    mask_method = "real: the reserve patients' own masks"
     presets = {"tiny": {}, "full": {}}
     source_split = "reserve"
     control = Control(
@@ -112,3 +133,20 @@ class RealHoldout(Generator):
 
     def sample(self, labels: np.ndarray) -> np.ndarray:
         return _draw(self._by_class, labels, np.random.default_rng(self.seed), "real-holdout")
+
+    def fit_pairs(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        num_mask_classes: int,
+    ) -> None:
+        self.fit(images, labels, num_classes)
+        self._masks_by_class = {c: masks[labels == c] for c in range(num_classes)}
+
+    def sample_pairs(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        images, masks = _draw_pairs(self._by_class, self._masks_by_class, labels, rng, "real-holdout")
+        assert masks is not None
+        return images, masks

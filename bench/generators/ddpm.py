@@ -11,6 +11,13 @@ fixes every image.
   30,000 steps, 1,000-step schedule and 100 DDIM steps, bf16 autocast: meant for a GPU.
 
 `prediction` selects the network's target: `epsilon` (default), `v_prediction` or `sample`.
+
+On a segmentation task the mask is generated jointly with the image: it enters as extra channels (one per class,
+background included, one-hot in [-1, 1]) of the same diffusion, and a sample's mask is the argmax over those
+channels. Joint generation rather than conditioning on a given mask: it needs no source of masks at sample time
+(conditioning would have to draw masks from somewhere, the training masks themselves being the obvious and the
+privacy-leaking choice), it keeps the same network, schedule and sampler with only the channel count changed, and
+image and mask come out of one denoising trajectory, so the lesion drawn in the image is the one the mask marks.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 class Ddpm(Generator):
     version = "1.0"
     uses_torch = True
+    task_kinds = ("classification", "segmentation")
+    mask_method = "joint: one-hot mask channels generated with the image by the same diffusion; mask = argmax"
     presets = {
         "tiny": {
             "size": 16,
@@ -96,18 +105,44 @@ class Ddpm(Generator):
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
         import torch
+
+        self._n_mask = None
+        self._train(
+            torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0), labels, num_classes
+        )
+
+    def fit_pairs(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        num_mask_classes: int,
+    ) -> None:
+        import torch
+
+        self._n_mask = int(num_mask_classes)
+        img = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+        onehot = (
+            torch.from_numpy(masks.astype(np.int64))[:, None]
+            == torch.arange(self._n_mask + 1)[None, :, None, None]
+        )
+        self._train(torch.cat([img, onehot.float() * 2 - 1], dim=1), labels, num_classes)
+
+    def _train(self, x_all, labels: np.ndarray, num_classes: int) -> None:
+        """Train on `x_all` float `[N, channels, S, S]` in [-1, 1] (image channels, then any mask channels)."""
+        import torch
         from monai.networks.schedulers import DDPMScheduler
 
         cfg = self.config
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         dev = torch.device(self.device)
-        self._shape = images.shape[1:]
+        self._shape = tuple(x_all.shape[1:])
         self._num_classes = num_classes
-        model = self._build(images.shape[1], num_classes).to(dev)
+        model = self._build(int(x_all.shape[1]), num_classes).to(dev)
         ema = copy.deepcopy(model).eval() if cfg["ema_decay"] > 0 else None
         sched = DDPMScheduler(**self._schedule_args())
-        x_all = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
         y_all = torch.from_numpy(np.array(labels, dtype=np.int64))
         opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
         steps = int(cfg["train_steps"])
@@ -153,6 +188,14 @@ class Ddpm(Generator):
         self.fitted_ = {"final_loss": float(loss.item()), "train_seconds": round(time.time() - t0, 1)}
 
     def sample(self, labels: np.ndarray) -> np.ndarray:
+        return self._sample(labels)[0]
+
+    def sample_pairs(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, masks = self._sample(labels)
+        assert masks is not None, "ddpm: sample_pairs needs fit_pairs"
+        return images, masks
+
+    def _sample(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
         from monai.networks.schedulers import DDIMScheduler
 
@@ -161,7 +204,13 @@ class Ddpm(Generator):
         sched.set_timesteps(int(self.config["sample_steps"]))
         gen = torch.Generator().manual_seed(self.seed + 1)
         labels = np.asarray(labels, dtype=np.int64)
-        out = np.empty((len(labels),) + tuple(self._shape), dtype=np.uint8)
+        n_img = self._shape[0] - (self._n_mask + 1 if self._n_mask is not None else 0)
+        out = np.empty((len(labels), n_img) + tuple(self._shape[1:]), dtype=np.uint8)
+        out_m = (
+            None
+            if self._n_mask is None
+            else np.empty((len(labels),) + tuple(self._shape[1:]), dtype=np.uint8)
+        )
         bs = int(self.config["sample_batch"])
         ctx = _autocast(dev)
         with torch.no_grad():
@@ -173,9 +222,11 @@ class Ddpm(Generator):
                     with ctx():
                         eps = self._model(x, timesteps=tt, class_labels=y)
                     x, _ = sched.step(eps.float(), int(t), x)
-                img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+                img = ((x[:, :n_img].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
                 out[s : s + len(y)] = img
-        return out
+                if out_m is not None:
+                    out_m[s : s + len(y)] = x[:, n_img:].argmax(dim=1).to(torch.uint8).cpu().numpy()
+        return out, out_m
 
 
 def _autocast(dev):

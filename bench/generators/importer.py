@@ -5,6 +5,12 @@ Requirements on the images (checked before anything is written; every problem is
 row): each file exists and decodes (PNG, JPEG, NPZ or DICOM); all images share one height x width and one channel
 count, the first image setting the reference; the channel count equals the task's (1 = grayscale, 3 = RGB). Sizes
 need not match the task's size: images are resized when they are read into the cache.
+
+A segmentation task takes image–mask pairs: the CSV's `mask` column names each image's label map (a PNG, NPY or NPZ
+array of integers, 0 = background, k = the task's k-th mask class; a DICOM SEG for a DICOM image), relative to
+--root like the image. Every image needs its own mask (an all-zero map for an image without lesion, never shared by
+two rows), of the image's height x width, with values 0..K. `label` may be left out: it follows from the mask (the
+task's `label_from_mask`); where given it must agree. The manifest gets the `mask_path` column.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import GeneratorCard, read_card, write_card
-from bench.imaging import Unreadable, _read_raw, _sniff
+from bench.imaging import Unreadable, _read_raw, _sniff, mask_areas, read_mask
 from bench.io import read_table
 from bench.manifest import Manifest, validate_manifest, write_manifest
 from bench.tasks import Task, load_task
@@ -85,8 +91,15 @@ def check_image_set(paths: list[Path], labels: list[str], channels: int) -> list
     return problems
 
 
+MASK_COLUMN = "mask"
+
+
 def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
     df = read_table(path)
+    if task.is_segmentation and "label" not in df.columns and MASK_COLUMN in df.columns:
+        # Derived from each mask once the masks are checked (check_masks).
+        df["label"] = task.masks.empty_label if task.masks else None
+        df.attrs["label_from_mask"] = True
     missing = [c for c in ("image", "label") if c not in df.columns]
     if missing:
         raise BadInput(f"{path}: required column(s) {missing} missing (has {list(df.columns)})")
@@ -114,20 +127,78 @@ def read_labels(path: Path, task: Task, root: Path) -> pd.DataFrame:
     for i, rel in df["image"].items():
         if pd.isna(rel):
             continue
-        p = Path(str(rel))
-        p = p if p.is_absolute() else root / p
-        # Lexically, not through symlinks: a linked-in image folder is fine, `..` or an absolute path elsewhere is
-        # not (a real patient's image must not become a "synthetic" one by a wrong path).
-        if not Path(os.path.abspath(p)).is_relative_to(inside):
-            problems.append(
-                f"row {_csv_row(i)}: image {str(rel)!r} is outside --root {root}; synthetic images must lie under it"
-            )
-        elif not p.is_file():
-            problems.append(f"row {_csv_row(i)}: image {str(rel)!r} not found under {root}")
+        problems += _path_problems(i, "image", rel, root, inside)
     if problems:
         raise BadInput(f"{path}: {len(problems)} problem(s) in the labels CSV", problems)
     df["label"] = lab
     return df
+
+
+def _path_problems(i: int, what: str, rel: object, root: Path, inside: Path) -> list[str]:
+    p = Path(str(rel))
+    p = p if p.is_absolute() else root / p
+    # Lexically, not through symlinks: a linked-in image folder is fine, `..` or an absolute path elsewhere is
+    # not (a real patient's image must not become a "synthetic" one by a wrong path).
+    if not Path(os.path.abspath(p)).is_relative_to(inside):
+        return [
+            f"row {_csv_row(i)}: {what} {str(rel)!r} is outside --root {root}; synthetic {what}s must lie under it"
+        ]
+    if not p.is_file():
+        return [f"row {_csv_row(i)}: {what} {str(rel)!r} not found under {root}"]
+    return []
+
+
+def check_masks(df: pd.DataFrame, task: Task, root: Path, path: Path) -> list[Path]:
+    """A segmentation import's masks: one per row, under --root, not shared, readable, the image's height x width,
+    values 0..K, and agreeing with a given label. Returns each row's mask path; sets `label` where the CSV left it
+    out. Every problem names its CSV row and file."""
+    if MASK_COLUMN not in df.columns:
+        raise BadInput(
+            f"{path}: column {MASK_COLUMN!r} missing; task {task.name!r} is a segmentation task, so each image "
+            "needs its mask (a label map: 0 = background, k = the k-th mask class)"
+        )
+    problems: list[str] = []
+    inside = Path(os.path.abspath(root))
+    derived = bool(df.attrs.get("label_from_mask"))
+    for i in df.index[df[MASK_COLUMN].isna() | (df[MASK_COLUMN].astype(str).str.strip() == "")][:20]:
+        problems.append(f"row {_csv_row(i)}: empty {MASK_COLUMN!r} (every image needs its own mask)")
+    has = df[MASK_COLUMN].notna() & (df[MASK_COLUMN].astype(str).str.strip() != "")
+    masks = [root / Path(str(r)) if not Path(str(r)).is_absolute() else Path(str(r)) for r in df[MASK_COLUMN]]
+    keys = pd.Series([os.path.abspath(m) for m in masks], index=df.index)[has]
+    for idx in df[has].groupby(keys).groups.values():
+        if len(idx) > 1:
+            rows = [_csv_row(i) for i in idx][:10]
+            problems.append(
+                f"rows {rows}: the same mask {str(df.at[idx[0], MASK_COLUMN])!r} (one mask per image)"
+            )
+    k = len(task.mask_classes)
+    for i, img_rel, mask_rel, mask in zip(df.index, df["image"], df[MASK_COLUMN], masks, strict=True):
+        if not has[i]:
+            continue
+        found = _path_problems(i, "mask", mask_rel, root, inside)
+        if found:
+            problems += found
+            continue
+        img = Path(str(img_rel))
+        img = img if img.is_absolute() else root / img
+        if pd.isna(img_rel) or not img.is_file():
+            continue  # the image's own problem is already listed
+        try:
+            label_map, _ = read_mask(img, mask, task.mask_classes)
+        except (Unreadable, ValueError) as e:
+            problems.append(f"row {_csv_row(i)}: mask {str(mask_rel)!r}: {e}")
+            continue
+        implied = task.label_from_mask(mask_areas(label_map, k))
+        if derived:
+            df.at[i, "label"] = implied
+        elif df.at[i, "label"] != implied:
+            problems.append(
+                f"row {_csv_row(i)}: label {df.at[i, 'label']!r}, but mask {str(mask_rel)!r} implies {implied!r} "
+                "(its largest class)"
+            )
+    if problems:
+        raise BadInput(f"{path}: {len(problems)} mask problem(s) under {root}", problems)
+    return masks
 
 
 def training_problems(card: GeneratorCard, task: Task) -> list[str]:
@@ -190,6 +261,7 @@ def import_synthetic(
     if problems:
         raise BadInput(f"{labels}: {len(problems)} image problem(s) under {root}", problems)
     h, w, _ = image_shape(paths[0])
+    masks = check_masks(df, task, root, labels) if task.is_segmentation else None
 
     gen = c.name
     if "case_id" in df.columns:
@@ -216,6 +288,8 @@ def import_synthetic(
             raise BadInput(f"{labels}: column 'age': not a number in rows {[_csv_row(i) for i in bad[:20]]}")
         syn["age"] = age.to_numpy()
     syn["origin"], syn["generator"], syn["split"] = "synthetic", gen, "train"
+    if masks is not None:
+        syn["mask_path"] = [str(p.resolve()) for p in masks]
     syn = task.add_subgroup_columns(syn)
     m = Manifest(syn, "/")
     problems = validate_manifest(m, task, check_images=False)
@@ -230,6 +304,13 @@ def import_synthetic(
         image={"height": h, "width": w, "size": h if h == w else None, "channels": task.image.channels},
         task=raw.get("task") or {"name": task.name, "version": task.version},
     )
+    if masks is not None:
+        raw["masks"] = {
+            **(raw.get("masks") or {}),
+            "pairs": True,
+            "classes": list(task.mask_classes),
+            "column": "mask_path",
+        }
     updated = GeneratorCard.model_validate(raw)
     if c.samples_per_class and c.samples_per_class != updated.samples_per_class:
         log.warning(

@@ -74,6 +74,15 @@ def _split_halves(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     return df[mask].reset_index(drop=True), df[~mask].reset_index(drop=True)
 
 
+def _with_paths(m: Manifest) -> pd.DataFrame:
+    """Rows with each image's absolute `path`, and a segmentation manifest's masks absolute too (the rows are read
+    later under another root)."""
+    df = m.df.assign(path=[str(p) for p in m.image_paths()])
+    if "mask_path" in df.columns:
+        df["mask_path"] = [str(m.image_path(v)) if isinstance(v, str) else None for v in df["mask_path"]]
+    return df
+
+
 def prepare(
     task: Task | str | Path,
     synthetic: str | Path,
@@ -121,10 +130,9 @@ def prepare(
             f"not in the training manifest); at least {MIN_HOLDOUT} are needed to calibrate a percentile"
         )
     cal, fresh = _split_halves(hold, seed)
-    ev = [ho.df.assign(path=[str(p) for p in ho.image_paths()])]
+    ev = [_with_paths(ho)]
     if test is not None:
-        tm = load_valid_manifest(test, task)
-        ev.append(tm.df.assign(path=[str(p) for p in tm.image_paths()]))
+        ev.append(_with_paths(load_valid_manifest(test, task)))
     evaluation = pd.concat(ev, ignore_index=True)
     evaluation = evaluation[
         evaluation["split"].isin(["val", "test", "external"]) & (evaluation["origin"] == "real")
