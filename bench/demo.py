@@ -343,8 +343,8 @@ def run_seg_demo(
     out: Path, cli: Callable[[list[str]], int], preset: str | None, console: Console, task: str = SEG_TASK
 ) -> dict:
     """The segmentation demo: phantom with masks, manifest, pair generators and controls, the run matrix of
-    segmenters, and the evaluation (Dice, lesion detection, controls). Leaderboard and privacy stages are left out:
-    they score classifiers."""
+    segmenters, copycat's privacy audit (pixel features) and the evaluation (Dice, lesion detection, controls). The
+    leaderboard and the trained models' privacy stages are left out: they take classifiers."""
     p = SEG_PRESETS[preset or default_preset()]
     out = _fresh_out(out)
     data = out / "data"
@@ -378,6 +378,13 @@ def run_seg_demo(
     if not gens and not controls:
         run_args += ["--regimes", SEG_REAL_ONLY_REGIMES]
     stages.append(("Protocol matrix of segmenters (regimes x generators x seeds)", lambda: run_args))
+    # copycat's check that the privacy audit flags its copies needs the audit; pixel features (no classifier here)
+    for g in [g for g in gens if g == "copycat"]:
+        syn = out / "synthetic" / g
+        audit = ["privacy", "--task", task, "--synthetic", str(syn / "manifest.parquet")]
+        audit += ["--train", str(syn / "train_manifest.parquet"), "--holdout", str(real), "--test", str(real)]
+        audit += ["--out", str(run / "privacy" / g)]
+        stages.append((f"Privacy audit of {g} (pixel features)", lambda a=audit: a))
     evaluate = ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)]
     stages.append(
         ("Evaluation: Dice and lesion detection with patient-clustered intervals, controls", lambda: evaluate)

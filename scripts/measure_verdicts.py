@@ -9,11 +9,14 @@ stage leaves a marker; a finished draw is not run again).
 
 The verdicts are those the demo and its slow test state: each control check PASS; pca-gmm and ddpm synthetic-only
 below real-only (the paired interval's upper end below 0) on the external hospitals and on the internal test split;
-real-only's external AUROC below its internal test AUROC.
+real-only's external AUROC below its internal test AUROC. With `--task mediastinal-neoplasm-seg` the segmentation
+demo's protocol runs instead (phantom with masks, the pair generators and controls, unet-small; macro Dice), and the
+generator that must trail real-only is pca-gmm.
 
     .venv/bin/python scripts/measure_verdicts.py --draws 1 --preset smoke --work /tmp/verdicts-smoke
     .venv/bin/python scripts/measure_verdicts.py --draws 10 --work /tmp/verdicts            # about 1.5 h on 2 cores
     .venv/bin/python scripts/measure_verdicts.py --draws 10 --threads 1 2 --work /tmp/verdicts
+    .venv/bin/python scripts/measure_verdicts.py --draws 10 --task mediastinal-neoplasm-seg --work /tmp/verdicts-seg
 
 `--table-only --rejudge` judges every finished draw again with this code's control checks, from the metric table
 and comparisons each draw stored (nothing is retrained or re-bootstrapped), and prints each draw's differences and
@@ -39,6 +42,18 @@ SEEDS_PER_DRAW = 3
 # The comparisons the demo asserts: generator, regime and the splits on which it must trail real-only.
 TRAILING = (("pca-gmm", "synthetic"), ("ddpm", "synthetic"))
 SPLITS = ("external", "test")
+# What each demo states, by task kind: its headline metric and the generators that must trail real-only.
+KINDS = {
+    "classification": ("auroc_macro", TRAILING),
+    "segmentation": ("dice_macro", (("pca-gmm", "synthetic"),)),
+}
+
+
+def _kind(evaluation: Path) -> str:
+    from bench.runfolder import RunDir
+    from bench.tasks import load_task
+
+    return load_task(RunDir(evaluation.parent).task_file).kind
 
 
 def _cli(args: list[str]) -> None:
@@ -85,9 +100,10 @@ def verdicts_of(evaluation: Path, rejudge: bool = False) -> dict[str, bool | Non
     for c in controls:
         name = f"control {c['control']}: {c['check']}"
         out[name] = None if c["status"] not in ("PASS", "FAIL") else c["status"] == "PASS"
+    metric, trailing = KINDS[_kind(evaluation)]
     cmp = comps
-    cmp = cmp[(cmp["metric"] == "auroc_macro") & (cmp["scope"] == "overall")]
-    for gen, regime in TRAILING:
+    cmp = cmp[(cmp["metric"] == metric) & (cmp["scope"] == "overall")]
+    for gen, regime in trailing:
         for split in SPLITS:
             row = cmp[(cmp["generator"] == gen) & (cmp["regime"] == regime) & (cmp["split"] == split)]
             name = f"{gen} {regime} below real-only ({split})"
@@ -96,7 +112,7 @@ def verdicts_of(evaluation: Path, rejudge: bool = False) -> dict[str, bool | Non
     real = met[
         (met["generator"] == "none")
         & (met["regime"] == "real")
-        & (met["metric"] == "auroc_macro")
+        & (met["metric"] == metric)
         & (met["scope"] == "overall")
     ].set_index("split")["value"]
     ok = all(s in real.index for s in SPLITS)
@@ -108,10 +124,11 @@ def figures_of(evaluation: Path) -> list[str]:
     """Per comparison the demo states: the paired difference (or ratio) to real-only with its 95% interval."""
     import pandas as pd
 
+    metric, trailing = KINDS[_kind(evaluation)]
     cmp = pd.read_parquet(evaluation / "comparisons.parquet")
-    cmp = cmp[(cmp["metric"] == "auroc_macro") & (cmp["scope"] == "overall")]
+    cmp = cmp[(cmp["metric"] == metric) & (cmp["scope"] == "overall")]
     out = []
-    for gen, regime, col in (*((g, r, "diff") for g, r in TRAILING), ("real-holdout", "synthetic", "ratio")):
+    for gen, regime, col in (*((g, r, "diff") for g, r in trailing), ("real-holdout", "synthetic", "ratio")):
         for split in SPLITS:
             row = cmp[(cmp["generator"] == gen) & (cmp["regime"] == regime) & (cmp["split"] == split)]
             if row.empty:
@@ -125,22 +142,35 @@ def figures_of(evaluation: Path) -> list[str]:
     return out
 
 
-def run_draw(work: Path, draw: int, preset: str, threads: list[int | None], workers: int | None) -> None:
-    """Run (or resume) draw `draw` for every thread setting; write its verdicts files."""
-    from bench.demo import CONTROLS, GENERATORS, PRESETS, TASK, _configs_dir, generate_args
+def run_draw(
+    work: Path,
+    draw: int,
+    preset: str,
+    threads: list[int | None],
+    workers: int | None,
+    task: str | None = None,
+) -> None:
+    """Run (or resume) draw `draw` for every thread setting; write its verdicts files. `task`: the demo's task
+    (default the classification demo's; `mediastinal-neoplasm-seg` runs the segmentation demo's protocol)."""
+    from bench import demo
+    from bench.demo import _configs_dir, generate_args
 
-    p = PRESETS[preset]
+    seg = task == demo.SEG_TASK
+    TASK = task or demo.TASK
+    p = demo.SEG_PRESETS[preset] if seg else demo.PRESETS[preset]
+    GENERATORS = demo.pair_generators(demo.SEG_GENERATORS) if seg else demo.GENERATORS
+    CONTROLS = demo.pair_generators(demo.SEG_CONTROLS) if seg else demo.CONTROLS
     d = work / f"draw-{draw}"
     d.mkdir(parents=True, exist_ok=True)
     data, real = d / "data", d / "data" / "manifest.parquet"
     # fmt: off
     _stage(d, "phantom", ["data", "phantom", "--out", str(data / "phantom"), "--patients", str(p.patients),
                           "--slices", str(p.slices), "--size", str(p.phantom_size), "--seed", str(draw),
-                          "--overwrite"])
+                          "--overwrite", *(["--masks"] if seg else [])])
     _stage(d, "manifest", ["data", "manifest", "--task", TASK, "--root", str(data / "phantom"), "--out", str(real)])
     # fmt: on
     for g in (*GENERATORS, *CONTROLS):
-        _stage(d, f"generate-{g}", generate_args(p, g, real, d / "synthetic" / g, seed=draw))
+        _stage(d, f"generate-{g}", generate_args(p, g, real, d / "synthetic" / g, seed=draw, task=TASK))
     seeds = [SEEDS_PER_DRAW * draw + k for k in range(SEEDS_PER_DRAW)]
     for t in threads:
         tag = f"t{t}" if t else "tdefault"
@@ -158,11 +188,13 @@ def run_draw(work: Path, draw: int, preset: str, threads: list[int | None], work
         _stage(d, f"run-{tag}", args)
         ckpt = run / f"none__real__{_backbone(run)}__seed{seeds[0]}" / "checkpoint.pt"
         syn = d / "synthetic" / "copycat"
+        # a segmenter is no feature extractor: the segmentation demo audits on pixel features
+        features = [] if seg else ["--checkpoint", str(ckpt)]
         # fmt: off
         _stage(d, f"privacy-{tag}", ["privacy", "--task", TASK, "--synthetic", str(syn / "manifest.parquet"),
                                       "--train", str(syn / "train_manifest.parquet"), "--holdout", str(real),
                                       "--test", str(real), "--out", str(run / "privacy" / "copycat"),
-                                      "--checkpoint", str(ckpt)])
+                                      *features])
         _stage(d, f"evaluate-{tag}", ["evaluate", str(run), "--out", str(run / "evaluation"),
                                        "--n-boot", str(p.n_boot)])
         # fmt: on
@@ -225,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         "--preset", default="cpu", choices=["smoke", "cpu"], help="the demo preset whose protocol runs"
     )
     ap.add_argument("--threads", type=int, nargs="+", help="CPU threads per worker to compare, e.g. 1 2")
+    ap.add_argument(
+        "--task",
+        help="the demo's task: default the classification demo's; mediastinal-neoplasm-seg for segmentation",
+    )
     ap.add_argument("--workers", type=int, help="worker processes of the matrix (default: the demo preset's)")
     ap.add_argument("--work", type=Path, required=True, help="working folder; run again to resume")
     ap.add_argument(
@@ -242,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         for draw in range(args.first, args.first + args.draws):
             print(f"draw {draw} ...", file=sys.stderr, flush=True)
-            run_draw(args.work, draw, args.preset, threads, args.workers)
+            run_draw(args.work, draw, args.preset, threads, args.workers, args.task)
     if args.rejudge:
         for f in sorted(args.work.glob("draw-*/verdicts-*.json")):
             found = json.loads(f.read_text())
