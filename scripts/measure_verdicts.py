@@ -50,10 +50,11 @@ KINDS = {
 
 
 def _kind(evaluation: Path) -> str:
-    from bench.runfolder import RunDir
-    from bench.tasks import load_task
+    """The task kind of an evaluation, from what its comparisons score (macro Dice only for segmentation)."""
+    import pandas as pd
 
-    return load_task(RunDir(evaluation.parent).task_file).kind
+    metrics = pd.read_parquet(evaluation / "comparisons.parquet", columns=["metric"])["metric"]
+    return "segmentation" if (metrics == "dice_macro").any() else "classification"
 
 
 def _cli(args: list[str]) -> None:

@@ -296,6 +296,35 @@ def test_verdicts_are_read_from_an_evaluation_folder(tmp_path):
     assert v["real-only external below internal test"] is True
 
 
+def test_segmentation_verdicts_are_read_on_macro_dice(tmp_path):
+    mv = _measure_verdicts()
+    ev = tmp_path / "evaluation"
+    ev.mkdir()
+    controls = [{"control": "mask-shuffle", "check": "dice_at_chance", "status": "PASS"}]
+    (ev / "summary.json").write_text(json.dumps({"controls": controls}))
+    dice, auroc = {"metric": "dice_macro", "scope": "overall"}, {"metric": "auroc_macro", "scope": "overall"}
+    pd.DataFrame(
+        [
+            {**dice, "generator": "pca-gmm", "regime": "synthetic", "split": "external", "ci_high": -0.04},
+            {**dice, "generator": "pca-gmm", "regime": "synthetic", "split": "test", "ci_high": 0.01},
+            # an AUROC row of the same arm must not be what decides a segmentation verdict
+            {**auroc, "generator": "pca-gmm", "regime": "synthetic", "split": "test", "ci_high": -0.5},
+        ]
+    ).to_parquet(ev / "comparisons.parquet")
+    pd.DataFrame(
+        [
+            {**dice, "generator": "none", "regime": "real", "split": "external", "value": 0.26},
+            {**dice, "generator": "none", "regime": "real", "split": "test", "value": 0.41},
+        ]
+    ).to_parquet(ev / "metrics.parquet")
+    v = mv.verdicts_of(ev)
+    assert v["control mask-shuffle: dice_at_chance"] is True
+    assert v["pca-gmm synthetic below real-only (external)"] is True
+    assert v["pca-gmm synthetic below real-only (test)"] is False
+    assert not any(k.startswith("ddpm") for k in v)  # the segmentation demo states nothing of ddpm
+    assert v["real-only external below internal test"] is True
+
+
 def test_rejudged_verdicts_come_from_the_stored_tables_not_the_summary(tmp_path):
     from test_leaderboard_support import make_run
 
