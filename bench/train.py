@@ -486,7 +486,15 @@ def run_rounds(
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: int) -> np.ndarray:
+def batched_outputs(
+    model: nn.Module,
+    xs: _DeviceArray,
+    dev: torch.device,
+    batch_size: int,
+    head: Callable[[torch.Tensor], torch.Tensor],
+) -> list[np.ndarray]:
+    """`head(logits)` per batch of `xs`, in eval mode (bf16 autocast and channels-last on CUDA): the one prediction
+    loop of classifiers (softmax) and segmenters (argmax label maps)."""
     model.eval()
     cuda = dev.type == "cuda"
     out = []
@@ -497,7 +505,12 @@ def _predict(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: 
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(xb)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        out.append(head(logits.float()).cpu().numpy())
+    return out
+
+
+def _predict(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: int) -> np.ndarray:
+    out = batched_outputs(model, xs, dev, batch_size, lambda logits: torch.softmax(logits, dim=1))
     if not out:
         k = getattr(model, "bench_spec", {}).get("num_classes", 0)
         return np.zeros((0, k))

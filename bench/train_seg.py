@@ -31,6 +31,7 @@ from bench.train import (
     _DeviceArray,
     _fits_on_gpu,
     augment_pair,
+    batched_outputs,
     build_model,
     resolve_device,
     run_rounds,
@@ -162,19 +163,8 @@ def fit_segmenter(
     return model, history
 
 
-@torch.no_grad()
 def _predict_maps(model: nn.Module, xs: _DeviceArray, dev: torch.device, batch_size: int) -> np.ndarray:
-    model.eval()
-    cuda = dev.type == "cuda"
-    out = []
-    for start in range(0, len(xs), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(xs)))
-        xb = to_float(xs.batch(idx))
-        if cuda:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(xb)
-        out.append(logits.float().argmax(dim=1).to(torch.uint8).cpu().numpy())
+    out = batched_outputs(model, xs, dev, batch_size, lambda logits: logits.argmax(dim=1).to(torch.uint8))
     if not out:
         return np.zeros((0, *xs.data.shape[2:]), dtype=np.uint8)
     return np.concatenate(out)
