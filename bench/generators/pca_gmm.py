@@ -14,6 +14,9 @@ the shared components.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from bench.generators.base import Generator, register_generator
@@ -52,12 +55,30 @@ class PcaGmm(Generator):
     }
 
     def fit(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        self._shape = images.shape[1:]
+        x_all = images.reshape(len(images), -1).astype(np.float64)
+        self._fit_classes(
+            x_all,
+            labels,
+            num_classes,
+            lambda x, pca, z: float(
+                max(x.var(axis=0, ddof=1).sum() - pca.explained_variance_.sum(), 0.0) / x.shape[1]
+            ),
+        )
+
+    def _fit_classes(
+        self,
+        x_all: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        residual: Callable[[np.ndarray, Any, np.ndarray], float],
+    ) -> None:
+        """PCA + Gaussian mixture per class on the rows of `x_all`; `residual(x, pca, z)` is the per-dimension
+        variance the PCA leaves out, given back as noise when sampling."""
         # sklearn is slow to import; only fitting this generator needs it
         from sklearn.decomposition import PCA
         from sklearn.mixture import GaussianMixture
 
-        self._shape = images.shape[1:]
-        x_all = images.reshape(len(images), -1).astype(np.float64)
         self._models: dict[int, tuple] = {}
         self.fitted_: dict[str, dict[str, float]] = {}
         for c in range(num_classes):
@@ -78,27 +99,30 @@ class PcaGmm(Generator):
                 reg_covar=1e-3,
                 random_state=self.seed,
             ).fit(z)
-            resid = float(max(x.var(axis=0, ddof=1).sum() - pca.explained_variance_.sum(), 0.0) / x.shape[1])
+            resid = residual(x, pca, z)
             self._models[c] = (pca, gmm, None, resid)
             self.fitted_[str(c)] = {"pca_components": q, "mixtures": k, "residual_std": resid**0.5}
+
+    def _draw(self, c: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """n rows of class `c` (before noise) and the class's residual variance."""
+        if int(c) not in self._models:
+            raise ValueError(f"pca-gmm: no training images of class index {c}")
+        pca, gmm, single, resid = self._models[int(c)]
+        if pca is None:
+            return np.repeat(single[None], n, axis=0), resid
+        # GaussianMixture.sample draws from its own RandomState; re-seed it per class for determinism.
+        gmm.random_state = int(rng.integers(2**31 - 1))
+        z, _ = gmm.sample(n)
+        z = z[rng.permutation(len(z))]  # sample() groups draws by mixture component
+        return pca.inverse_transform(z), resid
 
     def sample(self, labels: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
         labels = np.asarray(labels, dtype=int)
         out = np.empty((len(labels),) + tuple(self._shape), dtype=np.uint8)
         for c in np.unique(labels):
-            if int(c) not in self._models:
-                raise ValueError(f"pca-gmm: no training images of class index {c}")
-            pca, gmm, single, resid = self._models[int(c)]
             where = np.flatnonzero(labels == c)
-            if pca is None:
-                x = np.repeat(single[None], len(where), axis=0)
-            else:
-                # GaussianMixture.sample draws from its own RandomState; re-seed it per class for determinism.
-                gmm.random_state = int(rng.integers(2**31 - 1))
-                z, _ = gmm.sample(len(where))
-                z = z[rng.permutation(len(z))]  # sample() groups draws by mixture component
-                x = pca.inverse_transform(z)
+            x, resid = self._draw(int(c), len(where), rng)
             if self.config["noise"] and resid > 0:
                 x = x + rng.normal(0.0, resid**0.5, x.shape)
             out[where] = (
@@ -114,10 +138,6 @@ class PcaGmm(Generator):
         num_classes: int,
         num_mask_classes: int,
     ) -> None:
-        # sklearn is slow to import; only fitting this generator needs it
-        from sklearn.decomposition import PCA
-        from sklearn.mixture import GaussianMixture
-
         self._shape = images.shape[1:]
         self._n_mask = int(num_mask_classes)
         d_img = int(np.prod(self._shape))
@@ -127,32 +147,16 @@ class PcaGmm(Generator):
         ) * scale
         x_all = np.concatenate([images.reshape(len(images), -1), onehot.reshape(len(images), -1)], axis=1)
         x_all = x_all.astype(np.float64)
-        self._models = {}
-        self.fitted_ = {}
-        for c in range(num_classes):
-            x = x_all[labels == c]
-            n = len(x)
-            if n == 0:
-                continue
-            if n < 2:
-                self._models[c] = (None, None, x[0], 0.0)
-                continue
-            q = int(max(1, min(self.config["n_components"], n // 2, x.shape[1])))
-            pca = PCA(n_components=q, random_state=self.seed).fit(x)
-            z = pca.transform(x)
-            k = int(max(1, min(self.config["n_mixtures"], n // int(self.config["min_per_mixture"]))))
-            gmm = GaussianMixture(
-                n_components=k,
-                covariance_type=self.config["covariance"],
-                reg_covar=1e-3,
-                random_state=self.seed,
-            ).fit(z)
-            # Only the image part gets its discarded variance back as noise: noise in the mask channels would only
-            # speckle the argmax.
-            recon = pca.inverse_transform(z)[:, :d_img]
-            resid = float((x[:, :d_img] - recon).var(axis=0, ddof=1).mean())
-            self._models[c] = (pca, gmm, None, resid)
-            self.fitted_[str(c)] = {"pca_components": q, "mixtures": k, "residual_std": resid**0.5}
+        # Only the image part gets its discarded variance back as noise: noise in the mask channels would only
+        # speckle the argmax.
+        self._fit_classes(
+            x_all,
+            labels,
+            num_classes,
+            lambda x, pca, z: float(
+                (x[:, :d_img] - pca.inverse_transform(z)[:, :d_img]).var(axis=0, ddof=1).mean()
+            ),
+        )
 
     def sample_pairs(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -162,16 +166,8 @@ class PcaGmm(Generator):
         images = np.empty((len(labels),) + tuple(self._shape), dtype=np.uint8)
         masks = np.empty((len(labels),) + side, dtype=np.uint8)
         for c in np.unique(labels):
-            if int(c) not in self._models:
-                raise ValueError(f"pca-gmm: no training images of class index {c}")
-            pca, gmm, single, resid = self._models[int(c)]
             where = np.flatnonzero(labels == c)
-            if pca is None:
-                x = np.repeat(single[None], len(where), axis=0)
-            else:
-                gmm.random_state = int(rng.integers(2**31 - 1))
-                z, _ = gmm.sample(len(where))
-                x = pca.inverse_transform(z[rng.permutation(len(z))])
+            x, resid = self._draw(int(c), len(where), rng)
             img = x[:, :d_img]
             if self.config["noise"] and resid > 0:
                 img = img + rng.normal(0.0, resid**0.5, img.shape)
