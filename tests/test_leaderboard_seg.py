@@ -6,6 +6,8 @@ run stores them (`labelmaps.npz` + `seg_predictions.parquet`), so a generator's 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import yaml
 from bench.cli import main
 from bench.errors import BadInput
 from bench.imaging import build_cache
-from bench.labelmaps import save_labelmaps
+from bench.labelmaps import load_labelmaps, save_labelmaps
 from bench.leaderboard.config import load_config, load_key
 from bench.leaderboard.key import MASKS_FILE, AnswerKey, hash_ids
 from bench.manifest import read_manifest
@@ -56,6 +58,100 @@ def make_seg_board(path: Path, real: Path, **over) -> Path:
     (path / "leaderboard.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["leaderboard", "key", str(path), "--real", str(real)]) == 0
     return path
+
+
+BACKBONE = "unet-small"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def predicted_maps(truth: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
+    """A segmenter of known skill: each lesion kept with probability `quality` (else missed), and a spurious blob
+    with probability (1 - quality) / 2 (a false-positive lesion)."""
+    out = truth.copy()
+    n, h, w = out.shape
+    for i in range(n):
+        if out[i].any() and rng.random() > quality:
+            out[i] = 0
+        if rng.random() < (1 - quality) / 2:
+            y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+            out[i, y : y + 3, x : x + 3] = rng.integers(1, 6)
+    return out
+
+
+def make_seg_run(
+    root: Path,
+    real: Path,
+    generators: dict[str, float] | None = None,
+    *,
+    real_quality: float = 0.85,
+    regimes: tuple[str, ...] = ("real", "synthetic"),
+    seeds: tuple[int, ...] = (0, 1),
+    controls: dict[str, float] | None = None,
+) -> Path:
+    """A finished segmentation run folder (no training): per run `seg_predictions.parquet` and `labelmaps.npz` at
+    SIZE px for every val/test/external case; `controls` are control-only generators (e.g. mask-shuffle)."""
+    from bench.manifest import manifest_hash
+    from bench.metrics.segmentation import count_table
+    from bench.protocol.segment import case_frame
+
+    generators = {"good": 0.95, "weak": 0.3} if generators is None else generators
+    controls = controls or {}
+    task = load_task(TASK)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "task.yaml").write_text(yaml.safe_dump(task.spec(), sort_keys=False))
+    m = read_manifest(real)
+    ev = m.df[m.df["split"].isin(["val", "test", "external"])].reset_index(drop=True)
+    truth_by = truth_of(real)
+    truth = np.stack([truth_by[c] for c in ev["case_id"].astype(str)])
+    plan = [("none", "real", real_quality)]
+    plan += [(g, "synthetic", q) for g, q in {**generators, **controls}.items() if "synthetic" in regimes]
+    k = 0
+    for g, r, q in plan:
+        for s in seeds:
+            d = root / f"{g}__{r}__{BACKBONE}__seed{s}"
+            d.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(1000 + k)
+            k += 1
+            if q < 0:  # an image-blind prediction: another case's mask
+                pred = truth[rng.permutation(len(truth))]
+            else:
+                pred = predicted_maps(truth, q, rng)
+            cases = case_frame(task, ev, generator=g, regime=r, seed=s, backbone=BACKBONE)
+            count_table(truth, pred, task.mask_classes, cases).to_parquet(
+                d / "seg_predictions.parquet", index=False
+            )
+            save_labelmaps(d / "labelmaps.npz", ev["case_id"].astype(str), pred, num_classes=6)
+            config = {"schema_version": 1, "run_id": d.name, "generator": g, "regime": r, "seed": s}
+            config.update(backbone=BACKBONE, train={"steps": 10}, tuning=None)
+            (d / "config.json").write_text(json.dumps(config))
+            (d / "DONE").write_text("")
+    gens, syn = {}, {}
+    for g in [*generators, *controls]:
+        training = {"manifest_sha256": _sha("train"), "sites": task.sites.train}
+        card = {"name": g, "version": "0.1", "link": f"https://example.org/{g}", "training": training}
+        (root / "generators" / g).mkdir(parents=True, exist_ok=True)
+        (root / "generators" / g / "card.json").write_text(json.dumps(card))
+        gens[g] = {"card_path": f"generators/{g}/card.json", "card": card}
+        syn[g] = {"path": f"/elsewhere/{g}.parquet", "sha256": _sha(f"syn-{g}")}
+    matrix = {
+        "protocol": {
+            "regimes": list(regimes),
+            "seeds": list(seeds),
+            "backbone": BACKBONE,
+            "controls": {c: ["synthetic"] for c in controls},
+        },
+        "manifests": {
+            "real": {"path": "/elsewhere/real.parquet", "sha256": manifest_hash(m.df)},
+            "synthetic": syn,
+        },
+        "generators": gens,
+        "environment": {"packages": {"torch": "2.15.0"}, "git": "abc123", "device": "cpu"},
+    }
+    (root / "matrix.json").write_text(json.dumps(matrix))
+    return root
 
 
 def truth_of(real: Path) -> dict[str, np.ndarray]:
@@ -131,3 +227,44 @@ def test_a_segmentation_key_needs_the_manifest_file(world):
     df = read_manifest(world["real"]).df
     with pytest.raises(BadInput, match="needs the manifest file"):
         AnswerKey.build_from_manifest(df, TASK, SALT)
+
+
+# ------------------------------------------------------------------------------------------------ submit and build
+
+
+@pytest.fixture(scope="module")
+def submitted(world, tmp_path_factory):
+    """A board with one segmentation run submitted and the pages built."""
+    root = tmp_path_factory.mktemp("seg-submitted")
+    board = make_seg_board(root / "board", world["real"])
+    run = make_seg_run(root / "run", world["real"])
+    assert main(["submit", str(run), "--leaderboard", str(board), "--submitter", "t"]) == 0
+    assert main(["leaderboard", "build", str(board)]) == 0
+    return {"board": board, "run": run}
+
+
+def records_of(board: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted((board / "records").glob("*.json")):
+        r = json.loads(p.read_text())
+        out[r["generator"]["name"]] = r
+    return out
+
+
+def test_a_segmentation_run_submits_and_the_board_builds(submitted):
+    board = submitted["board"]
+    recs = records_of(board)
+    assert set(recs) == {"none", "good", "weak"}
+    for r in recs.values():
+        assert r["evaluation"]["primary_metric"] == "dice_macro"
+        info = r["predictions"]["labelmaps"]
+        assert (board / info["file"]).is_file() and (board / r["predictions"]["file"]).is_file()
+        maps = load_labelmaps(board / info["file"])
+        assert maps.maps.shape[1:] == (SIZE, SIZE)
+        assert {"lesion_f1_macro", "instance_dice", "dice_macro"} <= set(r["metrics"]["columns"])
+    # Quality by construction: good above weak on the headline (synthetic-only) Dice.
+    head = {g: r["metrics"]["regimes"][r["metrics"]["headline_regime"]]["value"] for g, r in recs.items()}
+    assert head["good"] > head["weak"]
+    readme = (board / "README.md").read_text()
+    assert "Worst-subgroup Dice" in readme and "lesion F1" in readme and "label maps" in readme
+    assert "good" in (board / "index.html").read_text()
