@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -32,17 +34,26 @@ SALT = "seg-salt-0123"
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("segboard")
     phantom = root / "phantom"
-    cmd = ["data", "phantom", "--out", str(phantom), "--patients", "40", "--slices", "2", "--size", "64"]
+    cmd = ["data", "phantom", "--out", str(phantom), "--patients", "80", "--slices", "2", "--size", "64"]
     assert main([*cmd, "--seed", "0", "--masks"]) == 0
     real = root / "manifest.parquet"
     assert main(["data", "manifest", "--task", TASK, "--root", str(phantom), "--out", str(real)]) == 0
     return {"root": root, "real": real}
 
 
+def relaxed_task() -> dict:
+    """The task with group-size limits a 40-patient phantom meets, so intervals and control checks are defined."""
+    spec = load_task(TASK).spec()
+    spec["metrics"].update(min_patients=3, min_positives=1, min_negatives=1)
+    return spec
+
+
 def make_seg_board(path: Path, real: Path, **over) -> Path:
-    """A segmentation leaderboard folder scoring at SIZE px, with its answer key written by the command line."""
+    """A segmentation leaderboard folder scoring at SIZE px (its task.yaml: `relaxed_task`), with its answer key
+    written by the command line."""
     path.mkdir(parents=True, exist_ok=True)
     task = load_task(TASK)
+    (path / "task.yaml").write_text(yaml.safe_dump(relaxed_task(), sort_keys=False))
     cfg = {
         "schema_version": "1.0",
         "title": "mediastinal segmentation (test)",
@@ -101,7 +112,7 @@ def make_seg_run(
     controls = controls or {}
     task = load_task(TASK)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "task.yaml").write_text(yaml.safe_dump(task.spec(), sort_keys=False))
+    (root / "task.yaml").write_text(yaml.safe_dump(relaxed_task(), sort_keys=False))
     m = read_manifest(real)
     ev = m.df[m.df["split"].isin(["val", "test", "external"])].reset_index(drop=True)
     truth_by = truth_of(real)
@@ -265,6 +276,179 @@ def test_a_segmentation_run_submits_and_the_board_builds(submitted):
     # Quality by construction: good above weak on the headline (synthetic-only) Dice.
     head = {g: r["metrics"]["regimes"][r["metrics"]["headline_regime"]]["value"] for g, r in recs.items()}
     assert head["good"] > head["weak"]
+    # The same two-stage bootstrap as classification boards: intervals, worst subgroup and gap on macro Dice,
+    # the paired ratio against real-only.
+    good = recs["good"]["metrics"]
+    est = good["regimes"]["synthetic"]
+    assert est["ci_low"] is not None and est["ci_low"] <= est["value"] <= est["ci_high"]
+    assert good["worst_subgroup"]["metric"] == "dice_macro" and good["largest_gap"] is not None
+    assert good["utility_ratio"]["value"] > recs["weak"]["metrics"]["utility_ratio"]["value"]
     readme = (board / "README.md").read_text()
     assert "Worst-subgroup Dice" in readme and "lesion F1" in readme and "label maps" in readme
     assert "good" in (board / "index.html").read_text()
+
+
+def _submit(run: Path, board: Path, capsys) -> tuple[int, str]:
+    rc = main(["submit", str(run), "--leaderboard", str(board), "--submitter", "t"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+@pytest.fixture
+def fresh(world, tmp_path):
+    """An empty board and a run to spoil, per test."""
+    board = make_seg_board(tmp_path / "board", world["real"])
+    run = make_seg_run(tmp_path / "run", world["real"], {"good": 0.95})
+    return board, run
+
+
+def test_submitted_counts_are_never_scored(world, tmp_path):
+    from bench.leaderboard.submit import submit
+
+    board = make_seg_board(tmp_path / "board", world["real"])
+    honest = make_seg_run(tmp_path / "honest", world["real"], {"good": 0.6})
+    forged = make_seg_run(tmp_path / "forged", world["real"], {"good": 0.6})
+    # The forged run claims a perfect segmenter in its count tables: every true pixel found, nothing spurious.
+    for p in forged.glob("good__*/seg_predictions.parquet"):
+        df = pd.read_parquet(p)
+        for c in load_task(TASK).mask_classes:
+            df[f"tp_{c}"] = df[f"tp_{c}"] + df[f"fn_{c}"]
+            df[f"fn_{c}"] = 0
+            df[f"fp_{c}"] = 0
+        df.to_parquet(p, index=False)
+    a = {r["generator"]["name"]: r["metrics"] for r in submit(honest, board, submitter="t", dry_run=True)}
+    b = {r["generator"]["name"]: r["metrics"] for r in submit(forged, board, submitter="t", dry_run=True)}
+    assert a == b
+    assert a["good"]["regimes"]["synthetic"]["value"] < 0.9
+
+
+def test_a_relabelled_count_table_is_refused_naming_the_row(fresh, capsys):
+    board, run = fresh
+    # The same case relabelled in every run (one run alone differs from the others and is refused for that).
+    for p in run.glob("*/seg_predictions.parquet"):
+        df = pd.read_parquet(p)
+        i = int(np.flatnonzero(df["split"].to_numpy() == "test")[0])
+        df.loc[i, "y_true"] = "thymoma" if df.loc[i, "y_true"] != "thymoma" else "normal"
+        df.to_parquet(p, index=False)
+    rc, text = _submit(run, board, capsys)
+    assert (
+        rc == 2 and "seg_predictions.parquet row" in text and "'y_true' disagrees with the answer key" in text
+    )
+    assert not list(board.glob("records/*.json"))
+
+
+def test_label_maps_of_another_size_are_refused_naming_the_file_and_both_shapes(fresh, capsys):
+    board, run = fresh
+    p = next(run.glob("good__*seed1/labelmaps.npz"))
+    m = load_labelmaps(p)
+    save_labelmaps(p, m.case_ids, np.kron(m.maps, np.ones((1, 2, 2), np.uint8)), num_classes=m.num_classes)
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and str(p) in text and "64x64" in text and "32x32" in text
+
+
+def test_a_case_missing_from_the_label_maps_is_refused_naming_the_file(fresh, capsys):
+    board, run = fresh
+    p = next(run.glob("none__*seed0/labelmaps.npz"))
+    m = load_labelmaps(p)
+    counts = pd.read_parquet(p.with_name("seg_predictions.parquet"))
+    drop = counts.loc[counts["split"] == "external", "case_id"].iloc[0]
+    keep = [i for i, c in enumerate(m.case_ids) if c != drop]
+    save_labelmaps(p, [m.case_ids[i] for i in keep], m.maps[keep], num_classes=m.num_classes)
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and str(p) in text and "have no label map" in text
+
+
+def test_missing_duplicate_and_unknown_cases_in_a_count_table_are_refused(fresh, capsys):
+    board, run = fresh
+    p = next(run.glob("good__*seed0/seg_predictions.parquet"))
+    df = pd.read_parquet(p)
+    # missing: a test case left out of one run
+    df.drop(index=int(np.flatnonzero(df["split"].to_numpy() == "test")[0])).to_parquet(p, index=False)
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and str(p) in text and "not predicted" in text
+    # duplicate: one case twice
+    pd.concat([df, df.iloc[[0]]], ignore_index=True).to_parquet(p, index=False)
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and "more than once" in text and "good" in text
+    # unknown: a test case the key does not hold, in every run
+    for q in run.glob("*/seg_predictions.parquet"):
+        d = pd.read_parquet(q) if q != p else df
+        extra = d[d["split"] == "test"].iloc[[0]].assign(case_id="NOT-A-CASE")
+        pd.concat([d, extra], ignore_index=True).to_parquet(q, index=False)
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and "predicted as test/external that the answer key does not hold" in text
+
+
+def test_a_label_maps_zip_bomb_is_refused_before_it_is_expanded(fresh, capsys):
+    board, run = fresh
+    p = next(run.glob("good__*seed1/labelmaps.npz"))
+    m = load_labelmaps(p)
+    # 50 MB of zeros compress to a few tens of kilobytes; the key allows about a megabyte for this run.
+    n = 50_000
+    ids = [*m.case_ids, *(f"pad-{i}" for i in range(n - len(m.case_ids)))]
+    maps = np.zeros((n, SIZE, SIZE), np.uint8)
+    save_labelmaps(p, ids, maps, num_classes=m.num_classes)
+    assert p.stat().st_size < 2_000_000
+    rc, text = _submit(run, board, capsys)
+    assert rc == 2 and str(p) in text and "declares" in text and "limit" in text
+
+
+def test_mask_shuffle_is_rescored_from_its_maps(world, tmp_path, capsys):
+    board = make_seg_board(tmp_path / "board", world["real"])
+    # An image-blind control passes; one whose maps follow the images (a leak) fails, whatever its counts say.
+    ok = make_seg_run(tmp_path / "ok", world["real"], {"good": 0.95}, controls={"mask-shuffle": 0.0})
+    rc, text = _submit(ok, board, capsys)
+    assert rc == 0, text
+    ref = next(r for r in records_of(board).values() if r["kind"] == "reference")
+    ms = [c for c in ref["controls"] if c["control"] == "mask-shuffle"]
+    assert [c["status"] for c in ms] == ["PASS"], ms
+    leak = make_seg_run(tmp_path / "leak", world["real"], {"good": 0.9}, controls={"mask-shuffle": 1.0})
+    for p in leak.glob("mask-shuffle__*/seg_predictions.parquet"):
+        df = pd.read_parquet(p)
+        for c in load_task(TASK).mask_classes:  # counts claiming nothing was found
+            df[f"fp_{c}"] = df[f"fp_{c}"] + df[f"tp_{c}"]
+            df[f"tp_{c}"] = 0
+        df.to_parquet(p, index=False)
+    rc, text = _submit(leak, board, capsys)
+    assert rc == 2 and "mask-shuffle" in text and "control" in text
+
+
+def _spoiled_copy(submitted, tmp_path) -> tuple[Path, dict, Path]:
+    board = tmp_path / "board"
+    shutil.copytree(submitted["board"], board)
+    rec_path = next(p for p in board.glob("records/*.json") if "good" in p.name)
+    return board, json.loads(rec_path.read_text()), rec_path
+
+
+def test_build_catches_tampered_stored_label_maps(submitted, tmp_path, capsys):
+    board, rec, rec_path = _spoiled_copy(submitted, tmp_path)
+    maps_path = board / rec["predictions"]["labelmaps"]["file"]
+    m = load_labelmaps(maps_path)
+    better = m.maps.copy()
+    better[:] = 0  # every stored map replaced: a different segmenter than the one scored
+    save_labelmaps(maps_path, m.case_ids, better, num_classes=m.num_classes, mode=0o644)
+    assert main(["leaderboard", "build", str(board)]) == 2
+    err = capsys.readouterr().err
+    assert rec["id"] in err and "labelmaps sha256" in err
+    # With the record's hash edited to match, the recount against the key still tells.
+    rec["predictions"]["labelmaps"]["sha256"] = hashlib.sha256(maps_path.read_bytes()).hexdigest()
+    rec_path.write_text(json.dumps(rec))
+    assert main(["leaderboard", "build", str(board)]) == 2
+    err = capsys.readouterr().err
+    assert rec["id"] in err and "recounted against the answer key" in err
+    # Counts only: no truth value or count is quoted.
+    assert not any(f"{s}_" in err for s in ("tp", "fp", "fn", "ltp", "idice"))
+
+
+def test_build_recounts_every_stored_row(submitted, tmp_path, capsys):
+    from bench.leaderboard.config import load_config, load_key
+    from bench.leaderboard.segboard import verify_record_maps
+
+    board, rec, _ = _spoiled_copy(submitted, tmp_path)
+    stored = pd.read_parquet(board / rec["predictions"]["file"])
+    key = load_key(load_config(board))
+    assert verify_record_maps(rec, board, stored, key, load_task(TASK)) == []
+    edited = stored.copy()
+    edited.loc[3, "tp_thymoma"] += 1
+    found = verify_record_maps(rec, board, edited, key, load_task(TASK))
+    assert found and "1 row(s)" in found[0]
