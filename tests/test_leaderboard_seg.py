@@ -452,3 +452,21 @@ def test_build_recounts_every_stored_row(submitted, tmp_path, capsys):
     edited.loc[3, "tp_thymoma"] += 1
     found = verify_record_maps(rec, board, edited, key, load_task(TASK))
     assert found and "1 row(s)" in found[0]
+
+
+def test_a_segmentation_bundle_submits_like_its_folder(world, tmp_path, capsys):
+    from bench.leaderboard.push import table_columns
+
+    board = make_seg_board(tmp_path / "board", world["real"])
+    run = make_seg_run(tmp_path / "run", world["real"], {"good": 0.95})
+    bundle = shutil.make_archive(str(tmp_path / "bundle"), "zip", run)
+    rc, text = _submit(Path(bundle), board, capsys)
+    assert rc == 0, text
+    # A label maps file that unpacks past the board's archive limit never reaches the scorer.
+    cfg = yaml.safe_load((board / "leaderboard.yaml").read_text())
+    cfg["max_archive_bytes"] = 20_000
+    (board / "leaderboard.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, text = _submit(Path(bundle), board, capsys)
+    assert rc == 2 and "bundle.zip" in text and "oversized archive" in text
+    assert {"lesion_f1_macro", "instance_dice"} <= set(table_columns("segmentation"))
+    assert "lesion_f1_macro" not in table_columns()

@@ -5,7 +5,9 @@ Every number comes from bench.metrics on the predictions themselves (reported nu
 `bench.evaluation.summary.summarize`) and every metric the registry gives a leaderboard column (`columns`, calibration error among them), `compare_to_baseline` for the paired ratio and differences against the
 real-only runs of the same submission. All use the same patient-clustered bootstrap (patients resampled within
 site x label strata, training seeds averaged inside each replicate) with the leaderboard's replicate count and
-seed, so a record is reproducible from its stored predictions.
+seed, so a record is reproducible from its stored predictions. A segmentation board scores count tables (recounted
+from label maps against the answer key's masks, `bench.leaderboard.segboard`) with `bench.metrics.segeval` on the
+same engine: the primary metric (macro Dice) for worst subgroup and gap, `column_metrics` for the columns.
 """
 
 from __future__ import annotations
