@@ -417,7 +417,11 @@ def _seg_problems(df: pd.DataFrame, task: Task) -> list[str]:
     if missing:
         return [f"missing column(s): {', '.join(missing)}"]
     blank = [c for c in ("case_id", "patient_id", "split", *RUN_KEYS) if df[c].isna().any()]
-    return [f"column {c!r} has empty values" for c in blank]
+    out = [f"column {c!r} has empty values" for c in blank]
+    seed = pd.to_numeric(df["seed"], errors="coerce")
+    if "seed" not in blank and (seed.isna() | (seed != seed.round())).any():
+        out.append("column 'seed' holds values that are not whole numbers")
+    return out
 
 
 def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
