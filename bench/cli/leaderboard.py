@@ -59,11 +59,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    from bench.errors import BadInput
     from bench.leaderboard.config import board_image_size, board_spec, load_config, set_answer_key
     from bench.leaderboard.key import AnswerKey, masks_path
 
     cfg = load_config(args.board)
     task = board_spec(cfg)[0]
+    if args.image_size is not None and not task.is_segmentation:
+        raise BadInput(f"--image-size: task {task.name} is not a segmentation task; its key holds no masks")
     size = board_image_size(cfg, task, args.image_size) if task.is_segmentation else None
     key = AnswerKey.build_from_manifest(
         args.real, task, cfg.id_salt, args.private_fraction, args.seed, image_size=size

@@ -38,7 +38,6 @@ from bench.leaderboard.rank import rank_predictions, replicate_cache
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
 from bench.leaderboard.score import column_metrics, score_submission
-from bench.leaderboard.segboard import verify_record_maps
 from bench.leaderboard.spec import ScoringSpec, cached_scores, read_cache, write_cache
 from bench.tasks import Task, load_task
 
@@ -197,10 +196,8 @@ def verify_records(
         # was written; the others (the record's own fields, its spec) always run. Same verdict, warm or cold.
         entry = cache[ck] if hit is not None else {}
         skip = set(entry.get("passed") or [])
-        found = record_problems(RecordCase(r, lambda rid=rid: tables[rid], key, spec), skip=skip)
-        if not found and task.is_segmentation:
-            # Never vouched for by the cache (its key does not cover the maps file): recounted on every build.
-            found = verify_record_maps(r, cfg.folder, tables[rid], key, task)
+        case = RecordCase(r, lambda rid=rid: tables[rid], key, spec, cfg.folder, task)
+        found = record_problems(case, skip=skip)
         if found:
             problems += found
             continue
