@@ -295,7 +295,17 @@ def test_a_segmentation_run_submits_and_the_board_builds(submitted):
 def _submit(run: Path, board: Path, capsys) -> tuple[int, str]:
     rc = main(["submit", str(run), "--leaderboard", str(board), "--submitter", "t"])
     out = capsys.readouterr()
-    return rc, out.out + out.err
+    text = out.out + out.err
+    assert_no_key_values(text, board)
+    return rc, text
+
+
+def assert_no_key_values(text: str, board: Path) -> None:
+    """No message quotes a count (each is a function of a truth mask) or the key's label of a case."""
+    assert not any(
+        f" {s}_" in text or f"'{s}_" in text for s in ("tp", "fp", "fn", "ltp", "lfp", "lfn", "idice")
+    )
+    assert "differs from the key" not in text or "'y_true' disagrees" in text
 
 
 @pytest.fixture
@@ -329,15 +339,18 @@ def test_submitted_counts_are_never_scored(world, tmp_path):
 def test_a_relabelled_count_table_is_refused_naming_the_row(fresh, capsys):
     board, run = fresh
     # The same case relabelled in every run (one run alone differs from the others and is refused for that).
+    truth_label = None
     for p in run.glob("*/seg_predictions.parquet"):
         df = pd.read_parquet(p)
         i = int(np.flatnonzero(df["split"].to_numpy() == "test")[0])
-        df.loc[i, "y_true"] = "thymoma" if df.loc[i, "y_true"] != "thymoma" else "normal"
+        truth_label = df.loc[i, "y_true"]
+        df.loc[i, "y_true"] = "thymoma" if truth_label != "thymoma" else "normal"
         df.to_parquet(p, index=False)
     rc, text = _submit(run, board, capsys)
-    assert (
-        rc == 2 and "seg_predictions.parquet row" in text and "'y_true' disagrees with the answer key" in text
-    )
+    assert rc == 2 and "seg_predictions.parquet row" in text
+    assert "'y_true' disagrees with the answer key" in text
+    # The submitted label is quoted, never the key's.
+    assert repr(truth_label) not in text
     assert not list(board.glob("records/*.json"))
 
 
