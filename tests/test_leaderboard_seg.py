@@ -386,7 +386,7 @@ def test_missing_duplicate_and_unknown_cases_in_a_count_table_are_refused(fresh,
     # duplicate: one case twice
     pd.concat([df, df.iloc[[0]]], ignore_index=True).to_parquet(p, index=False)
     rc, text = _submit(run, board, capsys)
-    assert rc == 2 and "more than once" in text and "good" in text
+    assert rc == 2 and str(p) in text and "more than once" in text
     # unknown: a test case the key does not hold, in every run
     for q in run.glob("*/seg_predictions.parquet"):
         d = pd.read_parquet(q) if q != p else df
@@ -394,6 +394,8 @@ def test_missing_duplicate_and_unknown_cases_in_a_count_table_are_refused(fresh,
         pd.concat([d, extra], ignore_index=True).to_parquet(q, index=False)
     rc, text = _submit(run, board, capsys)
     assert rc == 2 and "predicted as test/external that the answer key does not hold" in text
+    # Each run's own file is named (the real-only runs, re-scored for the controls, come first).
+    assert f"{run}/none__real__{BACKBONE}__seed0/seg_predictions.parquet:" in text
 
 
 def test_a_label_maps_zip_bomb_is_refused_before_it_is_expanded(fresh, capsys):

@@ -282,16 +282,20 @@ def seg_reference_controls(root: Path, task: Task, runs: Sequence[Any], cfg: Any
 
 
 def keyed_counts(runs: Sequence[Any], key: AnswerKey, salt: str, task: Task, where: str) -> pd.DataFrame:
-    """Runs' count tables on the key's cases (salted, the key's labels and groups), recounted from their maps."""
-    raw = pd.concat([r.preds for r in runs], ignore_index=True)
-    salted = raw.assign(
-        case_id=hash_ids(raw["case_id"].astype(str), salt),
-        patient_id=hash_ids(raw["patient_id"].astype(str), salt),
-    )
-    try:
-        joined = key.join(
-            salted.drop(columns=count_columns(task.mask_classes), errors="ignore"), source=where
+    """Runs' count tables on the key's cases (salted, the key's labels and groups), recounted from their maps. A
+    missing, repeated or unknown case names the run's own count table."""
+    frames, problems = [], []
+    drop = count_columns(task.mask_classes)
+    for r in runs:
+        df = r.preds.drop(columns=drop, errors="ignore")
+        salted = df.assign(
+            case_id=hash_ids(df["case_id"].astype(str), salt),
+            patient_id=hash_ids(df["patient_id"].astype(str), salt),
         )
-    except BadInput as e:
-        raise BadInput(f"{where}: submission rejected: {e.args[0]}", e.problems) from None
-    return recount_submission(joined, runs, key, salt, task)[0]
+        try:
+            frames.append(key.join(salted, source=str(r.folder / r.file)))
+        except BadInput as e:
+            problems += [e.args[0], *e.problems]
+    if problems:
+        raise BadInput(f"{where}: submission rejected: the runs do not cover the answer key", problems)
+    return recount_submission(pd.concat(frames, ignore_index=True), runs, key, salt, task)[0]

@@ -158,11 +158,30 @@ def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: st
             "(labels, sites, splits, patients and subgroups come from the key, never from a submission)",
             problems,
         )
+    if sub.task.is_segmentation:
+        return _stored_predictions(_join_per_run(sub, runs, key, salted), sub.task)
     try:
         joined = key.join(salted, source=f"{sub.root}: predictions")
     except BadInput as e:
         raise BadInput(f"{sub.root}: submission rejected: {e.args[0]}", e.problems) from None
     return _stored_predictions(joined, sub.task)
+
+
+def _join_per_run(sub: Submission, runs: list[Run], key: AnswerKey, salted: pd.DataFrame) -> pd.DataFrame:
+    """`key.join` run by run, so that a missing, repeated or unknown case names the run's own file (a segmentation
+    submission's count tables; each run holds one run key, checked when it was read)."""
+    frames, problems = [], []
+    start = 0
+    for r in runs:
+        rows = salted.iloc[start : start + len(r.preds)]
+        start += len(r.preds)
+        try:
+            frames.append(key.join(rows, source=str(r.folder / r.file)))
+        except BadInput as e:
+            problems += [e.args[0], *e.problems]
+    if problems:
+        raise BadInput(f"{sub.root}: submission rejected: the runs do not cover the answer key", problems)
+    return pd.concat(frames, ignore_index=True)
 
 
 # A record ready to write: the record, its stored predictions (a segmentation record: its recounted count table) and,
