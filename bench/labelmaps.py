@@ -64,8 +64,11 @@ def _problems(case_ids: Sequence[str], maps: np.ndarray, num_classes: int) -> li
     return out
 
 
-def save_labelmaps(path: str | Path, case_ids: Sequence[str], maps: np.ndarray, *, num_classes: int) -> Path:
-    """Write `maps` (uint8 `[N, H, W]`, one per case id) to `path` atomically, compressed.
+def save_labelmaps(
+    path: str | Path, case_ids: Sequence[str], maps: np.ndarray, *, num_classes: int, mode: int | None = None
+) -> Path:
+    """Write `maps` (uint8 `[N, H, W]`, one per case id) to `path` atomically, compressed (owner-only unless `mode`
+    says otherwise, e.g. a leaderboard's published files).
 
     Inconsistent input (ids and maps of different lengths, repeated ids, values outside `0..num_classes-1`) is a
     ValueError: the caller produced it, so nothing is written.
@@ -75,7 +78,7 @@ def save_labelmaps(path: str | Path, case_ids: Sequence[str], maps: np.ndarray, 
     problems = _problems(ids, arr, int(num_classes))
     if problems:
         raise ValueError(f"{path}: label maps not written: " + "; ".join(problems))
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path, mode) as tmp, tmp.open("wb") as f:
         # A file object, so numpy does not append ".npz" to the temporary name.
         np.savez_compressed(
             f,

@@ -2,6 +2,8 @@
 page and a W&B Table.
 
     submit(run, board, submitter=...)   run folder or bundle -> records/<id>.json + predictions/<id>.parquet
+                                         (a segmentation run: + predictions/<id>.labelmaps.npz, recounted
+                                         against the answer key's masks)
     build(board)                         records -> README.md + index.html
     push(board, project)                 records -> wandb.Table (offline run directory by default)
 """

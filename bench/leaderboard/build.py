@@ -24,16 +24,21 @@ from bench.errors import BadInput
 from bench.io import sha256_file, write_text
 from bench.leaderboard.checks import RecordCase, cacheable_checks, record_problems, run_checks
 from bench.leaderboard.checks import exclusion as checks_exclusion
-from bench.leaderboard.config import LeaderboardConfig, board_spec, load_config, load_key
+from bench.leaderboard.config import (
+    LeaderboardConfig,
+    answer_key_digest,
+    board_spec,
+    load_config,
+    load_key,
+)
 from bench.leaderboard.fidelity import fidelity_cells
 from bench.leaderboard.key import AnswerKey, key_path
 from bench.leaderboard.model_privacy import model_privacy_cells
 from bench.leaderboard.rank import rank_predictions, replicate_cache
 from bench.leaderboard.record import PUBLISHED_MODE, display_name, read_records
 from bench.leaderboard.render import render_html, render_markdown
-from bench.leaderboard.score import score_submission
+from bench.leaderboard.score import column_metrics, score_submission
 from bench.leaderboard.spec import ScoringSpec, cached_scores, read_cache, write_cache
-from bench.metrics import reported
 from bench.tasks import Task, load_task
 
 # Record fields that held a registry metric's column before records carried `metrics.columns`.
@@ -179,7 +184,7 @@ def verify_records(
 
     The spec is checked before any score is looked up, so the verdict is the same with a warm or a cold cache."""
     assert cfg.answer_key is not None
-    key_sha = sha256_file(key_path(cfg.folder, cfg.answer_key.path))
+    key_sha = answer_key_digest(cfg)
     cache, fresh_cache = read_cache(), {}
     problems: list[str] = []
     joined: dict[str, pd.DataFrame | None] = {}
@@ -191,7 +196,8 @@ def verify_records(
         # was written; the others (the record's own fields, its spec) always run. Same verdict, warm or cold.
         entry = cache[ck] if hit is not None else {}
         skip = set(entry.get("passed") or [])
-        found = record_problems(RecordCase(r, lambda rid=rid: tables[rid], key, spec), skip=skip)
+        case = RecordCase(r, lambda rid=rid: tables[rid], key, spec, cfg.folder, task)
+        found = record_problems(case, skip=skip)
         if found:
             problems += found
             continue
@@ -274,11 +280,13 @@ def _est(d: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"value": d["value"], "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high")}
 
 
-def metric_columns(metrics: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
-    """A record's value of every leaderboard column the metric registry declares, keyed by metric name."""
+def metric_columns(
+    metrics: dict[str, Any], task_kind: str = "classification"
+) -> dict[str, dict[str, Any] | None]:
+    """A record's value of every metric column of its board (`score.column_metrics`), keyed by metric name."""
     cols = metrics.get("columns") or {}
     out = {}
-    for m in reported("leaderboard"):
+    for m in column_metrics(task_kind):
         v = cols.get(m.name)
         if v is None and m.name in LEGACY_COLUMN_FIELDS:
             v = metrics.get(LEGACY_COLUMN_FIELDS[m.name])
@@ -320,6 +328,7 @@ def board_rows(
     stored = load_predictions(cfg, records)
     tables = verify_records(cfg, records, stored, key, task, spec)
     classes = list(task.classes)
+    seg = task.is_segmentation
     reasons = {r["id"]: exclusion(cfg, r) for r in records}
     ranked = [r for r in records if reasons[r["id"]] is None]
     notes: list[str] = []
@@ -337,6 +346,7 @@ def board_rows(
             binary_positive=list(task.labels.binary_view.positive) if task.labels.binary_view else None,
             digests={r["id"]: stored.sha256(r["id"]) for r in ranked},
             cache=replicate_cache(),
+            mask_classes=task.mask_classes if seg else None,
         )
         ranks = ranking.as_dict()
 
@@ -349,7 +359,7 @@ def board_rows(
     front = pareto_front(pts)
 
     hib = ranking_hib(records)
-    rows = [_row(r, ranks[r["id"]], r["id"] in front) for r in ranked]
+    rows = [_row(r, ranks[r["id"]], r["id"] in front, task.kind) for r in ranked]
     rows.sort(key=lambda x: (x["rank"], -x["value"] if hib else x["value"], x["id"]))
     unranked = []
     for r in records:
@@ -357,7 +367,7 @@ def board_rows(
             continue
         head = r["metrics"]["regimes"][r["metrics"]["headline_regime"]]
         blank = {"value": head["value"], "rank": None, "rank_low": None, "rank_high": None, "tie_group": None}
-        unranked.append({**_row(r, blank, False), "reason": reasons[r["id"]]})
+        unranked.append({**_row(r, blank, False, task.kind), "reason": reasons[r["id"]]})
     facts = {
         "primary_metric": primary,
         "higher_is_better": hib,
@@ -371,6 +381,9 @@ def board_rows(
         "not_ranked": unranked,
         "answer_key": _key_facts(cfg),
     }
+    if seg:  # classification facts (and so their pages) stay as they were
+        facts["kind"] = task.kind
+        facts["answer_key"]["masks"] = True
     return rows, facts
 
 
@@ -385,7 +398,9 @@ def _key_facts(cfg: LeaderboardConfig) -> dict[str, Any]:
     }
 
 
-def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any]:
+def _row(
+    r: dict[str, Any], rank: dict[str, Any], pareto: bool, task_kind: str = "classification"
+) -> dict[str, Any]:
     m = r["metrics"]
     head = m["regimes"][m["headline_regime"]]
     priv = r.get("privacy") or {}
@@ -410,7 +425,7 @@ def _row(r: dict[str, Any], rank: dict[str, Any], pareto: bool) -> dict[str, Any
         and {**_est(m["scarcity_rescue"]), "regime": m["scarcity_rescue"]["regime"]},
         "worst": _est(worst) and {**_est(worst), "group": f"{worst['group_by']}={worst['group']}"},
         "gap": _est(gap) and {**_est(gap), "group": f"{gap['group_by']}: {' vs '.join(gap['groups'])}"},
-        **metric_columns(m),
+        **metric_columns(m, task_kind),
         **fidelity_cells(r),
         **model_privacy_cells(r),
         "memorization": None

@@ -28,8 +28,10 @@ from bench.evaluation.controls import failures
 from bench.leaderboard import collect as C
 from bench.leaderboard.key import AnswerKey
 from bench.leaderboard.record import local_paths
+from bench.leaderboard.segboard import verify_record_maps
 from bench.leaderboard.spec import ScoringSpec
 from bench.runfolder import BASELINE
+from bench.tasks import Task
 
 BOARD = "board"
 SERVICE = "service"
@@ -65,6 +67,9 @@ class RecordCase:
     source: pd.DataFrame | Callable[[], pd.DataFrame]
     key: AnswerKey
     spec: ScoringSpec | None = None
+    # A segmentation board's: where the record's label maps lie, and the task naming its mask classes.
+    folder: Path | None = None
+    task: Task | None = None
 
     @functools.cached_property
     def predictions(self) -> pd.DataFrame:
@@ -108,6 +113,12 @@ def _agrees_with_key(c: RecordCase) -> list[str]:
     where = (c.record.get("predictions") or {}).get("file", "predictions")
     found = c.key.cross_check(c.predictions, _RowNames(c.predictions, f"{where} "))  # type: ignore[arg-type]
     return [f"record {c.rid}: {p}" for p in found]
+
+
+def _label_maps(c: RecordCase) -> list[str]:
+    if c.task is None or c.folder is None or not c.task.is_segmentation:
+        return []
+    return verify_record_maps(c.record, c.folder, c.predictions, c.key, c.task)
 
 
 def _scored_under_spec(c: RecordCase) -> list[str]:
@@ -259,6 +270,14 @@ CHECKS: list[Check] = [
         _BOTH,
         _agrees_with_key,
         cacheable=True,
+    ),
+    # Not cacheable: the score cache's key holds the predictions file, not the label maps file.
+    Check(
+        "label-maps",
+        "a segmentation record's stored counts are its stored label maps recounted against the answer key's masks",
+        "record",
+        _BOARD,
+        _label_maps,
     ),
     Check(
         "scoring-spec",

@@ -20,6 +20,7 @@ from bench.evaluation.controls import controls_from_predictions, read_privacy, r
 from bench.generators.card import read_card
 from bench.io import read_json, sha256_file
 from bench.leaderboard.config import LeaderboardConfig, board_spec
+from bench.leaderboard.segboard import run_sha256, seg_reference_controls
 from bench.leaderboard.spec import (
     ScoringSpec,
     changed_fields,
@@ -33,8 +34,10 @@ from bench.regimes import parse_regime
 from bench.runfolder import (
     BASELINE,
     CARD_FILE,
+    PREDICTIONS_FILE,
     RUN_KEYS,
     SCORED_SPLITS,
+    SEG_PREDICTIONS_FILE,
     ManifestRef,
     MatrixInfo,
     RunConfig,
@@ -53,9 +56,15 @@ def eval_cases_sha256(case_ids: Sequence[str]) -> str:
 class Run:
     folder: Path
     keys: tuple[str, str, int, str]  # generator, regime, seed, backbone
-    preds: pd.DataFrame
+    preds: pd.DataFrame  # a segmentation run: its count table (only its case columns and run keys are read)
     sha256: str
     config: dict[str, Any] = field(default_factory=dict)
+    maps: Path | None = None  # a segmentation run's labelmaps.npz
+
+    @property
+    def file(self) -> str:
+        """The run's predictions file, as messages name it."""
+        return SEG_PREDICTIONS_FILE if self.maps is not None else PREDICTIONS_FILE
 
 
 @dataclass
@@ -323,7 +332,7 @@ def check_coverage(c: SubmissionCase) -> list[str]:
     for r in c.runs:
         got = c.eval_ids(r)
         missing, extra = sorted(c.universe - got), sorted(got - c.universe)
-        where = c.run_dir.run(r.folder.name).predictions
+        where = r.folder / r.file
         if missing:
             problems.append(
                 f"{where}: {len(missing)} test/external case(s) not predicted (e.g. {', '.join(map(repr, missing[:5]))})"
@@ -383,7 +392,10 @@ def check_synthetic_manifests(c: SubmissionCase) -> list[str]:
 
 
 def reference_controls(root: Path, task: Task, runs: list[Run], cfg: LeaderboardConfig) -> list[Any]:
-    """The run's controls, re-scored from its predictions with the board's bootstrap."""
+    """The run's controls, re-scored from its predictions with the board's bootstrap (a segmentation run's from its
+    label maps recounted against the answer key: `segboard.seg_reference_controls`)."""
+    if task.is_segmentation:
+        return seg_reference_controls(root, task, runs, cfg)
     ctl = run_controls(root)
     preds = [r.preds for r in runs if r.keys[0] in (BASELINE, *ctl)]
     if not preds:
@@ -398,20 +410,41 @@ def reference_controls(root: Path, task: Task, runs: list[Run], cfg: Leaderboard
     )
 
 
+def _seg_problems(df: pd.DataFrame, task: Task) -> list[str]:
+    """A count table's case columns and run keys (its counts are never read: the board recounts them)."""
+    need = ["case_id", "patient_id", "site", "split", "y_true", *task.subgroups.columns, *RUN_KEYS]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        return [f"missing column(s): {', '.join(missing)}"]
+    blank = [c for c in ("case_id", "patient_id", "split", *RUN_KEYS) if df[c].isna().any()]
+    out = [f"column {c!r} has empty values" for c in blank]
+    seed = pd.to_numeric(df["seed"], errors="coerce")
+    if "seed" not in blank and (seed.isna() | (seed != seed.round())).any():
+        out.append("column 'seed' holds values that are not whole numbers")
+    return out
+
+
 def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
     runs = []
+    seg = task.is_segmentation
     # Unfinished runs are left out; a required one is reported as missing.
     for run in run_dir.finished_runs():
-        d, pf = run.path, run.predictions
+        d, pf = run.path, run.seg_predictions if seg else run.predictions
+        if not pf.is_file():
+            problems.append(f"{pf}: missing (a {task.kind} run of task {task.name} stores it)")
+            continue
         try:
             df = pd.read_parquet(pf)
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
             problems.append(f"{pf}: cannot be read as parquet: {e}")
             continue
         df = task.add_subgroup_columns(df)
-        found = validate_predictions(
-            df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=list(RUN_KEYS)
-        )
+        if seg:
+            found = _seg_problems(df, task)
+        else:
+            found = validate_predictions(
+                df, task.classes, subgroup_columns=task.subgroups.columns, run_keys=list(RUN_KEYS)
+            )
         if found:
             problems += [f"{pf}: {p}" for p in found]
             continue
@@ -436,7 +469,11 @@ def _read_runs(run_dir: RunDir, task: Task, problems: list[str]) -> list[Run]:
             except BadInput as e:
                 problems += [e.args[0], *e.problems]
                 continue
-        runs.append(Run(d, (str(g), r, int(s), str(b)), df, sha256_file(pf), config))
+        if seg:
+            sha = run_sha256(pf, run.labelmaps)
+            runs.append(Run(d, (str(g), r, int(s), str(b)), df, sha, config, run.labelmaps))
+        else:
+            runs.append(Run(d, (str(g), r, int(s), str(b)), df, sha256_file(pf), config))
     dup: dict[tuple, list[Path]] = {}
     for r in runs:
         dup.setdefault(r.keys, []).append(r.folder)

@@ -35,24 +35,24 @@ _IDENTITY = [
 _NOT_ESTIMATES = {"rank", "tie_group", "name", "contamination", "pareto"}
 
 
-def estimate_keys() -> list[str]:
-    """The page's estimate columns (`bench.leaderboard.render.columns`: fixed ones, every metric registered with a
-    leaderboard header, the fidelity columns), so a new leaderboard metric reaches the W&B table too."""
-    return [k for k, _, _ in columns() if k not in _NOT_ESTIMATES]
+def estimate_keys(task_kind: str = "classification") -> list[str]:
+    """The page's estimate columns (`bench.leaderboard.render.columns`: fixed ones, every metric column of the
+    board's kind, the fidelity columns), so a new leaderboard metric reaches the W&B table too."""
+    return [k for k, _, _ in columns(task_kind) if k not in _NOT_ESTIMATES]
 
 
-def table_columns() -> list[str]:
+def table_columns(task_kind: str = "classification") -> list[str]:
     cols = [name for name, _ in _IDENTITY]
-    for k in estimate_keys():
+    for k in estimate_keys(task_kind):
         cols += [k, f"{k}_ci_low", f"{k}_ci_high"]
     return [*cols, "worst_group", "gap_groups", "contamination", "pareto"]
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+def table_rows(rows: list[dict[str, Any]], task_kind: str = "classification") -> list[list[Any]]:
     out = []
     for r in rows:
         vals: list[Any] = [r.get(key) if key != "version" else (r.get(key) or "") for _, key in _IDENTITY]
-        for k in estimate_keys():
+        for k in estimate_keys(task_kind):
             e = r.get(k)
             e = e if isinstance(e, dict) else {}
             vals += [e.get("value"), e.get("ci_low"), e.get("ci_high")]
@@ -106,7 +106,8 @@ def push(
         reinit="create_new",
     )
     try:
-        run.log({"leaderboard": wandb.Table(columns=table_columns(), data=table_rows(rows))})
+        kind = facts.get("kind", "classification")
+        run.log({"leaderboard": wandb.Table(columns=table_columns(kind), data=table_rows(rows, kind))})
         run_dir = Path(run.dir).parent
     finally:
         run.finish()

@@ -45,6 +45,7 @@ from bench.metrics.bootstrap import (
 )
 from bench.metrics.core import Metric, get_metric
 from bench.metrics.power import TARGET_POWER
+from bench.metrics.segmentation import count_columns
 
 CHUNK = 200
 
@@ -319,8 +320,13 @@ def rank_predictions(
     binary_positive: Sequence[str] | None = None,
     digests: Mapping[str, str] | None = None,
     cache: ReplicateCache | None = None,
+    mask_classes: Sequence[str] | None = None,
 ) -> tuple[Ranking, list[str]]:
     """Rank records from their stored predictions (record key -> table), each on its headline regime.
+
+    With `mask_classes` (a segmentation board) the tables are count tables: each seed's matrix is the cases' count
+    columns (`bench.metrics.segmentation.count_columns`), scored by the segmentation metric's own kernel, and
+    `classes` (the image labels of `y_true`) only form the bootstrap strata.
 
     Cases are the `split` rows every table holds (hashed ids, identical across records of one leaderboard); a
     note says so when some record held cases the others lack. With `digests` (record key -> the verified sha256 of
@@ -329,8 +335,9 @@ def rank_predictions(
     """
     notes = []
     classes = list(classes)
-    metric = get_metric(primary, classes)
-    pcols = [f"prob_{c}" for c in classes]
+    seg = mask_classes is not None
+    metric = get_metric(primary, list(mask_classes) if seg else classes)  # type: ignore[arg-type]
+    pcols = count_columns(mask_classes) if seg else [f"prob_{c}" for c in classes]  # type: ignore[arg-type]
     use_cache = cache is not None and digests is not None and all(k in digests for k in tables)
     subsets: dict[str, pd.DataFrame] = {}
 
@@ -365,7 +372,12 @@ def rank_predictions(
     codes, strata = _patients(y, cases["patient_id"].to_numpy(), cases["site"].to_numpy())
     score_fn = None
     pos_idx: list[int] = []
-    if metric.target == "binary":
+    if seg:
+
+        def score_fn(C: np.ndarray) -> tuple[np.ndarray, None]:
+            return C, None  # a count-matrix kernel takes the counts as its truth and no score
+
+    elif metric.target == "binary":
         pos = list(binary_positive) if binary_positive else classes[1:]
         pos_idx = [classes.index(c) for c in pos]
         yb = np.isin(y, pos_idx)
@@ -376,6 +388,7 @@ def rank_predictions(
     context = ReplicateCache.digest(
         RANK_CACHE_VERSION, _code(), registry_fingerprint(), scorer_fingerprint(), primary, classes, pos_idx, split, n_boot, seed,
         ReplicateCache.digest(common), y.astype(np.int64), codes.astype(np.int64), np.asarray(strata, dtype=np.int64),
+        *([list(mask_classes)] if seg else []),  # type: ignore[arg-type]
     )  # fmt: skip
     keys = list(tables)
     point = np.full(len(keys), np.nan)
@@ -423,6 +436,7 @@ def prime_replicates(
     n_boot: int,
     seed: int,
     binary_positive: Sequence[str] | None = None,
+    mask_classes: Sequence[str] | None = None,
 ) -> None:
     """Cache one newly stored record's ranking replicates, as `submit` writes it: the build that follows finds them
     when the board's records share this record's cases (the usual case; otherwise it computes them itself)."""
@@ -438,4 +452,5 @@ def prime_replicates(
             binary_positive=binary_positive,
             digests={record["id"]: record["predictions_sha256"]},
             cache=replicate_cache(),
+            mask_classes=mask_classes,
         )

@@ -12,6 +12,7 @@ from bench.leaderboard import fidelity as fid
 from bench.leaderboard.config import LeaderboardConfig
 from bench.leaderboard.model_privacy import COLUMN as MODEL_LEAK_COLUMN
 from bench.leaderboard.model_privacy import model_privacy_svg
+from bench.leaderboard.score import column_metrics
 from bench.metrics import reported
 
 GENERATED = (
@@ -57,14 +58,38 @@ TAIL_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
-def columns() -> list[tuple[str, str, str]]:
-    """The board's columns: the fixed ones around one per metric registered with a leaderboard header."""
-    metric_cols = [(m.name, m.leaderboard or m.display, m.leaderboard_help) for m in reported("leaderboard")]
-    return [*HEAD_COLUMNS, *metric_cols, *fid.columns(), *TAIL_COLUMNS]
+# A segmentation board's worst group and gap are on its primary metric (macro Dice), and it has no per-patient view.
+SEG_HEADERS = {
+    "worst": (
+        "Worst-subgroup Dice",
+        "lowest subgroup value of the primary metric (macro Dice) among groups with enough patients",
+    ),
+    "gap": (
+        "Largest subgroup gap",
+        "largest primary-metric difference between groups of one subgroup column",
+    ),
+}
+
+
+def columns(task_kind: str = "classification") -> list[tuple[str, str, str]]:
+    """The board's columns: the fixed ones around one per metric column of its kind (`score.column_metrics`: those
+    registered with a leaderboard header; a segmentation board's Dice, lesion F1 and instance Dice)."""
+    head = HEAD_COLUMNS
+    if task_kind == "segmentation":
+        head = [
+            (k, *SEG_HEADERS[k]) if k in SEG_HEADERS else (k, h, t)
+            for k, h, t in HEAD_COLUMNS
+            if k != "patient"
+        ]
+    metric_cols = [
+        (m.name, m.leaderboard or m.display, m.leaderboard_help) for m in column_metrics(task_kind)
+    ]
+    return [*head, *metric_cols, *fid.columns(), *TAIL_COLUMNS]
 
 
 def _digits(key: str) -> int:
-    return fid.digits(key) or next((m.digits for m in reported("leaderboard") if m.name == key), 3)
+    metrics = [*reported("leaderboard"), *column_metrics("segmentation")]
+    return fid.digits(key) or next((m.digits for m in metrics if m.name == key), 3)
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -172,7 +197,7 @@ def render_markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: d
     if not rows and not facts.get("not_ranked"):
         lines += ["No records yet. Add one with `medsynbench submit RUN --leaderboard <this folder>`.", ""]
         return "\n".join(lines)
-    cols = columns()
+    cols = columns(facts.get("kind", "classification"))
     lines.append("| " + " | ".join(h for _, h, _ in cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
@@ -245,10 +270,16 @@ def key_text(facts: dict[str, Any]) -> str:
         if k.get("published")
         else f"a file the host keeps{sha}, not published"
     )
-    return (
+    text = (
         f"Every number shown is re-computed at build time from the records' stored predictions joined to the "
         f"answer key, {where}. Labels, sites, splits and subgroups come from the key, never from a submission."
     )
+    if k.get("masks"):
+        text += (
+            " Segmentation counts are recounted from each record's stored label maps against the key's truth "
+            "masks, never taken from a submission."
+        )
+    return text
 
 
 def _method_text(facts: dict[str, Any]) -> str:
@@ -474,7 +505,7 @@ def not_ranked_html(facts: dict[str, Any]) -> str:
 def render_html(cfg: LeaderboardConfig, rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     e = html.escape
     title = cfg.title or f"{cfg.task.name} {cfg.task.version}"
-    cols = columns()
+    cols = columns(facts.get("kind", "classification"))
     data = {
         "columns": [{"key": k, "header": h, "digits": _digits(k)} for k, h, _ in cols],
         "rows": rows,

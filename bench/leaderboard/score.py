@@ -5,7 +5,9 @@ Every number comes from bench.metrics on the predictions themselves (reported nu
 `bench.evaluation.summary.summarize`) and every metric the registry gives a leaderboard column (`columns`, calibration error among them), `compare_to_baseline` for the paired ratio and differences against the
 real-only runs of the same submission. All use the same patient-clustered bootstrap (patients resampled within
 site x label strata, training seeds averaged inside each replicate) with the leaderboard's replicate count and
-seed, so a record is reproducible from its stored predictions.
+seed, so a record is reproducible from its stored predictions. A segmentation board scores count tables (recounted
+from label maps against the answer key's masks, `bench.leaderboard.segboard`) with `bench.metrics.segeval` on the
+same engine: the primary metric (macro Dice) for worst subgroup and gap, `column_metrics` for the columns.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pandas as pd
 from bench.evaluation.summary import summarize
 from bench.metrics import compare_to_baseline, evaluate_predictions, get_metric, reported
 from bench.metrics.compare import headline_split
+from bench.metrics.core import Metric
+from bench.metrics.segeval import compare_segmentation, evaluate_segmentation
 from bench.metrics.table import MetricTable
 from bench.runfolder import BASELINE, BASELINE_REGIME
 from bench.tasks import Task
@@ -52,6 +56,32 @@ def _scarce_pairs(regimes: list[str], own: list[str]) -> list[tuple[float, str, 
     return sorted(pairs)
 
 
+def column_metrics(task_kind: str = "classification") -> list[Metric]:
+    """The metrics a board shows as columns: those the registry gives a leaderboard column; on a segmentation board
+    also those it compares with real-only (macro Dice, lesion F1, instance Dice), once each."""
+    if task_kind != "segmentation":
+        return reported("leaderboard")
+    out = {m.name: m for m in [*reported("leaderboard", task_kind), *reported("comparisons", task_kind)]}
+    return list(out.values())
+
+
+def metric_classes(task: Task) -> list[str]:
+    """The classes a task's metric names are resolved with: its mask classes for a segmentation task."""
+    return list(task.mask_classes if task.is_segmentation else task.classes)
+
+
+def _evaluate(preds: pd.DataFrame, task: Task, **kw: Any) -> pd.DataFrame:
+    if task.is_segmentation:
+        return evaluate_segmentation(preds, task, **kw)
+    return evaluate_predictions(preds, task, **kw)
+
+
+def _compare(preds: pd.DataFrame, task: Task, **kw: Any) -> pd.DataFrame:
+    if task.is_segmentation:
+        return compare_segmentation(preds, task, **kw)
+    return compare_to_baseline(preds, task, **kw)
+
+
 @dataclass
 class Scored:
     """bench.metrics tables of a whole submission, computed once and sliced per record."""
@@ -65,12 +95,12 @@ class Scored:
 def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, seed: int) -> Scored:
     """Evaluate every run of the submission at once: the same cases, strata and replicates for every record."""
     src = "submitted predictions"
-    table = evaluate_predictions(preds, task, n_boot=n_boot, seed=seed, source=src)
+    table = _evaluate(preds, task, n_boot=n_boot, seed=seed, source=src)
     comp = pd.DataFrame()
     if ((preds["generator"] == BASELINE) & (preds["regime"] == BASELINE_REGIME)).any() and (
         preds["generator"] != BASELINE
     ).any():
-        comp = compare_to_baseline(preds, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
+        comp = _compare(preds, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
     # bench.metrics pairs every run with the real-only baseline; relabelling each scarce:F real-only run as that
     # baseline gives the same paired bootstrap for scarce:F+synthetic - scarce:F.
     rescue = []
@@ -82,7 +112,7 @@ def score_all(preds: pd.DataFrame, task: Task, *, primary: str, n_boot: int, see
         sub = sub.copy()
         sub.loc[sub["regime"] == without, "regime"] = BASELINE_REGIME
         if (sub["generator"] != BASELINE).any() and (sub["generator"] == BASELINE).any():
-            c = compare_to_baseline(sub, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
+            c = _compare(sub, task, n_boot=n_boot, seed=seed, metrics=[primary], source=src)
             rescue.append(c.assign(baseline_regime=without))
     return Scored(
         table, comp, pd.concat(rescue, ignore_index=True) if rescue else pd.DataFrame(), headline_split(table)
@@ -195,7 +225,7 @@ def score_submission(
         }
 
     columns = {}
-    for m in reported("leaderboard"):
+    for m in column_metrics(task.kind):
         est = mt.overall(m.name, split, generator=gen_of[headline], regime=headline)
         if est is not None:
             columns[m.name] = {"metric": m.name, **est}
@@ -216,4 +246,4 @@ def score_submission(
 
 
 def _higher(metric: str, task: Task) -> bool:
-    return get_metric(metric, task.classes).higher_is_better
+    return get_metric(metric, metric_classes(task)).higher_is_better

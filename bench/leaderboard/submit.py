@@ -23,6 +23,7 @@ import pandas as pd
 from bench import __version__
 from bench.errors import BadInput
 from bench.io import read_json, sha256_file, write_json, write_table
+from bench.labelmaps import LabelMaps, save_labelmaps
 from bench.leaderboard.archive import opened_run
 from bench.leaderboard.checks import cacheable_checks, collect
 from bench.leaderboard.collect import (
@@ -32,9 +33,9 @@ from bench.leaderboard.collect import (
     eval_cases_sha256,
     reference_controls,
 )
-from bench.leaderboard.config import LeaderboardConfig, load_config, load_key
+from bench.leaderboard.config import LeaderboardConfig, answer_key_digest, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
-from bench.leaderboard.key import AnswerKey, hash_ids, key_path, row_names
+from bench.leaderboard.key import AnswerKey, hash_ids, row_names
 from bench.leaderboard.model_privacy import record_model_privacy
 from bench.leaderboard.rank import prime_replicates
 from bench.leaderboard.record import (
@@ -48,7 +49,8 @@ from bench.leaderboard.record import (
     remember_valid,
     scrub_local_paths,
 )
-from bench.leaderboard.score import score_all, score_submission
+from bench.leaderboard.score import metric_classes, score_all, score_submission
+from bench.leaderboard.segboard import MAPS_SUFFIX, record_maps, recount_submission
 from bench.leaderboard.spec import (
     ScoringSpec,
     remember_scores,
@@ -142,9 +144,7 @@ def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: st
     subgroups. A submitted value that disagrees with the key is a problem naming the file and row."""
     raw = pd.concat([r.preds for r in runs], ignore_index=True)
     names = pd.Series(
-        np.concatenate(
-            [row_names(r.preds, f"{r.folder.name}/predictions.parquet ").to_numpy() for r in runs]
-        ),
+        np.concatenate([row_names(r.preds, f"{r.folder.name}/{r.file} ").to_numpy() for r in runs]),
         index=raw.index,
     )
     salted = raw.assign(
@@ -158,11 +158,35 @@ def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: st
             "(labels, sites, splits, patients and subgroups come from the key, never from a submission)",
             problems,
         )
+    if sub.task.is_segmentation:
+        return _stored_predictions(_join_per_run(sub, runs, key, salted), sub.task)
     try:
         joined = key.join(salted, source=f"{sub.root}: predictions")
     except BadInput as e:
         raise BadInput(f"{sub.root}: submission rejected: {e.args[0]}", e.problems) from None
     return _stored_predictions(joined, sub.task)
+
+
+def _join_per_run(sub: Submission, runs: list[Run], key: AnswerKey, salted: pd.DataFrame) -> pd.DataFrame:
+    """`key.join` run by run, so that a missing, repeated or unknown case names the run's own file (a segmentation
+    submission's count tables; each run holds one run key, checked when it was read)."""
+    frames, problems = [], []
+    start = 0
+    for r in runs:
+        rows = salted.iloc[start : start + len(r.preds)]
+        start += len(r.preds)
+        try:
+            frames.append(key.join(rows, source=str(r.folder / r.file)))
+        except BadInput as e:
+            problems += [e.args[0], *e.problems]
+    if problems:
+        raise BadInput(f"{sub.root}: submission rejected: the runs do not cover the answer key", problems)
+    return pd.concat(frames, ignore_index=True)
+
+
+# A record ready to write: the record, its stored predictions (a segmentation record: its recounted count table) and,
+# for a segmentation record, the salted label maps the counts were recounted from.
+Scored = tuple[dict[str, Any], pd.DataFrame, LabelMaps | None]
 
 
 def build_records(
@@ -172,9 +196,9 @@ def build_records(
     submitter: str,
     contact: str | None = None,
     key: AnswerKey | None = None,
-) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+) -> list[Scored]:
     """Score every generator of the submission (and the real-only reference) against the answer key; nothing is
-    written here."""
+    written here. A segmentation submission is scored from its label maps recounted against the key's masks."""
     key = key if key is not None else load_key(cfg)
 
     spec = ScoringSpec.for_board(cfg, sub.task)
@@ -187,6 +211,12 @@ def build_records(
     wanted = [BASELINE, *sub.generators]
     use = [r for r in sub.runs if r.keys[0] in wanted]
     everything = keyed_predictions(sub, use, key, cfg.id_salt)
+    run_maps = None
+    if sub.task.is_segmentation:
+        try:
+            everything, run_maps = recount_submission(everything, use, key, cfg.id_salt, sub.task)
+        except BadInput as e:
+            raise BadInput(f"{sub.root}: submission rejected: {e.args[0]}", e.problems) from None
     scored = score_all(everything, sub.task, primary=primary, n_boot=n_boot, seed=boot_seed)
     out = []
     for g in wanted:
@@ -248,7 +278,7 @@ def build_records(
                 "split": split,
                 "sites": sorted(ev["site"].astype(str).unique()),
                 "primary_metric": primary,
-                "higher_is_better": get_metric(primary, sub.task.classes).higher_is_better,
+                "higher_is_better": get_metric(primary, metric_classes(sub.task)).higher_is_better,
                 "n_boot": n_boot,
                 "bootstrap_seed": boot_seed,
                 "eval_cases_sha256": eval_cases_sha256(sub.eval_ids),
@@ -278,7 +308,7 @@ def build_records(
         left = local_paths(record)
         if left:
             raise BadInput(f"record for {g}: local path(s) would be published", left)
-        out.append((record, stored))
+        out.append((record, stored, None if run_maps is None else record_maps(stored, run_maps)))
     return out
 
 
@@ -309,9 +339,7 @@ def _existing_submissions(cfg: LeaderboardConfig) -> dict[tuple[str, str], str]:
     return out
 
 
-def write_records(
-    cfg: LeaderboardConfig, scored: list[tuple[dict[str, Any], pd.DataFrame]]
-) -> list[dict[str, Any]]:
+def write_records(cfg: LeaderboardConfig, scored: list[Scored]) -> list[dict[str, Any]]:
     """Assign ids, then write predictions and records under the leaderboard lock; all or nothing."""
     written: list[Path] = []
     with board_lock(cfg.folder):
@@ -323,37 +351,48 @@ def write_records(
         dups = [
             f"generator {rec['generator']['name']!r}: these predictions are already on the leaderboard as record "
             f"{existing[key(rec)]}"
-            for rec, _ in scored
+            for rec, _, _ in scored
             if key(rec) in existing and rec["kind"] != "reference"
         ]
         if dups:
             raise BadInput(f"{cfg.folder}: duplicate submission", dups)
         # The same run's real-only reference arrives again when its generators are submitted one at a time.
-        for rec, _ in scored:
+        for rec, _, _ in scored:
             if key(rec) in existing:
                 log.info(
                     "real-only reference of this run is already record %s; not added again",
                     existing[key(rec)],
                 )
-        scored = [(rec, st) for rec, st in scored if key(rec) not in existing]
+        scored = [s for s in scored if key(s[0]) not in existing]
         if not scored:
             raise BadInput(
                 f"{cfg.folder}: nothing new to add: every record of this run is already on the leaderboard"
             )
         done = []
         try:
-            for rec, stored in scored:
+            for rec, stored, maps in scored:
                 rid = new_record_id(rec["generator"]["name"])
                 while (cfg.records_dir / f"{rid}.json").exists():
                     rid = new_record_id(rec["generator"]["name"])
                 pred_path = cfg.predictions_dir / f"{rid}.parquet"
                 write_table(pred_path, stored, PUBLISHED_MODE)
                 written.append(pred_path)
+                info = {**rec["predictions"], "file": f"predictions/{rid}.parquet"}
+                if maps is not None:
+                    maps_path = cfg.predictions_dir / f"{rid}{MAPS_SUFFIX}"
+                    save_labelmaps(
+                        maps_path, maps.case_ids, maps.maps, num_classes=maps.num_classes, mode=PUBLISHED_MODE
+                    )
+                    written.append(maps_path)
+                    info["labelmaps"] = {
+                        "file": f"predictions/{rid}{MAPS_SUFFIX}",
+                        "sha256": sha256_file(maps_path),
+                    }
                 rec = {
                     **rec,
                     "id": rid,
                     "predictions_sha256": sha256_file(pred_path),
-                    "predictions": {**rec["predictions"], "file": f"predictions/{rid}.parquet"},
+                    "predictions": info,
                 }
                 check_record(rec, f"record {rid}")
                 done.append(rec)
@@ -404,10 +443,10 @@ def submit(
     with opened_run(run, limit) as root:
         sub = collect(root, cfg, generators)
         scored = build_records(sub, cfg, submitter=submitter, contact=contact, key=key)
-    for rec, _ in scored:
+    for rec, _, _ in scored:
         check_record({**rec, "id": "dry-run-00000000"}, f"record for {rec['generator']['name']}")
     if dry_run:
-        return [rec for rec, _ in scored]
+        return [rec for rec, _, _ in scored]
     done = write_records(cfg, scored)
     assert cfg.answer_key is not None
     # What build will read back: a stored file equal to its join to the key lets the next build skip the join.
@@ -415,7 +454,7 @@ def submit(
     joined = {rid for rid, t in tables.items() if t is not None and _is_joined(key, t)}
     remember_scores(
         ScoringSpec.for_board(cfg, sub.task),
-        sha256_file(key_path(cfg.folder, cfg.answer_key.path)),
+        answer_key_digest(cfg),
         done,
         # The records hold the key's own labels and only their generator and the reference, by construction.
         passed=cacheable_checks(),
@@ -431,5 +470,6 @@ def submit(
                 n_boot=cfg.bootstrap.n,
                 seed=cfg.bootstrap.seed,
                 binary_positive=list(positive) if positive else None,
+                mask_classes=sub.task.mask_classes if sub.task.is_segmentation else None,
             )
     return done
