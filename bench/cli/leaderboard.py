@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         help="write the leaderboard's answer key from the real manifest",
         description="The answer key holds the label, site, split and subgroups of every test and external case "
         "(ids salted with the leaderboard's id_salt); scoring reads them there, never from a submission. The key "
-        "holds evaluation labels: keep it where only the host can read it unless the data are public.",
+        "holds evaluation labels: keep it where only the host can read it unless the data are public. A "
+        "segmentation board's key also holds every case's truth label map (answer_key.masks.npz beside the key).",
     )
     p.add_argument("board", type=Path, help="leaderboard folder (holds leaderboard.yaml)")
     p.add_argument(
@@ -26,6 +27,11 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         "--private-fraction", type=float, default=0.0, help="share of patients per site kept private"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the private draw")
+    p.add_argument(
+        "--image-size",
+        help="segmentation boards: side (pixels, or a task size preset) of the truth masks submissions are scored "
+        "at (default: leaderboard.yaml's image_size, else the task's image.size)",
+    )
     p.set_defaults(func=cmd_key)
 
     p = lb.add_parser("push", help="log the leaderboard as a Weights & Biases Table (offline by default)")
@@ -53,16 +59,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from bench.leaderboard.config import board_spec, load_config, set_answer_key
-    from bench.leaderboard.key import AnswerKey
+    from bench.leaderboard.config import board_image_size, board_spec, load_config, set_answer_key
+    from bench.leaderboard.key import AnswerKey, masks_path
 
     cfg = load_config(args.board)
+    task = board_spec(cfg)[0]
+    size = board_image_size(cfg, task, args.image_size) if task.is_segmentation else None
     key = AnswerKey.build_from_manifest(
-        args.real, board_spec(cfg)[0], cfg.id_salt, args.private_fraction, args.seed
+        args.real, task, cfg.id_salt, args.private_fraction, args.seed, image_size=size
     )
     path = set_answer_key(args.board, key, args.out)
     parts = key.df["part"].value_counts().to_dict()
-    print(f"wrote {path}: {len(key.df)} evaluation cases ({parts}); leaderboard.yaml points to it")
+    masks = f" and its {size}x{size} truth masks ({masks_path(path).name})" if key.is_segmentation else ""
+    print(f"wrote {path}{masks}: {len(key.df)} evaluation cases ({parts}); leaderboard.yaml points to it")
     return 0
 
 

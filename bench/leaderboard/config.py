@@ -7,6 +7,7 @@ hashes of the real manifest and of the evaluation case set, and the primary metr
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from bench.errors import BadInput
-from bench.leaderboard.key import KEY_FILE, AnswerKey, key_path
+from bench.io import sha256_file
+from bench.leaderboard.key import KEY_FILE, AnswerKey, key_path, masks_path
 from bench.leaderboard.spec import ScoringSpec, task_problems
 from bench.schema import Strict, read_yaml_mapping, validate_model
 from bench.tasks import Task, load_task
@@ -55,11 +57,23 @@ class Bootstrap(Strict):
     seed: int = 0
 
 
+class MasksRef(Strict):
+    path: str = Field(
+        description="the truth label maps of the key's cases (medsynbench-labelmaps/1, salted case ids), relative "
+        "to this file's folder or absolute"
+    )
+    sha256: str | None = Field(None, description="SHA-256 of the masks file; null: not checked")
+
+
 class AnswerKeyRef(Strict):
     path: str = Field(
         description="the answer key (Parquet), relative to this file's folder or absolute (a path the host controls)"
     )
     sha256: str | None = Field(None, description="SHA-256 of the key file; null: not checked")
+    masks: MasksRef | None = Field(
+        None,
+        description="segmentation boards: the truth label map of every key case; null: a classification board",
+    )
 
 
 class Eligibility(Strict):
@@ -88,6 +102,11 @@ class LeaderboardConfig(Strict):
     )
     eligibility: Eligibility = Eligibility()
     max_archive_bytes: int = Field(DEFAULT_MAX_ARCHIVE_BYTES, gt=0)
+    image_size: int | str | None = Field(
+        None,
+        description="segmentation boards: the side (pixels, or a task size preset) of the label maps submissions are "
+        "scored at, which `leaderboard key` writes the truth masks at; null: the task's image.size",
+    )
     path: Path | None = Field(default=None, exclude=True)
 
     @property
@@ -110,13 +129,61 @@ class LeaderboardConfig(Strict):
 
 
 def load_key(cfg: LeaderboardConfig) -> AnswerKey:
-    """The leaderboard's answer key, checked against the sha256 in leaderboard.yaml."""
-    if cfg.answer_key is None:
+    """The leaderboard's answer key (with its masks on a segmentation board), checked against the sha256s in
+    leaderboard.yaml."""
+    ref = cfg.answer_key
+    if ref is None:
         raise BadInput(
             f"{cfg.path}: no answer_key: a leaderboard scores against its own answer key "
             "(write one with `medsynbench leaderboard key BOARD --real MANIFEST`)"
         )
-    return AnswerKey.read(key_path(cfg.folder, cfg.answer_key.path), cfg.answer_key.sha256)
+    masks = None if ref.masks is None else key_path(cfg.folder, ref.masks.path)
+    return AnswerKey.read(
+        key_path(cfg.folder, ref.path),
+        ref.sha256,
+        masks=masks,
+        masks_sha256=None if ref.masks is None else ref.masks.sha256,
+    )
+
+
+def answer_key_digest(cfg: LeaderboardConfig) -> str:
+    """What scores depend on of the answer key, for cache keys: the key file's sha256, and on a segmentation board
+    its masks file's too (a changed mask changes every recounted number)."""
+    ref = cfg.answer_key
+    assert ref is not None
+    sha = sha256_file(key_path(cfg.folder, ref.path))
+    if ref.masks is None:
+        return sha
+    return hashlib.sha256(
+        f"{sha}\x1f{sha256_file(key_path(cfg.folder, ref.masks.path))}".encode()
+    ).hexdigest()
+
+
+def board_image_size(cfg: LeaderboardConfig, task: Task, override: int | str | None = None) -> int:
+    """The side of the label maps a segmentation board scores at: `override` (`leaderboard key --image-size`),
+    else leaderboard.yaml's `image_size`, else the task's `image.size`; a size preset names one of the task's
+    `image.presets`. An override that contradicts a pinned `image_size` is BadInput."""
+
+    def side(v: int | str, where: str) -> int:
+        if isinstance(v, str) and not v.isdigit():
+            if v not in task.image.presets:
+                raise BadInput(
+                    f"{where}: no image size preset {v!r} in task {task.name} ({sorted(task.image.presets)})"
+                )
+            return int(task.image.presets[v])
+        if int(v) <= 0:
+            raise BadInput(f"{where}: {v} is not a positive image size")
+        return int(v)
+
+    pinned = None if cfg.image_size is None else side(cfg.image_size, f"{cfg.path}: field 'image_size'")
+    if override is not None:
+        got = side(override, "--image-size")
+        if pinned is not None and got != pinned:
+            raise BadInput(
+                f"--image-size {override}: {cfg.path} pins image_size {cfg.image_size} ({pinned} px)"
+            )
+        return got
+    return pinned if pinned is not None else int(task.image.size)
 
 
 def load_board_task(cfg: LeaderboardConfig) -> Task:
@@ -158,17 +225,27 @@ def load_config(board: str | Path) -> LeaderboardConfig:
 
 def set_answer_key(board: str | Path, key: AnswerKey, path: str | Path | None = None) -> Path:
     """Write `key` (default: answer_key.parquet beside leaderboard.yaml) and point leaderboard.yaml at it with
-    its sha256, keeping the file's comments. Returns the key file."""
+    its sha256, keeping the file's comments. A key with masks (segmentation) also writes them beside the key file
+    (`answer_key.masks.npz`: `masks_path`) and records their path and sha256 under `answer_key.masks`. Returns the
+    key file."""
     cfg = load_config(board)
     assert cfg.path is not None
     target = Path(path) if path is not None else cfg.folder / KEY_FILE
     target = target if target.is_absolute() else cfg.folder / target
+
+    def shown(p: Path) -> str:
+        try:
+            return p.resolve().relative_to(cfg.folder.resolve()).as_posix()
+        except ValueError:
+            return str(p.resolve())
+
+    masks_block = ""
+    if key.masks is not None:
+        mtarget = masks_path(target)
+        msha = key.write_masks(mtarget)
+        masks_block = f"  masks:\n    path: {shown(mtarget)}\n    sha256: {msha}\n"
     sha = key.write(target)
-    try:
-        shown = target.resolve().relative_to(cfg.folder.resolve()).as_posix()
-    except ValueError:
-        shown = str(target.resolve())
-    block = f"answer_key:\n  path: {shown}\n  sha256: {sha}\n"
+    block = f"answer_key:\n  path: {shown(target)}\n  sha256: {sha}\n{masks_block}"
     text = cfg.path.read_text(encoding="utf-8")
     pattern = re.compile(r"(?m)^answer_key:.*\n(?:[ \t]+.*\n?)*")
     text = pattern.sub(block, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + block

@@ -9,6 +9,12 @@ disagree, so that a relabelled or edited predictions file is named rather than s
 In a repository leaderboard the key is a Parquet file beside `leaderboard.yaml` (its sha256 recorded there); a
 host may keep it anywhere it controls. It holds the labels of the evaluation cases: commit it only for boards on
 public data.
+
+A segmentation board's key also holds the truth label map of every evaluation case (`masks`, format
+`medsynbench-labelmaps/1` of `bench.labelmaps`, keyed by salted case id, at the board's scoring resolution), in a
+second file beside the key (`MASKS_FILE`, its path and sha256 under `answer_key.masks` in leaderboard.yaml).
+Submitted label maps are recounted against these masks; a submission's own counts are never scored. Like the labels,
+the masks never leave the host: no message quotes a mask value or a count computed from one.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import pandas as pd
 
 from bench.errors import BadInput
 from bench.io import sha256_file, write_table
-from bench.manifest import read_manifest
+from bench.labelmaps import LabelMaps, load_labelmaps, save_labelmaps
+from bench.manifest import Manifest, read_manifest
 from bench.runfolder import RUN_KEYS, SCORED_SPLITS
 from bench.tasks import load_task
 
 KEY_FILE = "answer_key.parquet"
+MASKS_FILE = "answer_key.masks.npz"
 BASE_COLUMNS = ("case_id", "patient_id", "label", "site", "split", "part")
 PARTS = ("public", "private")
 # Prediction columns the key answers for: submitted values are cross-checked and then replaced.
@@ -71,18 +79,34 @@ def row_names(predictions: pd.DataFrame, where: str = "") -> pd.Series:
     )
 
 
+def masks_path(key_file: str | Path) -> Path:
+    """Where the masks of a key file live by default: `answer_key.parquet` -> `answer_key.masks.npz`."""
+    p = Path(key_file)
+    return p.with_name(f"{p.name.removesuffix('.parquet')}.masks.npz")
+
+
 @dataclass(frozen=True)
 class AnswerKey:
-    """The reference of every evaluation case. `df` has BASE_COLUMNS plus `subgroup_columns`, all strings."""
+    """The reference of every evaluation case. `df` has BASE_COLUMNS plus `subgroup_columns`, all strings.
+
+    `masks` (segmentation boards only): the truth label map of every case of `df`, under its salted case id, all of
+    one shape (the board's scoring resolution); None for a classification board."""
 
     df: pd.DataFrame
     subgroup_columns: tuple[str, ...]
+    masks: LabelMaps | None = None
 
     # ---------------------------------------------------------------------------------------------- building
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, subgroup_columns: list[str] | tuple[str, ...] = ()) -> AnswerKey:
-        """A key from a table that already holds salted ids (BADInput names what is missing or duplicated)."""
+    def from_frame(
+        cls,
+        df: pd.DataFrame,
+        subgroup_columns: list[str] | tuple[str, ...] = (),
+        masks: LabelMaps | None = None,
+    ) -> AnswerKey:
+        """A key from a table that already holds salted ids (BADInput names what is missing or duplicated), with
+        the truth label maps of its cases for a segmentation board (`masks`: exactly the key's case ids)."""
         df = df.copy()
         if "part" not in df.columns:
             df["part"] = "public"
@@ -103,7 +127,9 @@ class AnswerKey:
                 f"answer key: column 'split' holds {bad_split}; the key holds {list(SCORED_SPLITS)}"
             )
         df = df.sort_values("case_id", kind="mergesort").reset_index(drop=True)
-        return cls(df, tuple(subgroup_columns))
+        if masks is not None:
+            masks = _masks_for(df["case_id"].tolist(), masks)
+        return cls(df, tuple(subgroup_columns), masks)
 
     @classmethod
     def build_from_manifest(
@@ -113,20 +139,32 @@ class AnswerKey:
         salt: str,
         private_fraction: float = 0.0,
         seed: int = 0,
+        *,
+        image_size: int | str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> AnswerKey:
         """The key of a real manifest's test and external cases, ids salted with the leaderboard's `salt`.
 
-        `private_fraction` of the patients of each site (drawn with `seed`) form the private part.
+        `private_fraction` of the patients of each site (drawn with `seed`) form the private part. For a
+        segmentation task the key also holds each case's truth label map, decoded from the manifest's masks through
+        the image cache at `image_size` (default: the task's `image.size`): the very masks a run at that size is
+        scored against (`bench.protocol.segment.recount_run`). That needs the manifest itself (a path or Manifest),
+        not a bare table.
         """
         task = load_task(task)
         if not 0.0 <= private_fraction < 1.0:
             raise BadInput(f"private_fraction must be in [0, 1) (got {private_fraction})")
         src = "real manifest"
+        manifest: Manifest | None = None
         if isinstance(real_manifest, pd.DataFrame):
             df = real_manifest.copy()
+        elif isinstance(real_manifest, Manifest):
+            manifest, df = real_manifest, real_manifest.df
+            src = str(real_manifest.path or "real manifest")
         else:
             src = str(real_manifest)
-            df = read_manifest(real_manifest).df
+            manifest = read_manifest(real_manifest)
+            df = manifest.df
         if "origin" in df.columns:
             df = df[df["origin"].astype(str) == "real"]
         df = df[df["split"].astype(str).isin(SCORED_SPLITS)]
@@ -136,6 +174,14 @@ class AnswerKey:
         lacking = [c for c in task.subgroups.columns if c not in df.columns]
         if lacking:
             raise BadInput(f"{src}: subgroup column(s) {lacking} of task {task.name} missing")
+        masks = None
+        if task.is_segmentation:
+            if manifest is None:
+                raise BadInput(
+                    f"{src}: task {task.name} is a segmentation task: its answer key needs the manifest file "
+                    "(the masks of its cases), not a bare table"
+                )
+            masks = _truth_masks(manifest, task, df["case_id"].astype(str), salt, image_size, cache_dir, src)
         df = df.assign(
             case_id=hash_ids(df["case_id"].astype(str), salt),
             patient_id=hash_ids(df["patient_id"].astype(str), salt),
@@ -149,34 +195,48 @@ class AnswerKey:
                 k = int(round(private_fraction * len(pats)))
                 private |= set(rng.permutation(pats)[:k].tolist())
             df.loc[df["patient_id"].isin(private), "part"] = "private"
-        return cls.from_frame(df, list(task.subgroups.columns))
+        return cls.from_frame(df, list(task.subgroups.columns), masks)
 
     # ---------------------------------------------------------------------------------------------- files
 
     @classmethod
-    def read(cls, path: str | Path, sha256: str | None = None) -> AnswerKey:
-        """Read a key file; with `sha256`, refuse a file whose content changed."""
+    def read(
+        cls,
+        path: str | Path,
+        sha256: str | None = None,
+        masks: str | Path | None = None,
+        masks_sha256: str | None = None,
+    ) -> AnswerKey:
+        """Read a key file (and, for a segmentation board, its masks file); with `sha256` / `masks_sha256`, refuse
+        a file whose content changed."""
         path = Path(path)
-        if not path.is_file():
-            raise BadInput(f"{path}: answer key not found")
-        if sha256 and sha256_file(path) != sha256:
-            raise BadInput(
-                f"{path}: the answer key does not match the sha256 recorded in leaderboard.yaml "
-                f"({sha256_file(path)[:12]}... != {sha256[:12]}...)"
-            )
+        _check_file(path, sha256, "answer key")
         try:
             df = pd.read_parquet(path)
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
             raise BadInput(f"{path}: cannot be read as parquet: {e}") from e
         subgroups = [c for c in df.columns if c not in BASE_COLUMNS]
+        maps = None
+        if masks is not None:
+            mpath = Path(masks)
+            _check_file(mpath, masks_sha256, "answer key masks")
+            maps = load_labelmaps(mpath)
         try:
-            return cls.from_frame(df, subgroups)
+            return cls.from_frame(df, subgroups, maps)
         except BadInput as e:
-            raise BadInput(f"{path}: {e.args[0]}", e.problems) from None
+            where = f"{path}" if maps is None else f"{path} with {masks}"
+            raise BadInput(f"{where}: {e.args[0]}", e.problems) from None
 
     def write(self, path: str | Path) -> str:
         """Write the key as Parquet (owner-only permissions: it holds labels); returns the file's sha256."""
         write_table(path, self.df)
+        return sha256_file(path)
+
+    def write_masks(self, path: str | Path) -> str:
+        """Write the key's truth label maps (owner-only permissions, like the key); returns the file's sha256."""
+        if self.masks is None:
+            raise ValueError("this answer key holds no masks (a classification board)")
+        save_labelmaps(path, self.masks.case_ids, self.masks.maps, num_classes=self.masks.num_classes)
         return sha256_file(path)
 
     # ---------------------------------------------------------------------------------------------- use
@@ -188,7 +248,23 @@ class AnswerKey:
     def part(self, name: str) -> AnswerKey:
         if name not in PARTS:
             raise BadInput(f"answer key part {name!r}: allowed {list(PARTS)}")
-        return AnswerKey(self.df[self.df["part"] == name].reset_index(drop=True), self.subgroup_columns)
+        df = self.df[self.df["part"] == name].reset_index(drop=True)
+        masks = None if self.masks is None else _masks_for(df["case_id"].tolist(), self.masks)
+        return AnswerKey(df, self.subgroup_columns, masks)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.masks is not None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the truth label maps: the resolution submissions are scored at (None: no masks)."""
+        return None if self.masks is None else (int(self.masks.maps.shape[1]), int(self.masks.maps.shape[2]))
+
+    @functools.cached_property
+    def truth(self) -> dict[str, np.ndarray]:
+        """Salted case id -> truth label map (empty for a classification key). Host-side only: never echo it."""
+        return {} if self.masks is None else self.masks.by_case()
 
     @functools.cached_property
     def case_id_set(self) -> frozenset[str]:
@@ -275,6 +351,59 @@ class AnswerKey:
         first = ["case_id", "patient_id", "site", "split", *self.subgroup_columns, "y_true"]
         rest = [c for c in own.columns if c not in first]
         return out[first + rest].reset_index(drop=True)
+
+
+def _check_file(path: Path, sha256: str | None, what: str) -> None:
+    if not path.is_file():
+        raise BadInput(f"{path}: {what} not found")
+    if sha256 and sha256_file(path) != sha256:
+        raise BadInput(
+            f"{path}: the {what} does not match the sha256 recorded in leaderboard.yaml "
+            f"({sha256_file(path)[:12]}... != {sha256[:12]}...)"
+        )
+
+
+def _masks_for(case_ids: list[str], masks: LabelMaps) -> LabelMaps:
+    """`masks` restricted to `case_ids`, in their order; BadInput (counts only: the ids are the key's) unless it
+    holds every one of them and nothing else."""
+    have = masks.by_case()
+    missing = [c for c in case_ids if c not in have]
+    extra = len(set(have) - set(case_ids))
+    if missing or extra:
+        raise BadInput(
+            f"answer key: the masks do not match the key's cases ({len(missing)} case(s) without a mask, "
+            f"{extra} mask(s) of cases the key does not hold)"
+        )
+    maps = np.stack([have[c] for c in case_ids]) if case_ids else masks.maps[:0]
+    return LabelMaps(list(case_ids), maps, masks.num_classes)
+
+
+def _truth_masks(
+    manifest: Manifest,
+    task: Any,
+    raw_ids: pd.Series,
+    salt: str,
+    size: int | str | None,
+    cache_dir: str | Path | None,
+    src: str,
+) -> LabelMaps:
+    """The truth label maps of `raw_ids` at `size`, as the image cache preprocesses them for a run at that size,
+    under their salted ids."""
+    from bench.imaging import build_cache  # heavy (image decoding); only a segmentation key needs it
+
+    cache = build_cache(
+        manifest, task, size=size, cache_dir=Path(cache_dir) if cache_dir else None, progress=False
+    )
+    if cache.masks is None:
+        raise BadInput(f"{src}: the image cache holds no masks (does the manifest name each case's mask?)")
+    known = cache.contains(raw_ids)
+    if not known.all():
+        lost = raw_ids[~known].tolist()
+        raise BadInput(
+            f"{src}: {len(lost)} evaluation case(s) have no decodable image and mask (e.g. {_examples(lost)})"
+        )
+    maps = np.asarray(cache.masks[cache.rows(raw_ids)], dtype=np.uint8)
+    return LabelMaps(hash_ids(raw_ids, salt).tolist(), maps, len(task.mask_classes) + 1)
 
 
 def key_path(folder: Path, path: str) -> Path:
