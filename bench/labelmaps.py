@@ -116,13 +116,6 @@ def _check_declared(
     `max_bytes`; a header that claims a larger array than its member holds would otherwise make numpy allocate the
     claimed size before finding the data short.
     """
-    infos = zf.infolist()
-    declared = sum(i.file_size for i in infos)
-    if max_bytes is not None and declared > max_bytes:
-        raise BadInput(
-            f"{path}: {len(infos)} member(s) declare {declared:,} bytes uncompressed, "
-            f"over the limit of {max_bytes:,} bytes (max_bytes)"
-        )
     for key in _KEYS:
         info = zf.getinfo(f"{key}.npy")
         shape, dtype, header = _npy_header(zf, info)
@@ -144,6 +137,14 @@ def _check_declared(
                 f"{path}: maps: each map declares {' x '.join(map(str, shape[1:]))} = {pixels:,} pixels, "
                 f"over the limit of {max_map_pixels:,} (max_map_pixels)"
             )
+    # After the arrays' own limits, which say more (a map of the wrong size), and before anything expands.
+    infos = zf.infolist()
+    declared = sum(i.file_size for i in infos)
+    if max_bytes is not None and declared > max_bytes:
+        raise BadInput(
+            f"{path}: {len(infos)} member(s) declare {declared:,} bytes uncompressed, "
+            f"over the limit of {max_bytes:,} bytes (max_bytes)"
+        )
 
 
 def load_labelmaps(
