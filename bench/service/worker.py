@@ -94,7 +94,8 @@ def _host_train_manifest(host: Host, out: Path) -> Path:
     """The host's real training rows: what the privacy audit compares the synthetic images with."""
     m = read_manifest(host.settings.real_manifest)
     df = m.df.assign(image=[str(p) for p in m.image_paths()])
-    if "mask_path" in df.columns:  # a segmentation task's masks, relative to the manifest's folder like the images
+    # A segmentation task's masks are relative to the manifest's folder, like the images.
+    if "mask_path" in df.columns:
         df["mask_path"] = [None if v is None else str(m.image_path(str(v))) for v in df["mask_path"]]
     keep = df["split"].astype(str) == "train"
     if "origin" in df.columns:
