@@ -288,3 +288,10 @@ def test_an_image_mask_bundle_is_trained_audited_and_scored(seg_service):
     rec = (host.records / f"{body['id']}.json").read_text()
     assert not leaked(rec, secrets) and not leaked(str(body), secrets)
     assert not list(host.work.iterdir())
+
+
+def test_the_client_sends_a_label_maps_file_as_predictions():
+    from bench.service.client import guess_kind
+
+    assert guess_kind(Path("maps.NPZ")) == "predictions" and guess_kind(Path("p.csv")) == "predictions"
+    assert guess_kind(Path("pairs.zip")) == "synthetic"
