@@ -214,3 +214,77 @@ def test_a_checkpoint_that_is_not_a_segmenter_of_the_task_is_exit_2_naming_it(au
     err = capsys.readouterr().err
     assert rc == 2 and str(run.checkpoint) in err and "outputs 6 logit maps" in err
     assert not RunDir(out).model_privacy_dir.exists()  # nothing half-written
+
+
+# -- known answers with trained segmenters ------------------------------------------------------------------------
+
+
+def _noise_pairs(rng, n_patients, per_patient=2, size=16):
+    """Noise images, each with a random rectangle of a random class as its mask: a segmenter can only fit them by
+    memorizing its training images."""
+    x = rng.integers(0, 256, (n_patients * per_patient, 1, size, size), dtype=np.uint8)
+    y = np.zeros((len(x), size, size), np.uint8)
+    for i in range(len(x)):
+        r, c = rng.integers(0, size - 6, 2)
+        h, w = rng.integers(3, 7, 2)
+        y[i, r : r + h, c : c + w] = rng.integers(1, 3)
+    return x, y, np.repeat(np.arange(n_patients), per_patient)
+
+
+def _fit_segmenter(x, y, seed, epochs):
+    from bench.train import FitSettings
+    from bench.train_seg import fit_segmenter
+
+    settings = FitSettings(
+        backbone="unet-small",
+        num_classes=3,
+        epochs=epochs,
+        lr=0.003,
+        weight_decay=0.0,
+        batch_size=50,
+        aug_strength=0.0,
+        seed=seed,
+        device="cpu",
+    )
+    model, _ = fit_segmenter(settings, x, y, x[:8], y[:8])
+    return model
+
+
+def _seg_known_answers(seed, epochs=25, n=50):
+    """Attack AUROC intervals of a segmenter trained on 50 patients (A) and of one trained on disjoint patients (D):
+    members A, non-members B, the reference segmenter trained on C; the audit's score and attack."""
+    from bench.privacy.model import membership_attack
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(seed)
+        x, y, pid = _noise_pairs(rng, 4 * n)
+        group = pid // n  # 0 A, 1 B, 2 C, 3 D
+        target = _fit_segmenter(x[group == 0], y[group == 0], seed, epochs)
+        disjoint = _fit_segmenter(x[group == 3], y[group == 3], seed + 100, epochs)
+        ref = _fit_segmenter(x[group == 2], y[group == 2], seed + 200, epochs)
+        ab = group <= 1
+        phi_ref = segmenter_confidence(ref, x[ab], y[ab], num_classes=3)[None]
+        out = []
+        for model in (target, disjoint):
+            phi = segmenter_confidence(model, x[ab], y[ab], num_classes=3)
+            r = membership_attack(phi, phi_ref, group[ab] == 0, pid[ab], n_boot=400, seed=seed)
+            out.append(r["metrics"]["auroc"])
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_memorizing_segmenter_leaks_and_a_disjoint_one_does_not():
+    mem, dis = _seg_known_answers(seed=0)
+    assert mem["ci_low"] > 0.5, mem
+    assert dis["ci_low"] <= 0.5 <= dis["ci_high"], dis
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_memorizing_segmenter_leaks_and_a_disjoint_one_does_not_across_draws(seed):
+    mem, dis = _seg_known_answers(seed=seed)
+    assert mem["ci_low"] > 0.5, mem
+    assert dis["ci_low"] <= 0.5 <= dis["ci_high"], dis
