@@ -140,6 +140,20 @@ def test_host_init_writes_the_truth_masks_at_the_protocols_resolution(seg_servic
         np.testing.assert_array_equal(key.truth[cid], cache.masks[cache.rows([salted[cid]])[0]])
 
 
+def test_host_init_builds_a_segmentation_key_again_when_its_masks_are_missing(seg_service, capsys):
+    config, host, _, _ = seg_service
+    masks = host.settings.answer_key_masks
+    assert main(["host", "init", "--config", str(config)]) == 0
+    assert "exists" in capsys.readouterr().out
+    masks.unlink()
+    assert main(["host", "init", "--config", str(config)]) == 0
+    assert "wrote its truth label maps" in capsys.readouterr().out
+    from bench.labelmaps import load_labelmaps
+
+    again = load_labelmaps(masks)
+    assert again.case_ids == host.key.masks.case_ids and np.array_equal(again.maps, host.key.masks.maps)
+
+
 def test_label_maps_are_recounted_against_the_truth_masks_and_scored(seg_service):
     config, host, c, secrets = seg_service
     token = add_team(config, "maps")

@@ -50,7 +50,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     h = _host(args)
     st = h.settings
-    if st.answer_key.exists() and not args.rebuild_key:
+    # A segmentation key without its masks file (e.g. built by an earlier version) is built again.
+    complete = st.answer_key.exists() and (
+        not h.task.is_segmentation or (st.answer_key_masks is not None and st.answer_key_masks.exists())
+    )
+    if complete and not args.rebuild_key:
         print(f"answer key {st.answer_key} exists (pass --rebuild-key to build it again)")
     else:
         # A segmentation key's masks at the protocol's preset: the resolution the service's runs predict at.
