@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -288,3 +289,28 @@ def test_a_memorizing_segmenter_leaks_and_a_disjoint_one_does_not_across_draws(s
     mem, dis = _seg_known_answers(seed=seed)
     assert mem["ci_low"] > 0.5, mem
     assert dis["ci_low"] <= 0.5 <= dis["ci_high"], dis
+
+
+def test_shuffle_controls_never_serve_as_reference_models(tmp_path):
+    from bench.privacy.model import ModelRun, _attack_one
+    from bench.runfolder import RunFolder
+
+    train = {f"t{i}" for i in range(20)}
+    reserve = {f"r{i}" for i in range(20)}
+    test = {f"x{i}" for i in range(20)}
+
+    def run(gen, seen):
+        return ModelRun(RunFolder(tmp_path / gen, gen), gen, "synthetic", "unet-small", 0, 32, set(seen))
+
+    runs = [
+        run("real-holdout", reserve),
+        run("none", train),
+        run("mask-shuffle", train),
+        run("label-shuffle", train),
+    ]
+    patients = np.array(sorted(train | reserve | test))
+    label_of = pd.Series("normal", index=patients)
+    phi = np.random.default_rng(0).normal(size=(len(runs), len(patients)))
+    a = _attack_one(0, runs, phi, patients, label_of, seed=0)
+    assert a.references == ["none"]
+    assert set(a.members) == reserve and set(a.nonmembers) <= test

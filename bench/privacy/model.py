@@ -15,8 +15,9 @@ Reference models. Offline LiRA (`bench.privacy.attack`) needs models that never 
 matrix already trains them: every finished run whose members are disjoint from the target's members is OUT for
 all of the target's members and non-members (e.g. for the real-only model, the real-holdout control's models,
 trained on reserve patients only; for the real-holdout control, every model trained on the training split). Runs
-of the label-shuffle control are never references (their confidences carry no label information). Without any
-reference model the attack is the uncalibrated confidence threshold and is reported as such.
+of the label-shuffle and mask-shuffle controls are never references (their confidences carry no label or mask
+information). Without any reference model the attack is the uncalibrated confidence threshold and is reported as
+such.
 
 Per run key (generator, regime, backbone) the metrics of its seeds are averaged; intervals come from one patient
 bootstrap shared by the seeds (the patient is the unit), conditional on the trained models.
@@ -71,7 +72,8 @@ REFERENCE = (
 )
 SCORES_FILE = "scores.parquet"
 NON_MEMBER_SPLITS = ("train", "test", "reserve")
-NOT_REFERENCE = ("label-shuffle",)  # controls whose models say nothing about the true labels
+# Controls whose models say nothing about the true labels (classifiers) or masks (segmenters).
+NOT_REFERENCE = ("label-shuffle", "mask-shuffle")
 MIN_GROUP = 10  # members and non-members (patients) a subgroup needs to be reported
 HEADLINE = "auroc"
 SCORE = "logit-scaled confidence of the true class, z_y - logsumexp(z_other)"
