@@ -343,8 +343,8 @@ def run_seg_demo(
     out: Path, cli: Callable[[list[str]], int], preset: str | None, console: Console, task: str = SEG_TASK
 ) -> dict:
     """The segmentation demo: phantom with masks, manifest, pair generators and controls, the run matrix of
-    segmenters, copycat's privacy audit (pixel features) and the evaluation (Dice, lesion detection, controls). The
-    leaderboard and the trained models' privacy stages are left out: they take classifiers."""
+    segmenters, copycat's privacy audit (pixel features), membership inference against the trained segmenters and
+    the evaluation (Dice, lesion detection, controls). The leaderboard stages are left out."""
     p = SEG_PRESETS[preset or default_preset()]
     out = _fresh_out(out)
     data = out / "data"
@@ -385,6 +385,9 @@ def run_seg_demo(
         audit += ["--train", str(syn / "train_manifest.parquet"), "--holdout", str(real), "--test", str(real)]
         audit += ["--out", str(run / "privacy" / g)]
         stages.append((f"Privacy audit of {g} (pixel features)", lambda a=audit: a))
+    # Membership inference against the trained segmenters (no model is trained here): copycat's model-leak check.
+    model_audit = ["privacy-model", str(run), "--n-boot", str(p.n_boot)]
+    stages.append(("Privacy of the trained segmenters", lambda: model_audit))
     evaluate = ["evaluate", str(run), "--out", str(run / "evaluation"), "--n-boot", str(p.n_boot)]
     stages.append(
         ("Evaluation: Dice and lesion detection with patient-clustered intervals, controls", lambda: evaluate)

@@ -24,6 +24,8 @@ from bench.io import atomic_path
 
 FORMAT = "medsynbench-labelmaps/1"
 _KEYS = ("format", "case_ids", "maps", "num_classes")
+# npy headers of the four arrays are a few hundred bytes; numpy's own default cap is 10,000.
+_MAX_HEADER = 10_000
 
 
 @dataclass(frozen=True)
@@ -90,21 +92,94 @@ def save_labelmaps(
     return Path(path)
 
 
-def load_labelmaps(path: str | Path) -> LabelMaps:
-    """Read a file written by `save_labelmaps`; anything malformed is BadInput naming the file and what is wrong."""
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length of one npz member, decompressing only its first few hundred bytes."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=_MAX_HEADER)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=_MAX_HEADER)
+        else:
+            raise ValueError(f"{info.filename}: npy format version {version} (1.0 and 2.0 are read)")
+        return tuple(int(n) for n in shape), dtype, f.tell()
+
+
+def _check_declared(
+    path: Path,
+    zf: zipfile.ZipFile,
+    max_bytes: int | None,
+    max_maps: int | None,
+    max_map_pixels: int | None,
+) -> None:
+    """Refuse a file whose zip directory or npy headers declare more than the limits, before anything expands.
+
+    Python's zipfile stops a member at the size its directory entry declares (a stream that inflates further fails
+    its CRC), and every array must fit in its member, so once these checks pass np.load allocates at most
+    `max_bytes`; a header that claims a larger array than its member holds would otherwise make numpy allocate the
+    claimed size before finding the data short.
+    """
+    for key in _KEYS:
+        info = zf.getinfo(f"{key}.npy")
+        shape, dtype, header = _npy_header(zf, info)
+        need = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not dtype.hasobject and need > info.file_size:
+            raise BadInput(
+                f"{path}: {key}: header declares a {dtype} array of shape {shape} "
+                f"({need:,} bytes) in a {info.file_size:,}-byte member"
+            )
+        if key not in ("case_ids", "maps") or not shape:
+            continue
+        if max_maps is not None and shape[0] > max_maps:
+            raise BadInput(
+                f"{path}: {key}: {shape[0]:,} maps declared, over the limit of {max_maps:,} (max_maps)"
+            )
+        pixels = int(np.prod(shape[1:], dtype=np.int64))
+        if key == "maps" and max_map_pixels is not None and pixels > max_map_pixels:
+            raise BadInput(
+                f"{path}: maps: each map declares {' x '.join(map(str, shape[1:]))} = {pixels:,} pixels, "
+                f"over the limit of {max_map_pixels:,} (max_map_pixels)"
+            )
+    # After the arrays' own limits, which say more (a map of the wrong size), and before anything expands.
+    infos = zf.infolist()
+    declared = sum(i.file_size for i in infos)
+    if max_bytes is not None and declared > max_bytes:
+        raise BadInput(
+            f"{path}: {len(infos)} member(s) declare {declared:,} bytes uncompressed, "
+            f"over the limit of {max_bytes:,} bytes (max_bytes)"
+        )
+
+
+def load_labelmaps(
+    path: str | Path,
+    *,
+    max_bytes: int | None = None,
+    max_maps: int | None = None,
+    max_map_pixels: int | None = None,
+) -> LabelMaps:
+    """Read a file written by `save_labelmaps`; anything malformed is BadInput naming the file and what is wrong.
+
+    The limits bound what an untrusted file may make this process allocate: `max_bytes` (uncompressed bytes of all
+    members), `max_maps` (number of maps) and `max_map_pixels` (pixels per map). They are checked against the zip's
+    central directory and the arrays' npy headers before any array is decompressed; a file declaring more is
+    BadInput naming the file and the limit.
+    """
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: label maps file not found")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _KEYS if k not in z.files]
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            missing = [k for k in _KEYS if f"{k}.npy" not in names]
             if missing:
                 raise BadInput(f"{path}: not a label maps file (missing arrays: {', '.join(missing)})")
+            _check_declared(path, zf, max_bytes, max_maps, max_map_pixels)
+        with np.load(path, allow_pickle=False) as z:
             fmt, ids, maps, k = (z[key] for key in _KEYS)
     except BadInput:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        # ValueError covers pickled (object) arrays, which a label maps file never holds.
+        # ValueError covers pickled (object) arrays, which a label maps file never holds, and malformed npy headers.
         raise BadInput(f"{path}: not a readable label maps file: {e}") from e
     if fmt.shape != () or str(fmt) != FORMAT:
         raise BadInput(f"{path}: format {fmt!r}; this version reads {FORMAT!r}")

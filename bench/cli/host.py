@@ -46,17 +46,32 @@ def _host(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from bench.service.scoring import build_key
+    from bench.service.scoring import build_key, write_key
 
     h = _host(args)
     st = h.settings
-    if st.answer_key.exists() and not args.rebuild_key:
+    # A segmentation key without its masks file (e.g. built by an earlier version) is built again.
+    complete = st.answer_key.exists() and (
+        not h.task.is_segmentation or (st.answer_key_masks is not None and st.answer_key_masks.exists())
+    )
+    if complete and not args.rebuild_key:
         print(f"answer key {st.answer_key} exists (pass --rebuild-key to build it again)")
     else:
-        key = build_key(st.real_manifest, h.task, st.id_salt, st.private_fraction)
-        key.write(st.answer_key)
+        # A segmentation key's masks at the protocol's preset: the resolution the service's runs predict at.
+        key = build_key(
+            st.real_manifest,
+            h.task,
+            st.id_salt,
+            st.private_fraction,
+            image_size=st.protocol.preset,
+            cache_dir=h.cache,
+        )
+        write_key(key, st.answer_key, st.answer_key_masks)
         parts = key.df["part"].value_counts().to_dict()
         print(f"wrote answer key {st.answer_key}: {len(key.df)} cases ({parts})")
+        if key.is_segmentation:
+            h_, w_ = key.image_size or (0, 0)
+            print(f"wrote its truth label maps {st.answer_key_masks} ({h_} x {w_})")
     print(f"database ready: {st.database.split('@')[-1]}")
     return 0
 

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     hosted.add_argument(
         "--kind",
         choices=["synthetic", "predictions"],
-        help="what the file is (default: predictions for .csv/.parquet, else synthetic)",
+        help="what the file is (default: predictions for .csv/.parquet/.npz, else synthetic)",
     )
     hosted.add_argument(
         "--wait",

@@ -15,11 +15,19 @@ Reference models. Offline LiRA (`bench.privacy.attack`) needs models that never 
 matrix already trains them: every finished run whose members are disjoint from the target's members is OUT for
 all of the target's members and non-members (e.g. for the real-only model, the real-holdout control's models,
 trained on reserve patients only; for the real-holdout control, every model trained on the training split). Runs
-of the label-shuffle control are never references (their confidences carry no label information). Without any
-reference model the attack is the uncalibrated confidence threshold and is reported as such.
+of the label-shuffle and mask-shuffle controls are never references (their confidences carry no label or mask
+information). Without any reference model the attack is the uncalibrated confidence threshold and is reported as
+such.
 
 Per run key (generator, regime, backbone) the metrics of its seeds are averaged; intervals come from one patient
 bootstrap shared by the seeds (the patient is the unit), conditional on the trained models.
+
+Segmenters. For a `kind: segmentation` task the per-image score is the mean over the image's pixels of the
+logit-scaled confidence of each pixel's true class (its mask value, background included), from the segmenter's
+logits on the cached image and mask. Unlike per-image Dice it is defined on slices without a lesion, and unlike a
+thresholded count it is continuous, so LiRA's Gaussian fit of the reference models' scores applies as it does to a
+classifier's. Members, non-members (matched on the image label the mask gives), references and every metric are
+the classifier's; the run's checkpoints are all the audit reads of a run, so a segmentation run stores nothing more.
 """
 
 from __future__ import annotations
@@ -64,9 +72,12 @@ REFERENCE = (
 )
 SCORES_FILE = "scores.parquet"
 NON_MEMBER_SPLITS = ("train", "test", "reserve")
-NOT_REFERENCE = ("label-shuffle",)  # controls whose models say nothing about the true labels
+# Controls whose models say nothing about the true labels (classifiers) or masks (segmenters).
+NOT_REFERENCE = ("label-shuffle", "mask-shuffle")
 MIN_GROUP = 10  # members and non-members (patients) a subgroup needs to be reported
 HEADLINE = "auroc"
+SCORE = "logit-scaled confidence of the true class, z_y - logsumexp(z_other)"
+SEG_SCORE = "mean over the image's pixels of the logit-scaled confidence of the pixel's mask class"
 
 
 OUT_FILE = MODEL_PRIVACY_FILE
@@ -221,18 +232,74 @@ def score_models(
     # torch (bench.train): only when models are scored
     from bench.train import load_checkpoint
 
+    seg = task.is_segmentation
     labels = pool["label"].astype(str).map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64)
     images: dict[int, np.ndarray] = {}
+    masks: dict[int, np.ndarray] = {}
     phi = np.empty((len(runs), len(pool)))
     for i, r in enumerate(runs):
         if r.size not in images:
             cache = build_cache(
                 manifest, task, size=r.size, cache_dir=cache_dir, skip_corrupt=True, progress=False
             )
-            images[r.size] = np.asarray(cache.images[cache.rows(pool["case_id"].astype(str))])
+            rows = cache.rows(pool["case_id"].astype(str))
+            images[r.size] = np.asarray(cache.images[rows])
+            if seg:
+                if cache.masks is None:
+                    raise BadInput(
+                        f"{manifest.path}: task {task.name!r} is a segmentation task but the manifest's images "
+                        "carry no masks (column 'mask_path'); the segmenters cannot be scored"
+                    )
+                masks[r.size] = np.asarray(cache.masks[rows])
         model, _ = load_checkpoint(r.folder.checkpoint, device=device)
-        phi[i] = model_confidence(model, images[r.size], labels, device)
+        if seg:
+            phi[i] = segmenter_confidence(
+                model,
+                images[r.size],
+                masks[r.size],
+                device,
+                num_classes=len(task.mask_classes) + 1,
+                source=r.folder.checkpoint,
+            )
+        else:
+            phi[i] = model_confidence(model, images[r.size], labels, device)
     return phi
+
+
+def segmenter_confidence(
+    model: Any,
+    images: np.ndarray,
+    masks: np.ndarray,
+    device: str = "cpu",
+    *,
+    num_classes: int,
+    source: str | Path = "model",
+) -> np.ndarray:
+    """phi of one segmenter per image: the mean over pixels of z_y - logsumexp(z_other), y the pixel's mask value,
+    for uint8 images `[N, C, S, S]` and label maps `[N, S, S]` with values below `num_classes` (background + mask
+    classes). A model whose output is not `num_classes` logit maps of the masks' size (e.g. a classifier's, or
+    another task's segmenter, in a segmentation run) is BadInput naming `source`."""
+    import torch
+
+    # torch (bench.train): only when models are scored
+    from bench.train import to_float
+
+    model = model.to(device).eval()
+    out = np.zeros(len(images))
+    with torch.no_grad():
+        for k in range(0, len(images), 64):
+            xb = to_float(torch.from_numpy(np.ascontiguousarray(images[k : k + 64])).to(device))
+            z = model(xb).float().cpu().numpy()
+            y = np.asarray(masks[k : k + 64], dtype=np.int64)
+            if z.ndim != 4 or z.shape[1] != num_classes or z.shape[2:] != y.shape[1:]:
+                raise BadInput(
+                    f"{source}: the model outputs {tuple(z.shape)} for masks {tuple(y.shape)}; a segmenter of "
+                    f"this task outputs {num_classes} logit maps (background + mask classes) of the masks' size"
+                )
+            n, c = z.shape[:2]
+            flat = np.moveaxis(z, 1, -1).reshape(-1, c)
+            out[k : k + n] = logit_confidence(flat, y.reshape(-1)).reshape(n, -1).mean(axis=1)
+    return out
 
 
 def model_confidence(model: Any, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -451,7 +518,7 @@ def audit_run(
         "attack": {
             "name": ATTACK,
             "reference": REFERENCE,
-            "score": "logit-scaled confidence of the true class, z_y - logsumexp(z_other)",
+            "score": SEG_SCORE if task.is_segmentation else SCORE,
             "non_member_splits": list(NON_MEMBER_SPLITS),
             "not_references": list(NOT_REFERENCE),
         },

@@ -25,11 +25,11 @@ from sqlalchemy import select
 
 from bench.errors import BadInput
 from bench.service import db
-from bench.service.bundle import check_bundle, check_filename, read_predictions, rename
+from bench.service.bundle import check_bundle, check_filename, read_labelmaps, read_predictions, rename
 from bench.service.gate import Gate
 from bench.service.host import Host
 from bench.service.pages import leaderboard, render_page
-from bench.service.scoring import validate_predictions
+from bench.service.scoring import labelmap_limits, validate_labelmaps, validate_predictions
 from bench.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,19 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
         t: Team,
         kind: Annotated[Literal["synthetic", "predictions"], Form()],
         file: Annotated[
-            UploadFile, File(description="synthetic bundle (.zip/.tar.gz) or predictions (.csv/.parquet)")
+            UploadFile,
+            File(
+                description="synthetic bundle (.zip/.tar.gz) or predictions (.csv/.parquet; a segmentation "
+                "board: label maps .npz)"
+            ),
         ],
     ) -> SubmissionOut:
         lim = host.settings.limits
         filename = Path(file.filename or "").name
         if not filename:
             raise BadInput("field 'file': the upload has no file name")
-        check_filename(kind, filename)
+        seg = host.task.is_segmentation
+        check_filename(kind, filename, segmentation=seg)
         with host.sessions() as s:
             check_open(db.last_phase(s))
             # Refuses early, before the upload is read; the count that decides is taken again below, under the lock.
@@ -244,7 +249,12 @@ def create_app(settings: ServiceSettings, host: Host | None = None) -> FastAPI:
             if size == 0:
                 raise BadInput(f"{filename}: empty file")
             try:
-                if kind == "predictions":
+                if kind == "predictions" and seg:
+                    maps = read_labelmaps(part_file, filename, **labelmap_limits(host.key))
+                    problems = validate_labelmaps(host.key, maps, host.task)
+                    if problems:
+                        raise BadInput(f"{filename}: {len(problems)} problem(s) in the label maps", problems)
+                elif kind == "predictions":
                     table = read_predictions(
                         part_file, filename, lim.max_prediction_rows, lim.max_prediction_columns
                     )

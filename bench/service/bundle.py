@@ -2,7 +2,10 @@
 
 A synthetic bundle is a .zip or .tar.gz holding `labels.csv` (columns `image`, `label`, optionally `sex`, `age`),
 the images it lists and the generator card (`card.yaml` or `card.json`), at the top level or in one folder.
-Prediction files are .csv or .parquet with `case_id` and one `prob_<class>` column per class.
+Prediction files are .csv or .parquet with `case_id` and one `prob_<class>` column per class; on a segmentation
+board they are one label maps file (.npz, `bench.labelmaps`: a map per evaluation case under its salted id), read
+within bounds checked before it expands. A segmentation board's synthetic bundle lists image–mask pairs: labels.csv
+has a `mask` column naming each image's label map (`bench.generators.importer`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from bench.errors import BadInput
+from bench.labelmaps import LabelMaps, load_labelmaps
 from bench.leaderboard.archive import MAX_MEMBERS, extract_archive, inspect_archive, is_archive
 
 KINDS = ("synthetic", "predictions")
 PREDICTION_SUFFIXES = (".csv", ".parquet")
+LABELMAP_SUFFIXES = (".npz",)
 LABELS_FILE = "labels.csv"
 CARD_FILES = ("card.yaml", "card.yml", "card.json")
 
@@ -24,7 +29,9 @@ CARD_FILES = ("card.yaml", "card.yml", "card.json")
 MAX_FILENAME = 200
 
 
-def check_filename(kind: str, filename: str) -> None:
+def check_filename(kind: str, filename: str, segmentation: bool = False) -> None:
+    """Refuse a file name whose kind or suffix the board does not take (`segmentation`: predictions are label
+    maps)."""
     if len(filename) > MAX_FILENAME:
         raise BadInput(f"file name of {len(filename)} characters: the limit is {MAX_FILENAME}")
     if kind not in KINDS:
@@ -32,7 +39,12 @@ def check_filename(kind: str, filename: str) -> None:
     name = filename.lower()
     if kind == "synthetic" and not is_archive(name):
         raise BadInput(f"{filename}: a synthetic bundle must be a .zip or .tar.gz archive")
-    if kind == "predictions" and not name.endswith(PREDICTION_SUFFIXES):
+    if kind == "predictions" and segmentation and not name.endswith(LABELMAP_SUFFIXES):
+        raise BadInput(
+            f"{filename}: this is a segmentation board: predictions must be a label maps .npz file "
+            "(one uint8 map per evaluation case; see bench.labelmaps)"
+        )
+    if kind == "predictions" and not segmentation and not name.endswith(PREDICTION_SUFFIXES):
         raise BadInput(f"{filename}: predictions must be a .csv or .parquet file")
 
 
@@ -126,6 +138,17 @@ def read_predictions(
     if df.empty:
         raise BadInput(f"{filename}: no rows")
     return df
+
+
+def read_labelmaps(
+    path: Path, filename: str, *, max_maps: int, max_map_pixels: int, max_bytes: int
+) -> LabelMaps:
+    """A label maps upload, refused (BadInput naming `filename` and the limit) when its zip directory or array
+    headers declare more than the bounds, before anything is decompressed."""
+    try:
+        return load_labelmaps(path, max_bytes=max_bytes, max_maps=max_maps, max_map_pixels=max_map_pixels)
+    except BadInput as e:
+        raise rename(e, path, filename) from None
 
 
 def _first_line(src: io.BytesIO | Path, filename: str) -> bytes:

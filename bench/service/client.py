@@ -51,7 +51,8 @@ def multipart(fields: dict[str, str], file_field: str, path: Path) -> tuple[byte
 
 
 def guess_kind(path: Path) -> str:
-    return "predictions" if path.name.lower().endswith((".csv", ".parquet")) else "synthetic"
+    """predictions for a table or a segmentation board's label maps (.npz), else a synthetic bundle."""
+    return "predictions" if path.name.lower().endswith((".csv", ".parquet", ".npz")) else "synthetic"
 
 
 def submit_to_server(
@@ -61,7 +62,8 @@ def submit_to_server(
     path = Path(path)
     if not path.is_file():
         raise BadInput(
-            f"{path}: not a file (send a .zip/.tar.gz synthetic bundle or a .csv/.parquet of predictions)"
+            f"{path}: not a file (send a .zip/.tar.gz synthetic bundle, a .csv/.parquet of predictions or a "
+            ".npz of label maps)"
         )
     base = server.rstrip("/")
     body, ctype = multipart({"kind": kind or guess_kind(path)}, "file", path)

@@ -73,7 +73,9 @@ class Host:
 
     @functools.cached_property
     def key(self) -> AnswerKey:
-        return load_key(self.settings.answer_key)
+        """The answer key; for a segmentation task with its truth label maps (`answer_key_masks`)."""
+        masks = self.settings.answer_key_masks if self.task.is_segmentation else None
+        return load_key(self.settings.answer_key, masks)
 
     def hide_paths(self, text: str) -> str:
         """Host paths replaced by `<host>`, and nothing else: were the ids the host holds hidden in text a team

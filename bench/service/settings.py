@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from bench.leaderboard.config import Eligibility
+from bench.leaderboard.key import masks_path
 from bench.schema import Strict, load_yaml_model
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class ServiceSettings(Strict):
     task: str
     real_manifest: Path
     answer_key: Path = Path("answer_key.parquet")
+    # A segmentation task's truth label maps (host-only, like the key); default: beside the key,
+    # `answer_key.masks.npz` (bench.leaderboard.key.masks_path).
+    answer_key_masks: Path | None = None
     id_salt: str = Field(min_length=8)
     private_fraction: float = Field(0.5, gt=0, lt=1)
     protocol: ProtocolSettings = ProtocolSettings()
@@ -113,6 +117,7 @@ class ServiceSettings(Strict):
                 "task": task,
                 "real_manifest": fix(self.real_manifest),
                 "answer_key": fix(self.answer_key),
+                "answer_key_masks": fix(self.answer_key_masks or masks_path(self.answer_key)),
             }
         )
 
@@ -124,6 +129,8 @@ class ServiceSettings(Strict):
             str(self.real_manifest.parent),
             str(self.answer_key),
         }
+        if self.answer_key_masks is not None:
+            paths.add(str(self.answer_key_masks))
         if "/" in self.task:
             paths.add(str(Path(self.task).parent))
         return sorted(paths, key=len, reverse=True)

@@ -17,12 +17,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench.errors import BadInput
 from bench.generators.card import read_card, write_card
 from bench.generators.importer import import_synthetic
 from bench.io import write_json
+from bench.labelmaps import LabelMaps, load_labelmaps
 from bench.leaderboard.checks import service_exclusion
 from bench.manifest import manifest_hash, read_manifest, write_manifest
 from bench.privacy import audit
@@ -30,11 +32,11 @@ from bench.privacy.model import aggregate_figures
 from bench.protocol import MatrixOptions, run_matrix
 from bench.runfolder import RunDir, check_generator_name
 from bench.service import db
-from bench.service.bundle import read_predictions, unpack_bundle
+from bench.service.bundle import read_labelmaps, read_predictions, unpack_bundle
 from bench.service.host import Host, json_safe
 from bench.service.pages import write_page
 from bench.service.sandbox import LIMIT_NAMES, Limits, Outcome, run_limited
-from bench.service.scoring import salt_ids, score_parts
+from bench.service.scoring import labelmap_limits, salt_ids, score_parts, validate_labelmaps
 from bench.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,14 @@ class HostSideError(Exception):
 
 def score_prediction_file(host: Host, path: Path, filename: str) -> dict[str, Any]:
     lim = host.settings.limits
-    preds = read_predictions(path, filename, lim.max_prediction_rows, lim.max_prediction_columns)
+    preds: pd.DataFrame | LabelMaps
+    if host.key.is_segmentation:
+        preds = read_labelmaps(path, filename, **labelmap_limits(host.key))
+        problems = validate_labelmaps(host.key, preds, host.task)
+        if problems:
+            raise BadInput(f"{filename}: {len(problems)} problem(s) in the label maps", problems)
+    else:
+        preds = read_predictions(path, filename, lim.max_prediction_rows, lim.max_prediction_columns)
     return {"scores": score_parts(host.key, preds, host.task, host.spec), "spec": _spec_summary(host)}
 
 
@@ -85,6 +94,9 @@ def _host_train_manifest(host: Host, out: Path) -> Path:
     """The host's real training rows: what the privacy audit compares the synthetic images with."""
     m = read_manifest(host.settings.real_manifest)
     df = m.df.assign(image=[str(p) for p in m.image_paths()])
+    # A segmentation task's masks are relative to the manifest's folder, like the images.
+    if "mask_path" in df.columns:
+        df["mask_path"] = [None if v is None else str(m.image_path(str(v))) for v in df["mask_path"]]
     keep = df["split"].astype(str) == "train"
     if "origin" in df.columns:
         keep &= df["origin"].astype(str) == "real"
@@ -167,19 +179,21 @@ def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> di
         )
     )
     regime = pr.regimes[0]
-    frames = [
-        pd.read_parquet(r.predictions)
-        for r in RunDir(run).finished_runs()
-        if r.config().generator == gen and r.config().regime == regime
+    runs = [
+        r for r in RunDir(run).finished_runs() if r.config().generator == gen and r.config().regime == regime
     ]
-    if not frames:
+    if not runs:
         raise RuntimeError(f"no finished run of regime {regime!r} for generator {gen!r}")
-    preds = pd.concat(frames, ignore_index=True)
-    probs = [f"prob_{c}" for c in host.task.classes]
-    preds = preds.assign(case_id=salt_ids(preds["case_id"], st.id_salt).to_numpy())
-    preds = preds[preds["case_id"].isin(set(host.key.df["case_id"]))]
-    # Several seeds: score the seed-averaged probabilities (one prediction per case, as the key expects).
-    preds = preds.groupby("case_id", as_index=False)[probs].mean()
+    preds: pd.DataFrame | LabelMaps
+    if host.task.is_segmentation:
+        preds = seed_vote(host, [load_labelmaps(r.labelmaps) for r in runs])
+    else:
+        frames = pd.concat([pd.read_parquet(r.predictions) for r in runs], ignore_index=True)
+        probs = [f"prob_{c}" for c in host.task.classes]
+        frames = frames.assign(case_id=salt_ids(frames["case_id"], st.id_salt).to_numpy())
+        frames = frames[frames["case_id"].isin(host.key.case_id_set)]
+        # Several seeds: score the seed-averaged probabilities (one prediction per case, as the key expects).
+        preds = frames.groupby("case_id", as_index=False)[probs].mean()
     privacy = _privacy(host, synthetic, work)
     return {
         "scores": score_parts(host.key, preds, host.task, host.spec),
@@ -191,6 +205,34 @@ def _evaluate_synthetic(host: Host, synthetic: Path, gen: str, work: Path) -> di
         "excluded": _exclusion(privacy, st.eligibility),
         "model_privacy": _model_privacy(host, run),
     }
+
+
+def seed_vote(host: Host, runs: list[LabelMaps]) -> LabelMaps:
+    """One label map per evaluation case from the runs of several seeds: each pixel's most frequent class (ties go
+    to the lower class value, background first), the counterpart of averaging a classifier's probabilities.
+    Ids are salted into the key's form and cases outside the key dropped."""
+    size = host.key.image_size
+    k = len(host.task.mask_classes) + 1
+    votes: dict[str, np.ndarray] = {}
+    for m in runs:
+        if size is not None and tuple(m.maps.shape[1:]) != size:
+            # The host's configuration, not the team's files: the key was built at another resolution.
+            raise RuntimeError(
+                f"the runs' label maps are {tuple(m.maps.shape[1:])} but the answer key's masks {size}: rebuild "
+                "the key at the protocol's preset (`medsynbench host init --rebuild-key`)"
+            )
+        salted = salt_ids(m.case_ids, host.settings.id_salt).tolist()
+        for cid, lab in zip(salted, m.maps, strict=True):
+            if cid in host.key.case_id_set:
+                v = votes.setdefault(cid, np.zeros((k, *lab.shape), np.int32))
+                v += lab[None] == np.arange(k, dtype=np.uint8)[:, None, None]
+    ids = sorted(votes)
+    maps = (
+        np.stack([votes[c].argmax(axis=0).astype(np.uint8) for c in ids])
+        if ids
+        else np.zeros((0, 1, 1), np.uint8)
+    )
+    return LabelMaps(ids, maps, k)
 
 
 def _exclusion(privacy: dict[str, Any] | None, rules: Any) -> str | None:
