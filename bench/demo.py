@@ -267,6 +267,12 @@ def run_demo(
         "report": str(run / "evaluation" / "report.html"),
         "leaderboard": str(board / "index.html"),
     }
+    _finish(out, board, summary, console, f"preset {p.name}")
+    return summary
+
+
+def _finish(out: Path, board: Path, summary: dict, console: Console, what: str) -> None:
+    """Write demo.json, then show the leaderboard's table and where the report and the page are."""
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.rule("[bold green]Leaderboard")
     readme = board / "README.md"
@@ -274,8 +280,7 @@ def run_demo(
         console.print(readme.read_text())
     console.print(f"report:      {summary['report']}")
     console.print(f"leaderboard: {summary['leaderboard']}")
-    console.print(f"wall time:   {total:.0f} s (preset {p.name})")
-    return summary
+    console.print(f"wall time:   {summary['seconds']:.0f} s ({what})")
 
 
 def run_stages(
@@ -311,11 +316,14 @@ def _threads_used(p: DemoPreset) -> dict:
     }
 
 
-def _init_leaderboard(board: Path, p: DemoPreset) -> None:
+def _init_leaderboard(board: Path, p: DemoPreset, task_name: str = TASK) -> None:
     """A leaderboard of the demo's own: pinned to the task and protocol, not to the shipped manifests (the demo's
-    phantom is smaller than the seeded leaderboard's)."""
-    task = load_task(TASK)
+    phantom is smaller than the seeded leaderboard's). A segmentation board scores at the size the demo trains at."""
+    task = load_task(task_name)
     protocol = yaml.safe_load((_configs_dir() / "protocols" / f"{p.protocol}.yaml").read_text())
+    size: int | str | None = None
+    if task.kind == "segmentation":
+        size = p.image_size or (p.train_preset if p.train_preset in task.image.presets else None)
     cfg = LeaderboardConfig(
         title=f"{task.name} demo ({p.name} preset)",
         task=TaskPin(name=task.name, version=task.version),
@@ -323,6 +331,7 @@ def _init_leaderboard(board: Path, p: DemoPreset) -> None:
         primary_metric=task.metrics.primary,
         id_salt=f"{task.name}-demo-leaderboard",
         bootstrap=Bootstrap(n=p.n_boot, seed=0),
+        image_size=size,
     )
     board.mkdir(parents=True, exist_ok=True)
     (board / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -342,14 +351,16 @@ def pair_generators(names: tuple[str, ...]) -> list[str]:
 def run_seg_demo(
     out: Path, cli: Callable[[list[str]], int], preset: str | None, console: Console, task: str = SEG_TASK
 ) -> dict:
-    """The segmentation demo: phantom with masks, manifest, pair generators and controls, the run matrix of
-    segmenters, copycat's privacy audit (pixel features), membership inference against the trained segmenters and
-    the evaluation (Dice, lesion detection, controls). The leaderboard stages are left out."""
+    """The segmentation demo: phantom with masks, manifest, its answer key (truth masks included), pair generators
+    and controls, the run matrix of segmenters, copycat's privacy audit (pixel features), membership inference
+    against the trained segmenters, the evaluation (Dice, lesion detection, controls) and the demo leaderboard,
+    which recounts every submitted label map against its own masks."""
     p = SEG_PRESETS[preset or default_preset()]
     out = _fresh_out(out)
     data = out / "data"
     real = data / "manifest.parquet"
     run = out / "run"
+    board = out / "leaderboard"
     phantom = ["data", "phantom", "--out", str(data / "phantom"), "--patients", str(p.patients)]
     phantom += ["--slices", str(p.slices), "--size", str(p.phantom_size), "--seed", "0", "--masks"]
     stages: list[tuple[str, Callable[[], list[str]]]] = [
@@ -359,6 +370,11 @@ def run_seg_demo(
             lambda: ["data", "manifest", "--task", task, "--root", str(data / "phantom"), "--out", str(real)],
         ),
         ("Validate the manifest and its masks", lambda: ["data", "validate", str(real), "--task", task]),
+        # The board scores against its own truth masks, never against the counts a submission carries.
+        (
+            "Answer key of the demo leaderboard (labels and truth masks)",
+            lambda: ["leaderboard", "key", str(board), "--real", str(real)],
+        ),
     ]
     gens, controls = pair_generators(SEG_GENERATORS), pair_generators(SEG_CONTROLS)
     for g in (*gens, *controls):
@@ -378,8 +394,9 @@ def run_seg_demo(
     if not gens and not controls:
         run_args += ["--regimes", SEG_REAL_ONLY_REGIMES]
     stages.append(("Protocol matrix of segmenters (regimes x generators x seeds)", lambda: run_args))
-    # copycat's check that the privacy audit flags its copies needs the audit; pixel features (no classifier here)
-    for g in [g for g in gens if g == "copycat"]:
+    # Every generator's pairs are audited (the board requires it; copycat's control check reads it), on pixel
+    # features: a segmenter is no feature extractor.
+    for g in gens:
         syn = out / "synthetic" / g
         audit = ["privacy", "--task", task, "--synthetic", str(syn / "manifest.parquet")]
         audit += ["--train", str(syn / "train_manifest.parquet"), "--holdout", str(real), "--test", str(real)]
@@ -392,6 +409,14 @@ def run_seg_demo(
     stages.append(
         ("Evaluation: Dice and lesion detection with patient-clustered intervals, controls", lambda: evaluate)
     )
+    stages.append(
+        (
+            "Submit to the demo leaderboard",
+            lambda: ["submit", str(run), "--leaderboard", str(board), "--submitter", "demo"],
+        )
+    )
+    stages.append(("Build the leaderboard", lambda: ["leaderboard", "build", str(board)]))
+    _init_leaderboard(board, p, task)
     t0 = time.perf_counter()
     timings = run_stages(stages, cli, console)
     total = time.perf_counter() - t0
@@ -403,8 +428,7 @@ def run_seg_demo(
         "generators": [*gens, *controls],
         "threads": _threads_used(p),
         "report": str(run / "evaluation" / "report.html"),
+        "leaderboard": str(board / "index.html"),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"report:      {summary['report']}")
-    console.print(f"wall time:   {total:.0f} s (preset {p.name}, task {task})")
+    _finish(out, board, summary, console, f"preset {p.name}, task {task}")
     return summary

@@ -3,9 +3,9 @@
 One draw is the cpu demo's protocol on its own random world: phantom seed d, training seeds 3d, 3d+1, 3d+2, and
 every generator's and control's own seed d (which labels label-shuffle permutes, which images copycat copies, what
 pca-gmm and ddpm sample). Draw 0 is the demo itself. Each draw runs the stages that decide the verdicts (phantom,
-manifest, generators and controls, the protocol matrix, copycat's privacy audit, evaluation) and stores what it
-found in WORK/draw-<d>/verdicts-<threads>.json, so an interrupted measurement resumes where it stopped (a finished
-stage leaves a marker; a finished draw is not run again).
+manifest, generators and controls, the protocol matrix, copycat's privacy audit, the trained models' membership
+audit, evaluation) and stores what it found in WORK/draw-<d>/verdicts-<threads>.json, so an interrupted measurement
+resumes where it stopped (a finished stage leaves a marker; a finished draw is not run again).
 
 The verdicts are those the demo and its slow test state: each control check PASS; pca-gmm and ddpm synthetic-only
 below real-only (the paired interval's upper end below 0) on the external hospitals and on the internal test split;
@@ -196,6 +196,8 @@ def run_draw(
                                       "--train", str(syn / "train_manifest.parquet"), "--holdout", str(real),
                                       "--test", str(real), "--out", str(run / "privacy" / "copycat"),
                                       *features])
+        # Membership inference against the trained models, as the demo runs it: copycat's model-leak check.
+        _stage(d, f"privacy-model-{tag}", ["privacy-model", str(run), "--n-boot", str(p.n_boot)])
         _stage(d, f"evaluate-{tag}", ["evaluate", str(run), "--out", str(run / "evaluation"),
                                        "--n-boot", str(p.n_boot)])
         # fmt: on

@@ -409,7 +409,7 @@ def test_a_label_maps_zip_bomb_is_refused_before_it_is_expanded(fresh, capsys):
     save_labelmaps(p, ids, maps, num_classes=m.num_classes)
     assert p.stat().st_size < 2_000_000
     rc, text = _submit(run, board, capsys)
-    assert rc == 2 and str(p) in text and "declares" in text and "limit" in text
+    assert rc == 2 and str(p) in text and "declare" in text and "limit" in text
 
 
 def test_mask_shuffle_is_rescored_from_its_maps(world, tmp_path, capsys):

@@ -348,3 +348,6 @@ def test_check_controls_judges_mask_shuffle_by_dice_at_chance(task, ci, status):
     # Widened to the family's level: the interval it judged contains the one it was given.
     assert r.ci_low <= ci[0] + 1e-9 and r.ci_high >= ci[1] - 1e-9
     assert (r.reason == "") == (status == "PASS")
+    # The ratio and gain checks say the metric they compare on: the task's primary, not the classifiers' AUROC.
+    (holdout,) = [r for r in results if r.control == "real-holdout"]
+    assert "dice_macro ratio" in holdout.expected and "AUROC" not in holdout.expected

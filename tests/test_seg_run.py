@@ -282,14 +282,25 @@ def test_the_segmentation_demo_runs_its_stages_through_the_command_line(tmp_path
         "data phantom",
         "data manifest",
         "data validate",
+        "leaderboard",
         *["generate"] * len(gens),
         "run",
-        *["privacy"] * ("copycat" in gens),
+        *["privacy"] * len([g for g in gens if g in demo.SEG_GENERATORS]),
         "privacy-model",
         "evaluate",
+        "submit",
+        "leaderboard",
     ]
     assert "--masks" in calls[0]
-    assert all(TASK in c for c in calls[1:] if c[0] not in ("privacy-model", "evaluate"))  # these read RUN
+    # These read RUN or the board, which name the task themselves.
+    assert all(
+        TASK in c for c in calls[1:] if c[0] not in ("privacy-model", "evaluate", "submit", "leaderboard")
+    )
+    # The demo's board scores at the size the demo trains at (its answer key's masks are made at that size).
+    board = yaml.safe_load((tmp_path / "demo" / "leaderboard" / "leaderboard.yaml").read_text())
+    assert board["task"]["name"] == TASK and board["image_size"] == demo.SEG_PRESETS["smoke"].image_size
+    assert [c[1] for c in calls if c[0] == "leaderboard"] == ["key", "build"]
+    assert summary["leaderboard"].endswith("index.html")
     run = next(c for c in calls if c[0] == "run")
     assert [a for a in run if a.endswith("demo-seg.yaml")] and "--protocol" in run
     if not gens:  # without pair generators the matrix runs the regimes that need none

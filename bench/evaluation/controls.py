@@ -191,6 +191,9 @@ def _one(
 ) -> ControlResult:
     base = dict(control=name, generator=gen, role=control.role, check=check.kind, regime=check.regime)
     base["expected"] = check.expected
+    if check.kind in ("gain_contains_zero", "ratio_near_one") and task.metrics.primary != "auroc_macro":
+        # These checks compare on the task's primary metric; the texts name the classification tasks' one.
+        base["expected"] = check.expected.replace("macro AUROC", task.metrics.primary)
     if check.kind in INTERVAL_CHECKS:
         base["level"] = level
 
