@@ -54,3 +54,41 @@ def test_ray_address_without_ray_executor_is_bad_input(world, tmp_path, capsys):
     assert rc == 2
     assert "--ray-address" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_ray_executor_trains_segmenters_like_the_local_one(tmp_path):
+    from test_seg_run import FAST, TASK, write_pair_set
+
+    from bench.labelmaps import load_labelmaps
+
+    phantom, real = tmp_path / "phantom", tmp_path / "manifest.parquet"
+    cmd = ["data", "phantom", "--out", str(phantom), "--patients", "40", "--slices", "2", "--size", "64"]
+    assert main([*cmd, "--seed", "0", "--masks"]) == 0
+    assert main(["data", "manifest", "--task", TASK, "--root", str(phantom), "--out", str(real)]) == 0
+    syn = write_pair_set(real, tmp_path / "pairs")
+    common = ["--synthetic", f"pairs={syn}", "--regimes", "real,augment:1", "--seeds", "0", *FAST]
+    outs = {}
+    for executor in ("local", "ray"):
+        outs[executor] = tmp_path / executor
+        args = ["run", "--task", TASK, "--real", str(real), "--out", str(outs[executor]), *common]
+        args += ["--executor", executor, "--workers", "2" if executor == "ray" else "1"]
+        try:
+            assert main(args) == 0
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    runs = sorted(p.name for p in outs["local"].glob("*__seed0"))
+    assert len(runs) == 2 and sorted(p.name for p in outs["ray"].glob("*__seed0")) == runs
+    for r in runs:
+        # Same seed, one thread each: a Ray worker's segmenter predicts the same label maps and counts.
+        local, remote = (
+            load_labelmaps(outs["local"] / r / "labelmaps.npz"),
+            load_labelmaps(outs["ray"] / r / "labelmaps.npz"),
+        )
+        assert local.case_ids == remote.case_ids and (local.maps == remote.maps).all()
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(outs["local"] / r / "seg_predictions.parquet"),
+            pd.read_parquet(outs["ray"] / r / "seg_predictions.parquet"),
+            check_exact=True,
+        )
