@@ -24,10 +24,18 @@ def _console_script() -> str:
     return found
 
 
-def _run_demo(out: Path, preset: str) -> dict:
+def _run_demo(out: Path, preset: str, task: str | None = None) -> dict:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     proc = subprocess.run(
-        [_console_script(), "demo", "--preset", preset, "--out", str(out)],
+        [
+            _console_script(),
+            "demo",
+            "--preset",
+            preset,
+            "--out",
+            str(out),
+            *(["--task", task] if task else []),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -129,12 +137,43 @@ def _local_path_leaks(out: Path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_demo_smoke_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    summary = _run_demo(out, "smoke")
-    _check_common(out, summary)
-    # Nothing meant to leave the machine holds an absolute local path.
+def test_segmentation_demo_shows_the_known_answers(tmp_path):
+    out = tmp_path / "demo-seg"
+    summary = _run_demo(out, "cpu", task="mediastinal-neoplasm-seg")
     assert _local_path_leaks(out) == []
+    # The board recounted every label map against its own truth masks: real-only, pca-gmm and copycat.
+    records = sorted((out / "leaderboard" / "records").glob("*.json"))
+    assert len(records) == 3 and len(list((out / "leaderboard" / "predictions").glob("*.labelmaps.npz"))) == 3
+    ev = out / "run" / "evaluation"
+    controls = json.loads((ev / "summary.json").read_text())["controls"]
+    status = {(c["control"], c["check"]): c for c in controls}
+    for key in [
+        ("copycat", "gain_contains_zero"),
+        ("copycat", "privacy_flagged"),
+        ("mask-shuffle", "dice_at_chance"),
+        ("real-holdout", "ratio_near_one"),
+        ("copycat", "synthetic-only model leaks about as much as real-only (model privacy)"),
+    ]:
+        assert status[key]["status"] == "PASS", status[key]
+    table = pd.read_parquet(ev / "metrics.parquet")
+    dice = table[(table.metric == "dice_macro") & (table.scope == "overall")]
+    real = dice[(dice.generator == "none") & (dice.regime == "real")].set_index("split")
+    # Real-only segmenters find the lesions well above the best image-blind map (macro Dice about 0.10).
+    assert real.loc["test", "ci_low"] > 0.2 and real.loc["external", "ci_low"] > 0.15, real.to_dict()
+    cmp = pd.read_parquet(ev / "comparisons.parquet")
+    pca = cmp[
+        (cmp.generator == "pca-gmm")
+        & (cmp.regime == "synthetic")
+        & (cmp.metric == "dice_macro")
+        & (cmp.scope == "overall")
+    ].set_index("split")
+    # Asserted is what held in at least 9 of 10 independent draws of the demo's protocol (scripts/measure_verdicts.py
+    # --task mediastinal-neoplasm-seg; the task card's table): every control, and pca-gmm below real-only on the
+    # internal test split (-0.22 to -0.32 over the draws, every interval below 0). On the external hospitals its
+    # interval reached 0 in some draws (seeds disagree more there): not asserted. Real-only's lowest interval
+    # ends over the draws: 0.41 (test) and 0.26 (external).
+    assert pca.loc["test", "ci_high"] < 0, pca.loc["test"].to_dict()
+    assert summary["seconds"] >= sum(summary["stages"].values()) - 1
 
 
 def test_the_local_path_scan_finds_a_path(tmp_path):
@@ -152,6 +191,8 @@ def test_demo_cpu_shows_the_known_answers(tmp_path):
     out = tmp_path / "demo"
     summary = _run_demo(out, "cpu")
     _check_common(out, summary)
+    # Nothing meant to leave the machine holds an absolute local path.
+    assert _local_path_leaks(out) == []
     table = _metrics(out)
     real_ext, real_test = _external_vs_test(table, "none", "real")
     # The external hospitals are harder than the internal test split for real-only.
