@@ -409,3 +409,20 @@ def _truth_masks(
 def key_path(folder: Path, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else folder / p
+
+
+def stored_table(
+    df: pd.DataFrame, subgroup_columns: list[str] | tuple[str, ...], values: list[str]
+) -> pd.DataFrame:
+    """What a record stores of keyed rows: the contract's case columns, `values` (probabilities or counts) and the
+    run keys, identifiers and categories as strings, in a stable order (ids already salted)."""
+    case_cols = ["case_id", "patient_id", "site", "split", *subgroup_columns, "y_true"]
+    cols = [*case_cols, *values, *RUN_KEYS]
+    out = df[[c for c in cols if c in df.columns]].copy()
+    for c in [*case_cols, "generator", "regime", "backbone"]:
+        if c in out.columns:
+            out[c] = out[c].astype(str)
+    out["seed"] = out["seed"].astype("int64")
+    return out.sort_values(["generator", "regime", "seed", "case_id"], kind="mergesort").reset_index(
+        drop=True
+    )

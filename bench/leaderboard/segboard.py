@@ -28,7 +28,7 @@ from bench.evaluation.controls import check_controls, read_privacy, run_controls
 from bench.io import sha256_file
 from bench.labelmaps import LabelMaps, load_labelmaps
 from bench.leaderboard.config import load_key
-from bench.leaderboard.key import AnswerKey, MissingCases, _examples, hash_ids
+from bench.leaderboard.key import AnswerKey, MissingCases, _examples, hash_ids, stored_table
 from bench.metrics.segeval import compare_segmentation, evaluate_segmentation
 from bench.metrics.segmentation import count_columns
 from bench.protocol.segment import recount
@@ -144,26 +144,7 @@ def recount_submission(
 
 def stored_counts(df: pd.DataFrame, task: Task) -> pd.DataFrame:
     """The count table a record stores: contract columns only (ids salted), in a stable order."""
-    cols = [
-        "case_id",
-        "patient_id",
-        "site",
-        "split",
-        *task.subgroups.columns,
-        "y_true",
-        *count_columns(task.mask_classes),
-        *RUN_KEYS,
-    ]
-    out = df[[c for c in cols if c in df.columns]].copy()
-    for c in ["case_id", "patient_id", "site", "split", "y_true", "generator", "regime", "backbone"]:
-        out[c] = out[c].astype(str)
-    for c in task.subgroups.columns:
-        if c in out.columns:
-            out[c] = out[c].astype(str)
-    out["seed"] = out["seed"].astype("int64")
-    return out.sort_values(["generator", "regime", "seed", "case_id"], kind="mergesort").reset_index(
-        drop=True
-    )
+    return stored_table(df, task.subgroups.columns, count_columns(task.mask_classes))
 
 
 def record_maps(stored: pd.DataFrame, run_maps: Mapping[tuple[str, str, int, str], LabelMaps]) -> LabelMaps:

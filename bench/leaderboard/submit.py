@@ -35,7 +35,7 @@ from bench.leaderboard.collect import (
 )
 from bench.leaderboard.config import LeaderboardConfig, answer_key_digest, load_config, load_key
 from bench.leaderboard.fidelity import record_fidelity
-from bench.leaderboard.key import AnswerKey, hash_ids, row_names
+from bench.leaderboard.key import AnswerKey, hash_ids, row_names, stored_table
 from bench.leaderboard.model_privacy import record_model_privacy
 from bench.leaderboard.rank import prime_replicates
 from bench.leaderboard.record import (
@@ -60,7 +60,6 @@ from bench.metrics.core import get_metric
 from bench.protocol.plan import package_versions
 from bench.runfolder import (
     BASELINE,
-    RUN_KEYS,
     MatrixInfo,
     RunDir,
 )
@@ -119,24 +118,7 @@ def _resolved_config(configs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _stored_predictions(preds: pd.DataFrame, task: Task) -> pd.DataFrame:
     """The contract columns only (ids already salted), in a stable order."""
-    cols = [
-        "case_id",
-        "patient_id",
-        "site",
-        "split",
-        *task.subgroups.columns,
-        "y_true",
-        *[f"prob_{c}" for c in task.classes],
-        *RUN_KEYS,
-    ]
-    out = preds[[c for c in cols if c in preds.columns]].copy()
-    for c in ["site", "split", "y_true", "generator", "regime", "backbone", *task.subgroups.columns]:
-        if c in out.columns:
-            out[c] = out[c].astype(str)
-    out["seed"] = out["seed"].astype("int64")
-    return out.sort_values(["generator", "regime", "seed", "case_id"], kind="mergesort").reset_index(
-        drop=True
-    )
+    return stored_table(preds, task.subgroups.columns, [f"prob_{c}" for c in task.classes])
 
 
 def keyed_predictions(sub: Submission, runs: list[Run], key: AnswerKey, salt: str) -> pd.DataFrame:
