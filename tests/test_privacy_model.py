@@ -120,12 +120,13 @@ def _patients(rng, n_patients, per_patient=2, size=16):
     return x, y, pid
 
 
-def _fit(x, y, seed, epochs):
-    from bench.train import FitSettings, fit
+def memorizer_settings(backbone: str, num_classes: int, seed: int, epochs: int):
+    """Training settings under which a small network fits noise only by memorizing it (no augmentation, no decay)."""
+    from bench.train import FitSettings
 
-    settings = FitSettings(
-        backbone="resnet10t",
-        num_classes=2,
+    return FitSettings(
+        backbone=backbone,
+        num_classes=num_classes,
         epochs=epochs,
         lr=0.003,
         weight_decay=0.0,
@@ -134,7 +135,12 @@ def _fit(x, y, seed, epochs):
         seed=seed,
         device="cpu",
     )
-    model, _ = fit(settings, x, y, x[:8], y[:8])
+
+
+def _fit(x, y, seed, epochs):
+    from bench.train import fit
+
+    model, _ = fit(memorizer_settings("resnet10t", 2, seed, epochs), x, y, x[:8], y[:8])
     return model
 
 

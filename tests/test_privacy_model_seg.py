@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_privacy_model import memorizer_settings
 
 from bench.cli import main
 from bench.generators.card import hash_id
@@ -233,21 +234,9 @@ def _noise_pairs(rng, n_patients, per_patient=2, size=16):
 
 
 def _fit_segmenter(x, y, seed, epochs):
-    from bench.train import FitSettings
     from bench.train_seg import fit_segmenter
 
-    settings = FitSettings(
-        backbone="unet-small",
-        num_classes=3,
-        epochs=epochs,
-        lr=0.003,
-        weight_decay=0.0,
-        batch_size=50,
-        aug_strength=0.0,
-        seed=seed,
-        device="cpu",
-    )
-    model, _ = fit_segmenter(settings, x, y, x[:8], y[:8])
+    model, _ = fit_segmenter(memorizer_settings("unet-small", 3, seed, epochs), x, y, x[:8], y[:8])
     return model
 
 
